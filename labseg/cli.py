@@ -1,0 +1,245 @@
+"""The ``labseg`` command: parse arguments, then call the library. No logic lives only here.
+
+    labseg download DIR          get Oxford-IIIT Pet through torchvision
+    labseg prepare               write the synthetic sample and/or build the caches
+    labseg train                 train a model (every RunConfig field is an option)
+    labseg evaluate [RUN]        test Dice/IoU overall, per species, per breed
+    labseg predict RUN SOURCE    masks and overlays for an image or a folder
+    labseg bench                 throughput of models and data paths
+    labseg demo                  the whole workbook on the synthetic sample
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from labseg.config import RunConfig
+
+HELP = {
+    "arch": "network: unet or resnet34_unet",
+    "data_dir": "dataset folder in the official Oxford-IIIT Pet layout (default: the synthetic sample)",
+    "img_size": "training size in px, divisible by 32",
+    "epochs": "epochs to train (default: the recipe's)",
+    "batch_size": "images per step (default: the recipe's)",
+    "lr": "peak learning rate",
+    "weight_decay": "weight decay of conv/linear weights",
+    "optimizer": "adam, adamw or sgd",
+    "scheduler": "cosine, onecycle, plateau or none",
+    "warmup_epochs": "linear warm-up length in epochs",
+    "loss": "bce, dice, bce_dice, tversky or focal",
+    "augment": "none, light or strong",
+    "ema": "EMA decay of the weights, e.g. 0.99 (0 = off)",
+    "norm": "UNet normalisation: batch or none (the paper's)",
+    "valid_fraction": "share of trainval held out for validation, per breed",
+    "seed": "random seed (split, init, shuffling, augmentation)",
+    "monitor": "metric for best.pt and early stopping: valid_dice, valid_iou, valid_loss",
+    "patience": "early stopping after N epochs without gain (0 = off)",
+    "time_budget": "stop cleanly after this much training time, e.g. 25m or 1h30m",
+    "device": "auto, cpu, cuda or mps",
+    "amp": "mixed precision (default: on for CUDA)",
+    "channels_last": "channels_last memory format",
+    "compile": "torch.compile the model",
+    "ignore_border": "leave the trimap's border band out of the loss",
+    "max_train_images": "train on the first N training images only (quick checks)",
+    "run_name": "run folder name under --output-dir (default: made from the parameters)",
+    "output_dir": "where run folders go",
+    "cache_dir": "where decoded, resized arrays are cached",
+    "num_threads": "CPU threads for torch",
+    "log_every": "steps between progress-bar updates (each one syncs with the device)",
+}
+PATH_FIELDS = {"data_dir", "output_dir", "cache_dir"}
+
+
+def _field_type(f: dataclasses.Field):
+    ann = str(f.type)
+    if "bool" in ann:
+        return bool
+    if ann.startswith("int"):
+        return int
+    if ann.startswith("float"):
+        return float
+    return str
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per RunConfig field; defaults stay None so the config's own defaults apply."""
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        aliases = [flag] + (["--data"] if f.name == "data_dir" else [])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{HELP.get(f.name, '')} (default: {default})" if default is not None else HELP.get(f.name, "")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(*aliases, dest=f.name, type=kind, default=None, help=help_text,
+                                metavar=f.name.upper())
+
+
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """A RunConfig from the options given; paths typed in the shell are taken from the cwd."""
+    values = {}
+    for f in dataclasses.fields(RunConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = str(Path(v).expanduser().resolve()) if f.name in PATH_FIELDS else v
+    base = base or RunConfig()
+    return RunConfig.from_dict({**base.to_dict(), **values})
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_download(args) -> int:
+    from labseg.download import download
+
+    path = download(args.dir)
+    print(f"labseg: Oxford-IIIT Pet is in {path}\n  train on it with: labseg train --data {path}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from labseg.data import load_split
+    from labseg.synthetic import default_sample_dir, write_synthetic_dataset
+
+    data = Path(args.data).resolve() if args.data else default_sample_dir()
+    if args.synthetic or not args.data:
+        t = time.perf_counter()
+        write_synthetic_dataset(data, seed=args.seed)
+        print(f"labseg: synthetic sample in {data} ({time.perf_counter() - t:.1f} s)")
+    for size in args.img_size:
+        for split in ("trainval", "test"):
+            cached = load_split(data, split, size, args.cache_dir)
+            print(f"labseg: {split} @{size}px: {len(cached)} images cached, {len(cached.skipped)} skipped")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from labseg.train import fit
+
+    config = config_from_args(args)
+    if args.resume and not config.run_name:
+        raise SystemExit("labseg: error: --resume needs --run-name RUN (the run to continue)")
+    result = fit(config, resume=args.resume or False, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"labseg: run folder {result.run.path}")
+    if args.evaluate:
+        from labseg.evaluate import evaluate_run, format_result
+
+        print(format_result(evaluate_run(result.run, "test", tta=True, tune_threshold=True, progress=not args.quiet)))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from labseg.evaluate import evaluate_run, format_result
+    from labseg.runs import best_run
+
+    run = args.run or best_run(args.output_dir).path
+    result = evaluate_run(run, args.split, which=args.checkpoint, tta=args.tta, tune_threshold=args.tune_threshold,
+                          data_dir=str(Path(args.data).resolve()) if args.data else None, device=args.device)
+    print(format_result(result))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from labseg.evaluate import predict_images
+
+    written = predict_images(args.run, args.source, args.out, img_size=args.img_size, threshold=args.threshold,
+                             tta=args.tta, which=args.checkpoint, device=args.device)
+    print(f"labseg: {len(written)} masks and overlays written to {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the embedded sample: run the workbook's notebooks 01→06 with papermill."""
+    from labseg.workbook import run_workbook
+
+    report = run_workbook(epochs=args.epochs, img_size=args.img_size)
+    print(f"labseg: demo finished. Report: {report}\n  run folders: {report.parent.parent / 'runs'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labseg", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("download", help="download Oxford-IIIT Pet (images + trimaps) with torchvision")
+    p.add_argument("dir", help="folder to download into")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("prepare", help="write the synthetic sample and build the caches")
+    p.add_argument("--data", help="dataset folder (default: the synthetic sample in data/sample)")
+    p.add_argument("--synthetic", action="store_true", help="(re)write the synthetic sample into --data")
+    p.add_argument("--img-size", type=int, nargs="+", default=[128], help="sizes to cache (default: 128)")
+    p.add_argument("--cache-dir", default="data/cache", help="cache folder (default: data/cache)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sample")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a network and record the run",
+                       description="Train a network. Options left out come from the recipe of --arch.")
+    add_config_arguments(p)
+    p.add_argument("--resume", nargs="?", const="last", choices=("last", "best"),
+                   help="continue --run-name from last.pt (or best.pt)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run folder of that name first")
+    p.add_argument("--evaluate", action="store_true", help="evaluate on test (with TTA and tuned threshold) after")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="Dice/IoU of a run on test: overall, per species, per breed")
+    p.add_argument("run", nargs="?", help="run folder or name (default: the best recorded run)")
+    p.add_argument("--split", default="test", choices=("test", "valid"), help="split to score (default: test)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint (default: best)")
+    p.add_argument("--tta", action="store_true", help="also report horizontal-flip test-time augmentation")
+    p.add_argument("--tune-threshold", action="store_true", help="also report a threshold tuned on valid")
+    p.add_argument("--data", help="dataset folder (default: the run's)")
+    p.add_argument("--output-dir", default="outputs/runs", help="where runs are (default: outputs/runs)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict masks for an image or a folder")
+    p.add_argument("run", help="run folder or name")
+    p.add_argument("source", help="an image file or a folder of images")
+    p.add_argument("--out", default="outputs/predictions", help="output folder (default: outputs/predictions)")
+    p.add_argument("--img-size", type=int, help="network input size (default: the run's)")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default: 0.5)")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="run the whole workbook (notebooks 01-06) on the synthetic sample")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per network (default: 3)")
+    p.add_argument("--img-size", type=int, default=64, help="training size (default: 64)")
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from labseg import bench
+    except ImportError:
+        bench = None
+    if bench is not None and hasattr(bench, "add_parser"):
+        bench.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    from labseg.config import ConfigError
+    from labseg.data import DatasetLayoutError
+    from labseg.runs import CheckpointError, RunExistsError
+    from labseg.download import DownloadError
+    from labseg.train import TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ConfigError, DatasetLayoutError, CheckpointError, RunExistsError, TrainingDiverged,
+            DownloadError, FileNotFoundError, FileExistsError) as e:
+        print(f"labseg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("labseg: interrupted; finished epochs are saved (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""The run configuration: one dataclass, validated once, shared by the CLI, the API and notebooks.
+
+Every entry point (``labseg train``, ``labseg.train.fit``, the papermill parameters cell of
+``04_train``) builds a :class:`RunConfig` and calls :meth:`RunConfig.validate`, so a bad value
+fails before any work, with the same message everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+ARCHS = ("unet", "resnet34_unet")
+LOSSES = ("bce", "dice", "bce_dice", "tversky", "focal")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
+AUGMENTS = ("none", "light", "strong")
+MONITORS = ("valid_dice", "valid_iou", "valid_loss")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the value and the valid choices."""
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Resolve a path from the config: absolute stays, relative is taken from the project root.
+
+    This is why a notebook behaves the same from the repo root, from ``notebooks/`` and under
+    papermill: the current directory never matters. (The CLI turns paths typed in a shell into
+    absolute paths first, so ``labseg train --data ./x`` means ``./x`` from where you typed it.)
+    """
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
+
+
+def parse_duration(value) -> float | None:
+    """'25m', '1h30m', '90s', '1.5h' or a number of seconds -> seconds (None for no budget)."""
+    if value is None or value == "" or value == 0:
+        return None
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"time_budget={value!r}: expected a positive duration such as '25m'")
+        return float(value)
+    text = str(value).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+        raise ConfigError(
+            f"time_budget={value!r}: expected a duration such as '25m', '1h30m', '90s' or seconds")
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run. Defaults are the recipe for ``arch``.
+
+    Fields left at ``None`` are filled from :mod:`labseg.recipes` by :meth:`with_recipe`.
+    """
+
+    arch: str = "resnet34_unet"
+    data_dir: str = "data/sample"          # official Oxford-IIIT Pet layout, real or synthetic
+    img_size: int = 128                    # square side; must be divisible by 32
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    optimizer: str | None = None
+    scheduler: str | None = None
+    warmup_epochs: float | None = None
+    loss: str | None = None
+    augment: str | None = None
+    ema: float | None = None               # EMA decay of the weights (0 = off)
+    norm: str | None = None                # "batch" or "none" (UNet only; the paper has none)
+    valid_fraction: float = 0.1
+    seed: int = 0
+    monitor: str = "valid_dice"
+    patience: int = 0                      # early stopping after this many epochs without gain; 0 = off
+    time_budget: str | float | None = None # e.g. "25m": stop cleanly when spent
+    device: str = "auto"
+    amp: bool | None = None                # mixed precision; None = on for CUDA
+    channels_last: bool = True
+    compile: bool = False
+    ignore_border: bool = False            # leave the trimap border band out of the loss
+    max_train_images: int | None = None    # use only the first N training images (quick runs)
+    run_name: str | None = None
+    output_dir: str = "outputs/runs"
+    cache_dir: str = "data/cache"
+    num_threads: int | None = None         # torch CPU threads; None = torch's default
+    log_every: int = 20                    # steps between host syncs for the progress bar
+
+    # ------------------------------------------------------------------ helpers
+    def with_recipe(self) -> "RunConfig":
+        """A copy with every ``None`` field taken from the default recipe of ``arch``."""
+        from labseg.recipes import recipe_for
+
+        self._check_choice("arch", self.arch, ARCHS)
+        filled = {k: v for k, v in recipe_for(self.arch).items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **filled)
+
+    def validate(self) -> "RunConfig":
+        """Check every value; raise :class:`ConfigError` naming the first bad one. Returns self."""
+        c = self
+        self._check_choice("arch", c.arch, ARCHS)
+        for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS),
+                              ("scheduler", SCHEDULERS), ("augment", AUGMENTS),
+                              ("monitor", MONITORS), ("device", DEVICES)):
+            value = getattr(c, name)
+            if value is not None:
+                self._check_choice(name, value, choices)
+        if c.norm is not None:
+            self._check_choice("norm", c.norm, ("batch", "none"))
+        for name in ("epochs", "batch_size", "img_size"):
+            value = getattr(c, name)
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise ConfigError(f"{name}={value!r}: expected a positive integer")
+        if c.img_size % 32:
+            lo, hi = c.img_size // 32 * 32, c.img_size // 32 * 32 + 32
+            raise ConfigError(f"img_size={c.img_size}: must be divisible by 32 "
+                              f"(the networks halve the size 5 times); try {lo or 32} or {hi}")
+        if c.lr is not None and not (_is_number(c.lr) and c.lr > 0):
+            raise ConfigError(f"lr={c.lr!r}: expected a positive number such as 1e-3")
+        if c.weight_decay is not None and not (_is_number(c.weight_decay) and c.weight_decay >= 0):
+            raise ConfigError(f"weight_decay={c.weight_decay!r}: expected a number >= 0")
+        if c.ema is not None and not (_is_number(c.ema) and 0 <= c.ema < 1):
+            raise ConfigError(f"ema={c.ema!r}: expected a decay in [0, 1), e.g. 0.99 (0 = off)")
+        if not (_is_number(c.valid_fraction) and 0 < c.valid_fraction < 1):
+            raise ConfigError(f"valid_fraction={c.valid_fraction!r}: expected a number in (0, 1)")
+        if not _is_int(c.patience) or c.patience < 0:
+            raise ConfigError(f"patience={c.patience!r}: expected an integer >= 0 (0 = off)")
+        if c.max_train_images is not None and (not _is_int(c.max_train_images) or c.max_train_images <= 0):
+            raise ConfigError(f"max_train_images={c.max_train_images!r}: expected a positive integer")
+        if c.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", str(c.run_name)):
+            raise ConfigError(f"run_name={c.run_name!r}: use letters, digits and . _ - = + only")
+        parse_duration(c.time_budget)
+        check_device(c.device)
+        return self
+
+    @staticmethod
+    def _check_choice(name, value, choices):
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(names))}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @property
+    def time_budget_s(self) -> float | None:
+        return parse_duration(self.time_budget)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def check_device(device: str) -> None:
+    """Fail early, naming the device, when it is not available on this machine."""
+    import torch
+
+    if device not in DEVICES:
+        raise ConfigError(f"device={device!r} is not valid; choose one of: {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' is not available on this machine (torch.cuda.is_available() "
+                          "is False); available: " + ", ".join(available_devices()))
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device='mps' is not available on this machine; available: "
+                          + ", ".join(available_devices()))
+
+
+def available_devices() -> list[str]:
+    import torch
+
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
+def pick_device(device: str = "auto"):
+    """The torch device for a config value: 'auto' prefers cuda, then mps, then cpu."""
+    import torch
+
+    check_device(device)
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)

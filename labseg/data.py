@@ -1,0 +1,496 @@
+"""The dataset: official Oxford-IIIT Pet layout, splits, trimap -> mask, quirks, cache, batches.
+
+Data flow::
+
+    folder --read_records--> [Record] --load_split (decode+resize once, cached)--> CachedSplit
+           CachedSplit + indices --Batches--> (image float N×3×S×S, target N×1×S×S, valid N×1×S×S)
+
+The real dataset has quirks (a GIF and an RGBA PNG named ``.jpg``, CMYK and grayscale JPEGs,
+stray ``.mat`` files, split entries without a trimap, trimaps without pet pixels). None of them
+may crash an epoch: images are converted to RGB, and a pair that cannot be used is skipped with
+one line on stderr naming the file, and counted in :attr:`CachedSplit.skipped`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from labseg.config import resolve_path
+
+SPLITS = ("trainval", "test", "list")
+SPECIES = {1: "cat", 2: "dog"}
+MAX_PIXELS = 40_000_000          # larger images are refused (decompression-bomb guard)
+CACHE_VERSION = 1
+
+# Label values stored in the cache: the trimap folded into one byte per pixel.
+BACKGROUND, PET, BORDER = 0, 1, 2
+# ImageNet statistics: a sensible fixed normalisation for natural photos.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+LAYOUT_HELP = """\
+Expected the official Oxford-IIIT Pet layout:
+  {root}/images/<Name>_<n>.jpg
+  {root}/annotations/trimaps/<Name>_<n>.png   (1 = pet, 2 = background, 3 = border)
+  {root}/annotations/trainval.txt, test.txt, list.txt
+Get it with `labseg download {root}` (needs internet), or by hand: download images.tar.gz and
+annotations.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/ and unpack both into {root}.
+For the embedded synthetic sample instead, run `labseg prepare --synthetic`."""
+
+
+class DatasetLayoutError(RuntimeError):
+    """The dataset folder is missing or not laid out like Oxford-IIIT Pet."""
+
+
+class BadSampleError(ValueError):
+    """One image or trimap cannot be used; the message names the file and the reason."""
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Write to whatever sys.stderr is now (Jupyter and pytest replace it)."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+log = logging.getLogger("labseg")
+if not log.handlers:
+    _handler = _StderrHandler()
+    _handler.setFormatter(logging.Formatter("labseg: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+# --------------------------------------------------------------------------- records and splits
+@dataclass(frozen=True)
+class Record:
+    """One image of the dataset and what the split files say about it."""
+
+    name: str            # e.g. "american_bulldog_12"
+    breed: str           # e.g. "american_bulldog" (everything before the last "_")
+    species: str         # "cat" or "dog"
+    class_id: int        # 1..37 over all breeds
+    image_path: Path
+    trimap_path: Path
+
+
+def breed_of(name: str) -> str:
+    return name.rsplit("_", 1)[0]
+
+
+def check_layout(root: str | Path) -> Path:
+    """Return the resolved root, or fail fast describing the expected layout."""
+    root = resolve_path(root)
+    missing = [p for p in ("images", "annotations/trimaps", "annotations/trainval.txt",
+                           "annotations/test.txt") if not (root / p).exists()]
+    if missing:
+        what = "does not exist" if not root.exists() else "is missing " + ", ".join(missing)
+        raise DatasetLayoutError(f"dataset folder {root} {what}.\n" + LAYOUT_HELP.format(root=root))
+    return root
+
+
+def read_split_file(path: str | Path) -> list[tuple[str, int, int]]:
+    """Parse a split file into (name, class_id, species_id) tuples.
+
+    Tolerates blank lines, ``#`` comments and Windows line endings; a malformed line is
+    reported and skipped.
+    """
+    path = Path(path)
+    entries, seen = [], set()
+    # utf-8-sig: a byte-order mark (Windows editors) must not become part of the first name.
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        try:
+            name = parts[0]
+            class_id = int(parts[1]) if len(parts) > 1 else 0
+            species_id = int(parts[2]) if len(parts) > 2 else 0
+        except ValueError:
+            log.warning(f"skipped {path.name}:{lineno}: expected 'Name CLASS-ID SPECIES BREED-ID', got {line!r}")
+            continue
+        if name in seen:
+            continue
+        seen.add(name)
+        entries.append((name, class_id, species_id))
+    return entries
+
+
+def read_records(root: str | Path, split: str) -> tuple[list[Record], list[tuple[str, str]]]:
+    """The records of ``split`` whose image and trimap exist, and the (file, reason) skipped."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not valid; choose one of: {', '.join(SPLITS)}")
+    root = check_layout(root)
+    split_path = root / "annotations" / f"{split}.txt"
+    if not split_path.exists():
+        raise DatasetLayoutError(f"split file {split_path} does not exist.\n" + LAYOUT_HELP.format(root=root))
+    records, skipped = [], []
+    for name, class_id, species_id in read_split_file(split_path):
+        image_path = root / "images" / f"{name}.jpg"
+        trimap_path = root / "annotations" / "trimaps" / f"{name}.png"
+        if not image_path.is_file():
+            skipped.append((str(image_path), "listed in the split file but the image does not exist"))
+        elif not trimap_path.is_file():
+            skipped.append((str(trimap_path), "the image has no trimap"))
+        else:
+            # Cat breeds are Capitalised in the official names, dogs are lower case.
+            species = SPECIES.get(species_id) or ("cat" if name[:1].isupper() else "dog")
+            records.append(Record(name, breed_of(name), species, class_id, image_path, trimap_path))
+    for path, reason in skipped:
+        log.warning(f"skipped {path}: {reason}")
+    if not records:
+        raise DatasetLayoutError(f"split {split_path} lists no usable image (skipped {len(skipped)}).\n"
+                                 + LAYOUT_HELP.format(root=root))
+    return records, skipped
+
+
+def split_trainval(records: list[Record], valid_fraction: float = 0.1, seed: int = 0):
+    """Deterministic breed-stratified split -> (train indices, valid indices) into ``records``.
+
+    Each breed is shuffled with a generator seeded by (seed, breed), so the split of one breed
+    does not change when another breed is added or the file order changes.
+    """
+    if not 0 < valid_fraction < 1:
+        raise ValueError(f"valid_fraction={valid_fraction!r}: expected a number in (0, 1)")
+    by_breed: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_breed.setdefault(r.breed, []).append(i)
+    train, valid = [], []
+    for breed, idx in sorted(by_breed.items()):
+        idx = sorted(idx, key=lambda i: records[i].name)
+        rng = np.random.default_rng([seed, zlib.crc32(breed.encode())])
+        order = [idx[j] for j in rng.permutation(len(idx))]
+        n_valid = int(round(len(idx) * valid_fraction))
+        if len(idx) >= 2:
+            n_valid = min(max(n_valid, 1), len(idx) - 1)
+        valid += order[:n_valid]
+        train += order[n_valid:]
+    return np.array(sorted(train), dtype=np.int64), np.array(sorted(valid), dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- decoding one pair
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit or 32-bit grayscale: scale the value range down to 8 bits, don't clip it.
+        a = np.asarray(im, dtype=np.float64)
+        # I;16* is 16-bit by definition; for 32-bit "I"/"F" guess the range from the values.
+        top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Transparent pixels become white rather than whatever colour hides under them.
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _open_checked(path: Path) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        # Pillow's own limit (above MAX_PIXELS) tripped while reading the header: nothing decoded.
+        raise BadSampleError(f"{path}: refused by the decompression-bomb guard, not decoded ({e})") from None
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise BadSampleError(f"{path}: {w}×{h} px exceeds the {MAX_PIXELS:,} px limit "
+                             "(a guard against decompression bombs); resize the file or raise "
+                             "labseg.data.MAX_PIXELS")
+    if w < 1 or h < 1:
+        raise BadSampleError(f"{path}: image has size {w}×{h}")
+    return im
+
+
+def load_image(path: str | Path, draft_size: int | None = None) -> np.ndarray:
+    """Decode any image file to an RGB uint8 array (H×W×3), or raise :class:`BadSampleError`.
+
+    ``draft_size`` lets the JPEG decoder scale down by 2/4/8 while decoding when the image is
+    much larger than needed, which makes building the cache several times faster.
+    """
+    path = Path(path)
+    try:
+        im = _open_checked(path)
+        with im:
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)                      # an animated GIF: its first frame
+            if draft_size and im.format == "JPEG":
+                im.draft("RGB", (draft_size, draft_size))
+            im.load()
+            return _to_rgb(im)
+    except BadSampleError:
+        raise
+    except Exception as e:  # PIL raises many types for broken files; all mean "unusable"
+        raise BadSampleError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def load_trimap(path: str | Path) -> np.ndarray:
+    """Decode a trimap to uint8 H×W with values in {1, 2, 3}, or raise :class:`BadSampleError`."""
+    path = Path(path)
+    try:
+        im = _open_checked(path)
+        with im:
+            im.load()
+            a = np.asarray(im)
+    except BadSampleError:
+        raise
+    except Exception as e:
+        raise BadSampleError(f"{path}: cannot decode trimap ({type(e).__name__}: {e})") from None
+    if a.ndim == 3:
+        a = a[..., 0]
+    if a.ndim != 2:
+        raise BadSampleError(f"{path}: trimap has shape {a.shape}, expected H×W")
+    values = np.unique(a)
+    bad = values[~np.isin(values, (1, 2, 3))]
+    if bad.size:
+        raise BadSampleError(f"{path}: trimap holds values {bad[:5].tolist()}; expected only "
+                             "1 (pet), 2 (background), 3 (border)")
+    return a.astype(np.uint8)
+
+
+def trimap_to_mask(trimap: np.ndarray) -> np.ndarray:
+    """The lab's binary mask: pet = trimap ∈ {1, 3} (the border counts as pet)."""
+    return np.isin(trimap, (1, 3)).astype(np.uint8)
+
+
+def trimap_to_labels(trimap: np.ndarray) -> np.ndarray:
+    """Fold a trimap into the cached labels: 0 background, 1 pet, 2 border."""
+    labels = np.zeros(trimap.shape, np.uint8)
+    labels[trimap == 1] = PET
+    labels[trimap == 3] = BORDER
+    return labels
+
+
+def load_pair(record: Record) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB uint8 H×W×3, labels uint8 H×W) at the image's own size.
+
+    A trimap of another size than its image is resized to it (nearest) with a warning.
+    """
+    image = load_image(record.image_path)
+    labels = trimap_to_labels(load_trimap(record.trimap_path))
+    if labels.shape != image.shape[:2]:
+        log.warning(f"resized {record.trimap_path}: trimap is {labels.shape[1]}×{labels.shape[0]}, "
+                    f"image is {image.shape[1]}×{image.shape[0]}")
+        labels = np.asarray(Image.fromarray(labels).resize(image.shape[1::-1], Image.NEAREST))
+    return image, labels
+
+
+def resize_pair(image: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize to size×size: bilinear (antialiased) for the image, nearest for the labels."""
+    image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    labels = np.asarray(Image.fromarray(labels).resize((size, size), Image.NEAREST))
+    return image, labels
+
+
+# --------------------------------------------------------------------------- the cache
+@dataclass
+class CachedSplit:
+    """A split decoded and resized once: the arrays every epoch reads."""
+
+    images: np.ndarray                  # N×3×S×S uint8
+    labels: np.ndarray                  # N×S×S uint8, 0 background / 1 pet / 2 border
+    records: list[Record]
+    sizes: np.ndarray                   # N×2 original (height, width)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.records)
+
+    @property
+    def masks(self) -> np.ndarray:
+        """Binary masks N×S×S (pet incl. border), as the lab defines them."""
+        return (self.labels != BACKGROUND).astype(np.uint8)
+
+    def subset(self, indices) -> "CachedSplit":
+        indices = np.asarray(indices, dtype=np.int64)
+        return CachedSplit(self.images[indices], self.labels[indices],
+                           [self.records[i] for i in indices], self.sizes[indices], self.skipped)
+
+
+def _cache_key(root: Path, split: str, size: int, records: list[Record]) -> str:
+    h = hashlib.sha1(f"v{CACHE_VERSION}|{root}|{split}|{size}".encode())
+    for r in records:
+        for p in (r.image_path, r.trimap_path):
+            st = p.stat()
+            h.update(f"|{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str | Path = "data/cache",
+               progress: bool = True, workers: int | None = None) -> CachedSplit:
+    """Decode and resize ``split`` once to img_size×img_size and cache it; later calls read the cache.
+
+    The cache is keyed by dataset path, split, size and the files' sizes and times, so an edited
+    dataset is rebuilt. It is written to a temporary folder and renamed into place, so an
+    interrupted build never leaves a half cache behind.
+    """
+    root = check_layout(data_dir)
+    records, skipped = read_records(root, split)
+    folder = resolve_path(cache_dir) / f"{root.name}-{split}-{img_size}-{_cache_key(root, split, img_size, records)}"
+    if (folder / "meta.json").is_file():
+        return _read_cache(folder, root)
+
+    from tqdm.auto import tqdm
+
+    def decode(record):
+        try:
+            original = load_pair(record)
+            image, lab = resize_pair(*original, img_size)
+            return image, lab, original[1].shape
+        except BadSampleError as e:
+            return e
+
+    n = len(records)
+    images = np.empty((n, 3, img_size, img_size), np.uint8)
+    labels = np.empty((n, img_size, img_size), np.uint8)
+    sizes = np.zeros((n, 2), np.int64)
+    keep = np.zeros(n, bool)
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        results = pool.map(decode, records)
+        for i, result in enumerate(tqdm(results, total=n, desc=f"caching {root.name}/{split} @{img_size}px",
+                                        disable=not progress, leave=False)):
+            if isinstance(result, BadSampleError):
+                log.warning(f"skipped {result}")
+                skipped.append((str(records[i].image_path), str(result)))
+                continue
+            image, lab, sizes[i] = result
+            images[i] = image.transpose(2, 0, 1)
+            labels[i] = lab
+            keep[i] = True
+    kept = [r for r, k in zip(records, keep) if k]
+    if not kept:
+        raise DatasetLayoutError(f"no usable image in split {split} of {root} (all {n} skipped)")
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    try:
+        np.save(tmp / "images.npy", images[keep])
+        np.save(tmp / "labels.npy", labels[keep])
+        np.save(tmp / "sizes.npy", sizes[keep])
+        meta = {"root": str(root), "split": split, "img_size": img_size,
+                "names": [r.name for r in kept], "skipped": skipped}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process built the same cache first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _read_cache(folder, root)
+
+
+def _read_cache(folder: Path, root: Path) -> CachedSplit:
+    meta = json.loads((folder / "meta.json").read_text())
+    records_by_name = {r.name: r for r in read_records_quiet(root, meta["split"])}
+    records = [records_by_name[n] for n in meta["names"]]
+    return CachedSplit(
+        images=np.load(folder / "images.npy", mmap_mode="r"),
+        labels=np.load(folder / "labels.npy", mmap_mode="r"),
+        records=records,
+        sizes=np.load(folder / "sizes.npy"),
+        skipped=[tuple(s) for s in meta["skipped"]],
+    )
+
+
+def read_records_quiet(root: Path, split: str) -> list[Record]:
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return read_records(root, split)[0]
+    finally:
+        log.setLevel(level)
+
+
+# --------------------------------------------------------------------------- batches
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] RGB batch -> ImageNet-normalised batch."""
+    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+@dataclass
+class Batch:
+    image: torch.Tensor       # N×3×S×S float, normalised
+    target: torch.Tensor      # N×1×S×S float in {0, 1}
+    valid: torch.Tensor       # N×1×S×S float: 0 where the pixel is left out of the loss
+    index: torch.Tensor       # N positions in the CachedSplit
+
+
+class Batches:
+    """Batches straight from the cached uint8 arrays: one fancy-index per batch, no per-sample Python.
+
+    Augmentation (a :class:`labseg.transforms.BatchAugment`) runs on whole batches on the
+    training device, drawing its random parameters per sample.
+    """
+
+    def __init__(self, split: CachedSplit, indices=None, batch_size: int = 16, *, shuffle: bool = False,
+                 seed: int = 0, augment=None, device="cpu", drop_last: bool = False,
+                 ignore_border: bool = False, channels_last: bool = False):
+        self.split = split
+        self.indices = np.arange(len(split)) if indices is None else np.asarray(indices, np.int64)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.augment, self.device, self.drop_last = augment, torch.device(device), drop_last
+        self.ignore_border, self.channels_last = ignore_border, channels_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        """Each epoch shuffles differently, and the same way again after a resume."""
+        self.epoch = epoch
+
+    def __len__(self):
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = self.indices
+        if self.shuffle:
+            g = np.random.default_rng([self.seed, self.epoch])
+            order = order[g.permutation(len(order))]
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 100_003 + self.epoch)
+        for b in range(len(self)):
+            idx = np.sort(order[b * self.batch_size:(b + 1) * self.batch_size])
+            yield self.make_batch(idx, gen)
+
+    def make_batch(self, idx, generator=None) -> Batch:
+        pin = self.device.type == "cuda"
+        images = torch.from_numpy(np.ascontiguousarray(self.split.images[idx]))
+        labels = torch.from_numpy(np.ascontiguousarray(self.split.labels[idx]))
+        if pin:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        images = images.to(self.device, non_blocking=True).float().div_(255)
+        labels = labels.to(self.device, non_blocking=True).unsqueeze(1)
+        if self.augment is not None:
+            images, labels = self.augment(images, labels, generator=generator)
+        target = (labels != BACKGROUND).float()
+        valid = (labels != BORDER).float() if self.ignore_border else torch.ones_like(target)
+        image = normalize(images)
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return Batch(image, target, valid, torch.from_numpy(idx))

@@ -1,0 +1,223 @@
+"""Evaluation and prediction with a trained run.
+
+* :func:`evaluate_run` — Dice, IoU and accuracy on a split: overall, per species, per breed,
+  with optional horizontal-flip test-time augmentation and a tuned threshold, written to the
+  run folder as ``eval_<split>.json``.
+* :func:`predict_images` — masks for one image or a folder, at the original resolution, saved as
+  PNG masks and overlays.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from labseg.config import RunConfig, pick_device
+from labseg.data import BadSampleError, Batches, CachedSplit, load_image, load_split, log, normalize, split_trainval
+from labseg.metrics import per_image_accuracy, per_image_dice, per_image_iou
+from labseg.models import build_model
+from labseg.runs import RunDir, load_checkpoint, load_weights
+
+THRESHOLDS = tuple(np.round(np.arange(0.2, 0.81, 0.05), 2).tolist())
+
+
+def load_run_model(run: RunDir | str | Path, which: str = "best", device="auto"):
+    """(model in eval mode, its RunConfig) from a run folder's ``best.pt`` or ``last.pt``."""
+    run = run if isinstance(run, RunDir) else RunDir.open(run)
+    config = run.read_config()
+    ckpt = load_checkpoint(run.checkpoint(which))
+    from labseg.train import model_kwargs
+
+    model = build_model(config.arch, **model_kwargs(config))
+    load_weights(model, ckpt, config.arch, source=str(run.checkpoint(which)))
+    device = pick_device(device) if isinstance(device, str) else device
+    model = model.to(device).eval()
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, config
+
+
+@torch.inference_mode()
+def predict_probs(model, batches: Batches, tta: bool = False) -> torch.Tensor:
+    """Pet probabilities N×1×S×S (CPU, float16 to keep memory small) for every batch."""
+    model.eval()
+    out = []
+    for batch in batches:
+        logits = model(batch.image).float()
+        if tta:      # average with the prediction on the mirrored image, mirrored back
+            logits = (logits + model(batch.image.flip(-1)).float().flip(-1)) / 2
+        out.append(torch.sigmoid(logits).to("cpu", torch.float16))
+    return torch.cat(out)
+
+
+@dataclass
+class Evaluation:
+    """Per-image scores on a split and their summaries."""
+
+    names: list[str]
+    breeds: list[str]
+    species: list[str]
+    dice: np.ndarray
+    iou: np.ndarray
+    accuracy: np.ndarray
+    threshold: float = 0.5
+    tta: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"dice": float(self.dice.mean()), "iou": float(self.iou.mean()),
+                "accuracy": float(self.accuracy.mean()), "images": len(self.names),
+                "threshold": self.threshold, "tta": self.tta,
+                "per_species": self._group(self.species), "per_breed": self._group(self.breeds), **self.extra}
+
+    def _group(self, keys) -> dict:
+        keys = np.asarray(keys)
+        return {k: {"dice": float(self.dice[keys == k].mean()), "iou": float(self.iou[keys == k].mean()),
+                    "images": int((keys == k).sum())} for k in sorted(set(keys.tolist()))}
+
+    def table(self):
+        """A pandas DataFrame with one row per image."""
+        import pandas as pd
+
+        return pd.DataFrame({"name": self.names, "breed": self.breeds, "species": self.species,
+                             "dice": self.dice, "iou": self.iou, "accuracy": self.accuracy})
+
+
+def score(probs: torch.Tensor, split: CachedSplit, threshold: float = 0.5, tta: bool = False) -> Evaluation:
+    target = torch.from_numpy(np.asarray(split.masks)).unsqueeze(1)
+    pred = probs.float() >= threshold
+    return Evaluation([r.name for r in split.records], [r.breed for r in split.records],
+                      [r.species for r in split.records], per_image_dice(pred, target).numpy(),
+                      per_image_iou(pred, target).numpy(), per_image_accuracy(pred, target).numpy(),
+                      threshold, tta)
+
+
+def threshold_sweep(probs: torch.Tensor, split: CachedSplit, thresholds=THRESHOLDS) -> dict[float, float]:
+    """Mean Dice at each threshold: pick the best on valid, never on test."""
+    target = torch.from_numpy(np.asarray(split.masks)).unsqueeze(1)
+    return {float(t): per_image_dice(probs.float() >= t, target).mean().item() for t in thresholds}
+
+
+def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = "best", tta: bool = False,
+                 tune_threshold: bool = False, data_dir: str | None = None, batch_size: int = 16,
+                 device="auto", progress: bool = True, save: bool = True) -> dict:
+    """Evaluate a run on ``split`` ("test" or "valid"); returns and saves the results.
+
+    The result holds the plain evaluation (threshold 0.5, no TTA) and, when asked, the flip-TTA
+    and tuned-threshold variants separately, so their effects can be read apart.
+    """
+    run = run if isinstance(run, RunDir) else RunDir.open(run)
+    model, config = load_run_model(run, which, device)
+    dev = next(model.parameters()).device
+    data_dir = data_dir or config.data_dir
+    cached = _split_for(config, split, data_dir, progress)
+    batches = Batches(cached, batch_size=batch_size, device=dev, channels_last=config.channels_last)
+    probs = predict_probs(model, batches)
+    plain = score(probs, cached)
+    result = {"run": run.name, "arch": config.arch, "split": split, "checkpoint": which,
+              "data_dir": str(data_dir), "skipped_pairs": len(cached.skipped), **plain.summary()}
+    if tta:
+        probs_tta = predict_probs(model, batches, tta=True)
+        result["tta"] = score(probs_tta, cached, tta=True).summary()
+    if tune_threshold:
+        valid = _split_for(config, "valid", data_dir, progress)
+        valid_probs = predict_probs(model, Batches(valid, batch_size=batch_size, device=dev,
+                                                   channels_last=config.channels_last), tta=tta)
+        sweep = threshold_sweep(valid_probs, valid)
+        best_t = max(sweep, key=sweep.get)
+        tuned = score(probs_tta if tta else probs, cached, threshold=best_t, tta=tta).summary()
+        result["threshold_tuned"] = {"threshold": best_t, "valid_sweep": sweep, **tuned}
+    if save:
+        run.write_json(f"eval_{split}.json", result)
+    return result
+
+
+def _split_for(config: RunConfig, split: str, data_dir, progress: bool) -> CachedSplit:
+    if split == "test":
+        return load_split(data_dir, "test", config.img_size, config.cache_dir, progress=progress)
+    if split in ("valid", "train"):
+        trainval = load_split(data_dir, "trainval", config.img_size, config.cache_dir, progress=progress)
+        train_idx, valid_idx = split_trainval(trainval.records, config.valid_fraction, config.seed)
+        return trainval.subset(valid_idx if split == "valid" else train_idx)
+    raise ValueError(f"split={split!r} is not valid; choose one of: test, valid, train")
+
+
+def format_result(result: dict) -> str:
+    """A few readable lines: overall, per species, per breed (and TTA / tuned threshold)."""
+    lines = [f"{result['run']} on {result['split']} ({result['images']} images): "
+             f"Dice {result['dice']:.4f}  IoU {result['iou']:.4f}  accuracy {result['accuracy']:.4f}"]
+    for key in ("per_species", "per_breed"):
+        for name, m in result[key].items():
+            lines.append(f"  {name:<28} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  ({m['images']} images)")
+    if "tta" in result:
+        lines.append(f"  with flip TTA:               Dice {result['tta']['dice']:.4f}  IoU {result['tta']['iou']:.4f}")
+    if "threshold_tuned" in result:
+        t = result["threshold_tuned"]
+        lines.append(f"  threshold {t['threshold']:.2f} (tuned on valid): Dice {t['dice']:.4f}  IoU {t['iou']:.4f}")
+    if result.get("skipped_pairs"):
+        lines.append(f"  skipped {result['skipped_pairs']} unusable pairs")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- prediction
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@torch.inference_mode()
+def predict_image(model, image: np.ndarray, img_size: int, tta: bool = False) -> np.ndarray:
+    """Pet probability H×W (float32) at the image's own resolution."""
+    dev = next(model.parameters()).device
+    x = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float().div(255).to(dev)
+    x = normalize(F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True,
+                                align_corners=False))
+    logits = model(x)
+    if tta:
+        logits = (logits + model(x.flip(-1)).flip(-1)) / 2
+    logits = F.interpolate(logits.float(), size=image.shape[:2], mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits)[0, 0].cpu().numpy()
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 32), alpha: float = 0.45) -> np.ndarray:
+    """The image with ``mask`` tinted in ``color``."""
+    out = image.astype(np.float32).copy()
+    m = mask.astype(bool)
+    out[m] = out[m] * (1 - alpha) + np.asarray(color, np.float32) * alpha
+    return out.astype(np.uint8)
+
+
+def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | Path, *, img_size: int | None = None,
+                   threshold: float = 0.5, tta: bool = False, which: str = "best", device="auto",
+                   progress: bool = True) -> list[Path]:
+    """Predict masks for one image or every image in a folder; save ``<name>_mask.png`` (0/255)
+    and ``<name>_overlay.png`` at the original resolution. Unreadable files are skipped and reported."""
+    from tqdm.auto import tqdm
+
+    model, config = load_run_model(run, which, device)
+    img_size = img_size or config.img_size
+    if img_size % 32:
+        raise ValueError(f"img_size={img_size}: must be divisible by 32")
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif source.is_file():
+        files = [source]
+    else:
+        raise FileNotFoundError(f"{source} is neither an image file nor a folder")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in tqdm(files, desc="predicting", disable=not progress):
+        try:
+            image = load_image(path)
+        except BadSampleError as e:
+            log.warning(f"skipped {e}")
+            continue
+        mask = predict_image(model, image, img_size, tta) >= threshold
+        Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / f"{path.stem}_mask.png")
+        Image.fromarray(overlay(image, mask)).save(out_dir / f"{path.stem}_overlay.png")
+        written.append(out_dir / f"{path.stem}_mask.png")
+    return written

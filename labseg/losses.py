@@ -1,0 +1,59 @@
+"""Losses for binary segmentation on 1-channel logits.
+
+Every loss takes ``(logits, target, valid)``, all N×1×H×W, where ``valid`` is 0 on pixels left
+out of the loss (the trimap border with ``ignore_border``) and 1 elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1.0   # smoothing of the soft Dice/Tversky ratios, in pixels: keeps empty masks well defined
+
+
+def bce(logits, target, valid):
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (loss * valid).sum() / valid.sum().clamp_min(1)
+
+
+def _soft_overlap(logits, target, valid):
+    prob = torch.sigmoid(logits) * valid
+    target = target * valid
+    dims = (1, 2, 3)
+    tp = (prob * target).sum(dims)
+    return tp, (prob * (1 - target)).sum(dims), ((1 - prob) * target).sum(dims)
+
+
+def dice(logits, target, valid):
+    """1 − soft Dice, per image then averaged, like the metric it stands in for."""
+    tp, fp, fn = _soft_overlap(logits, target, valid)
+    return (1 - (2 * tp + EPS) / (2 * tp + fp + fn + EPS)).mean()
+
+
+def tversky(logits, target, valid, alpha: float = 0.3, beta: float = 0.7):
+    """Tversky loss: weighs false negatives (beta) above false positives (alpha)."""
+    tp, fp, fn = _soft_overlap(logits, target, valid)
+    return (1 - (tp + EPS) / (tp + alpha * fp + beta * fn + EPS)).mean()
+
+
+def focal(logits, target, valid, gamma: float = 2.0, alpha: float = 0.25):
+    """Focal loss (Lin et al., 2017): down-weights the easy pixels."""
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * target + (1 - p) * (1 - target)
+    alpha_t = alpha * target + (1 - alpha) * (1 - target)
+    loss = alpha_t * (1 - p_t) ** gamma * ce
+    return (loss * valid).sum() / valid.sum().clamp_min(1)
+
+
+def bce_dice(logits, target, valid):
+    return bce(logits, target, valid) + dice(logits, target, valid)
+
+
+LOSSES = {"bce": bce, "dice": dice, "bce_dice": bce_dice, "tversky": tversky, "focal": focal}
+
+
+def build_loss(name: str):
+    if name not in LOSSES:
+        raise ValueError(f"loss={name!r} is not valid; choose one of: {', '.join(LOSSES)}")
+    return LOSSES[name]

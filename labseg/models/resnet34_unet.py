@@ -1,0 +1,137 @@
+"""ResNet34-UNet: a ResNet34 encoder (He et al., 2016) with a UNet decoder, trained from scratch.
+
+Encoder, decoder and head are separate modules (as in segmentation_models_pytorch), so either
+side can be swapped or inspected on its own.
+
+Shapes for a 3×256×256 input (N omitted)::
+
+    encoder  stem   64×128×128 (7×7 conv, stride 2) ──────────────────────────┐ skips
+             layer1 64×64×64   (max-pool, 3 BasicBlocks) ─────────────────┐  │
+             layer2 128×32×32  (4 BasicBlocks) ──────────────────────┐    │  │
+             layer3 256×16×16  (6 BasicBlocks) ─────────────────┐    │    │  │
+             layer4 512×8×8    (3 BasicBlocks)                  │    │    │  │
+    decoder  512×8×8 → 256×16×16 → 128×32×32 → 64×64×64 → 32×128×128
+    head     1×128×128 logits (3×3 conv) → bilinear ×2 → 1×256×256
+
+A lean decoder, by measurement: segmentation_models_pytorch's Unet adds a fifth block of two
+3×3 convs at full resolution (16 channels at 256×256). On a CPU those full-size convs, norms and
+activations cost about 30% of a training step while adding little to a mask that is smooth
+at that scale, so this decoder stops at H/2 and upsamples the logits bilinearly. The measured
+effect is in ``docs/benchmarks.md`` (``labseg bench``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labseg.models.unet import check_input_size, init_weights
+
+
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convs with an identity shortcut, or a 1×1 projection when the shape changes."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = conv3x3(in_ch, out_ch, stride)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(out_ch, out_ch)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = None
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.shortcut is None else self.shortcut(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet34Encoder(nn.Module):
+    """ResNet34 without its classifier; returns the feature map of every stage."""
+
+    channels = (64, 64, 128, 256, 512)      # stem, layer1..layer4
+
+    def __init__(self, in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
+                                  nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.in_ch = 64
+        self.layer1 = self._make_layer(64, 3)
+        self.layer2 = self._make_layer(128, 4, stride=2)
+        self.layer3 = self._make_layer(256, 6, stride=2)
+        self.layer4 = self._make_layer(512, 3, stride=2)
+
+    def _make_layer(self, out_ch: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        layers = [BasicBlock(self.in_ch, out_ch, stride)]
+        self.in_ch = out_ch
+        layers += [BasicBlock(out_ch, out_ch) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        s0 = self.stem(x)                    # 64  × H/2
+        s1 = self.layer1(self.maxpool(s0))   # 64  × H/4
+        s2 = self.layer2(s1)                 # 128 × H/8
+        s3 = self.layer3(s2)                 # 256 × H/16
+        s4 = self.layer4(s3)                 # 512 × H/32
+        return [s0, s1, s2, s3, s4]
+
+
+class DecoderBlock(nn.Module):
+    """Upsample ×2 (nearest), concatenate the skip, then 3×3 conv → BN → ReLU, twice."""
+
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int):
+        super().__init__()
+        self.conv1 = nn.Sequential(conv3x3(in_ch + skip_ch, out_ch), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(conv3x3(out_ch, out_ch), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.conv2(self.conv1(x))
+
+
+class UNetDecoder(nn.Module):
+    """UNet decoder over the encoder's stages: one block per skip, coarse to fine."""
+
+    def __init__(self, encoder_channels=(64, 64, 128, 256, 512), channels=(256, 128, 64, 32)):
+        super().__init__()
+        skips = list(encoder_channels[:-1][::-1]) + [0]      # 256, 128, 64, 64, then none at full size
+        ins = [encoder_channels[-1], *channels[:-1]]
+        self.blocks = nn.ModuleList(DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, channels))
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x, skips = features[-1], features[:-1][::-1]
+        for i, block in enumerate(self.blocks):
+            x = block(x, skips[i] if i < len(skips) else None)
+        return x
+
+
+class ResNet34UNet(nn.Module):
+    def __init__(self, in_channels: int = 3, out_channels: int = 1,
+                 decoder_channels=(256, 128, 64, 32)):
+        super().__init__()
+        self.encoder = ResNet34Encoder(in_channels)
+        self.decoder = UNetDecoder(ResNet34Encoder.channels, decoder_channels)
+        self.head = nn.Conv2d(decoder_channels[-1], out_channels, 3, padding=1)
+        self.upsample = 2 ** (5 - len(decoder_channels))     # 1 when the decoder reaches full size
+        init_weights(self)
+        for m in self.modules():                  # zero-init the last BN of each residual branch:
+            if isinstance(m, BasicBlock):         # blocks start as identities (Goyal et al., 2017)
+                nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(x)
+        logits = self.head(self.decoder(self.encoder(x)))
+        if self.upsample > 1:
+            logits = F.interpolate(logits, scale_factor=float(self.upsample), mode="bilinear", align_corners=False)
+        return logits             # 1 × H × W

@@ -1,0 +1,259 @@
+"""Run folders: create, write atomically, list, load. And checkpoints, loaded safely.
+
+One run is one folder ``outputs/runs/<run>/``::
+
+    config.json     the RunConfig, as trained
+    metrics.csv     one row per epoch (also metrics.json), rewritten whole after each epoch
+    last.pt         model + optimizer + history after the last completed epoch
+    best.pt         the same at the best epoch by the monitored metric
+    summary.json    best epoch and metrics, epochs run, time, why training stopped
+    eval_*.json     evaluation results (labseg.evaluate)
+    *.ipynb         the executed notebook, when the run came from papermill
+
+Every record is written to a temporary file in the same folder and renamed into place, so a
+crash, a kill or a full disk leaves the previous version intact, never half a file.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from labseg.config import RunConfig, resolve_path
+
+CHECKPOINT_FORMAT = 1
+
+
+class RunExistsError(FileExistsError):
+    """The run folder exists and neither resume nor overwrite was asked for."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable, unsafe, or does not fit the model; the message says which."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
+    """torch.save into memory, then an atomic write: the old file survives any failure."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint as untrusted input: ``weights_only=True``, so no code can run.
+
+    Raises :class:`CheckpointError` naming the file for a missing, truncated, corrupt or unsafe
+    file, or one that is not a labseg checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"checkpoint {path} was refused: it holds objects other than tensors and "
+                              f"plain data, which could run code when loaded ({_first_line(e)})") from None
+    except Exception as e:  # truncated zip, bad magic, EOF...: all mean "corrupt"
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: "
+                              f"{_first_line(e)})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} is not a labseg checkpoint (expected a dict with "
+                              "'arch', 'model', 'config' and 'format_version')")
+    if ckpt.get("format_version", 0) > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {ckpt['format_version']}, newer than this "
+                              f"labseg reads ({CHECKPOINT_FORMAT}); update labseg")
+    return ckpt
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def load_weights(model: torch.nn.Module, ckpt: dict, arch: str, source: str = "checkpoint") -> None:
+    """Load ``ckpt['model']`` into ``model`` (an ``arch``), or explain the first mismatch."""
+    state = ckpt["model"]
+    theirs = ckpt.get("arch", "?")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if theirs != arch or missing or extra or shape:
+        if missing:
+            detail = f"first missing key {missing[0]!r} ({len(missing)} missing)"
+        elif extra:
+            detail = f"first unexpected key {extra[0]!r} ({len(extra)} unexpected)"
+        elif shape:
+            k = shape[0]
+            detail = f"first mismatched key {k!r}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        else:
+            detail = "keys match but the recorded arch differs"
+        raise CheckpointError(f"{source} holds a {theirs!r} model but a {arch!r} model was asked for: {detail}")
+    model.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- run folders
+def _unique_folder(base: Path) -> Path:
+    """Claim ``base`` or ``base-2``, ``base-3``...: mkdir is atomic, so two runs never share one."""
+    for i in range(1, 10_000):
+        candidate = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise RunExistsError(f"could not find a free run folder next to {base}")
+
+
+@dataclass
+class RunDir:
+    """A run's folder and its records."""
+
+    path: Path
+
+    # ---- creation
+    @classmethod
+    def create(cls, output_dir: str | Path, name: str, *, overwrite: bool = False,
+               exist: str = "suffix") -> "RunDir":
+        """A new run folder ``output_dir/name``.
+
+        If it exists: ``overwrite=True`` deletes it first; otherwise ``exist="suffix"`` takes a
+        fresh ``name-2``... (and says so), ``exist="error"`` refuses.
+        """
+        base = resolve_path(output_dir) / name
+        if overwrite and base.exists():
+            shutil.rmtree(base)
+        if exist == "error" and base.exists():
+            raise RunExistsError(f"run folder {base} exists; resume it with --resume, start over "
+                                 "with --overwrite, or pick another --run-name")
+        path = _unique_folder(base)
+        if path != base:
+            print(f"labseg: run folder {base} exists; this run writes to {path} "
+                  "(use --resume to continue it or --overwrite to replace it)")
+        return cls(path)
+
+    @classmethod
+    def open(cls, run: str | Path, output_dir: str | Path = "outputs/runs") -> "RunDir":
+        """An existing run, by folder path or by name under ``output_dir``."""
+        p = Path(run).expanduser()
+        candidates = [p] if p.is_absolute() else [Path.cwd() / p, resolve_path(output_dir) / p, resolve_path(p)]
+        for c in candidates:
+            if (c / "config.json").is_file():
+                return cls(c.resolve())
+        raise FileNotFoundError(f"no run folder {run!r} (looked for config.json in "
+                                f"{', '.join(str(c) for c in candidates)}); runs here: "
+                                f"{', '.join(r.name for r in list_runs(output_dir)) or 'none'}")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # ---- records
+    def write_config(self, config: RunConfig) -> None:
+        atomic_write_json(self.path / "config.json", config.to_dict())
+
+    def read_config(self) -> RunConfig:
+        return RunConfig.from_dict(json.loads((self.path / "config.json").read_text()))
+
+    def write_metrics(self, history: list[dict]) -> None:
+        """Rewrite metrics.json and metrics.csv with the whole history (atomic, no duplicates)."""
+        atomic_write_json(self.path / "metrics.json", history)
+        keys: list[str] = []
+        for row in history:
+            keys += [k for k in row if k not in keys]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+        atomic_write_text(self.path / "metrics.csv", out.getvalue())
+
+    def read_metrics(self) -> list[dict]:
+        p = self.path / "metrics.json"
+        return json.loads(p.read_text()) if p.is_file() else []
+
+    def write_json(self, name: str, obj) -> None:
+        atomic_write_json(self.path / name, obj)
+
+    def read_json(self, name: str, default=None):
+        p = self.path / name
+        return json.loads(p.read_text()) if p.is_file() else default
+
+    def write_summary(self, summary: dict) -> None:
+        self.write_json("summary.json", summary)
+
+    def read_summary(self) -> dict:
+        return self.read_json("summary.json", {}) or {}
+
+    def checkpoint(self, which: str = "best") -> Path:
+        return self.path / f"{which}.pt"
+
+
+def list_runs(output_dir: str | Path = "outputs/runs") -> list[RunDir]:
+    root = resolve_path(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted((RunDir(p) for p in root.iterdir() if (p / "config.json").is_file()),
+                  key=lambda r: r.path.stat().st_mtime)
+
+
+def best_run(output_dir: str | Path = "outputs/runs", arch: str | None = None,
+             metric: str = "best_valid_dice") -> RunDir:
+    """The finished run with the highest ``metric`` in its summary (optionally of one arch)."""
+    scored = []
+    for run in list_runs(output_dir):
+        s = run.read_summary()
+        if metric in s and (arch is None or s.get("arch") == arch):
+            scored.append((s[metric], run))
+    if not scored:
+        raise FileNotFoundError(f"no finished run{' of ' + arch if arch else ''} under "
+                                f"{resolve_path(output_dir)}; train one with `labseg train`")
+    return max(scored, key=lambda t: t[0])[1]
+
+
+def run_name_for(config: RunConfig) -> str:
+    """A readable default name from the parameters that usually vary between runs."""
+    name = f"{config.arch}-{config.img_size}px-{config.loss}-lr{config.lr:g}-{config.augment}-s{config.seed}"
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)

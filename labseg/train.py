@@ -1,0 +1,414 @@
+"""The training loop: one function, :func:`fit`, readable top to bottom.
+
+    config → data (cached arrays, breed-stratified valid split) → model → optimizer → loop:
+        for each epoch: train steps (augmented batches) → validate → records → checkpoints
+    → summary.json
+
+The learning rate follows a schedule of *progress*, the larger of (steps done / all steps) and
+(time spent / time budget), so a run cut short by ``time_budget`` still warms up and decays fully.
+
+Run on several processes with ``torchrun --nproc_per_node=N -m labseg.train --arch ...``:
+each rank trains on its shard of every batch (DistributedDataParallel); rank 0 alone writes.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from labseg.config import ConfigError, RunConfig, pick_device
+from labseg.data import Batches, load_split, split_trainval
+from labseg.losses import build_loss
+from labseg.metrics import per_image_dice, per_image_iou
+from labseg.models import build_model, count_parameters
+from labseg.runs import (CHECKPOINT_FORMAT, CheckpointError, RunDir, load_checkpoint, load_weights,
+                         run_name_for, save_checkpoint)
+from labseg.transforms import BatchAugment
+
+# Fields a resumed run may change; anything else must match the recorded config.
+RESUMABLE = {"epochs", "time_budget", "device", "num_threads", "log_every", "patience", "compile"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class FitResult:
+    run: RunDir
+    history: list[dict]
+    summary: dict
+    model: nn.Module = field(repr=False)
+
+
+# --------------------------------------------------------------------------- pieces
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def model_kwargs(config: RunConfig) -> dict:
+    return {"norm": config.norm} if config.arch == "unet" and config.norm else {}
+
+
+def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on norms and biases: decaying them only fights BatchNorm's scale.
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "adam":
+        # Adam's weight_decay is an L2 term in the gradient (the classic form).
+        return torch.optim.Adam(groups, lr=config.lr)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+
+
+def lr_factor(schedule: str, progress: float, warmup: float) -> float:
+    """Multiplier of the base lr at ``progress`` ∈ [0, 1] of training (warmup is a fraction too)."""
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "onecycle":     # ramp up over 30% (from lr/25), then cosine down to ~0
+        peak = 0.3
+        if progress < peak:
+            return 0.04 + 0.96 * (1 - math.cos(math.pi * progress / peak)) / 2
+        return 0.5 * (1 + math.cos(math.pi * (progress - peak) / (1 - peak))) + 1e-4
+    if warmup > 0 and progress < warmup:
+        return (progress / warmup) * 0.99 + 0.01
+    if schedule == "cosine":
+        p = (progress - warmup) / max(1e-8, 1 - warmup)
+        return 0.5 * (1 + math.cos(math.pi * p)) * 0.99 + 0.01
+    return 1.0                      # "plateau" (ReduceLROnPlateau scales on top) and "none"
+
+
+def _ema_model(model: nn.Module, decay: float):
+    if not decay:
+        return None
+    return torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, batches: Batches, loss_fn, amp_dtype=None) -> dict:
+    """Valid loss and per-image Dice/IoU, accumulated on the device (one sync at the end)."""
+    model.eval()
+    dev = batches.device
+    loss_sum, n = torch.zeros((), device=dev), 0
+    dice, iou = [], []
+    for batch in batches:
+        with _autocast(dev, amp_dtype):
+            logits = model(batch.image)
+        logits = logits.float()
+        loss_sum += loss_fn(logits, batch.target, batch.valid) * len(batch.index)
+        n += len(batch.index)
+        dice.append(per_image_dice(logits, batch.target, from_logits=True))
+        iou.append(per_image_iou(logits, batch.target, from_logits=True))
+    model.train()
+    return {"valid_loss": (loss_sum / max(n, 1)).item(),
+            "valid_dice": torch.cat(dice).mean().item(), "valid_iou": torch.cat(iou).mean().item()}
+
+
+def _autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _amp_dtype(config: RunConfig, device: torch.device):
+    use = config.amp if config.amp is not None else device.type == "cuda"
+    if not use:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def _improved(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric.endswith("loss") else value > best
+
+
+# --------------------------------------------------------------------------- the loop
+def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrite: bool = False,
+        progress: bool = True, callback=None, **overrides) -> FitResult:
+    """Train a model as ``config`` says and record the run. Returns the run and its history.
+
+    ``resume``: False for a new run; True or ``"last"`` to continue ``config.run_name`` from
+    ``last.pt``; ``"best"`` to continue from ``best.pt`` (e.g. when last.pt is corrupt).
+    ``callback(history)`` is called after every epoch (live plots in the notebook).
+    Keyword ``overrides`` set config fields, e.g. ``fit(arch="unet", epochs=3)``.
+    """
+    config = RunConfig(**overrides) if config is None else (
+        RunConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config)
+    config = config.with_recipe().validate()
+    dist = _Distributed.from_env()
+    device = dist.device or pick_device(config.device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+
+    # ---- the run folder: new, or resumed with its recorded config
+    start = None
+    if resume:
+        if not config.run_name:
+            raise ConfigError("resume needs run_name: the run to continue")
+        run = RunDir.open(config.run_name, config.output_dir)
+        config = _merge_resumed(run.read_config(), config)
+        which = "best" if resume == "best" else "last"
+        try:
+            start = load_checkpoint(run.checkpoint(which))
+        except CheckpointError as e:
+            other = "best" if which == "last" else "last"
+            raise CheckpointError(f"{e}.\nResume from the {other} checkpoint with --resume {other}, "
+                                  "or start over with --overwrite (deletes the run).") from None
+    elif dist.is_main:
+        run = RunDir.create(config.output_dir, config.run_name or run_name_for(config), overwrite=overwrite)
+        run.write_config(config)
+    else:
+        run = None
+
+    seed_everything(config.seed)
+    amp_dtype = _amp_dtype(config, device)
+
+    # ---- data: cached arrays, breed-stratified valid split of trainval
+    trainval = load_split(config.data_dir, "trainval", config.img_size, config.cache_dir, progress=progress)
+    train_idx, valid_idx = split_trainval(trainval.records, config.valid_fraction, config.seed)
+    if config.max_train_images:
+        train_idx = train_idx[:config.max_train_images]
+    memory = dict(device=device, channels_last=config.channels_last, ignore_border=config.ignore_border)
+    train_batches = Batches(trainval, dist.shard(train_idx), config.batch_size // dist.world, shuffle=True,
+                            seed=config.seed, augment=BatchAugment(config.augment), drop_last=True, **memory)
+    if len(train_batches) == 0:
+        train_batches.drop_last = False
+    valid_batches = Batches(trainval, valid_idx, config.batch_size, **memory)
+
+    # ---- model, optimizer, loss
+    model = build_model(config.arch, **model_kwargs(config)).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(config, model)
+    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min" if config.monitor.endswith("loss")
+               else "max", factor=0.5, patience=3) if config.scheduler == "plateau" else None)
+    loss_fn = build_loss(config.loss)
+    ema = _ema_model(model, config.ema)
+    history, best, step, elapsed_before, first_epoch = [], None, 0, 0.0, 1
+    if start is not None:
+        load_weights(model, start, config.arch, source=str(run.checkpoint("last")))
+        optimizer.load_state_dict(start["optimizer"])
+        if plateau is not None and start.get("plateau"):
+            plateau.load_state_dict(start["plateau"])
+        if ema is not None and start.get("ema"):
+            ema.load_state_dict(start["ema"])
+        history = list(start["history"])
+        best, step = start.get("best"), start.get("step", 0)
+        elapsed_before, first_epoch = start.get("elapsed", 0.0), start["epoch"] + 1
+        if dist.is_main:
+            run.write_metrics(history)     # the checkpoint's history is the truth after a kill
+            print(f"labseg: resuming {run.path} after epoch {start['epoch']}")
+    step_model = dist.wrap(model)
+    if config.compile:
+        step_model = torch.compile(step_model)
+
+    steps_per_epoch = len(train_batches)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = min(0.5, (config.warmup_epochs or 0) / config.epochs)
+    budget = config.time_budget_s
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    if start is not None:
+        base_lrs = [config.lr] * len(base_lrs)
+
+    def record(epoch, train_loss, seconds, stop_reason=None):
+        nonlocal best
+        eval_model = ema.module if ema is not None else model
+        row = {"epoch": epoch, "train_loss": train_loss, **validate(eval_model, valid_batches, loss_fn, amp_dtype),
+               "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
+               "images_per_s": round(len(train_idx) / max(seconds, 1e-9), 2)}
+        history.append(row)
+        improved = _improved(config.monitor, row[config.monitor], best)
+        if improved:
+            best = row[config.monitor]
+        if dist.is_main:
+            ckpt = {"format_version": CHECKPOINT_FORMAT, "arch": config.arch, "config": config.to_dict(),
+                    "epoch": epoch, "step": step, "elapsed": time.perf_counter() - t0 + elapsed_before,
+                    "best": best, "history": history, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "plateau": plateau.state_dict() if plateau is not None else None,
+                    "ema": ema.state_dict() if ema is not None else None}
+            if ema is not None:     # evaluate and deploy the averaged weights
+                ckpt["model"] = ema.module.state_dict()
+                ckpt["raw_model"] = model.state_dict()
+            save_checkpoint(run.checkpoint("last"), ckpt)
+            if improved:
+                save_checkpoint(run.checkpoint("best"), ckpt)
+            run.write_metrics(history)
+        if plateau is not None:
+            plateau.step(row[config.monitor])
+            base_lrs[:] = [g["lr"] for g in optimizer.param_groups]
+        if callback is not None:
+            callback(history)
+        return row, improved
+
+    # ---- the loop
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    stop_reason, since_best = "completed all epochs", 0
+    if dist.is_main:
+        print(f"labseg: training {config.arch} ({count_parameters(model) / 1e6:.1f}M parameters) on {device}, "
+              f"{len(train_idx)} train / {len(valid_idx)} valid images at {config.img_size}px → {run.path}")
+    for epoch in range(first_epoch, config.epochs + 1):
+        train_batches.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        bar = tqdm(train_batches, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                   disable=not (progress and dist.is_main))
+        for i, batch in enumerate(bar):
+            spent = time.perf_counter() - t0 + elapsed_before
+            progress_frac = max(step / max(total_steps, 1), spent / budget if budget else 0.0)
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * lr_factor(config.scheduler, progress_frac, warmup)
+
+            with _autocast(device, amp_dtype):
+                logits = step_model(batch.image)
+            loss = loss_fn(logits.float(), batch.target, batch.valid)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            loss_sum += loss.detach()
+            step += 1
+            if (i + 1) % config.log_every == 0 or i + 1 == len(train_batches):
+                mean = (loss_sum / (i + 1)).item()       # the only host sync of the step loop
+                if not math.isfinite(mean):
+                    raise TrainingDiverged(
+                        f"loss became {mean} at epoch {epoch}, step {i + 1}; training stopped. The last good "
+                        f"checkpoint is kept in {run.path if run else '(rank 0)'}. Try a lower lr "
+                        f"(now {config.lr:g}) or another loss.")
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if budget and time.perf_counter() - t0 + elapsed_before > budget:
+                stop_reason = f"time budget of {config.time_budget} spent"
+                break
+        seconds = time.perf_counter() - epoch_start
+        row, improved = record(epoch, (loss_sum / max(i + 1, 1)).item(), seconds)
+        if dist.is_main and progress:
+            print(f"epoch {epoch:3d}  train_loss {row['train_loss']:.4f}  valid_loss {row['valid_loss']:.4f}  "
+                  f"valid_dice {row['valid_dice']:.4f}  valid_iou {row['valid_iou']:.4f}  "
+                  f"{row['images_per_s']:.1f} img/s{'  *' if improved else ''}")
+        since_best = 0 if improved else since_best + 1
+        if stop_reason.startswith("time budget"):
+            break
+        spent = time.perf_counter() - t0 + elapsed_before
+        if budget and spent + seconds > budget:
+            stop_reason = f"time budget of {config.time_budget} spent (no time for another epoch)"
+            break
+        if config.patience and since_best >= config.patience:
+            stop_reason = f"early stopping: no {config.monitor} gain in {config.patience} epochs"
+            break
+
+    summary = _summary(config, history, stop_reason, time.perf_counter() - t0 + elapsed_before,
+                       count_parameters(model), trainval, len(train_idx), len(valid_idx))
+    if dist.is_main:
+        run.write_summary(summary)
+        if progress:
+            print(f"labseg: {stop_reason}; best {config.monitor} {summary['best_' + config.monitor]:.4f} "
+                  f"at epoch {summary['best_epoch']}; skipped {summary['skipped_pairs']} unusable pairs; "
+                  f"records in {run.path}")
+    dist.close()
+    return FitResult(run, history, summary, ema.module if ema is not None else model)
+
+
+def _summary(config, history, stop_reason, seconds, n_params, trainval, n_train, n_valid) -> dict:
+    metric = config.monitor
+    better = min if metric.endswith("loss") else max
+    best_row = better(history, key=lambda r: r[metric]) if history else {}
+    return {
+        "arch": config.arch, "run_name": config.run_name, "img_size": config.img_size,
+        "epochs_run": len(history), "best_epoch": best_row.get("epoch"),
+        "best_valid_dice": best_row.get("valid_dice"), "best_valid_iou": best_row.get("valid_iou"),
+        "best_valid_loss": best_row.get("valid_loss"),
+        "final_valid_dice": history[-1]["valid_dice"] if history else None,
+        "stop_reason": stop_reason, "train_seconds": round(seconds, 1), "parameters": n_params,
+        "train_images": n_train, "valid_images": n_valid,
+        "skipped_pairs": len(trainval.skipped), "skipped": trainval.skipped,
+    }
+
+
+def _merge_resumed(recorded: RunConfig, asked: RunConfig) -> RunConfig:
+    """The recorded config, with the few fields a resume may change taken from ``asked``."""
+    rec, new = recorded.to_dict(), asked.to_dict()
+    changed = {k: (rec[k], new[k]) for k in rec
+               if k not in RESUMABLE and k != "run_name" and new[k] is not None and new[k] != rec[k]}
+    if changed:
+        diff = ", ".join(f"{k}: recorded {a!r}, asked {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(f"resume must keep the run's config; differs in {diff}")
+    return RunConfig.from_dict({**rec, **{k: new[k] for k in RESUMABLE if new[k] is not None}})
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass
+class _Distributed:
+    """torchrun support: rank/world from the environment; a no-op in a single process."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device | None = None
+
+    @classmethod
+    def from_env(cls) -> "_Distributed":
+        if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            return cls()
+        import torch.distributed as td
+
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", rank))
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+            td.init_process_group("nccl")
+        else:
+            device = torch.device("cpu")
+            td.init_process_group("gloo")
+        return cls(rank, world, device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, indices: np.ndarray) -> np.ndarray:
+        """Each rank takes every world-th image (the DistributedSampler rule), all ranks equal-sized."""
+        if self.world == 1:
+            return indices
+        n = len(indices) // self.world * self.world
+        return indices[:n][self.rank::self.world]
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    """``python -m labseg.train`` (and torchrun) take the same options as ``labseg train``."""
+    from labseg.cli import main as cli_main
+
+    return cli_main(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
