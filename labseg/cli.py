@@ -7,6 +7,8 @@
     labseg predict RUN SOURCE    masks and overlays for an image or a folder
     labseg bench                 throughput of models and data paths
     labseg demo                  the whole workbook on the synthetic sample
+    labseg sweep [GRID.yaml]     a grid of trainings through notebooks/04_train (papermill)
+    labseg report                every run -> outputs/report/ (table, curves, figures)
 """
 from __future__ import annotations
 
@@ -122,6 +124,8 @@ def cmd_train(args) -> int:
     if args.resume and not config.run_name:
         raise SystemExit("labseg: error: --resume needs --run-name RUN (the run to continue)")
     result = fit(config, resume=args.resume or False, overwrite=args.overwrite, progress=not args.quiet)
+    if result.run is None:          # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(f"labseg: run folder {result.run.path}")
     if args.evaluate:
         from labseg.evaluate import evaluate_run, format_result
@@ -156,6 +160,35 @@ def cmd_demo(args) -> int:
 
     report = run_workbook(epochs=args.epochs, img_size=args.img_size)
     print(f"labseg: demo finished. Report: {report}\n  run folders: {report.parent.parent / 'runs'}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    """A grid of 04_train runs through papermill (YAML file and/or --set NAME=V1,V2)."""
+    from labseg.sweep import format_results, load_grid, parse_sets, run_sweep
+
+    grid = load_grid(args.grid) if args.grid else {}
+    grid.update(parse_sets(args.set or []))
+    if not grid:
+        raise SystemExit("labseg: error: give a grid file or at least one --set NAME=VALUE[,VALUE...]")
+    for key in ("data_dir", "output_dir"):        # paths typed in a shell are taken from the cwd
+        if key in grid:
+            grid[key] = [str(Path(v).expanduser().resolve()) if isinstance(v, str) else v for v in grid[key]]
+    output_dir = str(Path(args.output_dir).expanduser().resolve()) if args.output_dir else None
+    results = run_sweep(grid, output_dir=output_dir, force=args.force, prefix=args.prefix,
+                        progress=not args.quiet)
+    print(format_results(results))
+    return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+def cmd_report(args) -> int:
+    """Collect every run into outputs/report/ (report.md, runs.csv, figures)."""
+    from labseg.report import write_report
+    from labseg.workbook import report_dir, runs_dir
+
+    out = Path(args.output_dir).expanduser().resolve() if args.output_dir else runs_dir()
+    rep = Path(args.report_dir).expanduser().resolve() if args.report_dir else report_dir()
+    print(f"labseg: report written to {write_report(out, rep)}")
     return 0
 
 
@@ -212,6 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3, help="epochs per network (default: 3)")
     p.add_argument("--img-size", type=int, default=64, help="training size (default: 64)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sweep", help="run a grid of trainings through notebooks/04_train (papermill)",
+                       description="Run every combination of the grid through notebooks/04_train.ipynb; one "
+                                   "run folder (with its executed notebook) per point, named from its "
+                                   "parameters. Finished points are skipped unless --force; failed points "
+                                   "are recorded (failed.json) and the sweep goes on.")
+    p.add_argument("grid", nargs="?", help="YAML file: {arch: [unet, resnet34_unet], lr: [1e-3, 3e-4], epochs: 2}")
+    p.add_argument("--set", action="append", metavar="NAME=V1[,V2...]",
+                   help="a parameter and its values (repeatable); overrides the file's")
+    p.add_argument("--force", action="store_true", help="redo points that already finished")
+    p.add_argument("--prefix", help="prefix of the run names")
+    p.add_argument("--output-dir", help="where run folders go (default: outputs/runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="collect every run into outputs/report/ (table, curves, figures)")
+    p.add_argument("--output-dir", help="where the runs are (default: outputs/runs)")
+    p.add_argument("--report-dir", help="where the report goes (default: outputs/report)")
+    p.set_defaults(func=cmd_report)
 
     try:
         from labseg import bench

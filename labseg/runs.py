@@ -83,6 +83,25 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def copy_checkpoint(source: str | Path, target: str | Path) -> None:
+    """Make ``target`` an independent, atomic copy of ``source`` (best.pt from last.pt).
+
+    A copy rather than a second ``torch.save``: the bytes are already serialised. Not a hard
+    link: damage to one file in place must not reach the other.
+    """
+    source, target = Path(source), Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out, length=16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint as untrusted input: ``weights_only=True``, so no code can run.
 
@@ -136,15 +155,26 @@ def load_weights(model: torch.nn.Module, ckpt: dict, arch: str, source: str = "c
 
 
 # --------------------------------------------------------------------------- run folders
+def _claim(folder: Path) -> bool:
+    """Atomically claim ``folder`` for one run: True for the one caller that gets it.
+
+    A folder that exists but was never claimed (papermill creates it to hold the executed
+    notebook before the notebook starts the run) can still be claimed, once.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(folder / ".claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def _unique_folder(base: Path) -> Path:
-    """Claim ``base`` or ``base-2``, ``base-3``...: mkdir is atomic, so two runs never share one."""
+    """Claim ``base`` or ``base-2``, ``base-3``...: two runs never share a folder."""
     for i in range(1, 10_000):
         candidate = base if i == 1 else base.with_name(f"{base.name}-{i}")
-        try:
-            candidate.mkdir(parents=True)
+        if not (candidate / "config.json").exists() and _claim(candidate):
             return candidate
-        except FileExistsError:
-            continue
     raise RunExistsError(f"could not find a free run folder next to {base}")
 
 
@@ -165,8 +195,10 @@ class RunDir:
         """
         base = resolve_path(output_dir) / name
         if overwrite and base.exists():
-            shutil.rmtree(base)
-        if exist == "error" and base.exists():
+            for entry in base.iterdir():    # keep a notebook papermill is writing into it now
+                if entry.suffix != ".ipynb":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        if exist == "error" and (base / ".claimed").exists():
             raise RunExistsError(f"run folder {base} exists; resume it with --resume, start over "
                                  "with --overwrite, or pick another --run-name")
         path = _unique_folder(base)

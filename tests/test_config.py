@@ -1,0 +1,60 @@
+import pytest
+
+from labseg.config import ConfigError, RunConfig, parse_duration, resolve_path, PROJECT_ROOT
+
+
+def test_recipe_fills_only_missing_fields():
+    c = RunConfig(arch="unet", lr=0.01).with_recipe().validate()
+    assert c.lr == 0.01
+    assert c.epochs and c.batch_size and c.loss and c.optimizer and c.scheduler
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("arch", "vgg", "arch='vgg' is not valid; choose one of: unet, resnet34_unet"),
+    ("loss", "hinge", "choose one of: bce, dice, bce_dice, tversky, focal"),
+    ("optimizer", "rmsprop", "choose one of: adam, adamw, sgd"),
+    ("scheduler", "step", "choose one of: cosine, onecycle, plateau, none"),
+    ("augment", "max", "choose one of: none, light, strong"),
+    ("lr", 0, "lr=0: expected a positive number"),
+    ("lr", -1e-3, "lr=-0.001"),
+    ("epochs", 0, "epochs=0: expected a positive integer"),
+    ("batch_size", -4, "batch_size=-4: expected a positive integer"),
+    ("epochs", 2.5, "epochs=2.5"),
+    ("img_size", 100, "img_size=100: must be divisible by 32"),
+    ("time_budget", "soon", "time_budget='soon'"),
+    ("device", "tpu", "device='tpu' is not valid; choose one of: auto, cpu, cuda, mps"),
+])
+def test_bad_values_name_the_value_and_choices(field, value, expected):
+    with pytest.raises(ConfigError) as e:
+        RunConfig(**{field: value}).with_recipe().validate()
+    assert expected in str(e.value)
+
+
+def test_unavailable_device_is_refused():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="device='cuda' is not available"):
+        RunConfig(device="cuda").validate()
+
+
+def test_durations():
+    assert parse_duration("25m") == 1500
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("90s") == 90
+    assert parse_duration(12) == 12
+    assert parse_duration(None) is None
+    with pytest.raises(ConfigError):
+        parse_duration("25 minutes")
+
+
+def test_unknown_keys_are_refused():
+    with pytest.raises(ConfigError, match="unknown config key"):
+        RunConfig.from_dict({"arhc": "unet"})
+
+
+def test_relative_paths_resolve_from_project_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_path("data/sample") == PROJECT_ROOT / "data" / "sample"
+    assert resolve_path(tmp_path / "x") == tmp_path / "x"

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from labseg.models import MODELS, build_model, count_parameters
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_output_is_one_channel_logits_at_input_size(arch, size):
+    model = build_model(arch).eval()
+    with torch.inference_mode():
+        out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 1, size, size)
+    assert torch.isfinite(out).all()
+
+
+def test_non_square_input_divisible_by_32():
+    with torch.inference_mode():
+        out = build_model("resnet34_unet").eval()(torch.randn(1, 3, 64, 96))
+    assert out.shape == (1, 1, 64, 96)
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_size_not_divisible_by_32_is_a_clear_error(arch):
+    with pytest.raises(ValueError, match=r"100×100 is not divisible by 32"):
+        build_model(arch)(torch.randn(1, 3, 100, 100))
+
+
+def test_parameter_counts():
+    # UNet as in the paper (64→1024, transposed convs) + BatchNorm: the well-known ~31.0M.
+    assert count_parameters(build_model("unet")) == 31_037_633
+    # Without BatchNorm (the paper's form): 2 parameters fewer per channel of each of the 18 BNs,
+    # conv biases added instead (1 per channel).
+    assert count_parameters(build_model("unet", norm="none")) == 31_031_745
+    # ResNet34 encoder (21.28M without its classifier) + the lean 4-block decoder.
+    model = build_model("resnet34_unet")
+    assert count_parameters(model.encoder) == 21_284_672
+    assert count_parameters(model) == 24_429_537
+
+
+def test_encoder_is_resnet34():
+    enc = build_model("resnet34_unet").encoder
+    assert [len(layer) for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4)] == [3, 4, 6, 3]
+    assert enc.stem[0].kernel_size == (7, 7) and enc.stem[0].stride == (2, 2)
+    # projection shortcuts where the shape changes, identity elsewhere
+    assert enc.layer1[0].shortcut is None
+    assert all(layer[0].shortcut is not None for layer in (enc.layer2, enc.layer3, enc.layer4))
+    feats = enc(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape[1:]) for f in feats] == [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]
+
+
+def test_unknown_arch_lists_choices():
+    with pytest.raises(ValueError, match="choose one of: unet, resnet34_unet"):
+        build_model("vgg")
+
+
+def test_no_weights_are_downloaded(monkeypatch):
+    import torch.hub
+
+    def refuse(*a, **k):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    for name in MODELS:
+        build_model(name)

@@ -1,0 +1,328 @@
+"""The training loop, run folders and checkpoints, end to end on tiny synthetic data."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from labseg.data import Batches, load_split, split_trainval
+from labseg.metrics import per_image_dice
+from labseg.models import build_model
+from labseg.runs import CheckpointError, RunDir, load_checkpoint, load_weights, save_checkpoint
+from labseg.train import TrainingDiverged, fit, lr_factor
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tiny(synthetic_root, tmp_path):
+    """Arguments for a fast run: 32 px, a few images, everything written under tmp_path."""
+    return dict(data_dir=str(synthetic_root), img_size=32, batch_size=4, max_train_images=8, epochs=2,
+                output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), progress=False)
+
+
+def test_overfits_eight_images(synthetic_root, tmp_path):
+    result = fit(arch="resnet34_unet", data_dir=str(synthetic_root), img_size=64, epochs=30, batch_size=8,
+                 max_train_images=8, augment="none", lr=3e-3, warmup_epochs=0, seed=0,
+                 output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), progress=False)
+    trainval = load_split(synthetic_root, "trainval", 64, tmp_path / "cache", progress=False)
+    train_idx, _ = split_trainval(trainval.records, 0.1, 0)
+    (batch,) = list(Batches(trainval, train_idx[:8], 8))
+    result.model.eval()
+    with torch.inference_mode():
+        dice = per_image_dice(result.model(batch.image), batch.target, from_logits=True).mean().item()
+    assert dice > 0.9, f"Dice on the 8 training images after 30 epochs: {dice:.3f}"
+
+
+def test_run_folder_records(tiny):
+    result = fit(arch="unet", run_name="rec", **tiny)
+    run = result.run
+    for name in ("config.json", "metrics.csv", "metrics.json", "best.pt", "last.pt", "summary.json"):
+        assert (run.path / name).is_file(), name
+    assert [r["epoch"] for r in run.read_metrics()] == [1, 2]
+    assert len((run.path / "metrics.csv").read_text().strip().splitlines()) == 3
+    assert run.read_config().arch == "unet"
+    summary = run.read_summary()
+    assert summary["epochs_run"] == 2 and summary["best_epoch"] in (1, 2)
+    ckpt = load_checkpoint(run.checkpoint("last"))
+    assert ckpt["arch"] == "unet" and ckpt["format_version"] == 1 and ckpt["config"]["img_size"] == 32
+    assert not list(run.path.glob("*.tmp")), "temporary files left behind"
+
+
+def test_resume_continues_without_duplicates(tiny):
+    fit(arch="resnet34_unet", run_name="r", **tiny)
+    result = fit(arch="resnet34_unet", run_name="r", resume=True, **{**tiny, "epochs": 4})
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in result.run.read_metrics()] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_changed_config(tiny):
+    fit(arch="resnet34_unet", run_name="r", **tiny)
+    from labseg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lr: recorded"):
+        fit(arch="resnet34_unet", run_name="r", resume=True, lr=0.5, **tiny)
+
+
+def test_same_run_name_never_shares_a_folder(tiny, capsys):
+    a = fit(arch="resnet34_unet", run_name="same", **tiny).run
+    b = fit(arch="resnet34_unet", run_name="same", **tiny).run
+    assert a.path != b.path and b.path.name == "same-2"
+    assert "same-2" in capsys.readouterr().out
+    c = fit(arch="resnet34_unet", run_name="same", overwrite=True, **tiny).run
+    assert c.path == a.path
+
+
+def test_corrupt_last_checkpoint_is_reported_and_best_resumes(tiny):
+    run = fit(arch="resnet34_unet", run_name="c", **tiny).run
+    last = run.checkpoint("last")
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match=r"corrupt or truncated[\s\S]*--resume best"):
+        fit(arch="resnet34_unet", run_name="c", resume=True, **{**tiny, "epochs": 3})
+    assert last.stat().st_size == len(data) // 3, "the corrupt file must not be silently overwritten"
+    result = fit(arch="resnet34_unet", run_name="c", resume="best", **{**tiny, "epochs": 3})
+    assert result.history[-1]["epoch"] == 3
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, monkeypatch):
+    import labseg.train
+    from labseg.losses import bce
+
+    calls = {"n": 0}
+
+    def loss_that_explodes(logits, target, valid):   # an input that diverges in epoch 2
+        calls["n"] += 1
+        loss = bce(logits, target, valid)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr(labseg.train, "build_loss", lambda name: loss_that_explodes)
+    with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2"):
+        fit(arch="resnet34_unet", run_name="nan", loss="bce", **{**tiny, "epochs": 3, "max_train_images": 8,
+                                                                  "batch_size": 4})
+    run = RunDir(Path(tiny["output_dir"]) / "nan")
+    ckpt = load_checkpoint(run.checkpoint("last"))
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_time_budget_stops_cleanly(tiny):
+    result = fit(arch="resnet34_unet", run_name="tb", time_budget=1, **{**tiny, "epochs": 200})
+    assert result.summary["stop_reason"].startswith("time budget")
+    assert 1 <= result.summary["epochs_run"] < 200
+    assert result.run.checkpoint("best").is_file()
+
+
+def test_lr_schedule_shapes():
+    assert lr_factor("cosine", 0.0, 0.1) == pytest.approx(0.01)
+    assert lr_factor("cosine", 0.1, 0.1) == pytest.approx(1.0)
+    assert lr_factor("cosine", 1.0, 0.1) == pytest.approx(0.01)
+    assert lr_factor("cosine", 0.55, 0.1) == pytest.approx(0.505)
+    assert lr_factor("onecycle", 0.3, 0) == pytest.approx(1.0)
+    assert lr_factor("none", 0.7, 0) == 1.0
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_disk_full_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"arch": "unet", "model": {"w": torch.ones(3)}, "format_version": 1})
+    before = path.read_bytes()
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {"arch": "unet", "model": {"w": torch.zeros(3)}, "format_version": 1})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "a temporary file was left behind"
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    for name, save in (("zip.pt", lambda p, o: torch.save(o, p)),
+                       ("plain.pt", lambda p, o: p.write_bytes(pickle.dumps(o)))):
+        path = tmp_path / name
+        save(path, {"arch": "unet", "model": {}, "payload": _Exploit(marker)})
+        with pytest.raises(CheckpointError, match="refused"):
+            load_checkpoint(path)
+        assert not marker.exists(), "unpickling ran code"
+
+
+def test_checkpoint_of_the_other_arch_names_both_and_the_key(tmp_path):
+    unet = build_model("unet")
+    path = tmp_path / "unet.pt"
+    save_checkpoint(path, {"arch": "unet", "model": unet.state_dict(), "format_version": 1, "config": {}})
+    with pytest.raises(CheckpointError) as e:
+        load_weights(build_model("resnet34_unet"), load_checkpoint(path), "resnet34_unet")
+    msg = str(e.value)
+    assert "'unet'" in msg and "'resnet34_unet'" in msg and "first missing key 'encoder.stem.0.weight'" in msg
+
+
+def test_checkpoint_with_extra_or_missing_keys(tmp_path):
+    model = build_model("resnet34_unet")
+    state = model.state_dict()
+    extra = {**state, "bonus.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match="first unexpected key 'bonus.weight'"):
+        load_weights(model, {"arch": "resnet34_unet", "model": extra}, "resnet34_unet")
+    missing = dict(state)
+    missing.pop("head.weight")
+    with pytest.raises(CheckpointError, match="first missing key 'head.weight'"):
+        load_weights(model, {"arch": "resnet34_unet", "model": missing}, "resnet34_unet")
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match="not a labseg checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+# --------------------------------------------------------------------------- processes
+def _labseg(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "labseg.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, **kwargs)
+
+
+def test_sigkill_mid_epoch_then_resume(synthetic_root, tmp_path):
+    args = ["train", "--data", str(synthetic_root), "--img-size", "32", "--batch-size", "2", "--epochs", "4",
+            "--max-train-images", "16", "--run-name", "killed", "--output-dir", str(tmp_path / "runs"),
+            "--cache-dir", str(tmp_path / "cache"), "--log-every", "1", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "labseg.cli", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "runs" / "killed" / "metrics.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and json.loads(metrics.read_text()):
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)                                   # into epoch 2
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [r["epoch"] for r in json.loads(metrics.read_text())]
+    assert done and done[-1] < 4
+    out = _labseg(*args, "--resume")
+    assert out.returncode == 0, out.stderr
+    assert f"resuming" in out.stdout
+    epochs = [r["epoch"] for r in json.loads(metrics.read_text())]
+    assert epochs == [1, 2, 3, 4]
+
+
+def test_cli_train_evaluate_predict(synthetic_root, tmp_path):
+    common = ["--output-dir", str(tmp_path / "runs")]
+    out = _labseg("train", "--data", str(synthetic_root), "--img-size", "32", "--epochs", "1",
+                  "--max-train-images", "4", "--run-name", "cli", "--cache-dir", str(tmp_path / "cache"), *common)
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "runs" / "cli"
+    out = _labseg("evaluate", str(run), "--tta", "--tune-threshold")
+    assert out.returncode == 0, out.stderr
+    assert "on test (24 images): Dice" in out.stdout
+    for breed in ("Blobcat", "Stripecat", "fluffy_dog", "spot_dog", "cat", "dog"):
+        assert f"  {breed} " in out.stdout
+    assert "with flip TTA" in out.stdout and "tuned on valid" in out.stdout
+    result = json.loads((run / "eval_test.json").read_text())
+    assert set(result["per_breed"]) == {"Blobcat", "Stripecat", "fluffy_dog", "spot_dog"}
+    out = _labseg("predict", str(run), str(synthetic_root / "images"), "--out", str(tmp_path / "pred"))
+    assert out.returncode == 0, out.stderr
+    masks = sorted((tmp_path / "pred").glob("*_mask.png"))
+    assert len(masks) == len(list((synthetic_root / "images").glob("*.jpg")))
+    from PIL import Image
+
+    first = sorted((synthetic_root / "images").glob("*.jpg"))[0]
+    assert Image.open(tmp_path / "pred" / f"{first.stem}_mask.png").size == Image.open(first).size
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--arch", "vgg"], "arch='vgg' is not valid; choose one of: unet, resnet34_unet"),
+    (["--lr", "0"], "lr=0"),
+    (["--img-size", "100"], "img_size=100: must be divisible by 32"),
+    (["--optimizer", "lbfgs"], "choose one of: adam, adamw, sgd"),
+    (["--data", "/nonexistent/pets"], "Expected the official Oxford-IIIT Pet layout"),
+])
+def test_cli_bad_values_fail_before_work_without_traceback(args, expected, tmp_path):
+    out = _labseg("train", "--output-dir", str(tmp_path / "runs"), *args)
+    assert out.returncode == 2
+    assert expected in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_help():
+    for cmd in ("download", "prepare", "train", "evaluate", "predict"):
+        out = _labseg(cmd, "--help")
+        assert out.returncode == 0 and "usage: labseg " + cmd in out.stdout
+
+
+def test_download_fails_fast_offline(tmp_path, monkeypatch):
+    from torchvision.datasets import OxfordIIITPet
+
+    from labseg.download import DownloadError, download
+
+    # port 9 on loopback is closed: the same path as a machine without internet, at once
+    monkeypatch.setattr(OxfordIIITPet, "_RESOURCES", (("https://127.0.0.1:9/images.tar.gz", "0"),))
+    with pytest.raises(DownloadError, match=r"cannot reach 127.0.0.1[\s\S]*by hand[\s\S]*images.tar.gz"):
+        download(tmp_path)
+    assert not (tmp_path / "oxford-iiit-pet" / "images").exists()
+
+
+def test_distributed_two_processes_on_cpu(synthetic_root, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+         "-m", "labseg.train", "--data", str(synthetic_root), "--img-size", "32", "--epochs", "2",
+         "--batch-size", "4", "--max-train-images", "8", "--run-name", "ddp", "--output-dir",
+         str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--device", "cpu"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["ddp"], f"only rank 0 writes one run folder, got {runs}"
+    assert [r["epoch"] for r in json.loads((tmp_path / "runs" / "ddp" / "metrics.json").read_text())] == [1, 2]
+    model = build_model("resnet34_unet")
+    load_weights(model, load_checkpoint(tmp_path / "runs" / "ddp" / "best.pt"), "resnet34_unet")
+
+
+@pytest.mark.realdata
+def test_real_data_short_train_and_evaluate(real_root, tmp_path):
+    from labseg.evaluate import evaluate_run
+
+    result = fit(arch="resnet34_unet", data_dir=str(real_root), img_size=64, epochs=1, batch_size=8,
+                 max_train_images=32, output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
+                 progress=False)
+    ev = evaluate_run(result.run, "test", progress=False)
+    assert ev["images"] == 199
+    assert set(ev["per_breed"]) == {"Abyssinian", "Bengal", "american_bulldog"}
+    assert set(ev["per_species"]) == {"cat", "dog"}
+    assert 0.0 <= ev["dice"] <= 1.0

@@ -1,0 +1,143 @@
+"""Joint image/label augmentation: labels stay exact, parameters are per sample, runs reproduce."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labseg.transforms import LEVELS, AugmentParams, BatchAugment, augment_sample, params_for
+
+H, W = 24, 32
+
+
+def labels_batch(n=4, seed=0) -> torch.Tensor:
+    """N×1×H×W uint8 labels in {0, 1, 2}: blocks, so that there are large uniform regions."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, 3, (n, 1, H // 4, W // 4), generator=g, dtype=torch.uint8)
+    return coarse.repeat_interleave(4, 2).repeat_interleave(4, 3)
+
+
+def images_batch(n=4, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 100)
+    return torch.rand(n, 3, H, W, generator=g)
+
+
+def gen(seed=0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def with_params(params: AugmentParams) -> BatchAugment:
+    aug = BatchAugment("light")
+    aug.params = params
+    return aug
+
+
+@pytest.mark.parametrize("level", ["light", "strong"])
+@pytest.mark.parametrize("label_values", [(0, 1), (0, 2), (0, 1, 2)])
+def test_labels_stay_in_their_label_set(level, label_values):
+    """Nearest sampling only: 0 next to 2 (background next to border) must never produce a 1."""
+    images = images_batch(8)
+    labels = torch.tensor(label_values, dtype=torch.uint8)[labels_batch(8).long() % len(label_values)]
+    out_images, out_labels = BatchAugment(level)(images, labels, generator=gen(1))
+    assert out_labels.dtype == torch.uint8 and out_labels.shape == labels.shape
+    assert set(torch.unique(out_labels).tolist()) <= set(label_values)
+    assert not torch.equal(out_labels, labels)
+    assert out_images.shape == images.shape and out_images.dtype == images.dtype
+    assert out_images.min() >= 0 and out_images.max() <= 1
+
+
+def test_image_and_labels_move_together():
+    """A geometric-only augmentation of an image that *is* its mask: both must stay aligned.
+
+    Nearest sampling picks the input pixel with the largest bilinear weight (>= 1/4), so where
+    the label is 1 the bilinear image is >= 1/4, and where it is 0 the image is <= 3/4.
+    """
+    labels = labels_batch(16, seed=3).clamp(max=1)
+    images = labels.float().repeat(1, 3, 1, 1)
+    aug = with_params(AugmentParams(hflip=0.5, degrees=30, scale=(0.7, 1.4), translate=0.15))
+    out_images, out_labels = aug(images, labels, generator=gen(5))
+    assert not torch.equal(out_labels, labels)
+    pet = out_labels.expand(-1, 3, -1, -1) == 1
+    assert (out_images[pet] >= 0.25 - 1e-4).all()
+    assert (out_images[~pet] <= 0.75 + 1e-4).all()
+
+
+def test_parameters_are_drawn_per_sample():
+    one_image, one_label = images_batch(1), labels_batch(1)
+    images, labels = one_image.repeat(6, 1, 1, 1), one_label.repeat(6, 1, 1, 1)
+    out_images, out_labels = BatchAugment("strong")(images, labels, generator=gen(0))
+    distinct_images = {tuple(out_images[i].flatten().tolist()) for i in range(6)}
+    distinct_labels = {tuple(out_labels[i].flatten().tolist()) for i in range(6)}
+    assert len(distinct_images) == 6
+    assert len(distinct_labels) >= 2
+    # the colour factors are per sample too: a flat grey image comes out in several shades
+    flat = torch.full((6, 3, H, W), 0.5)
+    colour_only = with_params(AugmentParams(hflip=0.0, brightness=0.4))
+    out, _ = colour_only(flat, torch.zeros(6, 1, H, W, dtype=torch.uint8), generator=gen(0))
+    assert len({round(v, 5) for v in out[:, 0, H // 2, W // 2].tolist()}) == 6
+
+
+def test_same_generator_seed_reproduces_the_output():
+    images, labels = images_batch(5), labels_batch(5)
+    a = BatchAugment("strong")(images, labels, generator=gen(42))
+    b = BatchAugment("strong")(images, labels, generator=gen(42))
+    c = BatchAugment("strong")(images, labels, generator=gen(43))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_inputs_are_not_modified_in_place():
+    images, labels = images_batch(3), labels_batch(3)
+    images_copy, labels_copy = images.clone(), labels.clone()
+    BatchAugment("strong")(images, labels, generator=gen(0))
+    assert torch.equal(images, images_copy) and torch.equal(labels, labels_copy)
+
+
+def test_none_returns_the_input_unchanged():
+    images, labels = images_batch(3), labels_batch(3)
+    out_images, out_labels = BatchAugment("none")(images, labels, generator=gen(0))
+    assert torch.equal(out_images, images) and torch.equal(out_labels, labels)
+    assert params_for("none") is None
+
+
+def test_hflip_only_with_probability_one_flips_exactly():
+    images, labels = images_batch(4), labels_batch(4)
+    flip = with_params(AugmentParams(hflip=1.0))
+    out_images, out_labels = flip(images, labels, generator=gen(0))
+    assert torch.equal(out_labels, labels.flip(-1))
+    torch.testing.assert_close(out_images, images.flip(-1), atol=1e-5, rtol=0)
+    same = with_params(AugmentParams(hflip=0.0))
+    out_images, out_labels = same(images, labels, generator=gen(0))
+    assert torch.equal(out_labels, labels)
+    torch.testing.assert_close(out_images, images, atol=1e-5, rtol=0)
+
+
+def test_unknown_level_is_refused():
+    with pytest.raises(ValueError, match="augment='medium'"):
+        BatchAugment("medium")
+    assert set(LEVELS) == {"none", "light", "strong"}
+
+
+@pytest.mark.parametrize("level", ["light", "strong"])
+@pytest.mark.parametrize("label_values", [(0, 1), (0, 1, 2)])
+def test_augment_sample_keeps_mask_values(level, label_values):
+    torch.manual_seed(0)  # v2 transforms draw from torch's global generator
+    labels = labels_batch(1)[0, 0]
+    labels = torch.tensor(label_values, dtype=torch.uint8)[labels.long() % len(label_values)]
+    image = (images_batch(1)[0] * 255).to(torch.uint8)
+    changed = False
+    for _ in range(10):
+        for lab in (labels, labels[None]):
+            out_image, out_labels = augment_sample(image, lab, level)
+            assert type(out_image) is torch.Tensor and type(out_labels) is torch.Tensor
+            assert out_image.shape == image.shape and out_image.dtype == torch.uint8
+            assert out_labels.shape == lab.shape and out_labels.dtype == torch.uint8
+            assert set(torch.unique(out_labels).tolist()) <= set(label_values)
+            changed |= not torch.equal(out_labels, lab)
+    assert changed
+
+
+def test_augment_sample_none_is_identity():
+    labels = labels_batch(1)[0, 0]
+    image = (images_batch(1)[0] * 255).to(torch.uint8)
+    out_image, out_labels = augment_sample(image, labels, "none")
+    assert torch.equal(out_image, image) and torch.equal(out_labels, labels)
