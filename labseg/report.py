@@ -1,0 +1,218 @@
+"""The comparison report: every run folder -> one table, curves and figures in ``outputs/report/``.
+
+Everything here is read from the run records (``config.json``, ``summary.json``,
+``metrics.json``, ``eval_test.json``, ``failed.json``); nothing is typed by hand::
+
+    collect_runs(output_dir)      one row per run: parameters × metrics × status
+    best_per_arch(table)          the best finished run of each network
+    plot_curves(output_dir)       validation curves of every run, the best per network bold
+    plot_best(table)              best validation/test Dice per network
+    write_report(output_dir, report_dir)  report.md + PNGs, each written atomically
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from labseg.config import resolve_path
+from labseg.runs import RunDir, atomic_write_bytes, atomic_write_text
+
+PARAMS = ("arch", "img_size", "epochs", "batch_size", "lr", "optimizer", "scheduler", "loss",
+          "augment", "seed", "max_train_images", "data_dir")
+METRICS = ("best_valid_dice", "best_valid_iou", "best_epoch", "epochs_run", "train_seconds", "parameters")
+TABLE_COLUMNS = ("run", "status", *PARAMS, *METRICS, "test_dice", "test_iou", "test_dice_tta", "error")
+ARCH_COLORS = {"unet": "tab:blue", "resnet34_unet": "tab:orange"}
+
+
+def _read_json(path: Path, default=None):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def run_folders(output_dir: str | Path = "outputs/runs") -> list[Path]:
+    """Folders under ``output_dir`` that hold a run record (config.json or failed.json), by name."""
+    root = resolve_path(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and ((p / "config.json").is_file() or (p / "failed.json").is_file()))
+
+
+def run_row(folder: Path) -> dict:
+    """One run as a flat dict: parameters, best metrics, test metrics and a status."""
+    config = _read_json(folder / "config.json", {}) or {}
+    summary = _read_json(folder / "summary.json", {}) or {}
+    failed = _read_json(folder / "failed.json")
+    evaluation = _read_json(folder / "eval_test.json", {}) or {}
+    row = {"run": folder.name}
+    params = {**(failed or {}).get("params", {}), **config}
+    row.update({k: params.get(k) for k in PARAMS})
+    row.update({k: summary.get(k) for k in METRICS})
+    row["test_dice"] = evaluation.get("dice")
+    row["test_iou"] = evaluation.get("iou")
+    row["test_dice_tta"] = (evaluation.get("tta") or {}).get("dice")
+    if failed is not None:
+        row["status"], row["error"] = "failed", failed.get("error", "")
+    elif "best_valid_dice" in summary:
+        row["status"], row["error"] = "finished", None
+    else:
+        row["status"], row["error"] = "running or killed", None
+    return row
+
+
+def collect_runs(output_dir: str | Path = "outputs/runs"):
+    """Every run under ``output_dir`` as a DataFrame (one row per run, columns TABLE_COLUMNS)."""
+    import pandas as pd
+
+    rows = [run_row(f) for f in run_folders(output_dir)]
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def best_per_arch(table, metric: str = "best_valid_dice"):
+    """The best finished run of each network (rows of ``table``, indexed by arch)."""
+    done = table[(table["status"] == "finished") & table[metric].notna()]
+    if done.empty:
+        return done.set_index("arch")
+    best = done.loc[done.groupby("arch")[metric].idxmax()]
+    return best.set_index("arch").sort_index()
+
+
+def load_histories(output_dir: str | Path = "outputs/runs") -> dict[str, list[dict]]:
+    return {f.name: RunDir(f).read_metrics() for f in run_folders(output_dir)}
+
+
+def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str = "valid_dice") -> Figure:
+    """Validation ``metric`` and valid loss per epoch of every run; the best run of each network bold."""
+    table = collect_runs(output_dir) if table is None else table
+    histories = load_histories(output_dir)
+    best = set(best_per_arch(table)["run"]) if len(table) else set()
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    ax_m, ax_l = fig.subplots(1, 2)
+    for _, row in table.iterrows():
+        history = histories.get(row["run"]) or []
+        if not history:
+            continue
+        epochs = [h["epoch"] for h in history]
+        is_best = row["run"] in best
+        style = dict(color=ARCH_COLORS.get(row["arch"], "tab:gray"), lw=2.6 if is_best else 1.0,
+                     alpha=1.0 if is_best else 0.45, marker="o" if is_best else None, ms=4)
+        label = f"{row['run']} (best {row['arch']})" if is_best else None
+        ax_m.plot(epochs, [h[metric] for h in history], label=label, **style)
+        ax_l.plot(epochs, [h["valid_loss"] for h in history], **style)
+    ax_m.set(xlabel="epoch", ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} of every run",
+             ylim=(0, 1))
+    ax_l.set(xlabel="epoch", ylabel="valid loss", title="valid loss (thin: other runs)")
+    for ax in (ax_m, ax_l):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if best:
+        ax_m.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def plot_best(table) -> Figure:
+    """Best validation Dice (and test Dice where evaluated) of each network's best run."""
+    best = best_per_arch(table)
+    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(best))
+    valid = best["best_valid_dice"].astype(float).to_numpy() if len(best) else np.array([])
+    test = best["test_dice"].astype(float).to_numpy() if len(best) else np.array([])
+    bars = ax.bar(x - 0.2, valid, 0.4, label="best valid Dice",
+                  color=[ARCH_COLORS.get(a, "tab:gray") for a in best.index])
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    if np.isfinite(test).any():
+        bars = ax.bar(x + 0.2, np.nan_to_num(test), 0.4, label="test Dice", color="lightgray", edgecolor="k")
+        ax.bar_label(bars, labels=[f"{t:.3f}" if np.isfinite(t) else "" for t in test], fontsize=8)
+    ax.set_xticks(x, [f"{a}\n{r}" for a, r in zip(best.index, best["run"])], fontsize=8)
+    ax.set(ylim=(0, 1.05), ylabel="Dice", title="best run per network")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(df, columns=None) -> str:
+    """A GitHub-flavoured markdown table (no extra dependency)."""
+    columns = list(columns or df.columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(None if _isna(row[c]) else row[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _isna(v) -> bool:
+    try:
+        return v is None or bool(np.isnan(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path = "outputs/report") -> Path:
+    """Write ``report.md``, ``runs.csv``, ``curves.png`` and ``best_per_network.png``; return report.md.
+
+    Every file is written to a temporary name and renamed, so a reader never sees half a report.
+    """
+    out = resolve_path(report_dir)
+    table = collect_runs(output_dir)
+    best = best_per_arch(table)
+    atomic_write_bytes(out / "curves.png", figure_png(plot_curves(output_dir, table)))
+    atomic_write_bytes(out / "best_per_network.png", figure_png(plot_best(table)))
+    atomic_write_text(out / "runs.csv", table.to_csv(index=False))
+
+    shown = ["run", "status", "arch", "img_size", "epochs", "lr", "loss", "augment", "seed",
+             "best_valid_dice", "best_valid_iou", "best_epoch", "test_dice", "test_dice_tta", "train_seconds"]
+    finished = table[table["status"] == "finished"]
+    others = table[table["status"] != "finished"]
+    parts = [
+        "# labseg: run report",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {len(table)} run folder(s) in "
+        f"`{resolve_path(output_dir)}` ({len(finished)} finished, {len(others)} failed or unfinished).",
+        "",
+        "## Best run per network",
+        "",
+        markdown_table(best.reset_index(), ["arch", "run", "best_valid_dice", "best_valid_iou", "best_epoch",
+                                            "test_dice", "test_iou", "parameters", "train_seconds"])
+        if len(best) else "_No finished run yet._",
+        "",
+        "![best run per network](best_per_network.png)",
+        "",
+        "## Learning curves",
+        "",
+        "Validation Dice and loss per epoch of every run; the best run of each network is drawn bold.",
+        "",
+        "![learning curves](curves.png)",
+        "",
+        "## All runs",
+        "",
+        markdown_table(finished, shown) if len(finished) else "_None._",
+        "",
+    ]
+    if len(others):
+        parts += ["## Failed or unfinished runs", "", markdown_table(others, ["run", "status", "arch", "error"]), ""]
+    parts += ["Every run's full parameters and metrics: `runs.csv`.", ""]
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(parts))
+    return report

@@ -1,0 +1,126 @@
+"""Parameter sweeps: a grid of 04_train runs through papermill, one run folder per point.
+
+    grid = load_grid("sweep.yaml")                  # {arch: [unet, resnet34_unet], lr: [1e-3, 3e-4], epochs: 2}
+    grid = parse_sets(["arch=unet,resnet34_unet", "lr=1e-3"])
+    results = run_sweep(grid)                       # list of {run, status, params, ...}
+
+Each point is named from its parameters (``arch=unet+epochs=2+lr=0.001``), so running the same
+sweep again skips the points that finished (``force=True`` redoes them) and retries the ones
+that failed. A failing point leaves ``failed.json`` in its folder and the sweep goes on.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+from labseg.config import resolve_path
+from labseg.runs import RunDir
+
+
+class SweepError(ValueError):
+    """The grid is malformed (not a mapping, an empty list, a --set without '=')."""
+
+
+def coerce(value):
+    """'1e-3' -> 0.001, '64' -> 64, 'none'/'null' -> None, 'true' -> True; other text stays."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    low = text.lower()
+    if low in ("none", "null", "~", ""):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _as_list(key, value) -> list:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise SweepError(f"{key}: empty list of values")
+    return [coerce(v) for v in values]
+
+
+def load_grid(path: str | Path) -> dict[str, list]:
+    """A YAML mapping of parameter -> value or list of values."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict) or not data:
+        raise SweepError(f"{path}: expected a mapping such as {{arch: [unet, resnet34_unet], lr: [1e-3, 3e-4]}}")
+    return {str(k): _as_list(k, v) for k, v in data.items()}
+
+
+def parse_sets(items: list[str]) -> dict[str, list]:
+    """``["arch=unet,resnet34_unet", "lr=1e-3"]`` -> ``{"arch": ["unet", "resnet34_unet"], "lr": [0.001]}``."""
+    grid: dict[str, list] = {}
+    for item in items:
+        if "=" not in item:
+            raise SweepError(f"--set {item!r}: expected NAME=VALUE[,VALUE...], e.g. lr=1e-3,3e-4")
+        key, _, values = item.partition("=")
+        grid[key.strip()] = _as_list(key, values.split(","))
+    return grid
+
+
+def expand(grid: dict[str, list]) -> list[dict]:
+    """Every combination, in the grid's key order (the last key varies fastest)."""
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def point_name(params: dict, prefix: str | None = None) -> str:
+    """A run name from the parameters: ``arch=unet+epochs=2+lr=0.001`` (keys sorted)."""
+    def fmt(v):
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    name = "+".join(f"{k}={fmt(v)}" for k, v in sorted(params.items()) if k not in ("run_name",))
+    name = re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
+    return f"{prefix}+{name}" if prefix else name
+
+
+def is_finished(folder: Path) -> bool:
+    return "best_valid_dice" in (RunDir(folder).read_summary() or {}) and not (folder / "failed.json").exists()
+
+
+def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, force: bool = False,
+              prefix: str | None = None, progress: bool = True) -> list[dict]:
+    """Run every point of ``grid`` through 04_train; return one result dict per point."""
+    from labseg.workbook import run_training_notebook, runs_dir
+
+    root = resolve_path(runs_dir(output_dir))
+    points = expand(grid)
+    results = []
+    for i, params in enumerate(points, 1):
+        name = point_name(params, prefix)
+        folder = root / name
+        if not force and is_finished(folder):
+            status = "done before (skipped; --force redoes it)"
+        else:
+            if progress:
+                print(f"labseg sweep: [{i}/{len(points)}] {name}", flush=True)
+            folder = run_training_notebook(params, output_dir=root, name=name, exact=True,
+                                           progress=progress, raise_on_error=False)
+            status = "finished" if is_finished(folder) else "failed"
+        failed = RunDir(folder).read_json("failed.json") or {}
+        summary = RunDir(folder).read_summary()
+        results.append({"run": name, "status": status, "best_valid_dice": summary.get("best_valid_dice"),
+                        "error": failed.get("error"), "folder": str(folder), **params})
+        if progress:
+            detail = failed.get("error") if status == "failed" else f"best valid Dice {summary.get('best_valid_dice')}"
+            print(f"labseg sweep: {name}: {status}; {detail}", flush=True)
+    return results
+
+
+def format_results(results: list[dict]) -> str:
+    lines = [f"{'status':<9} {'valid Dice':>10}  run"]
+    for r in results:
+        dice = f"{r['best_valid_dice']:.4f}" if r.get("best_valid_dice") is not None else "-"
+        status = "skipped" if r["status"].startswith("done") else r["status"]
+        lines.append(f"{status:<9} {dice:>10}  {r['run']}" + (f"\n{'':21}{r['error']}" if r.get("error") else ""))
+    return "\n".join(lines)

@@ -1,0 +1,203 @@
+"""Run the workbook's notebooks with papermill: one notebook, one training run, or all of them.
+
+    run_notebook("01_data", out, params)        execute one notebook of notebooks/ into ``out``
+    run_training_notebook(params)              04_train into its own run folder -> the folder
+    run_workbook(epochs=3, img_size=64)        01 → 06 on the embedded sample -> report.md
+
+Where runs and the report go: the notebooks' ``output_dir`` / ``report_dir`` parameters; left at
+``None`` they are ``outputs/runs`` and ``outputs/report``, or ``$LABSEG_RUNS_DIR`` and
+``$LABSEG_REPORT_DIR`` when set (the nbval tests set them to keep their runs apart from yours).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import traceback
+from pathlib import Path
+
+from labseg.config import PROJECT_ROOT, resolve_path
+from labseg.runs import atomic_write_json
+
+NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+NOTEBOOKS = ("01_data", "02_unet", "03_resnet34_unet", "04_train", "05_evaluate", "06_report")
+# Parameters of 04_train's `parameters` cell; any other RunConfig field goes through `extra`.
+TRAIN_PARAMS = ("arch", "data_dir", "img_size", "epochs", "batch_size", "lr", "optimizer", "scheduler", "loss",
+                "augment", "seed", "run_name", "device", "time_budget", "max_train_images", "output_dir", "extra")
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; the message is the error of the failing cell."""
+
+
+def runs_dir(output_dir: str | Path | None = None) -> str:
+    """The runs folder: ``output_dir``, else ``$LABSEG_RUNS_DIR``, else ``outputs/runs``."""
+    return str(output_dir or os.environ.get("LABSEG_RUNS_DIR") or "outputs/runs")
+
+
+def report_dir(path: str | Path | None = None) -> str:
+    """The report folder: ``path``, else ``$LABSEG_REPORT_DIR``, else ``outputs/report``."""
+    return str(path or os.environ.get("LABSEG_REPORT_DIR") or "outputs/report")
+
+
+def notebook_path(name: str) -> Path:
+    path = NOTEBOOK_DIR / (name if name.endswith(".ipynb") else name + ".ipynb")
+    if not path.is_file():
+        raise FileNotFoundError(f"notebook {path} does not exist; notebooks: {', '.join(NOTEBOOKS)}")
+    return path
+
+
+def run_notebook(name: str, output: str | Path, params: dict | None = None, *, progress: bool = True,
+                 timeout: int | None = None) -> Path:
+    """Execute ``notebooks/<name>.ipynb`` with papermill into ``output`` (its folder is created).
+
+    The kernel runs in ``notebooks/``, exactly as when a person opens the notebook. Raises
+    :class:`NotebookFailed` naming the failing cell's error; the partly executed notebook stays
+    at ``output`` for inspection.
+    """
+    import papermill as pm
+
+    output = Path(output).expanduser().resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)     # papermill does not create it
+    try:
+        pm.execute_notebook(str(notebook_path(name)), str(output), parameters=params or {},
+                            cwd=str(NOTEBOOK_DIR), progress_bar=progress, execution_timeout=timeout,
+                            kernel_name="python3")
+    except pm.PapermillExecutionError as e:
+        raise NotebookFailed(f"{name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
+                             f"(executed notebook: {output})") from None
+    return output
+
+
+def _clean_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", text)
+
+
+def default_run_name(params: dict) -> str:
+    """The run name 04_train would pick (labseg.runs.run_name_for), or one from the raw parameters."""
+    from labseg.config import RunConfig
+    from labseg.runs import run_name_for
+
+    known = {k: v for k, v in params.items() if k in TRAIN_PARAMS and k not in ("extra", "output_dir", "run_name")}
+    try:
+        return run_name_for(RunConfig(**known, **(params.get("extra") or {})).with_recipe())
+    except Exception:                      # an invalid value: the notebook will say which
+        return _clean_name("-".join(f"{k}={v}" for k, v in sorted(known.items()))) or "run"
+
+
+def free_run_folder(output_dir: str | Path, name: str) -> Path:
+    """``output_dir/name``, or ``name-2``, ``name-3``... if that one already holds a run."""
+    root = resolve_path(output_dir)
+    for i in range(1, 10_000):
+        folder = root / (name if i == 1 else f"{name}-{i}")
+        if not folder.exists() or not any(folder.iterdir()):
+            return folder
+    raise FileExistsError(f"no free run folder next to {root / name}")
+
+
+def run_training_notebook(params: dict, *, output_dir: str | Path | None = None, name: str | None = None,
+                          exact: bool = False, progress: bool = True, raise_on_error: bool = True) -> Path:
+    """Train through ``04_train`` with papermill; the executed notebook lands in the run folder.
+
+    ``params`` are the notebook's parameters (unknown RunConfig fields go into ``extra``). The run
+    is named ``name``, or ``params['run_name']``, or from the parameters; a folder that already
+    holds a run gets a ``-2`` suffix, unless ``exact`` (then that folder is emptied first).
+    A failed run leaves ``failed.json`` (error and parameters) in its folder; with
+    ``raise_on_error`` the error is raised too. Returns the run folder.
+    """
+    params = dict(params)
+    extra = dict(params.pop("extra", None) or {})
+    for key in [k for k in params if k not in TRAIN_PARAMS]:
+        extra[key] = params.pop(key)
+    if extra:
+        params["extra"] = extra
+    root = resolve_path(runs_dir(output_dir or params.get("output_dir")))
+    name = _clean_name(str(name or params.get("run_name") or default_run_name(params)))
+    folder = root / name if exact else free_run_folder(root, name)
+    if exact and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    params.update(run_name=folder.name, output_dir=str(root))
+    try:
+        run_notebook("04_train", folder / "04_train.ipynb", params, progress=progress)
+    except Exception as e:
+        atomic_write_json(folder / "failed.json", {
+            "error": f"{type(e).__name__}: {e}" if not isinstance(e, NotebookFailed) else str(e),
+            "params": params, "traceback": traceback.format_exc(limit=3)})
+        if raise_on_error:
+            raise
+    return folder
+
+
+def run_workbook(epochs: int = 3, img_size: int = 64, *, data_dir: str = "data/sample",
+                 archs=("unet", "resnet34_unet"), output_dir: str | None = None, report: str | None = None,
+                 notebooks_out: str = "outputs/notebooks", progress: bool = True) -> Path:
+    """The whole workbook on ``data_dir`` (default: the embedded sample, written if missing).
+
+    01–03 → ``outputs/notebooks/``; 04 once per network, each executed notebook in its run folder;
+    05 on the best of these runs; 06 over every run. Returns ``outputs/report/report.md``.
+    """
+    from labseg.runs import RunDir
+
+    if data_dir == "data/sample":
+        from labseg.synthetic import ensure_sample
+
+        ensure_sample()
+    out = resolve_path(notebooks_out)
+    runs = runs_dir(output_dir)
+    rep = report_dir(report)
+    data_params = {"data_dir": data_dir, "img_size": img_size}
+    for name in ("01_data", "02_unet", "03_resnet34_unet"):
+        _say(progress, f"labseg demo: {name}")
+        run_notebook(name, out / f"{name}.ipynb", data_params if name == "01_data" else {"img_size": img_size},
+                     progress=progress)
+    trained = []
+    for arch in archs:
+        _say(progress, f"labseg demo: 04_train, {arch}, {epochs} epochs at {img_size}px")
+        folder = run_training_notebook({"arch": arch, "epochs": epochs, **data_params}, output_dir=runs,
+                                       progress=progress)
+        trained.append(RunDir(folder))
+    best = max(trained, key=lambda r: r.read_summary().get("best_valid_dice") or -1.0)
+    _say(progress, f"labseg demo: 05_evaluate on {best.name}")
+    run_notebook("05_evaluate", out / "05_evaluate.ipynb", {"run": str(best.path), "output_dir": runs},
+                 progress=progress)
+    _say(progress, "labseg demo: 06_report")
+    run_notebook("06_report", out / "06_report.ipynb", {"output_dir": runs, "report_dir": rep}, progress=progress)
+    return resolve_path(rep) / "report.md"
+
+
+def _say(on: bool, text: str) -> None:
+    if on:
+        print(text, flush=True)
+
+
+def refresh_notebook_outputs(names=NOTEBOOKS, timeout: int = 900) -> None:
+    """Re-execute the committed notebooks in place, in order, as nbval will (the reference outputs).
+
+    Runs and report go to ``outputs/nbval/`` (emptied first when 04_train is among ``names``),
+    exactly like ``notebooks/conftest.py`` arranges under pytest. Run after changing a notebook
+    or anything whose printed output it checks:
+    ``python -c "from labseg.workbook import refresh_notebook_outputs as r; r()"``.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    nbval_dir = PROJECT_ROOT / "outputs" / "nbval"
+    if "04_train" in names:
+        shutil.rmtree(nbval_dir, ignore_errors=True)
+    saved = {k: os.environ.get(k) for k in ("LABSEG_RUNS_DIR", "LABSEG_REPORT_DIR")}
+    os.environ.update(LABSEG_RUNS_DIR=str(nbval_dir / "runs"), LABSEG_REPORT_DIR=str(nbval_dir / "report"))
+    try:
+        for name in names:
+            path = notebook_path(name)
+            nb = nbformat.read(path, as_version=4)
+            NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                           resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()
+            nbformat.write(nb, path)
+            print(f"refreshed {path.name}", flush=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,54 @@
+"""The notebooks as regression tests: nbval catches a changed output; 04_train fails early on bad input."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from labseg.config import PROJECT_ROOT
+from labseg.workbook import NotebookFailed, run_notebook
+
+NOTEBOOKS = PROJECT_ROOT / "notebooks"
+
+
+def nbval(notebook, tmp_path):
+    """pytest --nbval on one notebook in isolation (no project pytest config); returns the result."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(tmp_path / "pytest.ini"),
+         "--rootdir", str(tmp_path), "--nbval", "--nbval-current-env",
+         f"--nbval-sanitize-with={NOTEBOOKS / 'nbval_sanitize.cfg'}", str(notebook)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_nbval_passes_unchanged_and_catches_a_wider_unet(tmp_path):
+    source = (NOTEBOOKS / "02_unet.ipynb").read_text()
+    assert 'build_model(\\"unet\\", base=64)' in source
+    same = tmp_path / "same"
+    same.mkdir()
+    shutil.copy(NOTEBOOKS / "02_unet.ipynb", same / "02_unet.ipynb")
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    (changed / "02_unet.ipynb").write_text(source.replace('base=64)', 'base=32)'))
+
+    passed = nbval(same / "02_unet.ipynb", same)
+    assert passed.returncode == 0, passed.stdout[-3000:]
+    failed = nbval(changed / "02_unet.ipynb", changed)
+    assert failed.returncode != 0
+    assert "Cell outputs differ" in failed.stdout and "7,763,041" in failed.stdout   # UNet at base=32
+
+
+def test_train_notebook_rejects_an_invalid_arch_in_its_first_cells(tmp_path):
+    out = tmp_path / "bad.ipynb"
+    with pytest.raises(NotebookFailed) as e:
+        run_notebook("04_train", out, {"arch": "nope", "output_dir": str(tmp_path / "runs")}, progress=False)
+    message = str(e.value)
+    assert "ConfigError" in message and "choose one of: unet, resnet34_unet" in message
+    import nbformat
+
+    nb = nbformat.read(out, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    failing = [i for i, c in enumerate(code) if any(o.output_type == "error" for o in c.outputs)]
+    assert failing and "RunConfig(" in code[failing[0]].source      # the config cell, before any training
+    assert not (tmp_path / "runs").exists()

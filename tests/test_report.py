@@ -1,0 +1,70 @@
+"""labseg.report: runs -> table, best per network, figures, report.md; all from the records."""
+import json
+
+import pandas as pd
+
+from labseg.report import best_per_arch, collect_runs, markdown_table, plot_curves, write_report
+from labseg.runs import RunDir
+
+
+def fake_run(root, name, arch, dices, lr=1e-3, test=None):
+    run = RunDir(root / name)
+    run.path.mkdir(parents=True)
+    run.write_json("config.json", {"arch": arch, "img_size": 64, "epochs": len(dices), "lr": lr, "loss": "bce_dice",
+                                   "augment": "light", "seed": 0, "data_dir": "data/sample"})
+    run.write_metrics([{"epoch": i + 1, "train_loss": 1.0 / (i + 1), "valid_loss": 1.0 - d, "valid_dice": d,
+                        "valid_iou": d * 0.8} for i, d in enumerate(dices)])
+    run.write_summary({"arch": arch, "best_valid_dice": max(dices), "best_valid_iou": max(dices) * 0.8,
+                       "best_epoch": dices.index(max(dices)) + 1, "epochs_run": len(dices),
+                       "train_seconds": 1.0, "parameters": 10})
+    if test is not None:
+        run.write_json("eval_test.json", {"dice": test, "iou": test * 0.8, "tta": {"dice": test + 0.01}})
+    return run
+
+
+def test_collect_runs_best_and_report(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "u1", "unet", [0.5, 0.6])
+    fake_run(runs, "u2", "unet", [0.55, 0.7], test=0.68)
+    fake_run(runs, "r1", "resnet34_unet", [0.6, 0.8, 0.75], lr=3e-4)
+    failed = runs / "bad"
+    failed.mkdir()
+    (failed / "failed.json").write_text(json.dumps({"error": "ConfigError: arch='nope' is not valid",
+                                                    "params": {"arch": "nope"}}))
+    (runs / "not-a-run").mkdir()
+
+    table = collect_runs(runs)
+    assert sorted(table["run"]) == ["bad", "r1", "u1", "u2"]
+    assert dict(zip(table["run"], table["status"])) == {"bad": "failed", "r1": "finished",
+                                                        "u1": "finished", "u2": "finished"}
+    assert table.set_index("run").loc["u2", "test_dice"] == 0.68
+    assert table.set_index("run").loc["bad", "arch"] == "nope"
+
+    best = best_per_arch(table)
+    assert best.loc["unet", "run"] == "u2" and best.loc["resnet34_unet", "run"] == "r1"
+    assert best.loc["resnet34_unet", "best_valid_dice"] == 0.8
+
+    fig = plot_curves(runs, table)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["r1 (best resnet34_unet)", "u2 (best unet)"]
+
+    report = write_report(runs, tmp_path / "report")
+    text = report.read_text()
+    assert "| unet | u2 | 0.7000 |" in text and "| resnet34_unet | r1 | 0.8000 |" in text
+    assert "arch='nope' is not valid" in text
+    for name in ("curves.png", "best_per_network.png", "runs.csv"):
+        assert (report.parent / name).stat().st_size > 0
+    assert (report.parent / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(pd.read_csv(report.parent / "runs.csv")) == 4
+    assert not [p for p in report.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_empty_runs_folder(tmp_path):
+    assert collect_runs(tmp_path / "none").empty
+    report = write_report(tmp_path / "none", tmp_path / "report")
+    assert "No finished run yet" in report.read_text()
+
+
+def test_markdown_table_escapes_pipes():
+    df = pd.DataFrame({"a": ["x|y"], "b": [0.123456]})
+    assert markdown_table(df).splitlines()[-1] == "| x\\|y | 0.1235 |"

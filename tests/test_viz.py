@@ -1,0 +1,56 @@
+"""labseg.viz: the tables and figures the notebooks show, without a browser."""
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from labseg import viz
+from labseg.data import load_split
+from labseg.models import build_model
+
+
+@pytest.fixture(scope="module")
+def split(synthetic_root, tmp_path_factory):
+    return load_split(synthetic_root, "test", 32, tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def test_split_counts(synthetic_root):
+    by_species, by_breed = viz.split_counts(synthetic_root)
+    assert list(by_species.columns) == ["test", "trainval", "total"]
+    assert by_species["total"].sum() == by_breed["total"].sum() == 72
+    assert len(by_breed) == 4
+
+
+def test_dataset_figures(split):
+    assert np.all((viz.foreground_fractions(split) > 0) & (viz.foreground_fractions(split) < 1))
+    sizes = viz.image_sizes(split)
+    assert len(sizes) == len(split) and (sizes["width"] > 0).all()
+    for fig in (viz.plot_image_sizes(sizes), viz.sample_grid(split, n=4), viz.show_example(split, 0),
+                viz.augmentation_preview(split, 0, "strong", n=3)):
+        assert isinstance(fig, Figure)
+
+
+def test_layer_table_and_flops():
+    model = build_model("unet", base=8)
+    table = viz.layer_table(model, (1, 3, 32, 32))
+    assert table["layer"].tolist()[0] == "inc" and table["output_shape"].iloc[-1] == "(1, 1, 32, 32)"
+    assert table["parameters"].sum() == sum(p.numel() for p in model.parameters())
+    flops = viz.count_flops(model, (1, 3, 32, 32))
+    assert flops > 0 and viz.count_flops(model, (1, 3, 64, 64)) == 4 * flops
+    assert model.training          # left as found
+
+
+def test_live_plot_records_headless():
+    live = viz.LivePlot("t", total_epochs=3)
+    live([{"epoch": 1, "train_loss": 1.0, "valid_loss": 0.9, "valid_dice": 0.5, "valid_iou": 0.4}])
+    assert len(live.history) == 1 and len(live.axes[1].lines) == 2
+
+
+def test_threshold_changes_the_shown_dice(split):
+    probs = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(len(split), 1, 32, 32).clone()
+    d_lo, d_hi = viz.image_dice(probs, split, 0, 0.1), viz.image_dice(probs, split, 0, 0.9)
+    assert d_lo != d_hi
+    fig = viz.show_prediction(split, probs, 0, 0.9)
+    assert f"Dice {d_hi:.3f}" in fig.axes[2].get_title()
+    best, worst = viz.best_and_worst([0.2, 0.9, 0.5, 0.1], 2)
+    assert best == [1, 2] and worst == [3, 0]
