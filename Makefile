@@ -25,4 +25,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf data/cache outputs/runs outputs/report
+	rm -rf data/cache outputs/runs outputs/report outputs/notebooks outputs/nbval

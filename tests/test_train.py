@@ -326,3 +326,26 @@ def test_real_data_short_train_and_evaluate(real_root, tmp_path):
     assert set(ev["per_breed"]) == {"Abyssinian", "Bengal", "american_bulldog"}
     assert set(ev["per_species"]) == {"cat", "dog"}
     assert 0.0 <= ev["dice"] <= 1.0
+
+
+def test_training_and_evaluation_go_on_past_broken_files(synthetic_root, tmp_path, capfd):
+    """A copy of the sample with a truncated JPEG and a text file named .jpg in trainval and test."""
+    import shutil
+
+    from labseg.evaluate import evaluate_run
+
+    root = tmp_path / "broken"
+    shutil.copytree(synthetic_root, root)
+    trainval = [l.split()[0] for l in (root / "annotations" / "trainval.txt").read_text().splitlines() if l.strip()]
+    test = [l.split()[0] for l in (root / "annotations" / "test.txt").read_text().splitlines() if l.strip()]
+    jpeg = (root / "images" / f"{trainval[0]}.jpg").read_bytes()
+    (root / "images" / f"{trainval[0]}.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "images" / f"{test[0]}.jpg").write_text("not an image")
+    result = fit(arch="resnet34_unet", data_dir=str(root), img_size=32, epochs=1, batch_size=4, max_train_images=8,
+                 output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), progress=True)
+    assert result.summary["skipped_pairs"] == 1
+    assert trainval[0] in result.summary["skipped"][0][0]
+    ev = evaluate_run(result.run, "test", progress=False)
+    assert ev["skipped_pairs"] == 1 and ev["images"] == len(test) - 1
+    err = capfd.readouterr().err
+    assert f"skipped {root / 'images' / trainval[0]}.jpg" in err and f"{test[0]}.jpg" in err
