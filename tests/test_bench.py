@@ -1,0 +1,144 @@
+"""labseg bench: the records it emits and the CLI flags. No timing assertions: speed targets are
+reported by the benchmark itself (docs/benchmarks.md), never asserted in tests."""
+import argparse
+import json
+
+import pytest
+
+from labseg import bench
+from labseg.synthetic import write_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    # A few small images: the data paths only need some batches, not photo-sized JPEGs.
+    return write_synthetic_dataset(tmp_path_factory.mktemp("bench-data"), n_trainval_per_breed=2,
+                                   n_test_per_breed=0, image_size=(96, 72))
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data):
+    lines = []
+    # One thread: on a busy shared CPU, two OpenMP threads fighting other processes are far slower.
+    records = bench.run_bench(models=("resnet34_unet",), sizes=(64,), batch_size=2, device="cpu",
+                              quick=True, rounds=1, data_dir=str(tiny_data), emit=lines.append, threads=1,
+                              decoder_ablation=True)
+    return lines, records
+
+
+def test_every_line_is_a_json_record_with_the_documented_keys(run):
+    lines, records = run
+    assert [json.loads(line) for line in lines] == records
+    for rec in records:
+        assert rec["kind"] in bench.RECORD_KEYS, rec
+        missing = set(bench.RECORD_KEYS[rec["kind"]]) - set(rec)
+        assert not missing, f"{rec['kind']} record lacks {missing}: {rec}"
+
+
+def test_throughput_records_are_positive(run):
+    _, records = run
+    kinds = {r["kind"] for r in records}
+    assert {"env", "train", "infer", "data", "data_ratio", "data_share", "target", "done"} <= kinds
+    train = [r for r in records if r["kind"] == "train" and r["model"] == "resnet34_unet"]
+    infer = [r for r in records if r["kind"] == "infer" and r["model"] == "resnet34_unet"]
+    assert len(train) == 1 and len(infer) == 1
+    assert {(r["path"], r["size"]) for r in records if r["kind"] == "data"} == {("cached", 64), ("naive", 64)}
+    for r in records:
+        if r["kind"] in ("train", "infer", "data"):
+            assert r["size"] == 64 and r["batch_size"] == 2 and r["rounds"] == 1
+            for key in ("img_per_s", "ms_per_batch", "img_per_s_min", "img_per_s_max"):
+                assert r[key] > 0, r
+        if r["kind"] in ("data_ratio", "ratio"):
+            assert r["ratio"] > 0, r
+        if r["kind"] == "data_share":
+            assert r["percent"] > 0 and r["step_ms"] > 0 and r["data_ms"] > 0
+        if r["kind"] == "memory":
+            assert r["peak_mb"] > 0 and r["increase_mb"] >= 0 and r["params_m"] > 0
+            assert r["method"] in bench.MEMORY_METHODS
+        if r["kind"] == "target":
+            assert r["holds"] in (True, False, None)
+    env = records[0]
+    assert env["kind"] == "env" and env["device"] == "cpu" and env["channels_last"] is True
+
+
+def test_smp_reference_or_a_clear_note(run):
+    _, records = run
+    have_smp, _ = bench.smp_available()
+    if have_smp:
+        refs = {(r["vs"], r["bench"]) for r in records if r["kind"] == "ratio" and r["model"] == "resnet34_unet"}
+        # --quick on a CPU leaves out the extra channels_last smp line, and says so
+        assert refs == {(ref, b) for ref in (bench.SMP, bench.FULL) for b in ("train", "infer")}
+        assert any(r["kind"] == "note" and bench.SMP_CL in r["message"] for r in records)
+        contiguous = next(r for r in records if r["kind"] == "train" and r["model"] == bench.SMP)
+        assert contiguous["channels_last"] is False
+    else:
+        assert any(r["kind"] == "note" and "segmentation_models_pytorch" in r["message"] for r in records)
+
+
+def test_missing_smp_is_a_note_not_a_crash(monkeypatch, tiny_data):
+    monkeypatch.setattr(bench, "smp_available", lambda: (False, "ModuleNotFoundError: no smp here"))
+    lines = []
+    records = bench.run_bench(models=(), sizes=(64,), batch_size=2, device="cpu", quick=True, rounds=1,
+                              data_dir=str(tiny_data), emit=lines.append, threads=1)
+    assert any(r["kind"] == "note" and "pip install" in r["message"] for r in records)
+    assert not any(r["kind"] in ("train", "ratio") for r in records)
+    assert {r["path"] for r in records if r["kind"] == "data"} == {"cached", "naive"}
+    assert "notes:" in bench.format_table(records)
+
+
+def test_table_names_models_data_and_targets(run):
+    _, records = run
+    table = bench.format_table(records)
+    assert "resnet34_unet" in table and "cached img/s" in table and "targets:" in table
+
+
+def test_decoder_ablation_is_compared_but_has_no_targets_of_its_own(run):
+    _, records = run
+    assert any(r["kind"] == "ratio" and r["vs"] == bench.FULL for r in records)
+    assert any(r["kind"] == "train" and r["model"] == bench.FULL for r in records)
+    assert not any(r["kind"] == "data_share" and r["model"] in bench.REFERENCES for r in records)
+    assert "lean decoder" in bench.format_table(records)
+
+
+def test_bad_size_is_refused():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        bench.run_bench(sizes=(100,), emit=lambda line: None)
+
+
+def test_cli_parser_accepts_the_flags():
+    parser = argparse.ArgumentParser(prog="labseg")
+    sub = parser.add_subparsers(dest="command")
+    bench.add_parser(sub)
+    args = parser.parse_args([
+        "bench", "--quick", "--device", "cpu", "--batch-size", "4", "--sizes", "128,256", "--models",
+        "resnet34_unet", "unet", "--amp", "--compile", "--no-channels-last", "--epoch-estimate",
+        "--json-only", "--data", "some/dir", "--rounds", "3", "--threads", "1", "--no-smp",
+        "--decoder-ablation"])
+    assert args.func is bench.cmd_bench
+    assert args.quick and args.amp is True and args.compile and args.channels_last is False
+    assert args.epoch_estimate and args.json_only and not args.smp and args.decoder_ablation
+    assert bench._flat(args.sizes) == [128, 256]
+    assert bench._flat(args.models) == ["resnet34_unet", "unet"]
+    assert (args.batch_size, args.rounds, args.threads, args.data, args.device) == (4, 3, 1, "some/dir", "cpu")
+
+    defaults = parser.parse_args(["bench"])
+    assert defaults.amp is None and defaults.channels_last is True and defaults.smp is True
+    assert defaults.sizes is None and defaults.models is None and not defaults.quick
+    assert bench._flat(parser.parse_args(["bench", "--sizes", "128", "256"]).sizes) == [128, 256]
+    assert parser.parse_args(["bench", "--no-amp"]).amp is False
+
+
+@pytest.mark.parametrize("argv", [["bench", "--models", "vgg"], ["bench", "--sizes", "big"],
+                                  ["bench", "--device", "tpu"]])
+def test_cli_parser_refuses_bad_values(argv, capsys):
+    parser = argparse.ArgumentParser(prog="labseg")
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+
+
+def test_module_parser_has_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.build_parser().parse_args(["--help"])
+    assert e.value.code == 0
+    assert "--epoch-estimate" in capsys.readouterr().out
