@@ -484,13 +484,14 @@ class Batches:
         labels = torch.from_numpy(np.ascontiguousarray(self.split.labels[idx]))
         if pin:
             images, labels = images.pin_memory(), labels.pin_memory()
-        images = images.to(self.device, non_blocking=True).float().div_(255)
+        images = images.to(self.device, non_blocking=True).float()           # 0..255
         labels = labels.to(self.device, non_blocking=True).unsqueeze(1)
-        if self.augment is not None:
-            images, labels = self.augment(images, labels, generator=generator)
+        if self.augment is not None:   # augments, scales and normalises in one pass
+            image, labels = self.augment.augment_normalized(images, labels, MEAN, STD, generator=generator)
+        else:
+            image = normalize(images.div_(255))
         target = (labels != BACKGROUND).float()
         valid = (labels != BORDER).float() if self.ignore_border else torch.ones_like(target)
-        image = normalize(images)
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         return Batch(image, target, valid, torch.from_numpy(idx))

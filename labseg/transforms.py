@@ -6,7 +6,7 @@
 * :class:`BatchAugment` — the same augmentations on a whole batch at once, on the training
   device. v2 transforms draw ONE set of random parameters per call, so calling them on a batch
   would flip/crop every image the same way. Here every sample gets its own flip, rotation,
-  scale-crop and colour factors, applied through one ``affine_grid``/``grid_sample`` call
+  scale-crop and colour factors, applied through one sampling grid and one ``grid_sample`` call
   (bilinear for images, nearest for labels, so masks stay binary).
 
 ``labseg bench`` measures both; the batched form is the training default.
@@ -72,8 +72,14 @@ def augment_sample(image: torch.Tensor, labels: torch.Tensor, level: str = "ligh
 class BatchAugment:
     """Per-sample random flip + rotation + scale + shift + colour jitter on a whole batch.
 
-    Call with images N×3×H×W float in [0, 1] and labels N×1×H×W uint8 on any device.
+    Call with images N×3×H×W float in [0, 1] and labels N×1×H×W uint8 on any device; returns
+    the same. :meth:`augment_normalized` is the training path: it takes raw 0..255 values and
+    returns ImageNet-normalised images, folding the /255, the colour jitter and the
+    normalisation into one per-sample 3×3 colour matrix, which is several times faster on a CPU
+    than applying them one after another.
     """
+
+    GRAY = (0.299, 0.587, 0.114)      # luma weights of the saturation jitter (as PIL/torchvision)
 
     def __init__(self, level: str = "light"):
         self.level = level
@@ -82,30 +88,70 @@ class BatchAugment:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
         if self.params is None:
             return images, labels
-        p, n, dev = self.params, images.shape[0], images.device
+        return self._augment(images, labels, generator, scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+    def augment_normalized(self, images: torch.Tensor, labels: torch.Tensor, mean, std,
+                           generator: torch.Generator | None = None):
+        """Images N×3×H×W float in 0..255 → augmented and normalised by ``mean``/``std``."""
+        if self.params is None:
+            m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+            s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+            return (images / 255 - m) / s, labels
+        return self._augment(images, labels, generator, scale=1 / 255, mean=mean, std=std)
+
+    @staticmethod
+    def grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``F.affine_grid(theta, (N, C, h, w), align_corners=False)`` by broadcasting.
+
+        grid[n, i, j] = theta[n] @ (x_j, y_i, 1) with pixel-centre coordinates in [-1, 1]; built
+        from two 1-D coordinate vectors, it is ~4× faster than affine_grid on a CPU.
+        """
+        n = theta.shape[0]
+        xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1
+        ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
+        a, b, c = (theta[:, :, k].reshape(n, 1, 1, 2) for k in range(3))
+        return torch.addcmul(torch.addcmul(c, a, xs.view(1, 1, w, 1)), b, ys.view(1, h, 1, 1))
+
+    def _augment(self, images, labels, generator, scale, mean, std):
+        p, n, dev, dt = self.params, images.shape[0], images.device, images.dtype
+        h, w = images.shape[-2:]
 
         def uniform(lo, hi):  # drawn on the CPU generator, so results do not depend on the device
-            return (torch.rand(n, generator=generator) * (hi - lo) + lo).to(dev)
+            return (torch.rand(n, generator=generator, dtype=torch.float64) * (hi - lo) + lo)
 
         # One 2×3 affine matrix per sample, mapping output coords to input coords in [-1, 1].
         angle = uniform(-p.degrees, p.degrees) * (math.pi / 180)
         zoom = torch.exp(uniform(math.log(p.scale[0]), math.log(p.scale[1])))
-        flip = torch.where(uniform(0, 1) < p.hflip, -1.0, 1.0)
+        flip = torch.where(uniform(0, 1) < p.hflip, -1.0, 1.0).double()
         tx, ty = uniform(-p.translate, p.translate) * 2, uniform(-p.translate, p.translate) * 2
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
                              torch.stack([sin * flip, cos, ty], 1)], 1)
-        grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+        grid = self.grid(theta.to(dev, dt), h, w)
         images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         # Nearest sampling keeps the labels exact; outside the image is background (0).
-        labels = F.grid_sample(labels.to(images.dtype), grid, mode="nearest", padding_mode="zeros",
+        labels = F.grid_sample(labels.to(dt), grid, mode="nearest", padding_mode="zeros",
                                align_corners=False).round_().to(torch.uint8)
 
-        # Colour jitter, image only: brightness, contrast, saturation, each with its own factor.
-        shape = (n, 1, 1, 1)
-        images = images * uniform(1 - p.brightness, 1 + p.brightness).view(shape)
-        mean = images.mean(dim=(1, 2, 3), keepdim=True)
-        images = (images - mean) * uniform(1 - p.contrast, 1 + p.contrast).view(shape) + mean
-        gray = (0.299 * images[:, 0:1] + 0.587 * images[:, 1:2] + 0.114 * images[:, 2:3])
-        images = (images - gray) * uniform(1 - p.saturation, 1 + p.saturation).view(shape) + gray
-        return images.clamp_(0, 1), labels
+        # Colour jitter on the image only, as one affine colour map per sample:
+        #   brightness b: x·b;  contrast c: (x − m)·c + m (m = image mean);  saturation s: (x − g)·s + g
+        #   (g = gray value) compose to  A·x + o  with  A = c·b·(s·I + (1 − s)·1·wᵀ),  o = (1 − c)·b·m.
+        b = uniform(1 - p.brightness, 1 + p.brightness)
+        c = uniform(1 - p.contrast, 1 + p.contrast)
+        s = uniform(1 - p.saturation, 1 + p.saturation)
+        m = images.mean(dim=(1, 2, 3)).double().cpu() * scale                 # one small sync
+        gray = torch.tensor(self.GRAY, dtype=torch.float64)
+        eye = torch.eye(3, dtype=torch.float64)
+        A = (c * b).view(n, 1, 1) * (s.view(n, 1, 1) * eye + (1 - s).view(n, 1, 1) * gray.view(1, 1, 3))
+        o = ((1 - c) * b * m).view(n, 1, 1).expand(n, 3, 1)
+        # ...then the input scale and the normalisation (x − μ)/σ, both linear too.
+        mu = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1)
+        inv_sigma = 1 / torch.tensor(std, dtype=torch.float64).view(1, 3, 1)
+        matrix = (A * scale * inv_sigma).to(dev, dt)
+        offset = ((o - mu) * inv_sigma).to(dev, dt)
+        out = torch.baddbmm(offset, matrix, images.reshape(n, 3, h * w)).view(n, 3, h, w)
+        # Clamp to the colours of [0, 1] after jitter, expressed in the normalised space
+        # (per channel with scalar bounds: far faster than broadcasting tensor bounds).
+        for k in range(3):
+            out[:, k].clamp_(-mean[k] / std[k], (1 - mean[k]) / std[k])
+        return out, labels
