@@ -21,6 +21,7 @@ SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 AUGMENTS = ("none", "light", "strong")
 MONITORS = ("valid_dice", "valid_iou", "valid_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+UNTIL_BUDGET = 100_000     # the epoch count of a run limited by its time budget alone
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,8 @@ class RunConfig:
 
         self._check_choice("arch", self.arch, ARCHS)
         filled = {k: v for k, v in recipe_for(self.arch).items() if getattr(self, k) is None}
+        if self.epochs is None and parse_duration(self.time_budget):
+            filled["epochs"] = UNTIL_BUDGET    # a budget and no epoch count: train until it is spent
         return dataclasses.replace(self, **filled)
 
     def validate(self) -> "RunConfig":

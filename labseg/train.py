@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from labseg.config import ConfigError, RunConfig, pick_device
+from labseg.config import UNTIL_BUDGET, ConfigError, RunConfig, pick_device
 from labseg.data import Batches, load_split, split_trainval
 from labseg.losses import build_loss
 from labseg.metrics import per_image_dice, per_image_iou
@@ -77,20 +77,19 @@ def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True, **fused)
 
 
-def lr_factor(schedule: str, progress: float, warmup: float) -> float:
-    """Multiplier of the base lr at ``progress`` ∈ [0, 1] of training (warmup is a fraction too)."""
+def lr_factor(schedule: str, progress: float, step: int = 0, warmup_steps: int = 0) -> float:
+    """Multiplier of the base lr: a linear warm-up over the first ``warmup_steps`` steps, times the
+    schedule's decay at ``progress`` ∈ [0, 1] of training (steps or time budget, whichever is further)."""
     progress = min(max(progress, 0.0), 1.0)
-    if schedule == "onecycle":     # ramp up over 30% (from lr/25), then cosine down to ~0
+    if schedule == "onecycle":     # its own warm-up: ramp up over 30% (from lr/25), then cosine to ~0
         peak = 0.3
         if progress < peak:
             return 0.04 + 0.96 * (1 - math.cos(math.pi * progress / peak)) / 2
         return 0.5 * (1 + math.cos(math.pi * (progress - peak) / (1 - peak))) * (1 - 1e-4) + 1e-4
-    if warmup > 0 and progress < warmup:
-        return (progress / warmup) * 0.99 + 0.01
-    if schedule == "cosine":
-        p = (progress - warmup) / max(1e-8, 1 - warmup)
-        return 0.5 * (1 + math.cos(math.pi * p)) * 0.99 + 0.01
-    return 1.0                      # "plateau" (ReduceLROnPlateau scales on top) and "none"
+    warm = min(1.0, 0.01 + 0.99 * step / warmup_steps) if warmup_steps > 0 else 1.0
+    if schedule == "cosine":       # from 1 down to 0.01 of the base lr
+        return warm * (0.5 * (1 + math.cos(math.pi * progress)) * 0.99 + 0.01)
+    return warm                    # "plateau" (ReduceLROnPlateau scales on top) and "none"
 
 
 def _ema_model(model: nn.Module, decay: float):
@@ -221,7 +220,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
 
     steps_per_epoch = len(train_batches)
     total_steps = steps_per_epoch * config.epochs
-    warmup = min(0.5, (config.warmup_epochs or 0) / config.epochs)
+    warmup_steps = int(round((config.warmup_epochs or 0) * steps_per_epoch))
     budget = config.time_budget_s
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if start is not None:
@@ -270,13 +269,14 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
         train_batches.set_epoch(epoch)
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        bar = tqdm(train_batches, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+        of = f"/{config.epochs}" if config.epochs < UNTIL_BUDGET else f" ({config.time_budget} budget)"
+        bar = tqdm(train_batches, desc=f"epoch {epoch}{of}", leave=False,
                    disable=not (progress and dist.is_main))
         for i, batch in enumerate(bar):
             spent = time.perf_counter() - t0 + elapsed_before
             progress_frac = max(step / max(total_steps, 1), spent / budget if budget else 0.0)
             for g, base in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base * lr_factor(config.scheduler, progress_frac, warmup)
+                g["lr"] = base * lr_factor(config.scheduler, progress_frac, step, warmup_steps)
 
             with _autocast(device, amp_dtype):
                 logits = step_model(batch.image)

@@ -20,6 +20,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from labseg.config import UNTIL_BUDGET
 from labseg.data import BACKGROUND, CachedSplit, load_split, read_records
 
 MASK_COLOR = (255, 64, 32)
@@ -316,7 +317,7 @@ class LivePlot:
         for ax in self.axes:
             ax.clear()
         plot_history(self.history, self.axes)
-        if self.total:
+        if self.total and self.total < UNTIL_BUDGET:     # a budget-limited run has no known end
             for ax in self.axes:
                 ax.set_xlim(0.5, self.total + 0.5)
         self.fig.suptitle(self.title, fontsize=10)

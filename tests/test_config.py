@@ -58,3 +58,11 @@ def test_relative_paths_resolve_from_project_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_path("data/sample") == PROJECT_ROOT / "data" / "sample"
     assert resolve_path(tmp_path / "x") == tmp_path / "x"
+
+
+def test_a_time_budget_without_epochs_trains_until_the_budget():
+    from labseg.config import UNTIL_BUDGET
+
+    assert RunConfig(time_budget="25m").with_recipe().epochs == UNTIL_BUDGET
+    assert RunConfig(time_budget="25m", epochs=7).with_recipe().epochs == 7
+    assert RunConfig().with_recipe().epochs < UNTIL_BUDGET

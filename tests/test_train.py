@@ -120,12 +120,15 @@ def test_time_budget_stops_cleanly(tiny):
 
 
 def test_lr_schedule_shapes():
-    assert lr_factor("cosine", 0.0, 0.1) == pytest.approx(0.01)
-    assert lr_factor("cosine", 0.1, 0.1) == pytest.approx(1.0)
-    assert lr_factor("cosine", 1.0, 0.1) == pytest.approx(0.01)
-    assert lr_factor("cosine", 0.55, 0.1) == pytest.approx(0.505)
-    assert lr_factor("onecycle", 0.3, 0) == pytest.approx(1.0)
-    assert lr_factor("none", 0.7, 0) == 1.0
+    assert lr_factor("cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor("cosine", 0.5) == pytest.approx(0.505)
+    assert lr_factor("cosine", 1.0) == pytest.approx(0.01)
+    assert lr_factor("cosine", 0.0, step=0, warmup_steps=10) == pytest.approx(0.01)
+    assert lr_factor("cosine", 0.0, step=5, warmup_steps=10) == pytest.approx(0.505)
+    assert lr_factor("cosine", 0.5, step=20, warmup_steps=10) == pytest.approx(0.505)
+    assert lr_factor("onecycle", 0.3) == pytest.approx(1.0)
+    assert lr_factor("onecycle", 1.0) == pytest.approx(1e-4)
+    assert lr_factor("none", 0.7) == 1.0 and lr_factor("plateau", 0.7, 1, 4) == pytest.approx(0.2575)
 
 
 # --------------------------------------------------------------------------- checkpoints
