@@ -221,20 +221,14 @@ def _open_checked(path: Path) -> Image.Image:
     return im
 
 
-def load_image(path: str | Path, draft_size: int | None = None) -> np.ndarray:
-    """Decode any image file to an RGB uint8 array (H×W×3), or raise :class:`BadSampleError`.
-
-    ``draft_size`` lets the JPEG decoder scale down by 2/4/8 while decoding when the image is
-    much larger than needed, which makes building the cache several times faster.
-    """
+def load_image(path: str | Path) -> np.ndarray:
+    """Decode any image file to an RGB uint8 array (H×W×3), or raise :class:`BadSampleError`."""
     path = Path(path)
     try:
         im = _open_checked(path)
         with im:
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)                      # an animated GIF: its first frame
-            if draft_size and im.format == "JPEG":
-                im.draft("RGB", (draft_size, draft_size))
             im.load()
             return _to_rgb(im)
     except BadSampleError:
