@@ -3,7 +3,7 @@ import json
 
 import pandas as pd
 
-from labseg.report import best_per_arch, collect_runs, markdown_table, plot_curves, write_report
+from labseg.report import best_per_arch, collect_runs, markdown_table, plot_curves, test_breakdown, write_report
 from labseg.runs import RunDir
 
 
@@ -68,3 +68,22 @@ def test_empty_runs_folder(tmp_path):
 def test_markdown_table_escapes_pipes():
     df = pd.DataFrame({"a": ["x|y"], "b": [0.123456]})
     assert markdown_table(df).splitlines()[-1] == "| x\\|y | 0.1235 |"
+
+
+def test_breakdown_reads_tta_threshold_and_breeds_apart(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "plain", "unet", [0.5])
+    run = fake_run(runs, "full", "resnet34_unet", [0.7])
+    run.write_json("eval_test.json", {
+        "arch": "resnet34_unet", "checkpoint": "best", "images": 9, "dice": 0.80,
+        "tta": {"dice": 0.83}, "threshold_tuned": {"threshold": 0.4, "dice": 0.81},
+        "per_breed": {"Abyssinian": {"dice": 0.9}, "american_bulldog": {"dice": 0.7}}})
+    table = test_breakdown(runs)
+    assert list(table["run"]) == ["full"]                  # "plain" was never evaluated
+    row = table.iloc[0]
+    assert (row["test_dice"], row["tta_dice"], row["threshold"], row["tuned_dice"]) == (0.80, 0.83, 0.4, 0.81)
+    assert abs(row["tta_gain"] - 0.03) < 1e-9 and abs(row["tuned_gain"] - 0.01) < 1e-9
+    assert (row["Abyssinian dice"], row["american_bulldog dice"]) == (0.9, 0.7)
+    text = write_report(runs, tmp_path / "report").read_text()
+    assert "## Test: flip TTA, tuned threshold and per breed" in text
+    assert "| full | resnet34_unet | best | 9 | 0.8000 | 0.8300 |" in text
