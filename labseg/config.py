@@ -78,6 +78,9 @@ class RunConfig:
     loss: str | None = None
     augment: str | None = None
     ema: float | None = None               # EMA decay of the weights (0 = off)
+    copy_paste: float | None = None        # probability of pasting another image's pet over a sample
+    crop_size: int | None = None           # train on random crops of this size (px) ...
+    crop_until: float | None = None        # ... until this fraction of training, then on whole images
     norm: str | None = None                # "batch" or "none" (UNet only; the paper has none)
     valid_fraction: float = 0.1
     seed: int = 0
@@ -85,7 +88,7 @@ class RunConfig:
     patience: int = 0                      # early stopping after this many epochs without gain; 0 = off
     time_budget: str | float | None = None # e.g. "25m": stop cleanly when spent
     device: str = "auto"
-    amp: bool | None = None                # mixed precision; None = on for CUDA
+    amp: bool | None = None                # mixed precision; None = on for CUDA and bf16-capable CPUs
     channels_last: bool = True
     compile: bool = False
     ignore_border: bool = False            # leave the trimap border band out of the loss
@@ -133,6 +136,13 @@ class RunConfig:
             raise ConfigError(f"weight_decay={c.weight_decay!r}: expected a number >= 0")
         if c.ema is not None and not (_is_number(c.ema) and 0 <= c.ema < 1):
             raise ConfigError(f"ema={c.ema!r}: expected a decay in [0, 1), e.g. 0.99 (0 = off)")
+        if c.copy_paste is not None and not (_is_number(c.copy_paste) and 0 <= c.copy_paste <= 1):
+            raise ConfigError(f"copy_paste={c.copy_paste!r}: expected a probability in [0, 1]")
+        if c.crop_size is not None and (not _is_int(c.crop_size) or c.crop_size < 0 or c.crop_size % 32):
+            raise ConfigError(f"crop_size={c.crop_size!r}: expected a size in px divisible by 32, "
+                              "e.g. 64 (0 = no crops)")
+        if c.crop_until is not None and not (_is_number(c.crop_until) and 0 <= c.crop_until <= 1):
+            raise ConfigError(f"crop_until={c.crop_until!r}: expected a fraction of training in [0, 1]")
         if not (_is_number(c.valid_fraction) and 0 < c.valid_fraction < 1):
             raise ConfigError(f"valid_fraction={c.valid_fraction!r}: expected a number in (0, 1)")
         if not _is_int(c.patience) or c.patience < 0:

@@ -15,6 +15,9 @@ _COMMON = dict(
     loss="bce_dice",      # BCE for stable gradients + Dice for the metric we are scored on
     augment="light",      # flips, small affine, scale-crop, colour jitter
     ema=0.0,              # off until measured to help
+    copy_paste=0.0,       # off until measured to help
+    crop_size=0,          # whole images throughout, unless a network's recipe says otherwise
+    crop_until=0.0,
     norm="batch",         # BatchNorm trains far faster from scratch than the paper's plain UNet
 )
 

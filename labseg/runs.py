@@ -23,6 +23,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,23 +84,50 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def copy_checkpoint(source: str | Path, target: str | Path) -> None:
-    """Make ``target`` an independent, atomic copy of ``source`` (best.pt from last.pt).
+class CheckpointWriter:
+    """Writes checkpoints in a background thread so that training does not wait for the disk.
 
-    A copy rather than a second ``torch.save``: the bytes are already serialised. Not a hard
-    link: damage to one file in place must not reach the other.
+    ``submit`` serialises in the caller's thread (a snapshot: training may change the weights
+    right after), then writes the bytes atomically to each path in a writer thread, one
+    checkpoint at a time, then runs ``then``: records written there never run ahead of the
+    checkpoint a resume starts from. A failed write is raised at the next ``submit`` or ``wait``; whatever
+    happens, each file on disk is a complete old or new checkpoint. Call ``wait`` before reading
+    the files or leaving the run.
     """
-    source, target = Path(source), Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, length=16 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, checkpoint: dict, *paths: str | Path, then=None) -> None:
+        """Write ``checkpoint`` to each of ``paths``; afterwards call ``then()`` (say, the records)."""
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(buffer.getbuffer(), paths, then),
+                                        name="labseg-checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, data, paths, then) -> None:
+        try:
+            for path in paths:
+                atomic_write_bytes(path, data)
+            if then is not None:
+                then()
+        except BaseException as e:          # handed to the training thread by wait()
+            self._error = e
+
+    def join(self) -> None:
+        """Wait for the write in flight, without raising its error (for cleanup paths)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def wait(self) -> None:
+        self.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load_checkpoint(path: str | Path) -> dict:

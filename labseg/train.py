@@ -29,8 +29,8 @@ from labseg.data import Batches, load_split, split_trainval
 from labseg.losses import build_loss
 from labseg.metrics import per_image_dice, per_image_iou
 from labseg.models import build_model, count_parameters
-from labseg.runs import (CHECKPOINT_FORMAT, CheckpointError, RunDir, copy_checkpoint, load_checkpoint,
-                         load_weights, run_name_for, save_checkpoint)
+from labseg.runs import (CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, RunDir, load_checkpoint,
+                         load_weights, run_name_for)
 from labseg.transforms import BatchAugment
 
 # Fields a resumed run may change; anything else must match the recorded config.
@@ -123,8 +123,25 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 convolutions natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX).
+
+    Without native support, CPU autocast emulates bf16 and is slower than fp32, so it stays off.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def _amp_dtype(config: RunConfig, device: torch.device):
-    use = config.amp if config.amp is not None else device.type == "cuda"
+    # Default (amp=None): on for CUDA, and on a CPU with native bf16, where it trains ~1.8x faster
+    # (resnet34_unet 15.8 -> 28 img/s, unet 2.2 -> 4.5 img/s at 128 px, batch 16; docs/results.md).
+    use = config.amp if config.amp is not None else (device.type == "cuda" or native_bf16(device))
     if not use:
         return None
     if device.type == "cuda":
@@ -184,9 +201,10 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     train_idx, valid_idx = split_trainval(trainval.records, config.valid_fraction, config.seed)
     if config.max_train_images:
         train_idx = train_idx[:config.max_train_images]
+    augment = BatchAugment(config.augment, copy_paste=config.copy_paste)
     memory = dict(device=device, channels_last=config.channels_last, ignore_border=config.ignore_border)
     train_batches = Batches(trainval, dist.shard(train_idx), config.batch_size // dist.world, shuffle=True,
-                            seed=config.seed, augment=BatchAugment(config.augment), drop_last=True, **memory)
+                            seed=config.seed, augment=augment, drop_last=True, **memory)
     if len(train_batches) == 0:
         train_batches.drop_last = False
     valid_batches = Batches(trainval, valid_idx, config.batch_size, **memory)
@@ -246,10 +264,10 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
             if ema is not None:     # evaluate and deploy the averaged weights
                 ckpt["model"] = ema.module.state_dict()
                 ckpt["raw_model"] = model.state_dict()
-            save_checkpoint(run.checkpoint("last"), ckpt)
-            if improved:
-                copy_checkpoint(run.checkpoint("last"), run.checkpoint("best"))
-            run.write_metrics(history)
+            # Written in the background (~1 s of disk per epoch for resnet34_unet, 10% of a bf16
+            # epoch at 128 px); each file is always a complete old or new checkpoint.
+            writer.submit(ckpt, run.checkpoint("last"), *([run.checkpoint("best")] if improved else []),
+                          then=lambda rows=list(history): run.write_metrics(rows))
         if plateau is not None:
             plateau.step(row[config.monitor])
             base_lrs[:] = [g["lr"] for g in optimizer.param_groups]
@@ -262,59 +280,67 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
 
     t0 = time.perf_counter()
     stop_reason, since_best = "completed all epochs", 0
+    writer = CheckpointWriter()
     if dist.is_main:
         print(f"labseg: training {config.arch} ({count_parameters(model) / 1e6:.1f}M parameters) on {device}, "
               f"{len(train_idx)} train / {len(valid_idx)} valid images at {config.img_size}px → {run.path}")
-    for epoch in range(first_epoch, config.epochs + 1):
-        train_batches.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        of = f"/{config.epochs}" if config.epochs < UNTIL_BUDGET else f" ({config.time_budget} budget)"
-        bar = tqdm(train_batches, desc=f"epoch {epoch}{of}", leave=False,
-                   disable=not (progress and dist.is_main))
-        for i, batch in enumerate(bar):
-            spent = time.perf_counter() - t0 + elapsed_before
-            progress_frac = max(step / max(total_steps, 1), spent / budget if budget else 0.0)
-            for g, base in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base * lr_factor(config.scheduler, progress_frac, step, warmup_steps)
+    try:
+        for epoch in range(first_epoch, config.epochs + 1):
+            train_batches.set_epoch(epoch)
+            done = max((epoch - 1) / config.epochs, (time.perf_counter() - t0 + elapsed_before) / budget
+                       if budget else 0.0)
+            augment.crop_size = config.crop_size if config.crop_size and done < config.crop_until else None
+            epoch_start = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            of = f"/{config.epochs}" if config.epochs < UNTIL_BUDGET else f" ({config.time_budget} budget)"
+            bar = tqdm(train_batches, desc=f"epoch {epoch}{of}", leave=False,
+                       disable=not (progress and dist.is_main))
+            for i, batch in enumerate(bar):
+                spent = time.perf_counter() - t0 + elapsed_before
+                progress_frac = max(step / max(total_steps, 1), spent / budget if budget else 0.0)
+                for g, base in zip(optimizer.param_groups, base_lrs):
+                    g["lr"] = base * lr_factor(config.scheduler, progress_frac, step, warmup_steps)
 
-            with _autocast(device, amp_dtype):
-                logits = step_model(batch.image)
-            loss = loss_fn(logits.float(), batch.target, batch.valid)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss.detach()
-            step += 1
-            if (i + 1) % config.log_every == 0 or i + 1 == len(train_batches):
-                mean = (loss_sum / (i + 1)).item()       # the only host sync of the step loop
-                if not math.isfinite(mean):
-                    raise TrainingDiverged(
-                        f"loss became {mean} at epoch {epoch}, step {i + 1}; training stopped. The last good "
-                        f"checkpoint is kept in {run.path if run else '(rank 0)'}. Try a lower lr "
-                        f"(now {config.lr:g}) or another loss.")
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            if budget and time.perf_counter() - t0 + elapsed_before > budget:
-                stop_reason = f"time budget of {config.time_budget} spent"
+                with _autocast(device, amp_dtype):
+                    logits = step_model(batch.image)
+                loss = loss_fn(logits.float(), batch.target, batch.valid)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                loss_sum += loss.detach()
+                step += 1
+                if (i + 1) % config.log_every == 0 or i + 1 == len(train_batches):
+                    mean = (loss_sum / (i + 1)).item()       # the only host sync of the step loop
+                    if not math.isfinite(mean):
+                        raise TrainingDiverged(
+                            f"loss became {mean} at epoch {epoch}, step {i + 1}; training stopped. The last good "
+                            f"checkpoint is kept in {run.path if run else '(rank 0)'}. Try a lower lr "
+                            f"(now {config.lr:g}) or another loss.")
+                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                if budget and time.perf_counter() - t0 + elapsed_before > budget:
+                    stop_reason = f"time budget of {config.time_budget} spent"
+                    break
+            seconds = time.perf_counter() - epoch_start
+            row, improved = record(epoch, (loss_sum / max(i + 1, 1)).item(), seconds)
+            if dist.is_main and progress:
+                print(f"epoch {epoch:3d}  train_loss {row['train_loss']:.4f}  valid_loss {row['valid_loss']:.4f}  "
+                      f"valid_dice {row['valid_dice']:.4f}  valid_iou {row['valid_iou']:.4f}  "
+                      f"{row['images_per_s']:.1f} img/s{'  *' if improved else ''}")
+            since_best = 0 if improved else since_best + 1
+            if stop_reason.startswith("time budget"):
                 break
-        seconds = time.perf_counter() - epoch_start
-        row, improved = record(epoch, (loss_sum / max(i + 1, 1)).item(), seconds)
-        if dist.is_main and progress:
-            print(f"epoch {epoch:3d}  train_loss {row['train_loss']:.4f}  valid_loss {row['valid_loss']:.4f}  "
-                  f"valid_dice {row['valid_dice']:.4f}  valid_iou {row['valid_iou']:.4f}  "
-                  f"{row['images_per_s']:.1f} img/s{'  *' if improved else ''}")
-        since_best = 0 if improved else since_best + 1
-        if stop_reason.startswith("time budget"):
-            break
-        spent = time.perf_counter() - t0 + elapsed_before
-        if budget and spent + seconds > budget:
-            stop_reason = f"time budget of {config.time_budget} spent (no time for another epoch)"
-            break
-        if config.patience and since_best >= config.patience:
-            stop_reason = f"early stopping: no {config.monitor} gain in {config.patience} epochs"
-            break
+            spent = time.perf_counter() - t0 + elapsed_before
+            if budget and spent + seconds > budget:
+                stop_reason = f"time budget of {config.time_budget} spent (no time for another epoch)"
+                break
+            if config.patience and since_best >= config.patience:
+                stop_reason = f"early stopping: no {config.monitor} gain in {config.patience} epochs"
+                break
+    finally:
+        writer.join()       # the last submitted checkpoint is on disk before any error propagates
+    writer.wait()
 
     summary = _summary(config, history, stop_reason, time.perf_counter() - t0 + elapsed_before,
                        count_parameters(model), trainval, len(train_idx), len(valid_idx))

@@ -43,6 +43,8 @@ LEVELS = {
                             brightness=0.35, contrast=0.35, saturation=0.35),
 }
 
+NO_AUGMENT = AugmentParams(hflip=0.0)      # identity, for crops without augmentation
+
 
 def params_for(level: str) -> AugmentParams | None:
     if level not in LEVELS:
@@ -81,19 +83,27 @@ class BatchAugment:
 
     GRAY = (0.299, 0.587, 0.114)      # luma weights of the saturation jitter (as PIL/torchvision)
 
-    def __init__(self, level: str = "light"):
+    def __init__(self, level: str = "light", crop_size: int | None = None, copy_paste: float = 0.0):
         self.level = level
         self.params = params_for(level)
+        # Copy-paste (Ghiasi et al., 2021): with this probability a sample gets the pet of another
+        # sample of the batch pasted over it (both already augmented), labels included. New
+        # pet/background pairings for a network that has seen only a few hundred images.
+        self.copy_paste = copy_paste
+        # When set, return random crop_size × crop_size crops at the image's own scale (drawn
+        # after the affine, so the crop sees a rotated/zoomed image): patch training, as nnU-Net
+        # does, ~(H/crop)² fewer FLOPs per image. Set and cleared between epochs by ``fit``.
+        self.crop_size = crop_size
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
-        if self.params is None:
+        if self.params is None and not self.crop_size and not self.copy_paste:
             return images, labels
         return self._augment(images, labels, generator, scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
     def augment_normalized(self, images: torch.Tensor, labels: torch.Tensor, mean, std,
                            generator: torch.Generator | None = None):
         """Images N×3×H×W float in 0..255 → augmented and normalised by ``mean``/``std``."""
-        if self.params is None:
+        if self.params is None and not self.crop_size and not self.copy_paste:
             m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
             s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
             return (images / 255 - m) / s, labels
@@ -113,8 +123,9 @@ class BatchAugment:
         return torch.addcmul(torch.addcmul(c, a, xs.view(1, 1, w, 1)), b, ys.view(1, h, 1, 1))
 
     def _augment(self, images, labels, generator, scale, mean, std):
-        p, n, dev, dt = self.params, images.shape[0], images.device, images.dtype
+        p, n, dev, dt = self.params or NO_AUGMENT, images.shape[0], images.device, images.dtype
         h, w = images.shape[-2:]
+        out_h, out_w = (min(self.crop_size, h), min(self.crop_size, w)) if self.crop_size else (h, w)
 
         def uniform(lo, hi):  # drawn on the CPU generator, so results do not depend on the device
             return (torch.rand(n, generator=generator, dtype=torch.float64) * (hi - lo) + lo)
@@ -127,7 +138,14 @@ class BatchAugment:
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
                              torch.stack([sin * flip, cos, ty], 1)], 1)
-        grid = self.grid(theta.to(dev, dt), h, w)
+        if (out_h, out_w) != (h, w):
+            # A crop: output coords span out/size of the input, centred anywhere it fits.
+            fx, fy = out_w / w, out_h / h
+            cx, cy = uniform(-(1 - fx), 1 - fx), uniform(-(1 - fy), 1 - fy)
+            theta[:, :, 2] += theta[:, :, 0] * cx[:, None] + theta[:, :, 1] * cy[:, None]
+            theta[:, :, 0] *= fx
+            theta[:, :, 1] *= fy
+        grid = self.grid(theta.to(dev, dt), out_h, out_w)
         images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         # Nearest sampling keeps the labels exact; outside the image is background (0).
         labels = F.grid_sample(labels.to(dt), grid, mode="nearest", padding_mode="zeros",
@@ -149,9 +167,20 @@ class BatchAugment:
         inv_sigma = 1 / torch.tensor(std, dtype=torch.float64).view(1, 3, 1)
         matrix = (A * scale * inv_sigma).to(dev, dt)
         offset = ((o - mu) * inv_sigma).to(dev, dt)
-        out = torch.baddbmm(offset, matrix, images.reshape(n, 3, h * w)).view(n, 3, h, w)
+        out = torch.baddbmm(offset, matrix, images.reshape(n, 3, out_h * out_w)).view(n, 3, out_h, out_w)
         # Clamp to the colours of [0, 1] after jitter, expressed in the normalised space
         # (per channel with scalar bounds: far faster than broadcasting tensor bounds).
         for k in range(3):
             out[:, k].clamp_(-mean[k] / std[k], (1 - mean[k]) / std[k])
+        if self.copy_paste and n > 1:
+            out, labels = self._paste(out, labels, uniform(0, 1) < self.copy_paste, generator)
         return out, labels
+
+    @staticmethod
+    def _paste(images, labels, chosen: torch.Tensor, generator):
+        """Paste the pet (labels ≠ 0) of sample ``donor[i]`` over sample i where ``chosen[i]``."""
+        n = images.shape[0]
+        donor = (torch.arange(n) + torch.randint(1, n, (n,), generator=generator)) % n   # never itself
+        donor, chosen = donor.to(images.device), chosen.to(images.device)
+        pet = (labels[donor] != 0) & chosen.view(n, 1, 1, 1)
+        return torch.where(pet, images[donor], images), torch.where(pet, labels[donor], labels)

@@ -14,8 +14,8 @@ import torch
 from labseg.data import Batches, load_split, split_trainval
 from labseg.metrics import per_image_dice
 from labseg.models import build_model
-from labseg.runs import CheckpointError, RunDir, load_checkpoint, load_weights, save_checkpoint
-from labseg.train import TrainingDiverged, fit, lr_factor
+from labseg.runs import CheckpointError, CheckpointWriter, RunDir, load_checkpoint, load_weights, save_checkpoint
+from labseg.train import TrainingDiverged, _amp_dtype, fit, lr_factor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,6 +164,37 @@ def test_disk_full_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "a temporary file was left behind"
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
 
+
+
+def test_background_writer_snapshots_and_writes_every_path(tmp_path):
+    weights = torch.ones(1000)
+    writer = CheckpointWriter()
+    writer.submit({"arch": "unet", "model": {"w": weights}, "format_version": 1},
+                  tmp_path / "last.pt", tmp_path / "best.pt")
+    weights.zero_()                      # training goes on changing the weights in place
+    writer.wait()
+    for name in ("last.pt", "best.pt"):
+        assert torch.equal(load_checkpoint(tmp_path / name)["model"]["w"], torch.ones(1000)), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_background_writer_raises_a_failed_write_at_the_next_call(tmp_path):
+    (tmp_path / "not_a_folder").write_text("a file where the run folder should be")
+    writer = CheckpointWriter()
+    writer.submit({"model": {}}, tmp_path / "not_a_folder" / "last.pt")
+    with pytest.raises(OSError):
+        writer.wait()
+    writer.wait()                        # reported once, then the writer is usable again
+
+
+def test_amp_follows_the_flag_on_cpu(tiny):
+    from labseg.config import RunConfig
+    cpu = torch.device("cpu")
+    assert _amp_dtype(RunConfig(amp=False), cpu) is None
+    assert _amp_dtype(RunConfig(amp=True), cpu) is torch.bfloat16
+    result = fit(arch="unet", amp=True, **tiny)           # bf16 autocast end to end, fp32 loss
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}   # fp32 master weights
 
 class _Exploit:
     def __init__(self, marker):

@@ -141,3 +141,44 @@ def test_augment_sample_none_is_identity():
     image = (images_batch(1)[0] * 255).to(torch.uint8)
     out_image, out_labels = augment_sample(image, labels, "none")
     assert torch.equal(out_image, image) and torch.equal(out_labels, labels)
+
+
+def _windows(x: torch.Tensor, h: int, w: int):
+    """Every h×w window of a C×H×W tensor."""
+    return [x[:, i:i + h, j:j + w] for i in range(x.shape[1] - h + 1) for j in range(x.shape[2] - w + 1)]
+
+
+def test_crops_are_windows_at_the_images_own_scale():
+    labels = torch.randint(0, 3, (6, 1, H, W), generator=gen(1), dtype=torch.uint8)   # no flat regions
+    crop = BatchAugment("none", crop_size=16)
+    _, out = crop(images_batch(6), labels, generator=gen(0))
+    assert out.shape == (6, 1, 16, 16)
+    for n in range(6):
+        assert any(torch.equal(out[n], win) for win in _windows(labels[n], 16, 16)), f"sample {n}"
+    offsets = {tuple(out[n].flatten()[:8].tolist()) for n in range(6)}
+    assert len(offsets) > 1, "every sample got the same crop"
+
+
+def test_crops_follow_the_augmentation_and_the_normalised_path():
+    images, labels = images_batch(4) * 255, labels_batch(4)
+    crop = BatchAugment("strong", crop_size=16)
+    out_images, out_labels = crop.augment_normalized(images, labels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                                                     generator=gen(0))
+    assert out_images.shape == (4, 3, 16, 16) and out_labels.shape == (4, 1, 16, 16)
+    assert set(out_labels.unique().tolist()) <= {0, 1, 2}
+    crop.crop_size = None
+    assert crop.augment_normalized(images, labels, (0.5,) * 3, (0.25,) * 3, generator=gen(0))[0].shape[-2:] == (H, W)
+
+
+def test_copy_paste_puts_another_samples_pet_over_the_image():
+    images, labels = images_batch(6), labels_batch(6, seed=3)
+    paste = BatchAugment("none", copy_paste=1.0)
+    out_images, out_labels = paste(images, labels, generator=gen(0))
+    for i in range(6):
+        donors = [j for j in range(6) if j != i and torch.equal(
+            out_labels[i], torch.where(labels[j] != 0, labels[j], labels[i]))
+            and torch.allclose(out_images[i], torch.where(labels[j] != 0, images[j], images[i]), atol=1e-5)]
+        assert donors, f"sample {i} is not itself with another sample's pet pasted on"
+    assert not torch.equal(out_labels, labels)
+    untouched = BatchAugment("none", copy_paste=0.0)(images, labels, generator=gen(0))
+    assert torch.equal(untouched[1], labels)
