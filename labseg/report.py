@@ -76,7 +76,7 @@ def collect_runs(output_dir: str | Path = "outputs/runs"):
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
-def test_breakdown(output_dir: str | Path = "outputs/runs"):
+def evaluation_breakdown(output_dir: str | Path = "outputs/runs"):
     """Every run evaluated on test: plain Dice, flip TTA, the valid-tuned threshold, and per breed.
 
     One row per run with an ``eval_test.json``; the gains of TTA and of the tuned threshold are
@@ -136,7 +136,9 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
         ax_l.plot(epochs, [h["valid_loss"] for h in history], **style)
     ax_m.set(xlabel="epoch", ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} of every run",
              ylim=(0, 1))
-    ax_l.set(xlabel="epoch", ylabel="valid loss", title="valid loss (thin: other runs)")
+    # Log scale: a from-scratch run's first epochs can have a valid loss 100x the final one.
+    ax_l.set(xlabel="epoch", ylabel="valid loss (log scale)", title="valid loss (thin: other runs)",
+             yscale="log")
     for ax in (ax_m, ax_l):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -237,7 +239,7 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
         markdown_table(finished, shown) if len(finished) else "_None._",
         "",
     ]
-    breakdown = test_breakdown(output_dir)
+    breakdown = evaluation_breakdown(output_dir)
     parts += ["## Test: flip TTA, tuned threshold and per breed", "",
               "Plain = threshold 0.5, no TTA; the threshold is tuned on the valid images, never on test; "
               "per-breed columns are plain Dice.", "",

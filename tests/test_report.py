@@ -3,7 +3,8 @@ import json
 
 import pandas as pd
 
-from labseg.report import best_per_arch, collect_runs, markdown_table, plot_curves, test_breakdown, write_report
+from labseg.report import (best_per_arch, collect_runs, evaluation_breakdown, markdown_table, plot_curves,
+                           write_report)
 from labseg.runs import RunDir
 
 
@@ -78,7 +79,7 @@ def test_breakdown_reads_tta_threshold_and_breeds_apart(tmp_path):
         "arch": "resnet34_unet", "checkpoint": "best", "images": 9, "dice": 0.80,
         "tta": {"dice": 0.83}, "threshold_tuned": {"threshold": 0.4, "dice": 0.81},
         "per_breed": {"Abyssinian": {"dice": 0.9}, "american_bulldog": {"dice": 0.7}}})
-    table = test_breakdown(runs)
+    table = evaluation_breakdown(runs)
     assert list(table["run"]) == ["full"]                  # "plain" was never evaluated
     row = table.iloc[0]
     assert (row["test_dice"], row["tta_dice"], row["threshold"], row["tuned_dice"]) == (0.80, 0.83, 0.4, 0.81)
