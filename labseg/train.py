@@ -195,6 +195,9 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
 
     seed_everything(config.seed)
     amp_dtype = _amp_dtype(config, device)
+    # fp16 (GPUs without bf16, e.g. a T4) needs loss scaling against gradient underflow; with
+    # bf16 or fp32 the scaler is disabled and passes everything through.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # ---- data: cached arrays, breed-stratified valid split of trainval
     trainval = load_split(config.data_dir, "trainval", config.img_size, config.cache_dir, progress=progress)
@@ -226,6 +229,8 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
             plateau.load_state_dict(start["plateau"])
         if ema is not None and start.get("ema"):
             ema.load_state_dict(start["ema"])
+        if scaler.is_enabled() and start.get("scaler"):
+            scaler.load_state_dict(start["scaler"])
         history = list(start["history"])
         best, step = start.get("best"), start.get("step", 0)
         elapsed_before, first_epoch = start.get("elapsed", 0.0), start["epoch"] + 1
@@ -260,6 +265,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
                     "best": best, "history": history, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "plateau": plateau.state_dict() if plateau is not None else None,
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "ema": ema.state_dict() if ema is not None else None}
             if ema is not None:     # evaluate and deploy the averaged weights
                 ckpt["model"] = ema.module.state_dict()
@@ -305,8 +311,9 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
                     logits = step_model(batch.image)
                 loss = loss_fn(logits.float(), batch.target, batch.valid)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 if ema is not None:
                     ema.update_parameters(model)
                 loss_sum += loss.detach()

@@ -196,6 +196,16 @@ def test_amp_follows_the_flag_on_cpu(tiny):
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
     assert {p.dtype for p in result.model.parameters()} == {torch.float32}   # fp32 master weights
 
+
+def test_fp16_trains_with_loss_scaling_and_records_the_scaler(tiny, monkeypatch):
+    # fp16 autocast (GPUs without bf16) must go through a GradScaler; forced here on the CPU.
+    import labseg.train
+    monkeypatch.setattr(labseg.train, "_amp_dtype", lambda config, device: torch.float16)
+    result = fit(arch="resnet34_unet", run_name="fp16", **tiny)
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
+    scaler = load_checkpoint(result.run.checkpoint("last"))["scaler"]
+    assert scaler and scaler["scale"] > 0
+
 class _Exploit:
     def __init__(self, marker):
         self.marker = marker
