@@ -90,9 +90,9 @@ class CheckpointWriter:
     ``submit`` serialises in the caller's thread (a snapshot: training may change the weights
     right after), then writes the bytes atomically to each path in a writer thread, one
     checkpoint at a time, then runs ``then``: records written there never run ahead of the
-    checkpoint a resume starts from. A failed write is raised at the next ``submit`` or ``wait``; whatever
-    happens, each file on disk is a complete old or new checkpoint. Call ``wait`` before reading
-    the files or leaving the run.
+    checkpoint a resume starts from. A failed write is raised at the next ``submit`` or
+    ``wait``; whatever happens, each file on disk is a complete old or new checkpoint. Call
+    ``wait`` before reading the files or leaving the run.
     """
 
     def __init__(self):

@@ -140,7 +140,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def _amp_dtype(config: RunConfig, device: torch.device):
     # Default (amp=None): on for CUDA, and on a CPU with native bf16, where it trains ~1.8x faster
-    # (resnet34_unet 15.8 -> 28 img/s, unet 2.2 -> 4.5 img/s at 128 px, batch 16; docs/results.md).
+    # (resnet34_unet 15.8 -> 28 img/s, unet 2.2 -> 4.5 img/s at 128 px, batch 16; docs/benchmarks.md).
     use = config.amp if config.amp is not None else (device.type == "cuda" or native_bf16(device))
     if not use:
         return None
@@ -286,6 +286,11 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
 
     t0 = time.perf_counter()
     stop_reason, since_best = "completed all epochs", 0
+
+    def progress_now() -> float:
+        """Fraction of training done: by steps, or by time when a budget is set, whichever is further."""
+        spent = time.perf_counter() - t0 + elapsed_before
+        return max(step / max(total_steps, 1), spent / budget if budget else 0.0)
     writer = CheckpointWriter()
     if dist.is_main:
         print(f"labseg: training {config.arch} ({count_parameters(model) / 1e6:.1f}M parameters) on {device}, "
@@ -293,19 +298,16 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     try:
         for epoch in range(first_epoch, config.epochs + 1):
             train_batches.set_epoch(epoch)
-            done = max((epoch - 1) / config.epochs, (time.perf_counter() - t0 + elapsed_before) / budget
-                       if budget else 0.0)
-            augment.crop_size = config.crop_size if config.crop_size and done < config.crop_until else None
+            cropping = config.crop_size and progress_now() < config.crop_until
+            augment.crop_size = config.crop_size if cropping else None
             epoch_start = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             of = f"/{config.epochs}" if config.epochs < UNTIL_BUDGET else f" ({config.time_budget} budget)"
             bar = tqdm(train_batches, desc=f"epoch {epoch}{of}", leave=False,
                        disable=not (progress and dist.is_main))
             for i, batch in enumerate(bar):
-                spent = time.perf_counter() - t0 + elapsed_before
-                progress_frac = max(step / max(total_steps, 1), spent / budget if budget else 0.0)
                 for g, base in zip(optimizer.param_groups, base_lrs):
-                    g["lr"] = base * lr_factor(config.scheduler, progress_frac, step, warmup_steps)
+                    g["lr"] = base * lr_factor(config.scheduler, progress_now(), step, warmup_steps)
 
                 with _autocast(device, amp_dtype):
                     logits = step_model(batch.image)

@@ -95,15 +95,19 @@ class BatchAugment:
         # does, ~(H/crop)² fewer FLOPs per image. Set and cleared between epochs by ``fit``.
         self.crop_size = crop_size
 
+    @property
+    def is_identity(self) -> bool:
+        return self.params is None and not self.crop_size and not self.copy_paste
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
-        if self.params is None and not self.crop_size and not self.copy_paste:
+        if self.is_identity:
             return images, labels
         return self._augment(images, labels, generator, scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
     def augment_normalized(self, images: torch.Tensor, labels: torch.Tensor, mean, std,
                            generator: torch.Generator | None = None):
         """Images N×3×H×W float in 0..255 → augmented and normalised by ``mean``/``std``."""
-        if self.params is None and not self.crop_size and not self.copy_paste:
+        if self.is_identity:
             m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
             s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
             return (images / 255 - m) / s, labels
