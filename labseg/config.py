@@ -18,7 +18,7 @@ ARCHS = ("unet", "resnet34_unet")
 LOSSES = ("bce", "dice", "bce_dice", "tversky", "focal")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
-AUGMENTS = ("none", "light", "strong")
+AUGMENTS = ("none", "light", "strong", "color")
 MONITORS = ("valid_dice", "valid_iou", "valid_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 UNTIL_BUDGET = 100_000     # the epoch count of a run limited by its time budget alone
@@ -82,6 +82,7 @@ class RunConfig:
     crop_size: int | None = None           # train on random crops of this size (px) ...
     crop_until: float | None = None        # ... until this fraction of training, then on whole images
     norm: str | None = None                # "batch" or "none" (UNet only; the paper has none)
+    drop_path: float | None = None         # stochastic depth of the ResNet34 encoder (0 = off)
     valid_fraction: float = 0.1
     seed: int = 0
     monitor: str = "valid_dice"
@@ -138,6 +139,8 @@ class RunConfig:
             raise ConfigError(f"ema={c.ema!r}: expected a decay in [0, 1), e.g. 0.99 (0 = off)")
         if c.copy_paste is not None and not (_is_number(c.copy_paste) and 0 <= c.copy_paste <= 1):
             raise ConfigError(f"copy_paste={c.copy_paste!r}: expected a probability in [0, 1]")
+        if c.drop_path is not None and not (_is_number(c.drop_path) and 0 <= c.drop_path < 1):
+            raise ConfigError(f"drop_path={c.drop_path!r}: expected a probability in [0, 1), e.g. 0.1 (0 = off)")
         if c.crop_size is not None and (not _is_int(c.crop_size) or c.crop_size < 0 or c.crop_size % 32):
             raise ConfigError(f"crop_size={c.crop_size!r}: expected a size in px divisible by 32, "
                               "e.g. 64 (0 = no crops)")

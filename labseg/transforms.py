@@ -33,6 +33,8 @@ class AugmentParams:
     brightness: float = 0.0               # colour factors drawn from [1-x, 1+x]
     contrast: float = 0.0
     saturation: float = 0.0
+    hue: float = 0.0                      # hue turn drawn from [-hue, hue] of a full circle
+    grayscale: float = 0.0                # probability of dropping the colour altogether
 
 
 LEVELS = {
@@ -41,6 +43,10 @@ LEVELS = {
                            brightness=0.2, contrast=0.2, saturation=0.2),
     "strong": AugmentParams(hflip=0.5, degrees=25, scale=(0.75, 1.5), translate=0.12,
                             brightness=0.35, contrast=0.35, saturation=0.35),
+    # "light" geometry with colour made unreliable: the budget runs' worst test images are
+    # background (sofas, fur rugs, brick) whose colour matches the breed's coat.
+    "color": AugmentParams(hflip=0.5, degrees=10, scale=(0.9, 1.25), translate=0.06,
+                           brightness=0.2, contrast=0.2, saturation=0.2, hue=0.2, grayscale=0.1),
 }
 
 NO_AUGMENT = AugmentParams(hflip=0.0)      # identity, for crops without augmentation
@@ -60,7 +66,9 @@ def sample_transform(level: str = "light") -> v2.Compose:
         v2.RandomHorizontalFlip(p.hflip),
         v2.RandomAffine(degrees=p.degrees, translate=(p.translate, p.translate),
                         scale=p.scale),
-        v2.ColorJitter(brightness=p.brightness, contrast=p.contrast, saturation=p.saturation),
+        v2.ColorJitter(brightness=p.brightness, contrast=p.contrast, saturation=p.saturation,
+                       hue=p.hue),
+        v2.RandomGrayscale(p.grayscale),
     ])
 
 
@@ -82,6 +90,10 @@ class BatchAugment:
     """
 
     GRAY = (0.299, 0.587, 0.114)      # luma weights of the saturation jitter (as PIL/torchvision)
+    # Hue turn by angle a as a linear map (SVG feColorMatrix "hueRotate"):
+    #   H(a) = L + cos(a)·(I − L) + sin(a)·K, L = rows of HUE_LUMA; rows of K sum to 0, so grays stay.
+    HUE_LUMA = (0.213, 0.715, 0.072)
+    HUE_K = ((-0.213, -0.715, 0.928), (0.143, 0.140, -0.283), (-0.787, 0.715, 0.072))
 
     def __init__(self, level: str = "light", crop_size: int | None = None, copy_paste: float = 0.0):
         self.level = level
@@ -157,14 +169,21 @@ class BatchAugment:
 
         # Colour jitter on the image only, as one affine colour map per sample:
         #   brightness b: x·b;  contrast c: (x − m)·c + m (m = image mean);  saturation s: (x − g)·s + g
-        #   (g = gray value) compose to  A·x + o  with  A = c·b·(s·I + (1 − s)·1·wᵀ),  o = (1 − c)·b·m.
+        #   (g = gray value; s = 0 is grayscale);  hue: x → H·x
+        #   compose to  A·x + o  with  A = c·b·(s·I + (1 − s)·1·wᵀ)·H,  o = (1 − c)·b·m.
         b = uniform(1 - p.brightness, 1 + p.brightness)
         c = uniform(1 - p.contrast, 1 + p.contrast)
         s = uniform(1 - p.saturation, 1 + p.saturation)
+        s = torch.where(uniform(0, 1) < p.grayscale, 0.0, s)
         m = images.mean(dim=(1, 2, 3)).double().cpu() * scale                 # one small sync
         gray = torch.tensor(self.GRAY, dtype=torch.float64)
         eye = torch.eye(3, dtype=torch.float64)
         A = (c * b).view(n, 1, 1) * (s.view(n, 1, 1) * eye + (1 - s).view(n, 1, 1) * gray.view(1, 1, 3))
+        if p.hue:
+            turn = (uniform(-p.hue, p.hue) * (2 * math.pi)).view(n, 1, 1)
+            luma = torch.tensor(self.HUE_LUMA, dtype=torch.float64).expand(3, 3)
+            hue = luma + torch.cos(turn) * (eye - luma) + torch.sin(turn) * torch.tensor(self.HUE_K, dtype=torch.float64)
+            A = A @ hue
         o = ((1 - c) * b * m).view(n, 1, 1).expand(n, 3, 1)
         # ...then the input scale and the normalisation (x − μ)/σ, both linear too.
         mu = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1)

@@ -114,7 +114,7 @@ def test_hflip_only_with_probability_one_flips_exactly():
 def test_unknown_level_is_refused():
     with pytest.raises(ValueError, match="augment='medium'"):
         BatchAugment("medium")
-    assert set(LEVELS) == {"none", "light", "strong"}
+    assert set(LEVELS) == {"none", "light", "strong", "color"}
 
 
 @pytest.mark.parametrize("level", ["light", "strong"])
@@ -182,3 +182,28 @@ def test_copy_paste_puts_another_samples_pet_over_the_image():
     assert not torch.equal(out_labels, labels)
     untouched = BatchAugment("none", copy_paste=0.0)(images, labels, generator=gen(0))
     assert torch.equal(untouched[1], labels)
+
+
+def test_hue_turns_keep_grays_and_move_colours():
+    """Hue turns: a gray image stays gray whatever the angle; a red one stops being red."""
+    aug = with_params(AugmentParams(hflip=0.0, hue=0.5))
+    labels = labels_batch(32)
+    gray = torch.full((32, 3, H, W), 0.4)
+    out, _ = aug(gray, labels, generator=gen(2))
+    torch.testing.assert_close(out, gray, atol=1e-5, rtol=0)
+    red = torch.zeros(32, 3, H, W)
+    red[:, 0] = 0.8
+    out, _ = aug(red, labels, generator=gen(2))
+    dominant = out.mean(dim=(2, 3)).argmax(dim=1)
+    assert (dominant != 0).any() and (dominant == 0).any()
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_grayscale_drops_the_colour():
+    aug = with_params(AugmentParams(hflip=0.0, grayscale=1.0))
+    out, _ = aug(images_batch(4), labels_batch(4), generator=gen(3))
+    torch.testing.assert_close(out[:, 0], out[:, 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:, 1], out[:, 2], atol=1e-5, rtol=0)
+    none = with_params(AugmentParams(hflip=0.0, grayscale=0.0))
+    out, _ = none(images_batch(4), labels_batch(4), generator=gen(3))
+    assert (out[:, 0] - out[:, 1]).abs().max() > 0.1
