@@ -18,6 +18,7 @@ _COMMON = dict(
     copy_paste=0.0,       # p = 0.5 lowered test Dice (0.830 vs 0.838) on the 3-breed budget runs
     crop_size=0,          # unet on 64 px crops for 70% of the budget: 0.781 vs 0.774, within noise
     crop_until=0.0,
+    drop_path=0.0,        # stochastic depth of the ResNet34 encoder: off (not measured yet)
     norm="batch",         # BatchNorm trains far faster from scratch than the paper's plain UNet
 )
 

@@ -57,7 +57,9 @@ def seed_everything(seed: int) -> None:
 
 
 def model_kwargs(config: RunConfig) -> dict:
-    return {"norm": config.norm} if config.arch == "unet" and config.norm else {}
+    if config.arch == "unet":
+        return {"norm": config.norm} if config.norm else {}
+    return {"drop_path": config.drop_path} if config.drop_path else {}
 
 
 def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:

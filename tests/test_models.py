@@ -64,3 +64,26 @@ def test_no_weights_are_downloaded(monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     for name in MODELS:
         build_model(name)
+
+
+def test_stochastic_depth_drops_branches_in_training_only():
+    from torchvision.ops import StochasticDepth
+
+    plain, dropped = build_model("resnet34_unet"), build_model("resnet34_unet", drop_path=0.3)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()   # same checkpoints
+    rates = [m.p for m in dropped.modules() if isinstance(m, StochasticDepth)]
+    assert len(rates) == 15 and rates[0] == pytest.approx(0.3 / 15) and rates[-1] == pytest.approx(0.3)
+    assert not any(isinstance(m, StochasticDepth) for m in plain.modules())
+    for m in dropped.modules():       # non-zero residual branches, so that dropping one shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(m.weight)
+    x = torch.randn(4, 3, 64, 64)
+    dropped.eval()
+    with torch.no_grad():
+        assert torch.equal(dropped(x), dropped(x))
+        dropped.train()
+        torch.manual_seed(0)
+        a = dropped(x)
+        torch.manual_seed(1)
+        b = dropped(x)
+    assert not torch.allclose(a, b)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchvision.ops import StochasticDepth
+
 from labseg.models.unet import check_input_size, init_weights
 
 
@@ -33,9 +35,13 @@ def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Two 3×3 convs with an identity shortcut, or a 1×1 projection when the shape changes."""
+    """Two 3×3 convs with an identity shortcut, or a 1×1 projection when the shape changes.
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
+    ``drop_path`` > 0: stochastic depth (Huang et al., 2016), the residual branch of a training
+    sample is dropped with that probability, a regulariser for training from scratch on little data.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, drop_path: float = 0.0):
         super().__init__()
         self.conv1 = conv3x3(in_ch, out_ch, stride)
         self.bn1 = nn.BatchNorm2d(out_ch)
@@ -46,34 +52,42 @@ class BasicBlock(nn.Module):
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
                                           nn.BatchNorm2d(out_ch))
+        self.drop_path = StochasticDepth(drop_path, "row") if drop_path else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.shortcut is None else self.shortcut(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.drop_path(self.bn2(self.conv2(out)))
         return self.relu(out + identity)
 
 
 class ResNet34Encoder(nn.Module):
-    """ResNet34 without its classifier; returns the feature map of every stage."""
+    """ResNet34 without its classifier; returns the feature map of every stage.
+
+    ``drop_path``: stochastic depth of the last block, rising linearly from 0 over the 16 blocks.
+    """
 
     channels = (64, 64, 128, 256, 512)      # stem, layer1..layer4
+    blocks = (3, 4, 6, 3)
 
-    def __init__(self, in_channels: int = 3):
+    def __init__(self, in_channels: int = 3, drop_path: float = 0.0):
         super().__init__()
+        total = sum(self.blocks)   # the linear rule of Huang et al.: 0 for the first block
+        rates = iter([drop_path * i / (total - 1) for i in range(total)])
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
                                   nn.BatchNorm2d(64), nn.ReLU(inplace=True))
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.in_ch = 64
-        self.layer1 = self._make_layer(64, 3)
-        self.layer2 = self._make_layer(128, 4, stride=2)
-        self.layer3 = self._make_layer(256, 6, stride=2)
-        self.layer4 = self._make_layer(512, 3, stride=2)
+        self.layer1 = self._make_layer(64, self.blocks[0], rates=rates)
+        self.layer2 = self._make_layer(128, self.blocks[1], stride=2, rates=rates)
+        self.layer3 = self._make_layer(256, self.blocks[2], stride=2, rates=rates)
+        self.layer4 = self._make_layer(512, self.blocks[3], stride=2, rates=rates)
 
-    def _make_layer(self, out_ch: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        layers = [BasicBlock(self.in_ch, out_ch, stride)]
+    def _make_layer(self, out_ch: int, blocks: int, stride: int = 1, rates=None) -> nn.Sequential:
+        rates = rates or iter([0.0] * blocks)
+        layers = [BasicBlock(self.in_ch, out_ch, stride, next(rates))]
         self.in_ch = out_ch
-        layers += [BasicBlock(out_ch, out_ch) for _ in range(blocks - 1)]
+        layers += [BasicBlock(out_ch, out_ch, drop_path=next(rates)) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -118,9 +132,9 @@ class UNetDecoder(nn.Module):
 
 class ResNet34UNet(nn.Module):
     def __init__(self, in_channels: int = 3, out_channels: int = 1,
-                 decoder_channels=(256, 128, 64, 32)):
+                 decoder_channels=(256, 128, 64, 32), drop_path: float = 0.0):
         super().__init__()
-        self.encoder = ResNet34Encoder(in_channels)
+        self.encoder = ResNet34Encoder(in_channels, drop_path)
         self.decoder = UNetDecoder(ResNet34Encoder.channels, decoder_channels)
         self.head = nn.Conv2d(decoder_channels[-1], out_channels, 3, padding=1)
         self.upsample = 2 ** (5 - len(decoder_channels))     # 1 when the decoder reaches full size
