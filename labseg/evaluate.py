@@ -102,6 +102,11 @@ def threshold_sweep(probs: torch.Tensor, split: CachedSplit, thresholds=THRESHOL
     return {float(t): per_image_dice(probs.float() >= t, target).mean().item() for t in thresholds}
 
 
+def eval_file(split: str = "test", which: str = "best") -> str:
+    """Where a run keeps an evaluation: ``eval_test.json`` for best.pt, ``eval_test_last.json``..."""
+    return f"eval_{split}.json" if which == "best" else f"eval_{split}_{which}.json"
+
+
 def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = "best", tta: bool = False,
                  tune_threshold: bool = False, data_dir: str | None = None, batch_size: int = 16,
                  device="auto", progress: bool = True, save: bool = True) -> dict:
@@ -132,7 +137,7 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
         tuned = score(probs_tta if tta else probs, cached, threshold=best_t, tta=tta).summary()
         result["threshold_tuned"] = {"threshold": best_t, "valid_sweep": sweep, **tuned}
     if save:
-        run.write_json(f"eval_{split}.json", result)
+        run.write_json(eval_file(split, which), result)
     return result
 
 

@@ -79,14 +79,14 @@ def collect_runs(output_dir: str | Path = "outputs/runs"):
 def evaluation_breakdown(output_dir: str | Path = "outputs/runs"):
     """Every run evaluated on test: plain Dice, flip TTA, the valid-tuned threshold, and per breed.
 
-    One row per run with an ``eval_test.json``; the gains of TTA and of the tuned threshold are
+    One row per evaluated checkpoint (``eval_test.json``: best.pt, ``eval_test_last.json``: last.pt); the gains of TTA and of the tuned threshold are
     columns of their own so that they read apart from the plain figure.
     """
     import pandas as pd
 
     rows = []
-    for folder in run_folders(output_dir):
-        ev = _read_json(folder / "eval_test.json")
+    for folder, ev in ((f, _read_json(f / name)) for f in run_folders(output_dir)
+                       for name in ("eval_test.json", "eval_test_last.json")):
         if not ev:
             continue
         tta, tuned = ev.get("tta") or {}, ev.get("threshold_tuned") or {}

@@ -79,8 +79,10 @@ def test_breakdown_reads_tta_threshold_and_breeds_apart(tmp_path):
         "arch": "resnet34_unet", "checkpoint": "best", "images": 9, "dice": 0.80,
         "tta": {"dice": 0.83}, "threshold_tuned": {"threshold": 0.4, "dice": 0.81},
         "per_breed": {"Abyssinian": {"dice": 0.9}, "american_bulldog": {"dice": 0.7}}})
+    run.write_json("eval_test_last.json", {"arch": "resnet34_unet", "checkpoint": "last", "images": 9, "dice": 0.85})
     table = evaluation_breakdown(runs)
-    assert list(table["run"]) == ["full"]                  # "plain" was never evaluated
+    assert list(table["run"]) == ["full", "full"]          # "plain" was never evaluated
+    assert list(table["checkpoint"]) == ["best", "last"] and table.iloc[1]["test_dice"] == 0.85
     row = table.iloc[0]
     assert (row["test_dice"], row["tta_dice"], row["threshold"], row["tuned_dice"]) == (0.80, 0.83, 0.4, 0.81)
     assert abs(row["tta_gain"] - 0.03) < 1e-9 and abs(row["tuned_gain"] - 0.01) < 1e-9

@@ -301,6 +301,10 @@ def test_cli_train_evaluate_predict(synthetic_root, tmp_path):
     assert "with flip TTA" in out.stdout and "tuned on valid" in out.stdout
     result = json.loads((run / "eval_test.json").read_text())
     assert set(result["per_breed"]) == {"Blobcat", "Stripecat", "fluffy_dog", "spot_dog"}
+    out = _labseg("evaluate", str(run), "--checkpoint", "last")   # kept beside best.pt's, not over it
+    assert out.returncode == 0, out.stderr
+    assert json.loads((run / "eval_test_last.json").read_text())["checkpoint"] == "last"
+    assert json.loads((run / "eval_test.json").read_text()) == result
     out = _labseg("predict", str(run), str(synthetic_root / "images"), "--out", str(tmp_path / "pred"))
     assert out.returncode == 0, out.stderr
     masks = sorted((tmp_path / "pred").glob("*_mask.png"))
