@@ -314,6 +314,7 @@ def best_run(output_dir: str | Path = "outputs/runs", arch: str | None = None,
 
 
 def run_name_for(config: RunConfig) -> str:
-    """A readable default name from the parameters that usually vary between runs."""
-    name = f"{config.arch}-{config.img_size}px-{config.loss}-lr{config.lr:g}-{config.augment}-s{config.seed}"
+    """A readable default name from the data set and the parameters that usually vary between runs."""
+    dataset = Path(config.data_dir).name or "data"
+    name = f"{dataset}-{config.arch}-{config.img_size}px-{config.loss}-lr{config.lr:g}-{config.augment}-s{config.seed}"
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", name)

@@ -14,7 +14,8 @@ def test_recipe_fills_only_missing_fields():
     ("loss", "hinge", "choose one of: bce, dice, bce_dice, tversky, focal"),
     ("optimizer", "rmsprop", "choose one of: adam, adamw, sgd"),
     ("scheduler", "step", "choose one of: cosine, onecycle, plateau, none"),
-    ("augment", "max", "choose one of: none, light, strong"),
+    ("augment", "max", "choose one of: none, light, strong, color"),
+    ("drop_path", 1.0, "drop_path=1.0: expected a probability in [0, 1)"),
     ("lr", 0, "lr=0: expected a positive number"),
     ("lr", -1e-3, "lr=-0.001"),
     ("epochs", 0, "epochs=0: expected a positive integer"),
@@ -66,3 +67,15 @@ def test_a_time_budget_without_epochs_trains_until_the_budget():
     assert RunConfig(time_budget="25m").with_recipe().epochs == UNTIL_BUDGET
     assert RunConfig(time_budget="25m", epochs=7).with_recipe().epochs == 7
     assert RunConfig().with_recipe().epochs < UNTIL_BUDGET
+
+
+def test_default_run_names_say_which_data_and_which_parameters():
+    from labseg.runs import run_name_for
+
+    sample = RunConfig(arch="unet", data_dir="data/sample").with_recipe()
+    real = RunConfig(arch="unet", data_dir="/x/oxford-pets-3breed/").with_recipe()
+    assert run_name_for(sample).startswith("sample-unet-")
+    assert run_name_for(real).startswith("oxford-pets-3breed-unet-")
+    assert run_name_for(real).removeprefix("oxford-pets-3breed") == run_name_for(sample).removeprefix("sample")
+    other = RunConfig(arch="unet", data_dir="data/sample", lr=3e-3, seed=2).with_recipe()
+    assert run_name_for(other) != run_name_for(sample)
