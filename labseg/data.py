@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -202,9 +203,15 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
+# warnings.catch_warnings swaps process-wide state: without the lock, two cache-building threads
+# could restore each other's filters (and a bomb warning would print instead of being refused).
+# Only the header is read under it, so the threads hardly wait.
+_WARNINGS_LOCK = threading.Lock()
+
+
 def _open_checked(path: Path) -> Image.Image:
     try:
-        with warnings.catch_warnings():
+        with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(path)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
