@@ -134,8 +134,8 @@ def run_workbook(epochs: int = 3, img_size: int = 64, *, data_dir: str = "data/s
                  notebooks_out: str = "outputs/notebooks", progress: bool = True) -> Path:
     """The whole workbook on ``data_dir`` (default: the embedded sample, written if missing).
 
-    01–03 → ``outputs/notebooks/``; 04 once per network, each executed notebook in its run folder;
-    05 on the best of these runs; 06 over every run. Returns ``outputs/report/report.md``.
+    01–03 → ``outputs/notebooks/``; 04 and then 05 once per network, their executed notebooks in
+    the run's folder; 06 over every run. Returns ``outputs/report/report.md``.
     """
     from labseg.runs import RunDir
 
@@ -157,10 +157,10 @@ def run_workbook(epochs: int = 3, img_size: int = 64, *, data_dir: str = "data/s
         folder = run_training_notebook({"arch": arch, "epochs": epochs, **data_params}, output_dir=runs,
                                        progress=progress)
         trained.append(RunDir(folder))
-    best = max(trained, key=lambda r: r.read_summary().get("best_valid_dice") or -1.0)
-    _say(progress, f"labseg demo: 05_evaluate on {best.name}")
-    run_notebook("05_evaluate", out / "05_evaluate.ipynb", {"run": str(best.path), "output_dir": runs},
-                 progress=progress)
+    for run in trained:   # each run's test scores, so that the report can compare the networks
+        _say(progress, f"labseg demo: 05_evaluate on {run.name}")
+        run_notebook("05_evaluate", run.path / "05_evaluate.ipynb", {"run": str(run.path), "output_dir": runs},
+                     progress=progress)
     _say(progress, "labseg demo: 06_report")
     run_notebook("06_report", out / "06_report.ipynb", {"output_dir": runs, "report_dir": rep}, progress=progress)
     return resolve_path(rep) / "report.md"
