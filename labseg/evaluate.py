@@ -123,8 +123,10 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     batches = Batches(cached, batch_size=batch_size, device=dev, channels_last=config.channels_last)
     probs = predict_probs(model, batches)
     plain = score(probs, cached)
+    # "tta" names the flip-TTA variant below; the plain scores carry no flag of that name.
+    plain_scores = {k: v for k, v in plain.summary().items() if k != "tta"}
     result = {"run": run.name, "arch": config.arch, "split": split, "checkpoint": which,
-              "data_dir": str(data_dir), "skipped_pairs": len(cached.skipped), **plain.summary()}
+              "data_dir": str(data_dir), "skipped_pairs": len(cached.skipped), **plain_scores}
     if tta:
         probs_tta = predict_probs(model, batches, tta=True)
         result["tta"] = score(probs_tta, cached, tta=True).summary()

@@ -395,5 +395,10 @@ def test_training_and_evaluation_go_on_past_broken_files(synthetic_root, tmp_pat
     assert trainval[0] in result.summary["skipped"][0][0]
     ev = evaluate_run(result.run, "test", progress=False)
     assert ev["skipped_pairs"] == 1 and ev["images"] == len(test) - 1
+    from labseg.evaluate import format_result
+    from labseg.viz import variants_table
+
+    assert list(variants_table(ev).index) == ["threshold 0.5"]      # no TTA asked, none shown
+    assert "flip TTA" not in format_result(ev)
     err = capfd.readouterr().err
     assert f"skipped {root / 'images' / trainval[0]}.jpg" in err and f"{test[0]}.jpg" in err
