@@ -24,7 +24,7 @@ _COMMON = dict(
 
 RECIPES = {
     # Batch 8: test Dice 0.839/0.852 (best.pt, seeds 0/1) and 0.858/0.852 (last.pt) against batch
-    # 16's 0.846/0.836 and 0.848/0.843 in the 25-min budget runs (2 seeds each; twice the steps, noisier BatchNorm statistics).
+    # 16's 0.846/0.836 and 0.848/0.843 in the 25-min budget runs (twice the steps, noisier BN stats).
     "resnet34_unet": dict(_COMMON, lr=1e-3, batch_size=8),
     "unet": dict(_COMMON, lr=1e-3),
 }

@@ -79,8 +79,9 @@ def collect_runs(output_dir: str | Path = "outputs/runs"):
 def evaluation_breakdown(output_dir: str | Path = "outputs/runs"):
     """Every run evaluated on test: plain Dice, flip TTA, the valid-tuned threshold, and per breed.
 
-    One row per evaluated checkpoint (``eval_test.json``: best.pt, ``eval_test_last.json``: last.pt); the gains of TTA and of the tuned threshold are
-    columns of their own so that they read apart from the plain figure.
+    One row per evaluated checkpoint (``eval_test.json``: best.pt, ``eval_test_last.json``:
+    last.pt); the gains of TTA and of the tuned threshold are columns of their own so that they
+    read apart from the plain figure.
     """
     import pandas as pd
 

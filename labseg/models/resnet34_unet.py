@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torchvision.ops import StochasticDepth
 
 from labseg.models.unet import check_input_size, init_weights
