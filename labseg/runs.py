@@ -44,20 +44,29 @@ class CheckpointError(RuntimeError):
 
 # --------------------------------------------------------------------------- atomic writes
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, then rename it: ``path`` is old or new, never half.
+
+    An OSError (a full disk, say) is raised again with the file and the size in its message.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"could not write {path} ({len(data) / 2**20:.1f} MiB): "
+                                   f"{e.strerror or e}; the previous file, if any, is unchanged") from e
         raise
 
 

@@ -182,9 +182,26 @@ def test_background_writer_raises_a_failed_write_at_the_next_call(tmp_path):
     (tmp_path / "not_a_folder").write_text("a file where the run folder should be")
     writer = CheckpointWriter()
     writer.submit({"model": {}}, tmp_path / "not_a_folder" / "last.pt")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="not_a_folder/last.pt"):
         writer.wait()
     writer.wait()                        # reported once, then the writer is usable again
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+    import labseg.runs
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"arch": "unet", "model": {"w": torch.ones(3)}, "format_version": 1})
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(labseg.runs.os, "fsync", disk_full)
+    with pytest.raises(OSError, match=r"could not write .*last\.pt \(.* MiB\): No space left") as e:
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]       # no temporary file left
 
 
 def test_amp_follows_the_flag_on_cpu(tiny):
