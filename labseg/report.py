@@ -175,10 +175,12 @@ def figure_png(fig: Figure, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
-def _fmt(value) -> str:
+def _fmt(value, column: str = "") -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return ""
     if isinstance(value, (float, np.floating)):
+        if column.endswith("seconds"):      # durations: 7.9 and 14.4, not 7.9000 and 14.4
+            return f"{value:.1f}"
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -188,7 +190,7 @@ def markdown_table(df, columns=None) -> str:
     columns = list(columns or df.columns)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(None if _isna(row[c]) else row[c]) for c in columns) + " |")
+        lines.append("| " + " | ".join(_fmt(None if _isna(row[c]) else row[c], c) for c in columns) + " |")
     return "\n".join(lines)
 
 

@@ -71,6 +71,12 @@ def test_markdown_table_escapes_pipes():
     assert markdown_table(df).splitlines()[-1] == "| x\\|y | 0.1235 |"
 
 
+def test_markdown_table_gives_durations_one_decimal_whatever_their_size():
+    df = pd.DataFrame({"train_seconds": [7.9, 14.4], "best_valid_dice": [0.81234, 0.9]})
+    rows = markdown_table(df).splitlines()[2:]
+    assert rows == ["| 7.9 | 0.8123 |", "| 14.4 | 0.9000 |"]
+
+
 def test_breakdown_reads_tta_threshold_and_breeds_apart(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs, "plain", "unet", [0.5])
