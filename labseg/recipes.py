@@ -25,7 +25,7 @@ _COMMON = dict(
 RECIPES = {
     # Batch 8: test Dice 0.839/0.852 (best.pt, seeds 0/1) and 0.858/0.852 (last.pt) against batch
     # 16's 0.846/0.836 and 0.848/0.843 in the 25-min budget runs (twice the steps, noisier BN stats).
-    # Batch 4 gave 0.851/0.852 (best.pt) but 0.851/0.852 (last.pt) at 14-15 img/s: not better.
+    # Batch 4: 0.851/0.852 on best.pt and on last.pt (batch 8's last.pt: 0.858/0.852), 14-15 img/s.
     "resnet34_unet": dict(_COMMON, lr=1e-3, batch_size=8),
     "unet": dict(_COMMON, lr=1e-3),
 }
