@@ -103,7 +103,7 @@ def threshold_sweep(probs: torch.Tensor, split: CachedSplit, thresholds=THRESHOL
 
 
 def eval_file(split: str = "test", which: str = "best") -> str:
-    """The run-folder file of an evaluation: ``eval_test.json`` for best.pt, ``eval_test_last.json`` for last.pt."""
+    """The run-folder file of an evaluation: ``eval_test.json`` (best.pt), ``eval_test_last.json`` (last.pt)."""
     return f"eval_{split}.json" if which == "best" else f"eval_{split}_{which}.json"
 
 

@@ -13,12 +13,12 @@ _COMMON = dict(
     warmup_epochs=1.0,    # avoids the early BatchNorm/Adam blow-ups of from-scratch training
     weight_decay=1e-4,    # 0.05 gave the best last epoch (0.849) but a worse best.pt (0.835): 1 run, kept
     loss="bce_dice",      # BCE for stable gradients + Dice for the metric we are scored on
-    augment="light",      # flips, small affine, scale-crop, jitter; "strong" 0.813-0.842, "color" 0.831: worse
+    augment="light",      # flips, small affine, scale-crop, jitter; "strong" 0.813-0.842, "color" 0.831
     ema=0.0,              # EMA 0.995 (+ strong aug.) did not raise test Dice under the budget (0.842)
     copy_paste=0.0,       # p = 0.5 lowered test Dice (0.830 vs 0.838) on the 3-breed budget runs
     crop_size=0,          # unet on 64 px crops for 70% of the budget: 0.781 vs 0.774, within noise
     crop_until=0.0,
-    drop_path=0.0,        # stochastic depth 0.1: best.pt 0.849 vs 0.845, last.pt 0.854 vs 0.855 (2 seeds): off
+    drop_path=0.0,        # stochastic depth 0.1: best.pt 0.849 vs 0.845, last.pt 0.854 vs 0.855 (2 seeds)
     norm="batch",         # BatchNorm trains far faster from scratch than the paper's plain UNet
 )
 

@@ -1,4 +1,5 @@
 """The training loop, run folders and checkpoints, end to end on tiny synthetic data."""
+import errno
 import json
 import os
 import pickle
@@ -11,11 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import labseg.runs
 from labseg.data import Batches, load_split, split_trainval
+from labseg.evaluate import evaluate_run, format_result
 from labseg.metrics import per_image_dice
 from labseg.models import build_model
 from labseg.runs import CheckpointError, CheckpointWriter, RunDir, load_checkpoint, load_weights, save_checkpoint
 from labseg.train import TrainingDiverged, _amp_dtype, fit, lr_factor
+from labseg.viz import variants_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -188,8 +192,6 @@ def test_background_writer_raises_a_failed_write_at_the_next_call(tmp_path):
 
 
 def test_a_full_disk_names_the_checkpoint_and_keeps_the_old_one(tmp_path, monkeypatch):
-    import errno
-    import labseg.runs
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"arch": "unet", "model": {"w": torch.ones(3)}, "format_version": 1})
 
@@ -381,7 +383,6 @@ def test_distributed_two_processes_on_cpu(synthetic_root, tmp_path):
 
 @pytest.mark.realdata
 def test_real_data_short_train_and_evaluate(real_root, tmp_path):
-    from labseg.evaluate import evaluate_run
 
     result = fit(arch="resnet34_unet", data_dir=str(real_root), img_size=64, epochs=1, batch_size=8,
                  max_train_images=32, output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
@@ -397,7 +398,6 @@ def test_training_and_evaluation_go_on_past_broken_files(synthetic_root, tmp_pat
     """A copy of the sample with a truncated JPEG and a text file named .jpg in trainval and test."""
     import shutil
 
-    from labseg.evaluate import evaluate_run
 
     root = tmp_path / "broken"
     shutil.copytree(synthetic_root, root)
@@ -412,9 +412,6 @@ def test_training_and_evaluation_go_on_past_broken_files(synthetic_root, tmp_pat
     assert trainval[0] in result.summary["skipped"][0][0]
     ev = evaluate_run(result.run, "test", progress=False)
     assert ev["skipped_pairs"] == 1 and ev["images"] == len(test) - 1
-    from labseg.evaluate import format_result
-    from labseg.viz import variants_table
-
     assert list(variants_table(ev).index) == ["threshold 0.5"]      # no TTA asked, none shown
     assert "flip TTA" not in format_result(ev)
     err = capfd.readouterr().err
