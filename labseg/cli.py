@@ -39,6 +39,7 @@ HELP = {
     "crop_until": "... until this fraction of training (time or epochs), then on whole images",
     "norm": "UNet normalisation: batch or none (the paper's)",
     "drop_path": "ResNet34-UNet: stochastic depth, drop probability of the last encoder block (0 = off)",
+    "decoder_attention": "ResNet34-UNet: decoder attention, none or scse (Roy et al., 2018)",
     "valid_fraction": "share of trainval held out for validation, per breed",
     "seed": "random seed (split, init, shuffling, augmentation)",
     "monitor": "metric for best.pt and early stopping: valid_dice, valid_iou, valid_loss",

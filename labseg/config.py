@@ -83,6 +83,7 @@ class RunConfig:
     crop_until: float | None = None        # ... until this fraction of training, then on whole images
     norm: str | None = None                # "batch" or "none" (UNet only; the paper has none)
     drop_path: float | None = None         # stochastic depth of the ResNet34 encoder (0 = off)
+    decoder_attention: str | None = None   # "none" or "scse" (ResNet34-UNet decoder only)
     valid_fraction: float = 0.1
     seed: int = 0
     monitor: str = "valid_dice"
@@ -141,6 +142,8 @@ class RunConfig:
             raise ConfigError(f"copy_paste={c.copy_paste!r}: expected a probability in [0, 1]")
         if c.drop_path is not None and not (_is_number(c.drop_path) and 0 <= c.drop_path < 1):
             raise ConfigError(f"drop_path={c.drop_path!r}: expected a probability in [0, 1), e.g. 0.1 (0 = off)")
+        if c.decoder_attention is not None and c.decoder_attention not in ("none", "scse"):
+            raise ConfigError(f"decoder_attention={c.decoder_attention!r} is not valid; choose one of: none, scse")
         if c.crop_size is not None and (not _is_int(c.crop_size) or c.crop_size < 0 or c.crop_size % 32):
             raise ConfigError(f"crop_size={c.crop_size!r}: expected a size in px divisible by 32, "
                               "e.g. 64 (0 = no crops)")

@@ -59,7 +59,10 @@ def seed_everything(seed: int) -> None:
 def model_kwargs(config: RunConfig) -> dict:
     if config.arch == "unet":
         return {"norm": config.norm} if config.norm else {}
-    return {"drop_path": config.drop_path} if config.drop_path else {}
+    kwargs = {"drop_path": config.drop_path} if config.drop_path else {}
+    if config.decoder_attention and config.decoder_attention != "none":
+        kwargs["decoder_attention"] = config.decoder_attention
+    return kwargs
 
 
 def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:

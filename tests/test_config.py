@@ -16,6 +16,7 @@ def test_recipe_fills_only_missing_fields():
     ("scheduler", "step", "choose one of: cosine, onecycle, plateau, none"),
     ("augment", "max", "choose one of: none, light, strong, color"),
     ("drop_path", 1.0, "drop_path=1.0: expected a probability in [0, 1)"),
+    ("decoder_attention", "cbam", "decoder_attention='cbam' is not valid; choose one of: none, scse"),
     ("lr", 0, "lr=0: expected a positive number"),
     ("lr", -1e-3, "lr=-0.001"),
     ("epochs", 0, "epochs=0: expected a positive integer"),

@@ -87,3 +87,31 @@ def test_stochastic_depth_drops_branches_in_training_only():
         torch.manual_seed(1)
         b = dropped(x)
     assert not torch.allclose(a, b)
+
+
+def test_scse_decoder_starts_as_the_plain_network_and_its_gates_learn():
+    from labseg.config import RunConfig
+    from labseg.models.resnet34_unet import SCSE
+    from labseg.train import model_kwargs
+
+    config = RunConfig(arch="resnet34_unet", decoder_attention="scse").with_recipe().validate()
+    attended, plain = build_model("resnet34_unet", **model_kwargs(config)), build_model("resnet34_unet")
+    gates = [m for m in attended.modules() if isinstance(m, SCSE)]
+    assert len(gates) == 8                          # before and after each of the 4 decoder blocks
+    assert not any(isinstance(m, SCSE) for m in plain.modules())
+    keys = attended.load_state_dict(plain.state_dict(), strict=False)   # share all other weights
+    assert not keys.unexpected_keys and keys.missing_keys
+    assert all(".attention" in k for k in keys.missing_keys)
+    x = torch.randn(2, 3, 64, 64)
+    attended.eval(), plain.eval()
+    with torch.no_grad():
+        expected = plain(x)
+        assert expected.abs().max() > 0
+        assert torch.allclose(attended(x), expected, atol=1e-6)     # gates at 0.5 + 0.5: identity
+    attended.train()
+    attended(x).square().mean().backward()
+    for gate in gates:                              # both branches of every gate get a gradient
+        assert gate.cse[3].weight.grad.abs().sum() > 0
+        assert gate.sse[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="decoder_attention='se' is not valid"):
+        build_model("resnet34_unet", decoder_attention="se")

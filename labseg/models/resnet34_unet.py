@@ -98,29 +98,60 @@ class ResNet34Encoder(nn.Module):
         return [s0, s1, s2, s3, s4]
 
 
-class DecoderBlock(nn.Module):
-    """Upsample ×2 (nearest), concatenate the skip, then 3×3 conv → BN → ReLU, twice."""
+class SCSE(nn.Module):
+    """Concurrent spatial and channel squeeze & excitation (Roy et al., 2018): x·cSE(x) + x·sSE(x).
 
-    def __init__(self, in_ch: int, skip_ch: int, out_ch: int):
+    cSE re-weights channels from the global average of each, sSE re-weights pixels from a 1×1
+    conv over the channels. The last conv of each gate starts at zero, so both gates start at
+    0.5 and the module at the identity.
+    """
+
+    def __init__(self, ch: int, reduction: int = 16):
         super().__init__()
+        hidden = max(ch // reduction, 1)
+        self.cse = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(ch, hidden, 1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(hidden, ch, 1), nn.Sigmoid())
+        self.sse = nn.Sequential(nn.Conv2d(ch, 1, 1), nn.Sigmoid())
+
+    def reset_gates(self) -> None:
+        for conv in (self.cse[3], self.sse[0]):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.cse(x) + x * self.sse(x)
+
+
+class DecoderBlock(nn.Module):
+    """Upsample ×2 (nearest), concatenate the skip, then 3×3 conv → BN → ReLU, twice.
+
+    ``attention=True``: scSE on the concatenated input and on the output, as
+    segmentation_models_pytorch's ``decoder_attention_type="scse"`` places it.
+    """
+
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, attention: bool = False):
+        super().__init__()
+        self.attention1 = SCSE(in_ch + skip_ch) if attention else nn.Identity()
         self.conv1 = nn.Sequential(conv3x3(in_ch + skip_ch, out_ch), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
         self.conv2 = nn.Sequential(conv3x3(out_ch, out_ch), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+        self.attention2 = SCSE(out_ch) if attention else nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
-        return self.conv2(self.conv1(x))
+        return self.attention2(self.conv2(self.conv1(self.attention1(x))))
 
 
 class UNetDecoder(nn.Module):
     """UNet decoder over the encoder's stages: one block per skip, coarse to fine."""
 
-    def __init__(self, encoder_channels=(64, 64, 128, 256, 512), channels=(256, 128, 64, 32)):
+    def __init__(self, encoder_channels=(64, 64, 128, 256, 512), channels=(256, 128, 64, 32),
+                 attention: bool = False):
         super().__init__()
         skips = list(encoder_channels[:-1][::-1]) + [0]      # 256, 128, 64, 64, then none at full size
         ins = [encoder_channels[-1], *channels[:-1]]
-        self.blocks = nn.ModuleList(DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, channels))
+        self.blocks = nn.ModuleList(DecoderBlock(i, s, o, attention) for i, s, o in zip(ins, skips, channels))
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         x, skips = features[-1], features[:-1][::-1]
@@ -131,16 +162,21 @@ class UNetDecoder(nn.Module):
 
 class ResNet34UNet(nn.Module):
     def __init__(self, in_channels: int = 3, out_channels: int = 1,
-                 decoder_channels=(256, 128, 64, 32), drop_path: float = 0.0):
+                 decoder_channels=(256, 128, 64, 32), drop_path: float = 0.0,
+                 decoder_attention: str = "none"):
         super().__init__()
+        if decoder_attention not in ("none", "scse"):
+            raise ValueError(f"decoder_attention={decoder_attention!r} is not valid; choose one of: none, scse")
         self.encoder = ResNet34Encoder(in_channels, drop_path)
-        self.decoder = UNetDecoder(ResNet34Encoder.channels, decoder_channels)
+        self.decoder = UNetDecoder(ResNet34Encoder.channels, decoder_channels, decoder_attention == "scse")
         self.head = nn.Conv2d(decoder_channels[-1], out_channels, 3, padding=1)
         self.upsample = 2 ** (5 - len(decoder_channels))     # 1 when the decoder reaches full size
         init_weights(self)
         for m in self.modules():                  # zero-init the last BN of each residual branch:
             if isinstance(m, BasicBlock):         # blocks start as identities (Goyal et al., 2017)
                 nn.init.zeros_(m.bn2.weight)
+            elif isinstance(m, SCSE):             # so do the attention gates (init_weights' He
+                m.reset_gates()                   # init would saturate the 1-channel sSE gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x)
