@@ -19,7 +19,7 @@ _COMMON = dict(
     crop_size=0,          # unet on 64 px crops for 70% of the budget: 0.781 vs 0.774, within noise
     crop_until=0.0,
     drop_path=0.0,        # stochastic depth 0.1: best.pt 0.849 vs 0.845, last.pt 0.854 vs 0.855 (2 seeds)
-    decoder_attention="none",  # scSE: see docs/results.md, fifth round
+    decoder_attention="none",  # scSE: best.pt 0.843 vs 0.845, last.pt 0.850 vs 0.855, ~15% slower (2 seeds)
     norm="batch",         # BatchNorm trains far faster from scratch than the paper's plain UNet
 )
 
@@ -27,6 +27,7 @@ RECIPES = {
     # Batch 8: test Dice 0.839/0.852 (best.pt, seeds 0/1) and 0.858/0.852 (last.pt) against batch
     # 16's 0.846/0.836 and 0.848/0.843 in the 25-min budget runs (twice the steps, noisier BN stats).
     # Batch 4: 0.851/0.852 on best.pt and on last.pt (batch 8's last.pt: 0.858/0.852), 14-15 img/s.
+    # lr 2e-3: 0.846 vs 0.845 (best.pt), 0.854 vs 0.855 (last.pt), 2 seeds: kept at 1e-3.
     "resnet34_unet": dict(_COMMON, lr=1e-3, batch_size=8),
     "unet": dict(_COMMON, lr=1e-3),
 }
