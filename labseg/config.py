@@ -124,6 +124,8 @@ class RunConfig:
                 self._check_choice(name, value, choices)
         if c.norm is not None:
             self._check_choice("norm", c.norm, ("batch", "none"))
+        if c.decoder_attention is not None:
+            self._check_choice("decoder_attention", c.decoder_attention, ("none", "scse"))
         for name in ("epochs", "batch_size", "img_size"):
             value = getattr(c, name)
             if value is not None and (not _is_int(value) or value <= 0):
@@ -142,8 +144,6 @@ class RunConfig:
             raise ConfigError(f"copy_paste={c.copy_paste!r}: expected a probability in [0, 1]")
         if c.drop_path is not None and not (_is_number(c.drop_path) and 0 <= c.drop_path < 1):
             raise ConfigError(f"drop_path={c.drop_path!r}: expected a probability in [0, 1), e.g. 0.1 (0 = off)")
-        if c.decoder_attention is not None and c.decoder_attention not in ("none", "scse"):
-            raise ConfigError(f"decoder_attention={c.decoder_attention!r} is not valid; choose one of: none, scse")
         if c.crop_size is not None and (not _is_int(c.crop_size) or c.crop_size < 0 or c.crop_size % 32):
             raise ConfigError(f"crop_size={c.crop_size!r}: expected a size in px divisible by 32, "
                               "e.g. 64 (0 = no crops)")

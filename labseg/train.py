@@ -60,7 +60,7 @@ def model_kwargs(config: RunConfig) -> dict:
     if config.arch == "unet":
         return {"norm": config.norm} if config.norm else {}
     kwargs = {"drop_path": config.drop_path} if config.drop_path else {}
-    if config.decoder_attention and config.decoder_attention != "none":
+    if config.decoder_attention:
         kwargs["decoder_attention"] = config.decoder_attention
     return kwargs
 

@@ -1,7 +1,10 @@
 import pytest
 import torch
 
+from labseg.config import RunConfig
 from labseg.models import MODELS, build_model, count_parameters
+from labseg.models.resnet34_unet import SCSE
+from labseg.train import model_kwargs
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
@@ -90,10 +93,6 @@ def test_stochastic_depth_drops_branches_in_training_only():
 
 
 def test_scse_decoder_starts_as_the_plain_network_and_its_gates_learn():
-    from labseg.config import RunConfig
-    from labseg.models.resnet34_unet import SCSE
-    from labseg.train import model_kwargs
-
     config = RunConfig(arch="resnet34_unet", decoder_attention="scse").with_recipe().validate()
     attended, plain = build_model("resnet34_unet", **model_kwargs(config)), build_model("resnet34_unet")
     gates = [m for m in attended.modules() if isinstance(m, SCSE)]
