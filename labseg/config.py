@@ -19,6 +19,7 @@ LOSSES = ("bce", "dice", "bce_dice", "tversky", "focal")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 AUGMENTS = ("none", "light", "strong", "color")
+DECODER_ATTENTIONS = ("none", "scse")
 MONITORS = ("valid_dice", "valid_iou", "valid_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 UNTIL_BUDGET = 100_000     # the epoch count of a run limited by its time budget alone
@@ -125,7 +126,7 @@ class RunConfig:
         if c.norm is not None:
             self._check_choice("norm", c.norm, ("batch", "none"))
         if c.decoder_attention is not None:
-            self._check_choice("decoder_attention", c.decoder_attention, ("none", "scse"))
+            self._check_choice("decoder_attention", c.decoder_attention, DECODER_ATTENTIONS)
         for name in ("epochs", "batch_size", "img_size"):
             value = getattr(c, name)
             if value is not None and (not _is_int(value) or value <= 0):

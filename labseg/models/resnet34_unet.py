@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from labseg.config import DECODER_ATTENTIONS
 from labseg.models.unet import check_input_size, init_weights
 
 
@@ -165,8 +166,9 @@ class ResNet34UNet(nn.Module):
                  decoder_channels=(256, 128, 64, 32), drop_path: float = 0.0,
                  decoder_attention: str = "none"):
         super().__init__()
-        if decoder_attention not in ("none", "scse"):
-            raise ValueError(f"decoder_attention={decoder_attention!r} is not valid; choose one of: none, scse")
+        if decoder_attention not in DECODER_ATTENTIONS:
+            raise ValueError(f"decoder_attention={decoder_attention!r} is not valid; "
+                             f"choose one of: {', '.join(DECODER_ATTENTIONS)}")
         self.encoder = ResNet34Encoder(in_channels, drop_path)
         self.decoder = UNetDecoder(ResNet34Encoder.channels, decoder_channels, decoder_attention == "scse")
         self.head = nn.Conv2d(decoder_channels[-1], out_channels, 3, padding=1)
