@@ -1,7 +1,8 @@
 """Losses for binary segmentation on 1-channel logits.
 
 Every loss takes ``(logits, target, valid)``, all N×1×H×W, where ``valid`` is 0 on pixels left
-out of the loss (the trimap border with ``ignore_border``) and 1 elsewhere.
+out of the loss (the trimap border with ``ignore_border``) and 1 elsewhere. Logits may come in
+bf16/fp16 from autocast: each loss computes in float32.
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ EPS = 1.0   # smoothing of the soft Dice/Tversky ratios, in pixels: keeps empty 
 
 
 def bce(logits, target, valid):
-    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
     return (loss * valid).sum() / valid.sum().clamp_min(1)
 
 
 def _soft_overlap(logits, target, valid):
-    prob = torch.sigmoid(logits) * valid
+    prob = torch.sigmoid(logits.float()) * valid
     target = target * valid
     dims = (1, 2, 3)
     tp = (prob * target).sum(dims)
@@ -38,6 +39,7 @@ def tversky(logits, target, valid, alpha: float = 0.3, beta: float = 0.7):
 
 def focal(logits, target, valid, gamma: float = 2.0, alpha: float = 0.25):
     """Focal loss (Lin et al., 2017): down-weights the easy pixels."""
+    logits = logits.float()
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p = torch.sigmoid(logits)
     p_t = p * target + (1 - p) * (1 - target)
@@ -51,6 +53,21 @@ def bce_dice(logits, target, valid):
 
 
 LOSSES = {"bce": bce, "dice": dice, "bce_dice": bce_dice, "tversky": tversky, "focal": focal}
+
+
+def deep_supervised(loss_fn):
+    """``loss_fn`` for a deep-supervised network's training output ``(logits, aux)``.
+
+    ``aux`` holds full-size logits from the inner decoder blocks, coarse to fine. As in nnU-Net
+    (Isensee et al., 2021) each coarser output weighs half the next finer one (…, 1/4, 1/2, and 1
+    for the final logits), and the weights are normalised to sum to 1.
+    """
+    def loss(outputs, target, valid):
+        logits, aux = outputs
+        weights = [1.0] + [0.5 ** (len(aux) - i) for i in range(len(aux))]
+        terms = [loss_fn(x, target, valid) for x in (logits, *aux)]
+        return sum(w * t for w, t in zip(weights, terms)) / sum(weights)
+    return loss
 
 
 def build_loss(name: str):

@@ -20,6 +20,7 @@ _COMMON = dict(
     crop_until=0.0,
     drop_path=0.0,        # stochastic depth 0.1: best.pt 0.849 vs 0.845, last.pt 0.854 vs 0.855 (2 seeds)
     decoder_attention="none",  # scSE: best.pt 0.843 vs 0.845, last.pt 0.850 vs 0.855, ~15% slower (2 seeds)
+    deep_supervision=False,  # not measured yet
     norm="batch",         # BatchNorm trains far faster from scratch than the paper's plain UNet
 )
 

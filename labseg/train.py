@@ -26,7 +26,7 @@ from torch import nn
 
 from labseg.config import UNTIL_BUDGET, ConfigError, RunConfig, pick_device
 from labseg.data import Batches, load_split, split_trainval
-from labseg.losses import build_loss
+from labseg.losses import build_loss, deep_supervised
 from labseg.metrics import per_image_dice, per_image_iou
 from labseg.models import build_model, count_parameters
 from labseg.runs import (CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, RunDir, load_checkpoint,
@@ -62,6 +62,8 @@ def model_kwargs(config: RunConfig) -> dict:
     kwargs = {"drop_path": config.drop_path} if config.drop_path else {}
     if config.decoder_attention:
         kwargs["decoder_attention"] = config.decoder_attention
+    if config.deep_supervision:
+        kwargs["deep_supervision"] = True
     return kwargs
 
 
@@ -225,6 +227,8 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min" if config.monitor.endswith("loss")
                else "max", factor=0.5, patience=3) if config.scheduler == "plateau" else None)
     loss_fn = build_loss(config.loss)
+    # A deep-supervised network returns (logits, aux logits) in training; validation sees logits only.
+    train_loss_fn = deep_supervised(loss_fn) if config.deep_supervision else loss_fn
     ema = _ema_model(model, config.ema)
     history, best, step, elapsed_before, first_epoch = [], None, 0, 0.0, 1
     if start is not None:
@@ -315,8 +319,8 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
                     g["lr"] = base * lr_factor(config.scheduler, progress_now(), step, warmup_steps)
 
                 with _autocast(device, amp_dtype):
-                    logits = step_model(batch.image)
-                loss = loss_fn(logits.float(), batch.target, batch.valid)
+                    out = step_model(batch.image)
+                loss = train_loss_fn(out, batch.target, batch.valid)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from labseg.losses import LOSSES, build_loss
+from labseg.losses import LOSSES, build_loss, deep_supervised
 from labseg.metrics import dice_score, iou_score, per_image_dice, pixel_accuracy, pooled_dice
 
 
@@ -66,3 +66,17 @@ def test_invalid_pixels_do_not_count(name):
 def test_unknown_loss_lists_choices():
     with pytest.raises(ValueError, match="bce, dice, bce_dice, tversky, focal"):
         build_loss("hinge")
+
+
+def test_deep_supervised_loss_weighs_the_aux_outputs():
+    loss = build_loss("bce_dice")
+    supervised = deep_supervised(loss)
+    target = masks([1, 1, 0, 0], [0, 1, 1, 0])
+    valid = torch.ones_like(target)
+    good, bad = (target * 2 - 1) * 4, (1 - target * 2) * 4
+    # all outputs alike: the normalised weights give back the plain loss
+    assert supervised((good, [good, good, good]), target, valid) == pytest.approx(loss(good, target, valid).item())
+    # weights 1/8, 1/4, 1/2 (coarse to fine) and 1 for the logits, over their sum 15/8
+    expected = (loss(good, target, valid) * (1 + 1 / 4 + 1 / 2) + loss(bad, target, valid) / 8) / (15 / 8)
+    assert supervised((good, [bad, good, good]), target, valid) == pytest.approx(expected.item())
+    assert supervised((good, [good, good, bad]), target, valid) > supervised((good, [bad, good, good]), target, valid)

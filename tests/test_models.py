@@ -114,3 +114,24 @@ def test_scse_decoder_starts_as_the_plain_network_and_its_gates_learn():
         assert gate.sse[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="decoder_attention='se' is not valid"):
         build_model("resnet34_unet", decoder_attention="se")
+
+
+def test_deep_supervision_adds_training_only_heads():
+    config = RunConfig(arch="resnet34_unet", deep_supervision=True).with_recipe().validate()
+    supervised, plain = build_model("resnet34_unet", **model_kwargs(config)), build_model("resnet34_unet")
+    keys = supervised.load_state_dict(plain.state_dict(), strict=False)   # share all other weights
+    assert not keys.unexpected_keys and keys.missing_keys
+    assert all(k.startswith("aux_heads.") for k in keys.missing_keys)
+    x = torch.randn(2, 3, 64, 64)
+    supervised.eval(), plain.eval()
+    with torch.no_grad():                           # inference: the plain network's logits, heads unused
+        assert torch.equal(supervised(x), plain(x))
+    supervised.train()
+    logits, aux = supervised(x)
+    assert logits.shape == (2, 1, 64, 64)
+    assert [a.shape for a in aux] == [(2, 1, 64, 64)] * 3      # from the H/16, H/8 and H/4 blocks
+    sum(a.square().mean() for a in aux).backward()
+    for head in supervised.aux_heads:               # every head, and the decoder below it, learns
+        assert head.weight.grad.abs().sum() > 0
+    assert supervised.decoder.blocks[0].conv1[0].weight.grad.abs().sum() > 0
+    assert supervised.head.weight.grad is None      # the aux terms alone do not reach the final head

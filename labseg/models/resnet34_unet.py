@@ -154,17 +154,20 @@ class UNetDecoder(nn.Module):
         ins = [encoder_channels[-1], *channels[:-1]]
         self.blocks = nn.ModuleList(DecoderBlock(i, s, o, attention) for i, s, o in zip(ins, skips, channels))
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The output of every block, coarse to fine; the last one feeds the head."""
         x, skips = features[-1], features[:-1][::-1]
+        outs = []
         for i, block in enumerate(self.blocks):
             x = block(x, skips[i] if i < len(skips) else None)
-        return x
+            outs.append(x)
+        return outs
 
 
 class ResNet34UNet(nn.Module):
     def __init__(self, in_channels: int = 3, out_channels: int = 1,
                  decoder_channels=(256, 128, 64, 32), drop_path: float = 0.0,
-                 decoder_attention: str = "none"):
+                 decoder_attention: str = "none", deep_supervision: bool = False):
         super().__init__()
         if decoder_attention not in DECODER_ATTENTIONS:
             raise ValueError(f"decoder_attention={decoder_attention!r} is not valid; "
@@ -172,7 +175,10 @@ class ResNet34UNet(nn.Module):
         self.encoder = ResNet34Encoder(in_channels, drop_path)
         self.decoder = UNetDecoder(ResNet34Encoder.channels, decoder_channels, decoder_attention == "scse")
         self.head = nn.Conv2d(decoder_channels[-1], out_channels, 3, padding=1)
-        self.upsample = 2 ** (5 - len(decoder_channels))     # 1 when the decoder reaches full size
+        # Deep supervision (Lee et al., 2015): a 1×1 head on each inner decoder block gives those
+        # blocks a direct gradient from the mask. Used in training only; inference ignores them.
+        self.aux_heads = (nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in decoder_channels[:-1])
+                          if deep_supervision else None)
         init_weights(self)
         for m in self.modules():                  # zero-init the last BN of each residual branch:
             if isinstance(m, BasicBlock):         # blocks start as identities (Goyal et al., 2017)
@@ -180,9 +186,17 @@ class ResNet34UNet(nn.Module):
             elif isinstance(m, SCSE):             # so do the attention gates (init_weights' He
                 m.reset_gates()                   # init would saturate the 1-channel sSE gate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         check_input_size(x)
-        logits = self.head(self.decoder(self.encoder(x)))
-        if self.upsample > 1:
-            logits = F.interpolate(logits, scale_factor=float(self.upsample), mode="bilinear", align_corners=False)
-        return logits             # 1 × H × W
+        stages = self.decoder(self.encoder(x))
+        logits = self._full_size(self.head(stages[-1]), x)          # 1 × H × W
+        if self.aux_heads is None or not self.training:
+            return logits
+        # training with deep supervision: also 1 × H × W logits from the H/16, H/8, H/4 blocks
+        return logits, [self._full_size(head(s), x) for head, s in zip(self.aux_heads, stages)]
+
+    @staticmethod
+    def _full_size(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-2:] == x.shape[-2:]:
+            return logits
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
