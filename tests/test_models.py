@@ -126,6 +126,7 @@ def test_deep_supervision_adds_training_only_heads():
     supervised.eval(), plain.eval()
     with torch.no_grad():                           # inference: the plain network's logits, heads unused
         assert torch.equal(supervised(x), plain(x))
+        assert torch.is_tensor(supervised.decoder(supervised.encoder(x)))   # what feature-map hooks see
     supervised.train()
     logits, aux = supervised(x)
     assert logits.shape == (2, 1, 64, 64)

@@ -154,14 +154,14 @@ class UNetDecoder(nn.Module):
         ins = [encoder_channels[-1], *channels[:-1]]
         self.blocks = nn.ModuleList(DecoderBlock(i, s, o, attention) for i, s, o in zip(ins, skips, channels))
 
-    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The output of every block, coarse to fine; the last one feeds the head."""
+    def forward(self, features: list[torch.Tensor], all_blocks: bool = False):
+        """The last block's output; with ``all_blocks``, every block's output, coarse to fine."""
         x, skips = features[-1], features[:-1][::-1]
         outs = []
         for i, block in enumerate(self.blocks):
             x = block(x, skips[i] if i < len(skips) else None)
             outs.append(x)
-        return outs
+        return outs if all_blocks else x
 
 
 class ResNet34UNet(nn.Module):
@@ -188,12 +188,13 @@ class ResNet34UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         check_input_size(x)
-        stages = self.decoder(self.encoder(x))
-        logits = self._full_size(self.head(stages[-1]), x)          # 1 × H × W
+        features = self.encoder(x)
         if self.aux_heads is None or not self.training:
-            return logits
+            return self._full_size(self.head(self.decoder(features)), x)      # 1 × H × W
         # training with deep supervision: also 1 × H × W logits from the H/16, H/8, H/4 blocks
-        return logits, [self._full_size(head(s), x) for head, s in zip(self.aux_heads, stages)]
+        blocks = self.decoder(features, all_blocks=True)
+        aux = [self._full_size(head(b), x) for head, b in zip(self.aux_heads, blocks)]
+        return self._full_size(self.head(blocks[-1]), x), aux
 
     @staticmethod
     def _full_size(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
