@@ -58,9 +58,9 @@ LOSSES = {"bce": bce, "dice": dice, "bce_dice": bce_dice, "tversky": tversky, "f
 def deep_supervised(loss_fn):
     """``loss_fn`` for a deep-supervised network's training output ``(logits, aux)``.
 
-    ``aux`` holds full-size logits from the inner decoder blocks, coarse to fine. As in nnU-Net
-    (Isensee et al., 2021) each coarser output weighs half the next finer one (…, 1/4, 1/2, and 1
-    for the final logits), and the weights are normalised to sum to 1.
+    ``aux`` holds full-size logits from the inner decoder blocks, coarse to fine. Each coarser
+    output weighs half the next finer one (…, 1/4, 1/2, and 1 for the final logits), normalised
+    to sum to 1: nnU-Net's weighting (Isensee et al., 2021), which also drops its coarsest output.
     """
     def loss(outputs, target, valid):
         logits, aux = outputs
