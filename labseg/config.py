@@ -79,6 +79,7 @@ class RunConfig:
     loss: str | None = None
     augment: str | None = None
     ema: float | None = None               # EMA decay of the weights (0 = off)
+    swa: float | None = None               # average the weights from this fraction of training on (0 = off)
     copy_paste: float | None = None        # probability of pasting another image's pet over a sample
     crop_size: int | None = None           # train on random crops of this size (px) ...
     crop_until: float | None = None        # ... until this fraction of training, then on whole images
@@ -144,6 +145,15 @@ class RunConfig:
             raise ConfigError(f"weight_decay={c.weight_decay!r}: expected a number >= 0")
         if c.ema is not None and not (_is_number(c.ema) and 0 <= c.ema < 1):
             raise ConfigError(f"ema={c.ema!r}: expected a decay in [0, 1), e.g. 0.99 (0 = off)")
+        if c.swa is not None and not (_is_number(c.swa) and 0 <= c.swa < 1):
+            raise ConfigError(f"swa={c.swa!r}: expected the fraction of training where weight averaging "
+                              "starts, in [0, 1), e.g. 0.75 (0 = off)")
+        if c.swa and c.scheduler not in (None, "cosine"):
+            raise ConfigError(f"swa={c.swa!r} needs scheduler='cosine' (it decays the lr to the "
+                              f"averaging lr), not {c.scheduler!r}")
+        if c.swa and c.ema:
+            raise ConfigError(f"swa={c.swa!r} and ema={c.ema!r}: choose one way of averaging the weights "
+                              "(set the other to 0)")
         if c.copy_paste is not None and not (_is_number(c.copy_paste) and 0 <= c.copy_paste <= 1):
             raise ConfigError(f"copy_paste={c.copy_paste!r}: expected a probability in [0, 1]")
         if c.drop_path is not None and not (_is_number(c.drop_path) and 0 <= c.drop_path < 1):

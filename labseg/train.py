@@ -84,10 +84,23 @@ def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True, **fused)
 
 
-def lr_factor(schedule: str, progress: float, step: int = 0, warmup_steps: int = 0) -> float:
+SWA_LR = 0.1   # the lr while weights are averaged (SWA), as a fraction of the base lr
+
+
+def lr_factor(schedule: str, progress: float, step: int = 0, warmup_steps: int = 0,
+              swa_start: float = 0.0) -> float:
     """Multiplier of the base lr: a linear warm-up over the first ``warmup_steps`` steps, times the
-    schedule's decay at ``progress`` ∈ [0, 1] of training (steps or time budget, whichever is further)."""
+    schedule's decay at ``progress`` ∈ [0, 1] of training (steps or time budget, whichever is further).
+
+    With ``swa_start`` (cosine only), the cosine reaches ``SWA_LR`` at that fraction of training and
+    the lr stays there while the weights are averaged: a constant lr keeps the averaged models
+    apart, which is what makes their mean better than any one of them (Izmailov et al., 2018).
+    """
     progress = min(max(progress, 0.0), 1.0)
+    if swa_start and schedule == "cosine":
+        warm = min(1.0, 0.01 + 0.99 * step / warmup_steps) if warmup_steps > 0 else 1.0
+        p = min(progress / swa_start, 1.0)
+        return warm * (0.5 * (1 + math.cos(math.pi * p)) * (1 - SWA_LR) + SWA_LR)
     if schedule == "onecycle":     # its own warm-up: ramp up over 30% (from lr/25), then cosine to ~0
         peak = 0.3
         if progress < peak:
@@ -104,6 +117,15 @@ def _ema_model(model: nn.Module, decay: float):
         return None
     return torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _finish_swa(swa, batches: Batches) -> nn.Module:
+    """The averaged network with BatchNorm statistics recomputed for its own weights.
+
+    The running means and variances of the averaged models do not belong to the averaged weights,
+    so one pass over the training images (no augmentation) measures them again."""
+    torch.optim.swa_utils.update_bn((b.image for b in batches), swa.module)
+    return swa.module
 
 
 @torch.inference_mode()
@@ -230,14 +252,20 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     # A deep-supervised network returns (logits, aux logits) in training; validation sees logits only.
     train_loss_fn = deep_supervised(loss_fn) if config.deep_supervision else loss_fn
     ema = _ema_model(model, config.ema)
+    # SWA averages one snapshot per epoch from config.swa of training on (equal weights).
+    swa = torch.optim.swa_utils.AveragedModel(model) if config.swa else None
     history, best, step, elapsed_before, first_epoch = [], None, 0, 0.0, 1
     if start is not None:
-        load_weights(model, start, config.arch, source=str(run.checkpoint("last")))
+        # With EMA or SWA, "model" holds the averaged weights and "raw_model" the trained ones.
+        load_weights(model, {**start, "model": start.get("raw_model") or start["model"]}, config.arch,
+                     source=str(run.checkpoint("last")))
         optimizer.load_state_dict(start["optimizer"])
         if plateau is not None and start.get("plateau"):
             plateau.load_state_dict(start["plateau"])
         if ema is not None and start.get("ema"):
             ema.load_state_dict(start["ema"])
+        if swa is not None and start.get("swa"):
+            swa.load_state_dict(start["swa"])
         if scaler.is_enabled() and start.get("scaler"):
             scaler.load_state_dict(start["scaler"])
         history = list(start["history"])
@@ -258,6 +286,21 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     if start is not None:
         base_lrs = [config.lr] * len(base_lrs)
 
+    def checkpoint(epoch, deployed=None) -> dict:
+        """Everything a resume needs; ``deployed`` (averaged weights) goes in "model" if given."""
+        ckpt = {"format_version": CHECKPOINT_FORMAT, "arch": config.arch, "config": config.to_dict(),
+                "epoch": epoch, "step": step, "elapsed": time.perf_counter() - t0 + elapsed_before,
+                "best": best, "history": history, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "plateau": plateau.state_dict() if plateau is not None else None,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "swa": swa.state_dict() if swa is not None else None}
+        if deployed is not None:    # evaluate and deploy the averaged weights
+            ckpt["model"] = deployed.state_dict()
+            ckpt["raw_model"] = model.state_dict()
+        return ckpt
+
     def record(epoch, train_loss, seconds, stop_reason=None):
         nonlocal best
         eval_model = ema.module if ema is not None else model
@@ -269,16 +312,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
         if improved:
             best = row[config.monitor]
         if dist.is_main:
-            ckpt = {"format_version": CHECKPOINT_FORMAT, "arch": config.arch, "config": config.to_dict(),
-                    "epoch": epoch, "step": step, "elapsed": time.perf_counter() - t0 + elapsed_before,
-                    "best": best, "history": history, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "plateau": plateau.state_dict() if plateau is not None else None,
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                    "ema": ema.state_dict() if ema is not None else None}
-            if ema is not None:     # evaluate and deploy the averaged weights
-                ckpt["model"] = ema.module.state_dict()
-                ckpt["raw_model"] = model.state_dict()
+            ckpt = checkpoint(epoch, ema.module if ema is not None else None)
             # Written in the background (~1 s of disk per epoch for resnet34_unet, 10% of a bf16
             # epoch at 128 px); each file is always a complete old or new checkpoint.
             writer.submit(ckpt, run.checkpoint("last"), *([run.checkpoint("best")] if improved else []),
@@ -316,7 +350,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
                        disable=not (progress and dist.is_main))
             for i, batch in enumerate(bar):
                 for g, base in zip(optimizer.param_groups, base_lrs):
-                    g["lr"] = base * lr_factor(config.scheduler, progress_now(), step, warmup_steps)
+                    g["lr"] = base * lr_factor(config.scheduler, progress_now(), step, warmup_steps, config.swa)
 
                 with _autocast(device, amp_dtype):
                     out = step_model(batch.image)
@@ -341,6 +375,8 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
                     stop_reason = f"time budget of {config.time_budget} spent"
                     break
             seconds = time.perf_counter() - epoch_start
+            if swa is not None and progress_now() >= config.swa:
+                swa.update_parameters(model)
             row, improved = record(epoch, (loss_sum / max(i + 1, 1)).item(), seconds)
             if dist.is_main and progress:
                 print(f"epoch {epoch:3d}  train_loss {row['train_loss']:.4f}  valid_loss {row['valid_loss']:.4f}  "
@@ -362,6 +398,25 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
 
     summary = _summary(config, history, stop_reason, time.perf_counter() - t0 + elapsed_before,
                        count_parameters(model), trainval, len(train_idx), len(valid_idx))
+    final_model = ema.module if ema is not None else model
+    if swa is not None and int(swa.n_averaged) > 0:
+        # The averaged weights become last.pt (and best.pt if they validate best); their valid
+        # figures go in the summary, not in the per-epoch history.
+        final_model = _finish_swa(swa, Batches(trainval, train_idx, config.batch_size, **memory))
+        scores = validate(final_model, valid_batches, loss_fn, amp_dtype)
+        improved = _improved(config.monitor, scores[config.monitor], best)
+        if improved:
+            best = scores[config.monitor]
+        summary.update({"swa_epochs": int(swa.n_averaged), "swa_valid_dice": scores["valid_dice"],
+                        "swa_valid_iou": scores["valid_iou"], "swa_valid_loss": scores["valid_loss"],
+                        "best_is_swa": improved})
+        if dist.is_main:
+            writer.submit(checkpoint(history[-1]["epoch"], final_model), run.checkpoint("last"),
+                          *([run.checkpoint("best")] if improved else []))
+            writer.wait()
+            if progress:
+                print(f"labseg: weights averaged over the last {int(swa.n_averaged)} epochs: valid_dice "
+                      f"{scores['valid_dice']:.4f}{' (best: now best.pt)' if improved else ''}")
     if dist.is_main:
         run.write_summary(summary)
         if progress:
@@ -369,7 +424,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
                   f"at epoch {summary['best_epoch']}; skipped {summary['skipped_pairs']} unusable pairs; "
                   f"records in {run.path}")
     dist.close()
-    return FitResult(run, history, summary, ema.module if ema is not None else model)
+    return FitResult(run, history, summary, final_model)
 
 
 def _summary(config, history, stop_reason, seconds, n_params, trainval, n_train, n_valid) -> dict:

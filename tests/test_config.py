@@ -16,6 +16,7 @@ def test_recipe_fills_only_missing_fields():
     ("scheduler", "step", "choose one of: cosine, onecycle, plateau, none"),
     ("augment", "max", "choose one of: none, light, strong, color"),
     ("drop_path", 1.0, "drop_path=1.0: expected a probability in [0, 1)"),
+    ("swa", 1.0, "swa=1.0: expected the fraction of training where weight averaging starts"),
     ("decoder_attention", "cbam", "decoder_attention='cbam' is not valid; choose one of: none, scse"),
     ("lr", 0, "lr=0: expected a positive number"),
     ("lr", -1e-3, "lr=-0.001"),
@@ -86,3 +87,11 @@ def test_default_run_names_say_which_data_and_which_parameters():
     assert run_name_for(real).removeprefix("oxford-pets-3breed") == run_name_for(sample).removeprefix("sample")
     other = RunConfig(arch="unet", data_dir="data/sample", lr=3e-3, seed=2).with_recipe()
     assert run_name_for(other) != run_name_for(sample)
+
+
+def test_swa_refuses_ema_and_non_cosine_schedules():
+    with pytest.raises(ConfigError, match="choose one way of averaging"):
+        RunConfig(swa=0.75, ema=0.99).with_recipe().validate()
+    with pytest.raises(ConfigError, match="swa=0.75 needs scheduler='cosine'.*'onecycle'"):
+        RunConfig(swa=0.75, scheduler="onecycle").with_recipe().validate()
+    assert RunConfig(swa=0.75).with_recipe().validate().swa == 0.75

@@ -128,6 +128,37 @@ def test_deep_supervision_trains_resumes_and_evaluates(tiny):
     assert 0 <= evaluation["dice"] <= 1
 
 
+def test_swa_deploys_the_mean_of_the_epoch_snapshots(tiny, monkeypatch):
+    """swa=0.5 over 4 epochs averages the weights after epochs 2, 3 and 4 (progress 0.5, 0.75, 1)."""
+    snapshots = []
+    real = torch.optim.swa_utils.AveragedModel.update_parameters
+
+    def spy(self, model):
+        snapshots.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        return real(self, model)
+    monkeypatch.setattr(torch.optim.swa_utils.AveragedModel, "update_parameters", spy)
+    result = fit(arch="resnet34_unet", swa=0.5, run_name="swa", **{**tiny, "epochs": 4})
+    assert len(snapshots) == 3 and result.summary["swa_epochs"] == 3
+    ckpt = load_checkpoint(result.run.checkpoint("last"))
+    name = "encoder.layer1.0.conv1.weight"
+    mean = sum(s[name] for s in snapshots) / 3
+    assert torch.allclose(ckpt["model"][name], mean, atol=1e-6)
+    assert torch.equal(ckpt["raw_model"][name], snapshots[-1][name])
+    # BatchNorm statistics were measured again for the averaged weights, not copied from training.
+    bn = "encoder.stem.1.running_mean"
+    assert not torch.allclose(ckpt["model"][bn], ckpt["raw_model"][bn])
+    assert 0 <= result.summary["swa_valid_dice"] <= 1
+    assert result.summary["best_is_swa"] == (load_checkpoint(result.run.checkpoint("best"))["model"][name]
+                                             .equal(ckpt["model"][name]))
+    # The lr falls to SWA_LR of the base by the start of averaging and stays there.
+    assert lr_factor("cosine", 0.5, swa_start=0.5) == pytest.approx(0.1)
+    assert lr_factor("cosine", 0.9, swa_start=0.5) == pytest.approx(0.1)
+    assert lr_factor("cosine", 0.25, swa_start=0.5) == pytest.approx(0.55)
+    # A resume continues the trained (raw) weights, not the averaged ones.
+    resumed = fit(arch="resnet34_unet", swa=0.5, run_name="swa", resume=True, **{**tiny, "epochs": 5})
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5] and resumed.summary["swa_epochs"] == 4
+
+
 def test_time_budget_stops_cleanly(tiny):
     result = fit(arch="resnet34_unet", run_name="tb", time_budget=1, **{**tiny, "epochs": 200})
     assert result.summary["stop_reason"].startswith("time budget")
