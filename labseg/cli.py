@@ -32,7 +32,7 @@ HELP = {
     "scheduler": "cosine, onecycle, plateau or none",
     "warmup_epochs": "linear warm-up length in epochs",
     "loss": "bce, dice, bce_dice, tversky or focal",
-    "augment": "none, light, strong or color (light + hue turns and grayscale)",
+    "augment": "none, flip (horizontal flips only), light, strong or color (light + hue turns and grayscale)",
     "ema": "EMA decay of the weights, e.g. 0.99 (0 = off)",
     "swa": "stochastic weight averaging from this fraction of training on, e.g. 0.75 (0 = off)",
     "copy_paste": "probability of pasting another training image's pet over an image (0 = off)",

@@ -39,6 +39,7 @@ class AugmentParams:
 
 LEVELS = {
     "none": None,
+    "flip": AugmentParams(hflip=0.5),      # horizontal flips only: the peer (smp) setting
     "light": AugmentParams(hflip=0.5, degrees=10, scale=(0.9, 1.25), translate=0.06,
                            brightness=0.2, contrast=0.2, saturation=0.2),
     "strong": AugmentParams(hflip=0.5, degrees=25, scale=(0.75, 1.5), translate=0.12,

@@ -14,7 +14,7 @@ def test_recipe_fills_only_missing_fields():
     ("loss", "hinge", "choose one of: bce, dice, bce_dice, tversky, focal"),
     ("optimizer", "rmsprop", "choose one of: adam, adamw, sgd"),
     ("scheduler", "step", "choose one of: cosine, onecycle, plateau, none"),
-    ("augment", "max", "choose one of: none, light, strong, color"),
+    ("augment", "max", "choose one of: none, flip, light, strong, color"),
     ("drop_path", 1.0, "drop_path=1.0: expected a probability in [0, 1)"),
     ("swa", 1.0, "swa=1.0: expected the fraction of training where weight averaging starts"),
     ("decoder_attention", "cbam", "decoder_attention='cbam' is not valid; choose one of: none, scse"),

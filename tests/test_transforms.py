@@ -114,7 +114,19 @@ def test_hflip_only_with_probability_one_flips_exactly():
 def test_unknown_level_is_refused():
     with pytest.raises(ValueError, match="augment='medium'"):
         BatchAugment("medium")
-    assert set(LEVELS) == {"none", "light", "strong", "color"}
+    assert set(LEVELS) == {"none", "flip", "light", "strong", "color"}
+
+
+def test_flip_level_mirrors_or_keeps_each_sample_exactly():
+    images, labels = images_batch(16), labels_batch(16)
+    out_images, out_labels = BatchAugment("flip")(images, labels, generator=gen(2))
+    flipped = [not torch.equal(out_labels[i], labels[i]) for i in range(16)]
+    assert 0 < sum(flipped) < 16
+    for i, f in enumerate(flipped):
+        want_l = labels[i].flip(-1) if f else labels[i]
+        want_i = images[i].flip(-1) if f else images[i]
+        assert torch.equal(out_labels[i], want_l)
+        torch.testing.assert_close(out_images[i], want_i, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("level", ["light", "strong"])
