@@ -97,18 +97,15 @@ def lr_factor(schedule: str, progress: float, step: int = 0, warmup_steps: int =
     apart, which is what makes their mean better than any one of them (Izmailov et al., 2018).
     """
     progress = min(max(progress, 0.0), 1.0)
-    if swa_start and schedule == "cosine":
-        warm = min(1.0, 0.01 + 0.99 * step / warmup_steps) if warmup_steps > 0 else 1.0
-        p = min(progress / swa_start, 1.0)
-        return warm * (0.5 * (1 + math.cos(math.pi * p)) * (1 - SWA_LR) + SWA_LR)
     if schedule == "onecycle":     # its own warm-up: ramp up over 30% (from lr/25), then cosine to ~0
         peak = 0.3
         if progress < peak:
             return 0.04 + 0.96 * (1 - math.cos(math.pi * progress / peak)) / 2
         return 0.5 * (1 + math.cos(math.pi * (progress - peak) / (1 - peak))) * (1 - 1e-4) + 1e-4
     warm = min(1.0, 0.01 + 0.99 * step / warmup_steps) if warmup_steps > 0 else 1.0
-    if schedule == "cosine":       # from 1 down to 0.01 of the base lr
-        return warm * (0.5 * (1 + math.cos(math.pi * progress)) * 0.99 + 0.01)
+    if schedule == "cosine":       # from 1 down to 0.01 of the base lr (or to SWA_LR by swa_start)
+        floor, end = (SWA_LR, swa_start) if swa_start else (0.01, 1.0)
+        return warm * (0.5 * (1 + math.cos(math.pi * min(progress / end, 1.0))) * (1 - floor) + floor)
     return warm                    # "plateau" (ReduceLROnPlateau scales on top) and "none"
 
 
