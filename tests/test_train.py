@@ -159,6 +159,23 @@ def test_swa_deploys_the_mean_of_the_epoch_snapshots(tiny, monkeypatch):
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5] and resumed.summary["swa_epochs"] == 4
 
 
+def test_resume_of_an_ema_run_continues_the_raw_weights(tiny, monkeypatch):
+    """last.pt deploys the averaged weights as "model"; training must go on from "raw_model"."""
+    first = fit(arch="resnet34_unet", ema=0.5, run_name="ema", **tiny)
+    ckpt = load_checkpoint(first.run.checkpoint("last"))
+    name = "encoder.layer1.0.conv1.weight"
+    assert not torch.equal(ckpt["model"][name], ckpt["raw_model"][name])
+    started_from = {}
+    real = labseg.train.load_weights
+
+    def spy(model, *args, **kwargs):
+        real(model, *args, **kwargs)
+        started_from.update({k: v.clone() for k, v in model.state_dict().items()})
+    monkeypatch.setattr(labseg.train, "load_weights", spy)
+    fit(arch="resnet34_unet", ema=0.5, run_name="ema", resume=True, **{**tiny, "epochs": 3})
+    assert torch.equal(started_from[name], ckpt["raw_model"][name])
+
+
 def test_time_budget_stops_cleanly(tiny):
     result = fit(arch="resnet34_unet", run_name="tb", time_budget=1, **{**tiny, "epochs": 200})
     assert result.summary["stop_reason"].startswith("time budget")
