@@ -254,7 +254,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     history, best, step, elapsed_before, first_epoch = [], None, 0, 0.0, 1
     if start is not None:
         # With EMA or SWA, "model" holds the averaged weights and "raw_model" the trained ones.
-        load_weights(model, {**start, "model": start.get("raw_model") or start["model"]}, config.arch,
+        load_weights(model, {**start, "model": start.get("raw_model", start["model"])}, config.arch,
                      source=str(run.checkpoint("last")))
         optimizer.load_state_dict(start["optimizer"])
         if plateau is not None and start.get("plateau"):
@@ -283,7 +283,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     if start is not None:
         base_lrs = [config.lr] * len(base_lrs)
 
-    def checkpoint(epoch, deployed=None) -> dict:
+    def make_checkpoint(epoch, deployed=None) -> dict:
         """Everything a resume needs; ``deployed`` (averaged weights) goes in "model" if given."""
         ckpt = {"format_version": CHECKPOINT_FORMAT, "arch": config.arch, "config": config.to_dict(),
                 "epoch": epoch, "step": step, "elapsed": time.perf_counter() - t0 + elapsed_before,
@@ -309,7 +309,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
         if improved:
             best = row[config.monitor]
         if dist.is_main:
-            ckpt = checkpoint(epoch, ema.module if ema is not None else None)
+            ckpt = make_checkpoint(epoch, ema.module if ema is not None else None)
             # Written in the background (~1 s of disk per epoch for resnet34_unet, 10% of a bf16
             # epoch at 128 px); each file is always a complete old or new checkpoint.
             writer.submit(ckpt, run.checkpoint("last"), *([run.checkpoint("best")] if improved else []),
@@ -408,7 +408,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
                         "swa_valid_iou": scores["valid_iou"], "swa_valid_loss": scores["valid_loss"],
                         "best_is_swa": improved})
         if dist.is_main:
-            writer.submit(checkpoint(history[-1]["epoch"], final_model), run.checkpoint("last"),
+            writer.submit(make_checkpoint(history[-1]["epoch"], final_model), run.checkpoint("last"),
                           *([run.checkpoint("best")] if improved else []))
             writer.wait()
             if progress:
