@@ -31,7 +31,7 @@ HELP = {
     "optimizer": "adam, adamw or sgd",
     "scheduler": "cosine, onecycle, plateau or none",
     "warmup_epochs": "linear warm-up length in epochs",
-    "loss": "bce, dice, bce_dice, tversky or focal",
+    "loss": "bce, dice, bce_dice, tversky, focal, lovasz or bce_lovasz",
     "augment": "none, flip (horizontal flips only), light, strong or color (light + hue turns and grayscale)",
     "ema": "EMA decay of the weights, e.g. 0.99 (0 = off)",
     "swa": "stochastic weight averaging from this fraction of training on, e.g. 0.75 (0 = off)",

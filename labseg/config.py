@@ -15,7 +15,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 ARCHS = ("unet", "resnet34_unet")
-LOSSES = ("bce", "dice", "bce_dice", "tversky", "focal")
+LOSSES = ("bce", "dice", "bce_dice", "tversky", "focal", "lovasz", "bce_lovasz")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 AUGMENTS = ("none", "flip", "light", "strong", "color")

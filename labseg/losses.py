@@ -48,11 +48,34 @@ def focal(logits, target, valid, gamma: float = 2.0, alpha: float = 0.25):
     return (loss * valid).sum() / valid.sum().clamp_min(1)
 
 
+def lovasz(logits, target, valid):
+    """Lovász hinge (Berman et al., 2018): a convex surrogate of 1 − IoU, per image then averaged.
+
+    Sort the hinge errors 1 − logit·sign from worst to best; the weight of the k-th error is what
+    it adds to the Jaccard loss of the k worst pixels taken as wrong. Ignored pixels get error −1
+    (no hinge loss) and no pet label, so they add nothing and change no weight of a positive error.
+    """
+    n = logits.shape[0]
+    logits, target, valid = logits.float().reshape(n, -1), target.reshape(n, -1), valid.reshape(n, -1) > 0
+    errors = (1 - logits * (2 * target - 1)).masked_fill(~valid, -1.0)
+    errors, order = errors.sort(dim=1, descending=True)
+    gt = (target * valid).gather(1, order)
+    pets = gt.sum(1, keepdim=True)
+    jaccard = 1 - (pets - gt.cumsum(1)) / (pets + (1 - gt).cumsum(1))
+    weights = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+    return (F.relu(errors) * weights).sum(1).mean()
+
+
 def bce_dice(logits, target, valid):
     return bce(logits, target, valid) + dice(logits, target, valid)
 
 
-LOSSES = {"bce": bce, "dice": dice, "bce_dice": bce_dice, "tversky": tversky, "focal": focal}
+def bce_lovasz(logits, target, valid):
+    return bce(logits, target, valid) + lovasz(logits, target, valid)
+
+
+LOSSES = {"bce": bce, "dice": dice, "bce_dice": bce_dice, "tversky": tversky, "focal": focal,
+          "lovasz": lovasz, "bce_lovasz": bce_lovasz}
 
 
 def deep_supervised(loss_fn):

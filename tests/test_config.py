@@ -11,7 +11,7 @@ def test_recipe_fills_only_missing_fields():
 
 @pytest.mark.parametrize("field,value,expected", [
     ("arch", "vgg", "arch='vgg' is not valid; choose one of: unet, resnet34_unet"),
-    ("loss", "hinge", "choose one of: bce, dice, bce_dice, tversky, focal"),
+    ("loss", "hinge", "choose one of: bce, dice, bce_dice, tversky, focal, lovasz, bce_lovasz"),
     ("optimizer", "rmsprop", "choose one of: adam, adamw, sgd"),
     ("scheduler", "step", "choose one of: cosine, onecycle, plateau, none"),
     ("augment", "max", "choose one of: none, flip, light, strong, color"),

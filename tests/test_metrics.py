@@ -52,7 +52,7 @@ def test_losses_are_lower_for_better_predictions(name):
     assert loss(good, target, valid) < loss(torch.zeros_like(target), target, valid) < loss(bad, target, valid)
 
 
-@pytest.mark.parametrize("name", ["bce", "focal", "bce_dice", "dice"])
+@pytest.mark.parametrize("name", ["bce", "focal", "bce_dice", "dice", "lovasz", "bce_lovasz"])
 def test_invalid_pixels_do_not_count(name):
     loss = build_loss(name)
     target = masks([1, 0, 1, 0])
@@ -63,8 +63,47 @@ def test_invalid_pixels_do_not_count(name):
     assert loss(logits, target, torch.ones_like(valid)) > loss(perfect, target, torch.ones_like(valid))
 
 
+def test_lovasz_hinge_equals_the_jaccard_loss_on_hard_predictions():
+    # At logits of ±1·sign (error 0) or 0 (error 1) the Lovász extension is the set function
+    # itself: 1 − IoU of the predicted mask, per image, then the mean over images.
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(5, 1, 9, 7, generator=g) < 0.4).float()
+    target[3] = 0                                              # an image without pet pixels
+    wrong = torch.rand(5, 1, 9, 7, generator=g) < 0.3
+    wrong[4] = False                                           # a perfect image
+    logits = torch.where(wrong, torch.zeros_like(target), 2 * target - 1)
+    pred = torch.where(wrong, 1 - target, target)
+    inter, union = (pred * target).sum((1, 2, 3)), ((pred + target) > 0).float().sum((1, 2, 3))
+    expected = torch.where(union > 0, 1 - inter / union.clamp_min(1), torch.zeros_like(union))
+    lovasz = build_loss("lovasz")
+    ones = torch.ones_like(target)
+    assert lovasz(logits, target, ones).item() == pytest.approx(expected.mean().item(), abs=1e-6)
+    per_image = [lovasz(logits[i:i + 1], target[i:i + 1], ones[i:i + 1]).item() for i in range(5)]
+    assert per_image == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_lovasz_with_ignored_pixels_equals_lovasz_without_them():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 1, 6, 6, generator=g) * 2
+    target = (torch.rand(3, 1, 6, 6, generator=g) < 0.5).float()
+    valid = (torch.rand(3, 1, 6, 6, generator=g) < 0.7).float()
+    lovasz = build_loss("lovasz")
+    kept = [lovasz(logits[i][valid[i] > 0].view(1, 1, 1, -1), target[i][valid[i] > 0].view(1, 1, 1, -1),
+                   torch.ones(1, 1, 1, int(valid[i].sum()))) for i in range(3)]
+    assert lovasz(logits, target, valid).item() == pytest.approx(torch.stack(kept).mean().item(), abs=1e-6)
+
+
+def test_lovasz_gradient_pushes_wrong_pixels_the_right_way():
+    target = masks([1, 1, 0, 0])
+    logits = masks([2.0, -0.5, 0.3, -3.0]).requires_grad_()   # pixels 1 and 2 are wrong
+    build_loss("lovasz")(logits, target, torch.ones_like(target)).backward()
+    grad = logits.grad.flatten().tolist()
+    assert grad[1] < 0 < grad[2]          # raise the missed pet pixel, lower the false one
+    assert grad[3] == 0                   # a confidently right pixel has no hinge loss
+
+
 def test_unknown_loss_lists_choices():
-    with pytest.raises(ValueError, match="bce, dice, bce_dice, tversky, focal"):
+    with pytest.raises(ValueError, match="bce, dice, bce_dice, tversky, focal, lovasz, bce_lovasz"):
         build_loss("hinge")
 
 
