@@ -369,12 +369,17 @@ def test_sigkill_mid_epoch_then_resume(synthetic_root, tmp_path):
 def test_cli_train_evaluate_predict(synthetic_root, tmp_path):
     common = ["--output-dir", str(tmp_path / "runs")]
     out = _labseg("train", "--data", str(synthetic_root), "--img-size", "32", "--epochs", "1",
-                  "--max-train-images", "4", "--run-name", "cli", "--cache-dir", str(tmp_path / "cache"), *common)
+                  "--max-train-images", "4", "--run-name", "cli", "--cache-dir", str(tmp_path / "cache"), "--evaluate",
+                  *common)
     assert out.returncode == 0, out.stderr
     run = tmp_path / "runs" / "cli"
+    assert "cli best.pt on test (24 images): Dice" in out.stdout and "cli last.pt on test (24 images)" in out.stdout
+    for which, name in (("best", "eval_test.json"), ("last", "eval_test_last.json")):
+        assert json.loads((run / name).read_text())["checkpoint"] == which
+        (run / name).unlink()                         # the evaluate commands below write them again
     out = _labseg("evaluate", str(run), "--tta", "--tune-threshold")
     assert out.returncode == 0, out.stderr
-    assert "on test (24 images): Dice" in out.stdout
+    assert "cli best.pt on test (24 images): Dice" in out.stdout
     for breed in ("Blobcat", "Stripecat", "fluffy_dog", "spot_dog", "cat", "dog"):
         assert f"  {breed} " in out.stdout
     assert "with flip TTA" in out.stdout and "tuned on valid" in out.stdout
