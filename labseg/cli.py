@@ -138,7 +138,7 @@ def cmd_train(args) -> int:
         from labseg.evaluate import evaluate_run, format_result
 
         # Both checkpoints: 30-odd valid images pick an epoch poorly, and the last, fully decayed
-        # one scored higher on test in 18 of 20 budget runs (docs/results.md).
+        # one scored higher on test in 20 of 22 budget runs (docs/results.md).
         for which in ("best", "last"):
             print(format_result(evaluate_run(result.run, "test", which=which, tta=True, tune_threshold=True,
                                              progress=not args.quiet)))

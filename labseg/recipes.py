@@ -33,9 +33,9 @@ RECIPES = {
     # Batch 4: 0.832/0.811 (best.pt, seeds 0/1, `light`) against 0.774 at batch 16 (fp32) and 0.781
     # (bf16, 64 px crops): unet runs ~4 img/s at any batch on a CPU, so 4x the steps for free.
     # Batch 2: 0.840/0.805, the same mean at 3.4 img/s. Flips only: 0.842/0.827 against `light`'s
-    # 0.832/0.811 (last.pt 0.839/0.830 vs 0.832/0.811): in ~22 epochs unet underfits, and the
-    # rotations and zooms cost more than they regularise. Unmeasured on a GPU (more epochs, larger
-    # batches), where `light` may pay again.
+    # 0.832/0.811 (last.pt 0.839/0.830 vs 0.832/0.811), and 0.847 on seed 2: in ~22 epochs unet
+    # underfits, and the rotations and zooms cost more than they regularise. Unmeasured on a GPU
+    # (more epochs, larger batches), where `light` may pay again.
     "unet": dict(_COMMON, lr=1e-3, batch_size=4, augment="flip"),
 }
 
