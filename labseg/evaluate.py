@@ -155,7 +155,7 @@ def _split_for(config: RunConfig, split: str, data_dir, progress: bool) -> Cache
 
 def format_result(result: dict) -> str:
     """A few readable lines: overall, per species, per breed (and TTA / tuned threshold)."""
-    lines = [f"{result['run']} {result.get('checkpoint', 'best')}.pt on {result['split']} ({result['images']} images): "
+    lines = [f"{result['run']} {result['checkpoint']}.pt on {result['split']} ({result['images']} images): "
              f"Dice {result['dice']:.4f}  IoU {result['iou']:.4f}  accuracy {result['accuracy']:.4f}"]
     for key in ("per_species", "per_breed"):
         for name, m in result[key].items():
