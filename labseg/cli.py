@@ -41,7 +41,7 @@ HELP = {
     "norm": "UNet normalisation: batch or none (the paper's)",
     "drop_path": "ResNet34-UNet: stochastic depth, drop probability of the last encoder block (0 = off)",
     "decoder_attention": "ResNet34-UNet: decoder attention, none or scse (Roy et al., 2018)",
-    "deep_supervision": "ResNet34-UNet: also supervise the inner decoder blocks through 1x1 heads (training only)",
+    "deep_supervision": "also supervise the inner decoder blocks through 1x1 heads (training only)",
     "valid_fraction": "share of trainval held out for validation, per breed",
     "seed": "random seed (split, init, shuffling, augmentation)",
     "monitor": "metric for best.pt and early stopping: valid_dice, valid_iou, valid_loss",

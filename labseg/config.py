@@ -86,7 +86,7 @@ class RunConfig:
     norm: str | None = None                # "batch" or "none" (UNet only; the paper has none)
     drop_path: float | None = None         # stochastic depth of the ResNet34 encoder (0 = off)
     decoder_attention: str | None = None   # "none" or "scse" (ResNet34-UNet decoder only)
-    deep_supervision: bool | None = None   # auxiliary losses on the inner decoder blocks (ResNet34-UNet only)
+    deep_supervision: bool | None = None   # auxiliary losses on the inner decoder blocks
     valid_fraction: float = 0.1
     seed: int = 0
     monitor: str = "valid_dice"
@@ -129,8 +129,6 @@ class RunConfig:
             self._check_choice("norm", c.norm, ("batch", "none"))
         if c.decoder_attention is not None:
             self._check_choice("decoder_attention", c.decoder_attention, DECODER_ATTENTIONS)
-        if c.deep_supervision and c.arch != "resnet34_unet":
-            raise ConfigError(f"deep_supervision is implemented for resnet34_unet only, not arch={c.arch!r}")
         for name in ("epochs", "batch_size", "img_size"):
             value = getattr(c, name)
             if value is not None and (not _is_int(value) or value <= 0):

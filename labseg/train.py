@@ -57,13 +57,13 @@ def seed_everything(seed: int) -> None:
 
 
 def model_kwargs(config: RunConfig) -> dict:
+    kwargs = {"deep_supervision": True} if config.deep_supervision else {}
     if config.arch == "unet":
-        return {"norm": config.norm} if config.norm else {}
-    kwargs = {"drop_path": config.drop_path} if config.drop_path else {}
+        return {**kwargs, "norm": config.norm} if config.norm else kwargs
+    if config.drop_path:
+        kwargs["drop_path"] = config.drop_path
     if config.decoder_attention:
         kwargs["decoder_attention"] = config.decoder_attention
-    if config.deep_supervision:
-        kwargs["deep_supervision"] = True
     return kwargs
 
 

@@ -33,10 +33,9 @@ def test_bad_values_name_the_value_and_choices(field, value, expected):
     assert expected in str(e.value)
 
 
-def test_deep_supervision_is_refused_for_the_plain_unet():
-    with pytest.raises(ConfigError, match="deep_supervision is implemented for resnet34_unet only, not arch='unet'"):
-        RunConfig(arch="unet", deep_supervision=True).with_recipe().validate()
-    assert RunConfig(arch="resnet34_unet", deep_supervision=True).with_recipe().validate().deep_supervision
+def test_deep_supervision_is_accepted_for_both_networks():
+    for arch in ("unet", "resnet34_unet"):
+        assert RunConfig(arch=arch, deep_supervision=True).with_recipe().validate().deep_supervision
 
 
 def test_unavailable_device_is_refused():

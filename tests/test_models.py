@@ -116,9 +116,15 @@ def test_scse_decoder_starts_as_the_plain_network_and_its_gates_learn():
         build_model("resnet34_unet", decoder_attention="se")
 
 
-def test_deep_supervision_adds_training_only_heads():
-    config = RunConfig(arch="resnet34_unet", deep_supervision=True).with_recipe().validate()
-    supervised, plain = build_model("resnet34_unet", **model_kwargs(config)), build_model("resnet34_unet")
+# arch → the decoder block nearest the bottleneck, which the coarsest aux head must reach
+FIRST_DECODER_CONV = {"resnet34_unet": lambda m: m.decoder.blocks[0].conv1[0].weight,
+                      "unet": lambda m: m.up1.conv[0].weight}
+
+
+@pytest.mark.parametrize("arch", sorted(FIRST_DECODER_CONV))
+def test_deep_supervision_adds_training_only_heads(arch):
+    config = RunConfig(arch=arch, deep_supervision=True).with_recipe().validate()
+    supervised, plain = build_model(arch, **model_kwargs(config)), build_model(arch)
     keys = supervised.load_state_dict(plain.state_dict(), strict=False)   # share all other weights
     assert not keys.unexpected_keys and keys.missing_keys
     assert all(k.startswith("aux_heads.") for k in keys.missing_keys)
@@ -126,13 +132,18 @@ def test_deep_supervision_adds_training_only_heads():
     supervised.eval(), plain.eval()
     with torch.no_grad():                           # inference: the plain network's logits, heads unused
         assert torch.equal(supervised(x), plain(x))
-        assert torch.is_tensor(supervised.decoder(supervised.encoder(x)))   # what feature-map hooks see
     supervised.train()
     logits, aux = supervised(x)
     assert logits.shape == (2, 1, 64, 64)
-    assert [a.shape for a in aux] == [(2, 1, 64, 64)] * 3      # from the H/16, H/8 and H/4 blocks
+    assert [a.shape for a in aux] == [(2, 1, 64, 64)] * 3      # from the three inner decoder blocks
     sum(a.square().mean() for a in aux).backward()
     for head in supervised.aux_heads:               # every head, and the decoder below it, learns
         assert head.weight.grad.abs().sum() > 0
-    assert supervised.decoder.blocks[0].conv1[0].weight.grad.abs().sum() > 0
+    assert FIRST_DECODER_CONV[arch](supervised).grad.abs().sum() > 0
     assert supervised.head.weight.grad is None      # the aux terms alone do not reach the final head
+
+
+def test_resnet34_unet_decoder_output_stays_a_tensor_with_deep_supervision():
+    model = build_model("resnet34_unet", deep_supervision=True).eval()
+    with torch.no_grad():                           # what feature-map hooks see
+        assert torch.is_tensor(model.decoder(model.encoder(torch.randn(1, 3, 64, 64))))

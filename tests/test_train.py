@@ -116,12 +116,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_deep_supervision_trains_resumes_and_evaluates(tiny):
-    result = fit(arch="resnet34_unet", deep_supervision=True, run_name="ds", **tiny)
+@pytest.mark.parametrize("arch", ["resnet34_unet", "unet"])
+def test_deep_supervision_trains_resumes_and_evaluates(tiny, arch):
+    result = fit(arch=arch, deep_supervision=True, run_name="ds", **tiny)
     ckpt = load_checkpoint(result.run.checkpoint("last"))
     assert any(k.startswith("aux_heads.") for k in ckpt["model"])
     assert all(r["train_loss"] > 0 for r in result.history)
-    resumed = fit(arch="resnet34_unet", deep_supervision=True, run_name="ds", resume=True,
+    resumed = fit(arch=arch, deep_supervision=True, run_name="ds", resume=True,
                   **{**tiny, "epochs": 3})
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     evaluation = evaluate_run(result.run.path, "test", tta=True, progress=False, save=False)

@@ -15,6 +15,7 @@ Shapes for a 3×256×256 input (N omitted)::
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -55,7 +56,8 @@ class Up(nn.Module):
 class UNet(nn.Module):
     """The classic UNet: 64→1024 channels, 4 down and 4 up steps, 1-channel logits at full size."""
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 1, base: int = 64, norm: str = "batch"):
+    def __init__(self, in_channels: int = 3, out_channels: int = 1, base: int = 64, norm: str = "batch",
+                 deep_supervision: bool = False):
         super().__init__()
         c = [base * 2**i for i in range(5)]          # 64, 128, 256, 512, 1024
         self.inc = DoubleConv(in_channels, c[0], norm)
@@ -68,20 +70,30 @@ class UNet(nn.Module):
         self.up3 = Up(c[2], c[1], norm)
         self.up4 = Up(c[1], c[0], norm)
         self.head = nn.Conv2d(c[0], out_channels, kernel_size=1)
+        # Deep supervision (Lee et al., 2015): 1×1 heads on up1..up3 give the decoder's inner
+        # blocks a direct gradient from the mask, for a network that underfits a short budget.
+        # Training only; inference uses the final head alone.
+        self.aux_heads = (nn.ModuleList(nn.Conv2d(ch, out_channels, 1) for ch in c[3:0:-1])
+                          if deep_supervision else None)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         check_input_size(x)
         x1 = self.inc(x)        # 64  × H    × W
         x2 = self.down1(x1)     # 128 × H/2  × W/2
         x3 = self.down2(x2)     # 256 × H/4
         x4 = self.down3(x3)     # 512 × H/8
         x5 = self.down4(x4)     # 1024× H/16
-        x = self.up1(x5, x4)    # 512 × H/8
-        x = self.up2(x, x3)     # 256 × H/4
-        x = self.up3(x, x2)     # 128 × H/2
-        x = self.up4(x, x1)     # 64  × H
-        return self.head(x)     # 1   × H × W logits
+        u1 = self.up1(x5, x4)   # 512 × H/8
+        u2 = self.up2(u1, x3)   # 256 × H/4
+        u3 = self.up3(u2, x2)   # 128 × H/2
+        logits = self.head(self.up4(u3, x1))    # 64 × H → 1 × H × W logits
+        if self.aux_heads is None or not self.training:
+            return logits
+        # training with deep supervision: also 1 × H × W logits from the H/8, H/4, H/2 blocks
+        aux = [F.interpolate(head(u), size=x.shape[-2:], mode="bilinear", align_corners=False)
+               for head, u in zip(self.aux_heads, (u1, u2, u3))]
+        return logits, aux
 
 
 def check_input_size(x: torch.Tensor, multiple: int = 32) -> None:
