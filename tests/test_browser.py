@@ -347,8 +347,10 @@ def widget_of(page, marker: str):
 
 
 def _image_src(output) -> str | None:
-    img = output.locator("img")
-    return img.first.get_attribute("src") if img.count() else None
+    # One atomic look that never waits: the callback may clear the output between a count() and a
+    # get_attribute(), which would then wait 30 s for an image that is gone (a flaky timeout).
+    srcs = output.locator("img").evaluate_all("imgs => imgs.map(i => i.getAttribute('src'))")
+    return srcs[0] if srcs else None
 
 
 def _png(src: str) -> np.ndarray:
