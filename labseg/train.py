@@ -59,7 +59,9 @@ def seed_everything(seed: int) -> None:
 def model_kwargs(config: RunConfig) -> dict:
     kwargs = {"deep_supervision": True} if config.deep_supervision else {}
     if config.arch == "unet":
-        return {**kwargs, "norm": config.norm} if config.norm else kwargs
+        if config.norm:
+            kwargs["norm"] = config.norm
+        return kwargs
     if config.drop_path:
         kwargs["drop_path"] = config.drop_path
     if config.decoder_attention:

@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from labseg.config import DECODER_ATTENTIONS
-from labseg.models.unet import check_input_size, init_weights
+from labseg.models.unet import check_input_size, init_weights, to_input_size
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -190,14 +190,8 @@ class ResNet34UNet(nn.Module):
         check_input_size(x)
         features = self.encoder(x)
         if self.aux_heads is None or not self.training:
-            return self._full_size(self.head(self.decoder(features)), x)      # 1 × H × W
+            return to_input_size(self.head(self.decoder(features)), x)      # 1 × H × W
         # training with deep supervision: also 1 × H × W logits from the H/16, H/8, H/4 blocks
         blocks = self.decoder(features, all_blocks=True)
-        aux = [self._full_size(head(b), x) for head, b in zip(self.aux_heads, blocks)]
-        return self._full_size(self.head(blocks[-1]), x), aux
-
-    @staticmethod
-    def _full_size(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if logits.shape[-2:] == x.shape[-2:]:
-            return logits
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        aux = [to_input_size(head(b), x) for head, b in zip(self.aux_heads, blocks)]
+        return to_input_size(self.head(blocks[-1]), x), aux

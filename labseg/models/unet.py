@@ -91,9 +91,14 @@ class UNet(nn.Module):
         if self.aux_heads is None or not self.training:
             return logits
         # training with deep supervision: also 1 × H × W logits from the H/8, H/4, H/2 blocks
-        aux = [F.interpolate(head(u), size=x.shape[-2:], mode="bilinear", align_corners=False)
-               for head, u in zip(self.aux_heads, (u1, u2, u3))]
-        return logits, aux
+        return logits, [to_input_size(head(u), x) for head, u in zip(self.aux_heads, (u1, u2, u3))]
+
+
+def to_input_size(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Logits from a coarser map, upsampled bilinearly to the input's H×W (as they are if equal)."""
+    if logits.shape[-2:] == x.shape[-2:]:
+        return logits
+    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def check_input_size(x: torch.Tensor, multiple: int = 32) -> None:
