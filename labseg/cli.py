@@ -41,6 +41,7 @@ HELP = {
     "norm": "UNet normalisation: batch or none (the paper's)",
     "drop_path": "ResNet34-UNet: stochastic depth, drop probability of the last encoder block (0 = off)",
     "decoder_attention": "ResNet34-UNet: decoder attention, none or scse (Roy et al., 2018)",
+    "output_stride": "ResNet34-UNet: 32 (ResNet's layout) or 16 (no max-pool: every stage at 2x the resolution)",
     "deep_supervision": "also supervise the inner decoder blocks through 1x1 heads (training only)",
     "valid_fraction": "share of trainval held out for validation, per breed",
     "seed": "random seed (split, init, shuffling, augmentation)",

@@ -20,6 +20,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 AUGMENTS = ("none", "flip", "light", "strong", "color")
 DECODER_ATTENTIONS = ("none", "scse")
+OUTPUT_STRIDES = (32, 16)       # ResNet34 encoder: with or without its max-pool
 MONITORS = ("valid_dice", "valid_iou", "valid_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 UNTIL_BUDGET = 100_000     # the epoch count of a run limited by its time budget alone
@@ -87,6 +88,7 @@ class RunConfig:
     drop_path: float | None = None         # stochastic depth of the ResNet34 encoder (0 = off)
     decoder_attention: str | None = None   # "none" or "scse" (ResNet34-UNet decoder only)
     deep_supervision: bool | None = None   # auxiliary losses on the inner decoder blocks
+    output_stride: int | None = None       # 32 or 16 (ResNet34-UNet: encoder without its max-pool)
     valid_fraction: float = 0.1
     seed: int = 0
     monitor: str = "valid_dice"
@@ -129,6 +131,11 @@ class RunConfig:
             self._check_choice("norm", c.norm, ("batch", "none"))
         if c.decoder_attention is not None:
             self._check_choice("decoder_attention", c.decoder_attention, DECODER_ATTENTIONS)
+        if c.output_stride is not None:
+            self._check_choice("output_stride", c.output_stride, OUTPUT_STRIDES)
+            if c.arch == "unet" and c.output_stride != 32:
+                raise ConfigError(f"output_stride={c.output_stride!r} is for resnet34_unet's encoder; "
+                                  "unet has no max-pool to leave out (use 32 or leave it unset)")
         for name in ("epochs", "batch_size", "img_size"):
             value = getattr(c, name)
             if value is not None and (not _is_int(value) or value <= 0):
@@ -176,7 +183,7 @@ class RunConfig:
     @staticmethod
     def _check_choice(name, value, choices):
         if value not in choices:
-            raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+            raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -66,6 +66,8 @@ def model_kwargs(config: RunConfig) -> dict:
         kwargs["drop_path"] = config.drop_path
     if config.decoder_attention:
         kwargs["decoder_attention"] = config.decoder_attention
+    if config.output_stride:
+        kwargs["output_stride"] = config.output_stride
     return kwargs
 
 

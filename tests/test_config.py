@@ -18,6 +18,7 @@ def test_recipe_fills_only_missing_fields():
     ("drop_path", 1.0, "drop_path=1.0: expected a probability in [0, 1)"),
     ("swa", 1.0, "swa=1.0: expected the fraction of training where weight averaging starts"),
     ("decoder_attention", "cbam", "decoder_attention='cbam' is not valid; choose one of: none, scse"),
+    ("output_stride", 8, "output_stride=8 is not valid; choose one of: 32, 16"),
     ("lr", 0, "lr=0: expected a positive number"),
     ("lr", -1e-3, "lr=-0.001"),
     ("epochs", 0, "epochs=0: expected a positive integer"),
@@ -94,3 +95,9 @@ def test_swa_refuses_ema_and_non_cosine_schedules():
     with pytest.raises(ConfigError, match="swa=0.75 needs scheduler='cosine'.*'onecycle'"):
         RunConfig(swa=0.75, scheduler="onecycle").with_recipe().validate()
     assert RunConfig(swa=0.75).with_recipe().validate().swa == 0.75
+
+
+def test_output_stride_16_is_refused_for_unet_by_name():
+    with pytest.raises(ConfigError, match="output_stride=16 is for resnet34_unet's encoder"):
+        RunConfig(arch="unet", output_stride=16).with_recipe().validate()
+    assert RunConfig(arch="resnet34_unet", output_stride=16).with_recipe().validate().output_stride == 16

@@ -52,6 +52,27 @@ def test_encoder_is_resnet34():
     assert [tuple(f.shape[1:]) for f in feats] == [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]
 
 
+def test_output_stride_16_runs_every_stage_at_twice_the_resolution_with_the_same_encoder():
+    config = RunConfig(arch="resnet34_unet", output_stride=16).with_recipe().validate()
+    dense, plain = build_model("resnet34_unet", **model_kwargs(config)), build_model("resnet34_unet")
+    # the encoder's weights are ResNet34's either way; only the max-pool is gone
+    assert dense.encoder.state_dict().keys() == plain.encoder.state_dict().keys()
+    assert isinstance(dense.encoder.maxpool, torch.nn.Identity)
+    feats = dense.encoder(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape[1:]) for f in feats] == [(64, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)]
+    # three decoder blocks (skips layer3, layer2, layer1) and the head on the H/2 map of 64 channels
+    assert len(dense.decoder.blocks) == 3 and dense.head.in_channels == 64
+    dense.eval()
+    with torch.inference_mode():
+        out = dense(torch.randn(2, 3, 96, 64))
+    assert out.shape == (2, 1, 96, 64) and torch.isfinite(out).all()
+    dense.train()
+    dense(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    assert dense.encoder.stem[0].weight.grad.abs().sum() > 0       # the stem still learns
+    with pytest.raises(ValueError, match="output_stride=8 is not valid; choose one of: 32, 16"):
+        build_model("resnet34_unet", output_stride=8)
+
+
 def test_unknown_arch_lists_choices():
     with pytest.raises(ValueError, match="choose one of: unet, resnet34_unet"):
         build_model("vgg")
