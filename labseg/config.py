@@ -135,7 +135,7 @@ class RunConfig:
             self._check_choice("output_stride", c.output_stride, OUTPUT_STRIDES)
             if c.arch == "unet" and c.output_stride != 32:
                 raise ConfigError(f"output_stride={c.output_stride!r} is for resnet34_unet's encoder; "
-                                  "unet has no max-pool to leave out (use 32 or leave it unset)")
+                                  "unet keeps the paper's layout (use 32 or leave it unset)")
         for name in ("epochs", "batch_size", "img_size"):
             value = getattr(c, name)
             if value is not None and (not _is_int(value) or value <= 0):
