@@ -186,11 +186,13 @@ class ResNet34UNet(nn.Module):
             raise ValueError(f"decoder_attention={decoder_attention!r} is not valid; "
                              f"choose one of: {', '.join(DECODER_ATTENTIONS)}")
         self.encoder = ResNet34Encoder(in_channels, drop_path, output_stride)
-        skips = ResNet34Encoder.channels
-        if output_stride == 16:      # the first skip (stem, H/2) is as coarse as layer1: drop it
-            skips, decoder_channels = skips[1:], tuple(decoder_channels[:-1])
-        self.skip_from = len(ResNet34Encoder.channels) - len(skips)
-        self.decoder = UNetDecoder(skips, decoder_channels, decoder_attention == "scse")
+        # output_stride 16: the stem's map (H/2) is as coarse as layer1's, so it is no skip and
+        # the decoder needs one block fewer to reach H/2
+        self.skip_from = 0 if output_stride == 32 else 1
+        if self.skip_from:
+            decoder_channels = tuple(decoder_channels[:-1])
+        self.decoder = UNetDecoder(ResNet34Encoder.channels[self.skip_from:], decoder_channels,
+                                   decoder_attention == "scse")
         self.head = nn.Conv2d(decoder_channels[-1], out_channels, 3, padding=1)
         # Deep supervision (Lee et al., 2015): a 1×1 head on each inner decoder block gives those
         # blocks a direct gradient from the mask. Used in training only; inference ignores them.
