@@ -30,6 +30,12 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the valid choices."""
 
 
+def check_choice(name: str, value, choices) -> None:
+    """Raise :class:`ConfigError` (a ValueError) naming ``name``, ``value`` and the valid choices."""
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
 def resolve_path(path: str | Path) -> Path:
     """Resolve a path from the config: absolute stays, relative is taken from the project root.
 
@@ -111,7 +117,7 @@ class RunConfig:
         """A copy with every ``None`` field taken from the default recipe of ``arch``."""
         from labseg.recipes import recipe_for
 
-        self._check_choice("arch", self.arch, ARCHS)
+        check_choice("arch", self.arch, ARCHS)
         filled = {k: v for k, v in recipe_for(self.arch).items() if getattr(self, k) is None}
         if self.epochs is None and parse_duration(self.time_budget):
             filled["epochs"] = UNTIL_BUDGET    # a budget and no epoch count: train until it is spent
@@ -120,19 +126,19 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """Check every value; raise :class:`ConfigError` naming the first bad one. Returns self."""
         c = self
-        self._check_choice("arch", c.arch, ARCHS)
+        check_choice("arch", c.arch, ARCHS)
         for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS),
                               ("scheduler", SCHEDULERS), ("augment", AUGMENTS),
                               ("monitor", MONITORS), ("device", DEVICES)):
             value = getattr(c, name)
             if value is not None:
-                self._check_choice(name, value, choices)
+                check_choice(name, value, choices)
         if c.norm is not None:
-            self._check_choice("norm", c.norm, ("batch", "none"))
+            check_choice("norm", c.norm, ("batch", "none"))
         if c.decoder_attention is not None:
-            self._check_choice("decoder_attention", c.decoder_attention, DECODER_ATTENTIONS)
+            check_choice("decoder_attention", c.decoder_attention, DECODER_ATTENTIONS)
         if c.output_stride is not None:
-            self._check_choice("output_stride", c.output_stride, OUTPUT_STRIDES)
+            check_choice("output_stride", c.output_stride, OUTPUT_STRIDES)
             if c.arch == "unet" and c.output_stride != 32:
                 raise ConfigError(f"output_stride={c.output_stride!r} is for resnet34_unet's encoder; "
                                   "unet keeps the paper's layout (use 32 or leave it unset)")
@@ -180,11 +186,6 @@ class RunConfig:
         check_device(c.device)
         return self
 
-    @staticmethod
-    def _check_choice(name, value, choices):
-        if value not in choices:
-            raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -216,8 +217,7 @@ def check_device(device: str) -> None:
     """Fail early, naming the device, when it is not available on this machine."""
     import torch
 
-    if device not in DEVICES:
-        raise ConfigError(f"device={device!r} is not valid; choose one of: {', '.join(DEVICES)}")
+    check_choice("device", device, DEVICES)
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' is not available on this machine (torch.cuda.is_available() "
                           "is False); available: " + ", ".join(available_devices()))

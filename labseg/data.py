@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from labseg.config import resolve_path
+from labseg.config import check_choice, resolve_path
 
 SPLITS = ("trainval", "test", "list")
 SPECIES = {1: "cat", 2: "dog"}
@@ -136,8 +136,7 @@ def read_split_file(path: str | Path) -> list[tuple[str, int, int]]:
 
 def read_records(root: str | Path, split: str) -> tuple[list[Record], list[tuple[str, str]]]:
     """The records of ``split`` whose image and trimap exist, and the (file, reason) skipped."""
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not valid; choose one of: {', '.join(SPLITS)}")
+    check_choice("split", split, SPLITS)
     root = check_layout(root)
     split_path = root / "annotations" / f"{split}.txt"
     if not split_path.exists():

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from labseg.config import RunConfig, pick_device
+from labseg.config import RunConfig, check_choice, pick_device
 from labseg.data import BadSampleError, Batches, CachedSplit, load_image, load_split, log, normalize, split_trainval
 from labseg.metrics import per_image_accuracy, per_image_dice, per_image_iou
 from labseg.models import build_model
@@ -144,13 +144,12 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
 
 
 def _split_for(config: RunConfig, split: str, data_dir, progress: bool) -> CachedSplit:
+    check_choice("split", split, ("test", "valid", "train"))
     if split == "test":
         return load_split(data_dir, "test", config.img_size, config.cache_dir, progress=progress)
-    if split in ("valid", "train"):
-        trainval = load_split(data_dir, "trainval", config.img_size, config.cache_dir, progress=progress)
-        train_idx, valid_idx = split_trainval(trainval.records, config.valid_fraction, config.seed)
-        return trainval.subset(valid_idx if split == "valid" else train_idx)
-    raise ValueError(f"split={split!r} is not valid; choose one of: test, valid, train")
+    trainval = load_split(data_dir, "trainval", config.img_size, config.cache_dir, progress=progress)
+    train_idx, valid_idx = split_trainval(trainval.records, config.valid_fraction, config.seed)
+    return trainval.subset(valid_idx if split == "valid" else train_idx)
 
 
 def format_result(result: dict) -> str:

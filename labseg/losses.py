@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from labseg.config import check_choice
+
 EPS = 1.0   # smoothing of the soft Dice/Tversky ratios, in pixels: keeps empty masks well defined
 
 
@@ -94,6 +96,5 @@ def deep_supervised(loss_fn):
 
 
 def build_loss(name: str):
-    if name not in LOSSES:
-        raise ValueError(f"loss={name!r} is not valid; choose one of: {', '.join(LOSSES)}")
+    check_choice("loss", name, LOSSES)
     return LOSSES[name]

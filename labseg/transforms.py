@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from labseg.config import check_choice
+
 
 @dataclass(frozen=True)
 class AugmentParams:
@@ -54,8 +56,7 @@ NO_AUGMENT = AugmentParams(hflip=0.0)      # identity, for crops without augment
 
 
 def params_for(level: str) -> AugmentParams | None:
-    if level not in LEVELS:
-        raise ValueError(f"augment={level!r} is not valid; choose one of: {', '.join(LEVELS)}")
+    check_choice("augment", level, LEVELS)
     return LEVELS[level]
 
 

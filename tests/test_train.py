@@ -127,6 +127,8 @@ def test_deep_supervision_trains_resumes_and_evaluates(tiny, arch):
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     evaluation = evaluate_run(result.run.path, "test", tta=True, progress=False, save=False)
     assert 0 <= evaluation["dice"] <= 1
+    with pytest.raises(ValueError, match="split='holdout' is not valid; choose one of: test, valid, train"):
+        evaluate_run(result.run.path, "holdout", progress=False, save=False)
 
 
 def test_swa_deploys_the_mean_of_the_epoch_snapshots(tiny, monkeypatch):

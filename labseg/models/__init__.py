@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from labseg.config import check_choice
 from labseg.models.resnet34_unet import ResNet34UNet
 from labseg.models.unet import UNet
 
@@ -14,8 +15,7 @@ MODELS = {
 
 def build_model(name: str, **kwargs) -> nn.Module:
     """Build a network by name with fresh weights (nothing is downloaded)."""
-    if name not in MODELS:
-        raise ValueError(f"arch={name!r} is not valid; choose one of: {', '.join(MODELS)}")
+    check_choice("arch", name, MODELS)
     return MODELS[name](**kwargs)
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from labseg.config import DECODER_ATTENTIONS, OUTPUT_STRIDES
+from labseg.config import DECODER_ATTENTIONS, OUTPUT_STRIDES, check_choice
 from labseg.models.unet import check_input_size, init_weights, to_input_size
 
 
@@ -76,9 +76,7 @@ class ResNet34Encoder(nn.Module):
 
     def __init__(self, in_channels: int = 3, drop_path: float = 0.0, output_stride: int = 32):
         super().__init__()
-        if output_stride not in OUTPUT_STRIDES:
-            raise ValueError(f"output_stride={output_stride!r} is not valid; choose one of: "
-                             f"{', '.join(map(str, OUTPUT_STRIDES))}")
+        check_choice("output_stride", output_stride, OUTPUT_STRIDES)
         total = sum(self.blocks)   # the linear rule of Huang et al.: 0 for the first block
         rates = iter([drop_path * i / (total - 1) for i in range(total)])
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
@@ -182,9 +180,7 @@ class ResNet34UNet(nn.Module):
                  decoder_attention: str = "none", deep_supervision: bool = False,
                  output_stride: int = 32):
         super().__init__()
-        if decoder_attention not in DECODER_ATTENTIONS:
-            raise ValueError(f"decoder_attention={decoder_attention!r} is not valid; "
-                             f"choose one of: {', '.join(DECODER_ATTENTIONS)}")
+        check_choice("decoder_attention", decoder_attention, DECODER_ATTENTIONS)
         self.encoder = ResNet34Encoder(in_channels, drop_path, output_stride)
         # output_stride 16: the stem's map (H/2) is as coarse as layer1's, so it is no skip and
         # the decoder needs one block fewer to reach H/2
