@@ -35,6 +35,7 @@ HELP = {
     "augment": "none, flip (horizontal flips only), light, strong or color (light + hue turns and grayscale)",
     "ema": "EMA decay of the weights, e.g. 0.99 (0 = off)",
     "swa": "stochastic weight averaging from this fraction of training on, e.g. 0.75 (0 = off)",
+    "sam": "sharpness-aware minimisation with this radius rho, e.g. 0.05 (0 = off; 2 passes per step)",
     "copy_paste": "probability of pasting another training image's pet over an image (0 = off)",
     "crop_size": "train on random crops of this size in px (0 = whole images) ...",
     "crop_until": "... until this fraction of training (time or epochs), then on whole images",

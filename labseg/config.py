@@ -87,6 +87,7 @@ class RunConfig:
     augment: str | None = None
     ema: float | None = None               # EMA decay of the weights (0 = off)
     swa: float | None = None               # average the weights from this fraction of training on (0 = off)
+    sam: float | None = None               # sharpness-aware minimisation: radius rho of the weight step (0 = off)
     copy_paste: float | None = None        # probability of pasting another image's pet over a sample
     crop_size: int | None = None           # train on random crops of this size (px) ...
     crop_until: float | None = None        # ... until this fraction of training, then on whole images
@@ -165,6 +166,8 @@ class RunConfig:
         if c.swa and c.ema:
             raise ConfigError(f"swa={c.swa!r} and ema={c.ema!r}: choose one way of averaging the weights "
                               "(set the other to 0)")
+        if c.sam is not None and not (_is_number(c.sam) and 0 <= c.sam <= 1):
+            raise ConfigError(f"sam={c.sam!r}: expected the radius rho in [0, 1], e.g. 0.05 (0 = off)")
         if c.copy_paste is not None and not (_is_number(c.copy_paste) and 0 <= c.copy_paste <= 1):
             raise ConfigError(f"copy_paste={c.copy_paste!r}: expected a probability in [0, 1]")
         if c.drop_path is not None and not (_is_number(c.drop_path) and 0 <= c.drop_path < 1):

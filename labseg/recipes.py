@@ -15,6 +15,7 @@ _COMMON = dict(
     augment="light",      # flips, affine, scale-crop, jitter; r34: "flip" 0.811, "strong" 0.813-0.842, "color" 0.831
     ema=0.0,              # EMA 0.995 (+ strong aug.) did not raise test Dice under the budget (0.842)
     swa=0.0,              # from 0.75: test 0.851, its own raw last epoch 0.851, the default's 0.858 (1 seed)
+    sam=0.0,              # measured in round 11, see docs/results.md
     copy_paste=0.0,       # p = 0.5 lowered test Dice (0.830 vs 0.838) on the 3-breed budget runs
     crop_size=0,          # unet on 64 px crops for 70% of the budget: 0.781 vs 0.774, within noise
     crop_until=0.0,

@@ -120,6 +120,38 @@ def _ema_model(model: nn.Module, decay: float):
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+@torch.no_grad()
+def _sam_ascent(params: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
+    """Move the weights by rho along their gradient (SAM, Foret et al. 2021); returns the steps.
+
+    The step is rho·g/‖g‖ over all parameters, so a scaled (fp16) gradient gives the same step.
+    Computed on the device: no host sync."""
+    grads = [p.grad for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = rho / (norm + 1e-12)
+    steps = torch._foreach_mul(grads, scale)
+    torch._foreach_add_(params, steps)
+    return steps
+
+
+class _FrozenBatchNormStats:
+    """BatchNorm layers keep their running statistics (momentum 0) inside this block.
+
+    SAM's second pass sees the same batch at perturbed weights; its statistics must not count twice."""
+
+    def __init__(self, model: nn.Module):
+        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self):
+        self.momenta = [m.momentum for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc):
+        for m, momentum in zip(self.norms, self.momenta):
+            m.momentum = momentum
+
+
 def _finish_swa(swa, batches: Batches) -> nn.Module:
     """The averaged network with BatchNorm statistics recomputed for its own weights.
 
@@ -358,6 +390,17 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
                 loss = train_loss_fn(out, batch.target, batch.valid)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if config.sam:
+                    # SAM: take the gradient again at the worst nearby weights (a flatter minimum),
+                    # then step from the original weights with it.
+                    params = [p for p in model.parameters() if p.grad is not None]
+                    steps = _sam_ascent(params, config.sam)
+                    with _FrozenBatchNormStats(model), _autocast(device, amp_dtype):
+                        out = step_model(batch.image)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(train_loss_fn(out, batch.target, batch.valid)).backward()
+                    with torch.no_grad():
+                        torch._foreach_sub_(params, steps)      # back to the weights the step starts from
                 scaler.step(optimizer)
                 scaler.update()
                 if ema is not None:

@@ -18,7 +18,7 @@ from labseg.evaluate import evaluate_run, format_result
 from labseg.metrics import per_image_dice
 from labseg.models import build_model
 from labseg.runs import CheckpointError, CheckpointWriter, RunDir, load_checkpoint, load_weights, save_checkpoint
-from labseg.train import TrainingDiverged, _amp_dtype, fit, lr_factor
+from labseg.train import TrainingDiverged, _amp_dtype, _FrozenBatchNormStats, _sam_ascent, fit, lr_factor
 from labseg.viz import variants_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,6 +177,41 @@ def test_resume_of_an_ema_run_continues_the_raw_weights(tiny, monkeypatch):
     monkeypatch.setattr(labseg.train, "load_weights", spy)
     fit(arch="resnet34_unet", ema=0.5, run_name="ema", resume=True, **{**tiny, "epochs": 3})
     assert torch.equal(started_from[name], ckpt["raw_model"][name])
+
+
+def test_sam_ascent_moves_the_weights_rho_along_the_gradient():
+    torch.manual_seed(0)
+    params = [torch.randn(3, 4), torch.randn(5)]
+    before = [p.clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e3          # a scaled (fp16-style) gradient: same step
+    norm = torch.cat([p.grad.flatten() for p in params]).norm()
+    steps = _sam_ascent(params, 0.05)
+    assert torch.cat([s.flatten() for s in steps]).norm().item() == pytest.approx(0.05, rel=1e-5)
+    for p, b, s in zip(params, before, steps):
+        assert torch.allclose(p - b, 0.05 * p.grad / norm, atol=1e-7)
+        assert torch.allclose(s, p - b)
+
+
+def test_frozen_batchnorm_stats_keep_the_running_statistics():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    bn = net[1]
+    mean = bn.running_mean.clone()
+    with _FrozenBatchNormStats(net):
+        net(torch.randn(2, 3, 8, 8) + 5)
+    assert torch.equal(bn.running_mean, mean) and bn.momentum == 0.1
+    net(torch.randn(2, 3, 8, 8) + 5)                 # outside the block the statistics move again
+    assert not torch.equal(bn.running_mean, mean)
+
+
+def test_sam_trains_to_other_weights_than_plain_steps(tiny):
+    plain = fit(arch="resnet34_unet", run_name="plain", **{**tiny, "epochs": 1})
+    sam = fit(arch="resnet34_unet", run_name="sam", sam=0.05, **{**tiny, "epochs": 1})
+    assert sam.run.read_config().sam == 0.05 and plain.run.read_config().sam == 0.0
+    name = "encoder.layer1.0.conv1.weight"
+    a, b = plain.model.state_dict()[name], sam.model.state_dict()[name]
+    assert torch.isfinite(b).all() and not torch.allclose(a, b)
+    assert all(map(lambda r: r["train_loss"] == r["train_loss"], sam.history))
 
 
 def test_time_budget_stops_cleanly(tiny):
