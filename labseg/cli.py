@@ -54,7 +54,7 @@ HELP = {
     "channels_last": "channels_last memory format",
     "compile": "torch.compile the model",
     "ignore_border": "leave the trimap's border band out of the loss",
-    "max_train_images": "train on the first N training images only (quick checks)",
+    "max_train_images": "train on N of the training images only, taken from each breed in turn (quick checks)",
     "run_name": "run folder name under --output-dir (default: made from the parameters)",
     "output_dir": "where run folders go",
     "cache_dir": "where decoded, resized arrays are cached",

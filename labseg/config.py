@@ -106,7 +106,7 @@ class RunConfig:
     channels_last: bool = True
     compile: bool = False
     ignore_border: bool = False            # leave the trimap border band out of the loss
-    max_train_images: int | None = None    # use only the first N training images (quick runs)
+    max_train_images: int | None = None    # train on N images only, each breed in turn (quick runs)
     run_name: str | None = None
     output_dir: str = "outputs/runs"
     cache_dir: str = "data/cache"

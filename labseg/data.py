@@ -24,6 +24,7 @@ import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,18 @@ def split_trainval(records: list[Record], valid_fraction: float = 0.1, seed: int
         valid += order[:n_valid]
         train += order[n_valid:]
     return np.array(sorted(train), dtype=np.int64), np.array(sorted(valid), dtype=np.int64)
+
+
+def balanced_subset(records: list[Record], indices, n: int) -> np.ndarray:
+    """``n`` of ``indices``, taken from each breed in turn, so that a subset keeps every breed.
+
+    (The first ``n`` indices would not: records come sorted by breed, so 135 of the 3-breed
+    subset's 270 training images would hold no Bengal at all.)"""
+    by_breed: dict[str, list[int]] = {}
+    for i in indices:
+        by_breed.setdefault(records[i].breed, []).append(int(i))
+    in_turn = [i for group in zip_longest(*by_breed.values()) for i in group if i is not None]
+    return np.array(sorted(in_turn[:n]), dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- decoding one pair

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from labseg.config import UNTIL_BUDGET, ConfigError, RunConfig, pick_device
-from labseg.data import Batches, load_split, split_trainval
+from labseg.data import Batches, balanced_subset, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
 from labseg.metrics import per_image_dice, per_image_iou
 from labseg.models import build_model, count_parameters
@@ -265,7 +265,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     trainval = load_split(config.data_dir, "trainval", config.img_size, config.cache_dir, progress=progress)
     train_idx, valid_idx = split_trainval(trainval.records, config.valid_fraction, config.seed)
     if config.max_train_images:
-        train_idx = train_idx[:config.max_train_images]
+        train_idx = balanced_subset(trainval.records, train_idx, config.max_train_images)
     augment = BatchAugment(config.augment, copy_paste=config.copy_paste)
     memory = dict(device=device, channels_last=config.channels_last, ignore_border=config.ignore_border)
     train_batches = Batches(trainval, dist.shard(train_idx), config.batch_size // dist.world, shuffle=True,

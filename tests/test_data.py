@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from labseg import data
-from labseg.data import (BORDER, PET, BadSampleError, Batches, CachedSplit, DatasetLayoutError,
+from labseg.data import (BORDER, PET, BadSampleError, Batches, balanced_subset, CachedSplit, DatasetLayoutError,
                          Record, denormalize, load_image, load_split, load_trimap, read_records,
                          read_split_file, split_trainval, trimap_to_labels, trimap_to_mask)
 from labseg.transforms import BatchAugment
@@ -171,6 +171,19 @@ def test_split_trainval_is_stratified_by_breed(fraction):
         if n >= 2:
             assert 1 <= n_valid <= n - 1, (breed, n_valid)
         assert abs(n_valid - n * fraction) <= 1, (breed, n, n_valid)  # ≈ fraction of each breed
+
+
+def test_balanced_subset_takes_each_breed_in_turn():
+    records = records_for({"Abyssinian": 30, "Bengal": 25, "beagle": 3})
+    train, _ = split_trainval(records, 0.2, seed=0)
+    half = balanced_subset(records, train, len(train) // 2)
+    assert half.dtype == np.int64 and list(half) == sorted(half) and set(half.tolist()) <= set(train.tolist())
+    counts = {b: sum(records[i].breed == b for i in half) for b in ("Abyssinian", "Bengal", "beagle")}
+    beagles = sum(records[i].breed == "beagle" for i in train)
+    assert counts["beagle"] == beagles                        # a small breed gives all it has ...
+    assert abs(counts["Abyssinian"] - counts["Bengal"]) <= 1   # ... and the others share the rest
+    assert sum(counts.values()) == len(train) // 2
+    np.testing.assert_array_equal(balanced_subset(records, train, 10_000), train)
 
 
 def test_split_trainval_default_is_ten_percent():

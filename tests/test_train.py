@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import labseg.runs
-from labseg.data import Batches, load_split, split_trainval
+from labseg.data import Batches, balanced_subset, load_split, split_trainval
 from labseg.evaluate import evaluate_run, format_result
 from labseg.metrics import per_image_dice
 from labseg.models import build_model
@@ -37,7 +37,7 @@ def test_overfits_eight_images(synthetic_root, tmp_path):
                  output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), progress=False)
     trainval = load_split(synthetic_root, "trainval", 64, tmp_path / "cache", progress=False)
     train_idx, _ = split_trainval(trainval.records, 0.1, 0)
-    (batch,) = list(Batches(trainval, train_idx[:8], 8))
+    (batch,) = list(Batches(trainval, balanced_subset(trainval.records, train_idx, 8), 8))
     result.model.eval()
     with torch.inference_mode():
         dice = per_image_dice(result.model(batch.image), batch.target, from_logits=True).mean().item()
