@@ -132,13 +132,15 @@ def cmd_train(args) -> int:
     config = config_from_args(args)
     if args.resume and not config.run_name:
         raise SystemExit("labseg: error: --resume needs --run-name RUN (the run to continue)")
+    if args.evaluate:
+        # Imported now, with the code training runs on: an edit made during a long run must not
+        # break its evaluation at the end.
+        from labseg.evaluate import evaluate_run, format_result
     result = fit(config, resume=args.resume or False, overwrite=args.overwrite, progress=not args.quiet)
     if result.run is None:          # a torchrun rank other than 0: rank 0 reports
         return 0
     print(f"labseg: run folder {result.run.path}")
     if args.evaluate:
-        from labseg.evaluate import evaluate_run, format_result
-
         # Both checkpoints: 30-odd valid images pick an epoch poorly, and the last, fully decayed
         # one scored higher on test in 20 of 22 budget runs (docs/results.md).
         for which in ("best", "last"):
