@@ -15,7 +15,7 @@ _COMMON = dict(
     augment="light",      # flips, affine, scale-crop, jitter; r34: "flip" 0.811, "strong" 0.813-0.842, "color" 0.831
     ema=0.0,              # EMA 0.995 (+ strong aug.) did not raise test Dice under the budget (0.842)
     swa=0.0,              # from 0.75: test 0.851, its own raw last epoch 0.851, the default's 0.858 (1 seed)
-    sam=0.0,              # measured in round 11, see docs/results.md
+    sam=0.0,              # r34 rho 0.05: best.pt 0.830 vs 0.857, last.pt 0.843 vs 0.859 (2 passes, half the epochs)
     copy_paste=0.0,       # p = 0.5 lowered test Dice (0.830 vs 0.838) on the 3-breed budget runs
     crop_size=0,          # unet on 64 px crops for 70% of the budget: 0.781 vs 0.774, within noise
     crop_until=0.0,
@@ -41,6 +41,8 @@ RECIPES = {
     # Deep supervision: 0.848/0.846/0.845 (best.pt, seeds 0/1/2) against flips alone 0.842/0.827/
     # 0.847, last.pt 0.849/0.845/0.849 against 0.839/0.830/0.847: the short gradient path helps a
     # network that underfits its ~22 epochs, most on the slow-starting seed; same 4.3 img/s.
+    # On the Xeon of rounds 10-11 (AMX: 48 epochs at ~9 img/s) this recipe scored 0.857/0.860/0.860
+    # (best.pt, seeds 0/1/2) and 0.857/0.862/0.860 (last.pt), level with resnet34_unet.
     "unet": dict(_COMMON, lr=1e-3, batch_size=4, augment="flip", deep_supervision=True),
 }
 
