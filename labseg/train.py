@@ -488,8 +488,11 @@ def _summary(config, history, stop_reason, seconds, n_params, trainval, n_train,
 
 
 def _merge_resumed(recorded: RunConfig, asked: RunConfig) -> RunConfig:
-    """The recorded config, with the few fields a resume may change taken from ``asked``."""
-    rec, new = recorded.to_dict(), asked.to_dict()
+    """The recorded config, with the few fields a resume may change taken from ``asked``.
+
+    A field the recorded config lacks (a run from before the field existed) reads as its recipe
+    value, which is what that run trained with."""
+    rec, new = recorded.with_recipe().to_dict(), asked.to_dict()
     changed = {k: (rec[k], new[k]) for k in rec
                if k not in RESUMABLE and k != "run_name" and new[k] is not None and new[k] != rec[k]}
     if changed:

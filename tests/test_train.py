@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import labseg.runs
+from labseg.config import ConfigError
 from labseg.data import Batches, balanced_subset, load_split, split_trainval
 from labseg.evaluate import evaluate_run, format_result
 from labseg.metrics import per_image_dice
@@ -212,6 +213,20 @@ def test_sam_trains_to_other_weights_than_plain_steps(tiny):
     a, b = plain.model.state_dict()[name], sam.model.state_dict()[name]
     assert torch.isfinite(b).all() and not torch.allclose(a, b)
     assert all(map(lambda r: r["train_loss"] == r["train_loss"], sam.history))
+
+
+def test_resume_of_a_run_recorded_before_newer_config_fields(tiny):
+    """config.json of an older labseg has no sam or output_stride: they read as the recipe's."""
+    first = fit(arch="resnet34_unet", run_name="old", **tiny)
+    path = first.run.path / "config.json"
+    recorded = json.loads(path.read_text())
+    for key in ("sam", "output_stride"):
+        del recorded[key]
+    path.write_text(json.dumps(recorded))
+    resumed = fit(arch="resnet34_unet", run_name="old", resume=True, **{**tiny, "epochs": 3})
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    with pytest.raises(ConfigError, match="differs in sam: recorded 0.0, asked 0.05"):
+        fit(arch="resnet34_unet", run_name="old", resume=True, sam=0.05, **{**tiny, "epochs": 4})
 
 
 def test_time_budget_stops_cleanly(tiny):
