@@ -265,7 +265,9 @@ class RunDir:
         atomic_write_json(self.path / "config.json", config.to_dict())
 
     def read_config(self) -> RunConfig:
-        return RunConfig.from_dict(json.loads((self.path / "config.json").read_text()))
+        """The recorded config. A field it lacks (a run from before the field existed) reads as
+        its recipe value, which is what that run trained with."""
+        return RunConfig.from_dict(json.loads((self.path / "config.json").read_text())).with_recipe()
 
     def write_metrics(self, history: list[dict]) -> None:
         """Rewrite metrics.json and metrics.csv with the whole history (atomic, no duplicates)."""

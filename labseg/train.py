@@ -16,7 +16,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,28 +127,24 @@ def _sam_ascent(params: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
     The step is rho·g/‖g‖ over all parameters, so a scaled (fp16) gradient gives the same step.
     Computed on the device: no host sync."""
     grads = [p.grad for p in params]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    scale = rho / (norm + 1e-12)
-    steps = torch._foreach_mul(grads, scale)
+    steps = torch._foreach_mul(grads, rho / (torch.nn.utils.get_total_norm(grads) + 1e-12))
     torch._foreach_add_(params, steps)
     return steps
 
 
-class _FrozenBatchNormStats:
+@contextmanager
+def _frozen_batchnorm_stats(model: nn.Module):
     """BatchNorm layers keep their running statistics (momentum 0) inside this block.
 
     SAM's second pass sees the same batch at perturbed weights; its statistics must not count twice."""
-
-    def __init__(self, model: nn.Module):
-        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    def __enter__(self):
-        self.momenta = [m.momentum for m in self.norms]
-        for m in self.norms:
-            m.momentum = 0.0
-
-    def __exit__(self, *exc):
-        for m, momentum in zip(self.norms, self.momenta):
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
             m.momentum = momentum
 
 
@@ -395,7 +391,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
                     # then step from the original weights with it.
                     params = [p for p in model.parameters() if p.grad is not None]
                     steps = _sam_ascent(params, config.sam)
-                    with _FrozenBatchNormStats(model), _autocast(device, amp_dtype):
+                    with _frozen_batchnorm_stats(model), _autocast(device, amp_dtype):
                         out = step_model(batch.image)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(train_loss_fn(out, batch.target, batch.valid)).backward()
@@ -488,11 +484,8 @@ def _summary(config, history, stop_reason, seconds, n_params, trainval, n_train,
 
 
 def _merge_resumed(recorded: RunConfig, asked: RunConfig) -> RunConfig:
-    """The recorded config, with the few fields a resume may change taken from ``asked``.
-
-    A field the recorded config lacks (a run from before the field existed) reads as its recipe
-    value, which is what that run trained with."""
-    rec, new = recorded.with_recipe().to_dict(), asked.to_dict()
+    """The recorded config, with the few fields a resume may change taken from ``asked``."""
+    rec, new = recorded.to_dict(), asked.to_dict()
     changed = {k: (rec[k], new[k]) for k in rec
                if k not in RESUMABLE and k != "run_name" and new[k] is not None and new[k] != rec[k]}
     if changed:

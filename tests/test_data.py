@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from labseg import data
-from labseg.data import (BORDER, PET, BadSampleError, Batches, balanced_subset, CachedSplit, DatasetLayoutError,
-                         Record, denormalize, load_image, load_split, load_trimap, read_records,
+from labseg.data import (BORDER, PET, BadSampleError, Batches, CachedSplit, DatasetLayoutError,
+                         Record, balanced_subset, denormalize, load_image, load_split, load_trimap, read_records,
                          read_split_file, split_trainval, trimap_to_labels, trimap_to_mask)
 from labseg.transforms import BatchAugment
 
