@@ -37,6 +37,7 @@ HELP = {
     "swa": "stochastic weight averaging from this fraction of training on, e.g. 0.75 (0 = off)",
     "sam": "sharpness-aware minimisation with this radius rho, e.g. 0.05 (0 = off; 2 passes per step)",
     "copy_paste": "probability of pasting another training image's pet over an image (0 = off)",
+    "mosaic": "probability of replacing a training image by a 2x2 mosaic of four at half size (0 = off)",
     "crop_size": "train on random crops of this size in px (0 = whole images) ...",
     "crop_until": "... until this fraction of training (time or epochs), then on whole images",
     "norm": "UNet normalisation: batch or none (the paper's)",

@@ -89,6 +89,7 @@ class RunConfig:
     swa: float | None = None               # average the weights from this fraction of training on (0 = off)
     sam: float | None = None               # sharpness-aware minimisation: radius rho of the weight step (0 = off)
     copy_paste: float | None = None        # probability of pasting another image's pet over a sample
+    mosaic: float | None = None            # probability of replacing a sample by a 2×2 mosaic of four
     crop_size: int | None = None           # train on random crops of this size (px) ...
     crop_until: float | None = None        # ... until this fraction of training, then on whole images
     norm: str | None = None                # "batch" or "none" (UNet only; the paper has none)
@@ -170,6 +171,8 @@ class RunConfig:
             raise ConfigError(f"sam={c.sam!r}: expected the radius rho in [0, 1], e.g. 0.05 (0 = off)")
         if c.copy_paste is not None and not (_is_number(c.copy_paste) and 0 <= c.copy_paste <= 1):
             raise ConfigError(f"copy_paste={c.copy_paste!r}: expected a probability in [0, 1]")
+        if c.mosaic is not None and not (_is_number(c.mosaic) and 0 <= c.mosaic <= 1):
+            raise ConfigError(f"mosaic={c.mosaic!r}: expected a probability in [0, 1]")
         if c.drop_path is not None and not (_is_number(c.drop_path) and 0 <= c.drop_path < 1):
             raise ConfigError(f"drop_path={c.drop_path!r}: expected a probability in [0, 1), e.g. 0.1 (0 = off)")
         if c.crop_size is not None and (not _is_int(c.crop_size) or c.crop_size < 0 or c.crop_size % 32):

@@ -17,6 +17,7 @@ _COMMON = dict(
     swa=0.0,              # from 0.75: test 0.851, its own raw last epoch 0.851, the default's 0.858 (1 seed)
     sam=0.0,              # r34 rho 0.05: best.pt 0.830 vs 0.857, last.pt 0.843 vs 0.859 (2 passes, half the epochs)
     copy_paste=0.0,       # p = 0.5 lowered test Dice (0.830 vs 0.838) on the 3-breed budget runs
+    mosaic=0.0,           # 2x2 mosaics of half-size samples: being measured (round 12)
     crop_size=0,          # unet on 64 px crops for 70% of the budget: 0.781 vs 0.774, within noise
     crop_until=0.0,
     drop_path=0.0,        # stochastic depth 0.1: best.pt 0.849 vs 0.845, last.pt 0.854 vs 0.855 (2 seeds)

@@ -196,6 +196,28 @@ def test_copy_paste_puts_another_samples_pet_over_the_image():
     assert torch.equal(untouched[1], labels)
 
 
+def test_mosaic_tiles_four_samples_of_the_batch_at_half_size():
+    images, labels = images_batch(5), labels_batch(5, seed=4)
+    out_images, out_labels = BatchAugment("none", mosaic=1.0)(images, labels, generator=gen(0))
+    assert out_images.shape == images.shape and out_labels.shape == labels.shape
+    small_images = images.reshape(5, 3, H // 2, 2, W // 2, 2).mean((3, 5))      # 2×2 averages
+    small_labels = labels[..., ::2, ::2]
+    h, w = H // 2, W // 2
+    for i in range(5):
+        quarters = [(slice(0, h), slice(0, w)), (slice(0, h), slice(w, W)),
+                    (slice(h, H), slice(0, w)), (slice(h, H), slice(w, W))]
+        sources = []
+        for q, (rows, cols) in enumerate(quarters):
+            match = [j for j in range(5) if torch.allclose(out_images[i, :, rows, cols], small_images[j], atol=1e-5)
+                     and torch.equal(out_labels[i, :, rows, cols], small_labels[j])]
+            assert match, f"quarter {q} of sample {i} is no sample of the batch at half size"
+            sources.append(match)
+        assert i in sources[0], "the top-left quarter is the sample itself"
+        assert all(i not in s for s in sources[1:]), "the other quarters come from other samples"
+    untouched_images, untouched_labels = BatchAugment("none", mosaic=0.0)(images, labels, generator=gen(0))
+    assert torch.equal(untouched_images, images) and torch.equal(untouched_labels, labels)
+
+
 def test_hue_turns_keep_grays_and_move_colours():
     """Hue turns: a gray image stays gray whatever the angle; a red one stops being red."""
     aug = with_params(AugmentParams(hflip=0.0, hue=0.5))
