@@ -215,8 +215,10 @@ class BatchAugment:
         n, h, w = images.shape[0], *images.shape[-2:]
         if not chosen.any():
             return images, labels
-        tiles = torch.stack([torch.arange(n)] + [(torch.arange(n) + torch.randint(1, n, (n,), generator=generator)) % n
-                                                 for _ in range(3)], 1)[chosen]        # k × 4 sample indices
+        # three other samples, distinct where the batch has that many: offsets 1..n-1 in random order
+        offsets = torch.rand(n, n - 1, generator=generator).argsort(1)[:, :3] + 1
+        offsets = offsets.repeat(1, 3)[:, :3]                              # a batch of 2 or 3 repeats
+        tiles = torch.cat([torch.arange(n)[:, None], (torch.arange(n)[:, None] + offsets) % n], 1)[chosen]
         half = ((h + 1) // 2, (w + 1) // 2)
         small_images = F.interpolate(images, size=half, mode="area")      # area: no aliasing of fur
         small_labels = F.interpolate(labels.float(), size=half, mode="nearest").to(labels.dtype)

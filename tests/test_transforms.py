@@ -214,6 +214,7 @@ def test_mosaic_tiles_four_samples_of_the_batch_at_half_size():
             sources.append(match)
         assert i in sources[0], "the top-left quarter is the sample itself"
         assert all(i not in s for s in sources[1:]), "the other quarters come from other samples"
+        assert len({s[0] for s in sources[1:]}) == 3, "from three different samples"
     untouched_images, untouched_labels = BatchAugment("none", mosaic=0.0)(images, labels, generator=gen(0))
     assert torch.equal(untouched_images, images) and torch.equal(untouched_labels, labels)
 
