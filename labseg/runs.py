@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from labseg.config import RunConfig, resolve_path
+from labseg.config import BEFORE_OPTION_EXISTED, RunConfig, resolve_path
 
 CHECKPOINT_FORMAT = 1
 
@@ -265,9 +265,10 @@ class RunDir:
         atomic_write_json(self.path / "config.json", config.to_dict())
 
     def read_config(self) -> RunConfig:
-        """The recorded config. A field it lacks (a run from before the field existed) reads as
-        its recipe value, which is what that run trained with."""
-        return RunConfig.from_dict(json.loads((self.path / "config.json").read_text())).with_recipe()
+        """The recorded config. An option it lacks (a run from before the option existed) reads as
+        off, which is what that run trained with (``config.BEFORE_OPTION_EXISTED``)."""
+        recorded = json.loads((self.path / "config.json").read_text())
+        return RunConfig.from_dict({**BEFORE_OPTION_EXISTED, **recorded}).with_recipe()
 
     def write_metrics(self, history: list[dict]) -> None:
         """Rewrite metrics.json and metrics.csv with the whole history (atomic, no duplicates)."""

@@ -223,9 +223,9 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     ``callback(history)`` is called after every epoch (live plots in the notebook).
     Keyword ``overrides`` set config fields, e.g. ``fit(arch="unet", epochs=3)``.
     """
-    config = RunConfig(**overrides) if config is None else (
+    asked = RunConfig(**overrides) if config is None else (
         RunConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config)
-    config = config.with_recipe().validate()
+    config = asked.with_recipe().validate()
     dist = _Distributed.from_env()
     device = dist.device or pick_device(config.device)
     if config.num_threads:
@@ -237,7 +237,9 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
         if not config.run_name:
             raise ConfigError("resume needs run_name: the run to continue")
         run = RunDir.open(config.run_name, config.output_dir)
-        config = _merge_resumed(run.read_config(), config)
+        # compared with what was asked, not with today's recipe: a recipe that has changed since
+        # the run started is no reason to refuse (or alter) the resume
+        config = _merge_resumed(run.read_config(), asked).validate()
         which = "best" if resume == "best" else "last"
         try:
             start = load_checkpoint(run.checkpoint(which))

@@ -19,6 +19,7 @@ from labseg.data import Batches, balanced_subset, load_split, split_trainval
 from labseg.evaluate import evaluate_run, format_result
 from labseg.metrics import per_image_dice
 from labseg.models import build_model
+from labseg.recipes import recipe_for
 from labseg.runs import CheckpointError, CheckpointWriter, RunDir, load_checkpoint, load_weights, save_checkpoint
 from labseg.train import TrainingDiverged, _amp_dtype, _frozen_batchnorm_stats, _sam_ascent, fit, lr_factor
 from labseg.viz import variants_table
@@ -217,16 +218,20 @@ def test_sam_trains_to_other_weights_than_plain_steps(tiny):
 
 
 def test_resume_of_a_run_recorded_before_newer_config_fields(tiny):
-    """config.json of an older labseg has no sam or output_stride: they read as the recipe's."""
+    """config.json of an older labseg lacks newer options: they read as off, which is how that run
+    trained, even where today's recipe turns them on (resnet34_unet's mosaic)."""
     first = fit(arch="resnet34_unet", run_name="old", **tiny)
     path = first.run.path / "config.json"
     recorded = json.loads(path.read_text())
-    for key in ("sam", "output_stride"):
+    assert recorded["mosaic"] == recipe_for("resnet34_unet")["mosaic"] > 0
+    for key in ("sam", "output_stride", "mosaic"):
         del recorded[key]
     path.write_text(json.dumps(recorded))
-    assert first.run.read_config().sam == 0.0 and first.run.read_config().output_stride == 32
+    old = first.run.read_config()
+    assert (old.sam, old.output_stride, old.mosaic) == (0.0, 32, 0.0)
     resumed = fit(arch="resnet34_unet", run_name="old", resume=True, **{**tiny, "epochs": 3})
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert resumed.run.read_config().mosaic == 0.0
     with pytest.raises(ConfigError, match="differs in sam: recorded 0.0, asked 0.05"):
         fit(arch="resnet34_unet", run_name="old", resume=True, sam=0.05, **{**tiny, "epochs": 4})
 
