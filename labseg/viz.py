@@ -140,6 +140,32 @@ def augmentation_preview(split: CachedSplit, index: int = 0, level: str = "stron
     return fig
 
 
+def training_batch(split: CachedSplit, arch: str = "resnet34_unet", n: int = 8, seed: int = 0,
+                   ncols: int = 4, **overrides) -> Figure:
+    """``n`` training images as the network's recipe augments them, whole batch at once.
+
+    Unlike :func:`augmentation_preview` this uses the training path, ``BatchAugment``, so it
+    shows the batch-level augmentations too (mosaic, copy-paste). ``overrides`` replace recipe
+    fields: ``augment``, ``mosaic``, ``copy_paste``.
+    """
+    from labseg.recipes import recipe_for
+    from labseg.transforms import BatchAugment
+
+    recipe = {**recipe_for(arch), **overrides}
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(split), size=min(n, len(split)), replace=False))
+    images = torch.from_numpy(np.stack([split.images[i] for i in idx])).float().div(255)
+    labels = torch.from_numpy(np.stack([split.labels[i] for i in idx])).unsqueeze(1)
+    augment = BatchAugment(recipe["augment"], copy_paste=recipe["copy_paste"], mosaic=recipe["mosaic"])
+    images, labels = augment(images, labels, generator=torch.Generator().manual_seed(seed))
+    fig, axes = _grid(len(idx), ncols)
+    for ax, image, lab in zip(axes, images, labels):
+        ax.imshow(overlay(hwc(image), lab[0].numpy() != BACKGROUND))
+    fig.suptitle(f"{arch} training batch: augment={recipe['augment']!r}, mosaic={recipe['mosaic']}, "
+                 f"copy_paste={recipe['copy_paste']}", fontsize=9)
+    return fig
+
+
 def show_example(split: CachedSplit, index: int, show_mask: bool = True) -> Figure:
     """One image of a split, optionally with its mask: what the browser widget draws."""
     fig = Figure(figsize=(4, 4.3), layout="constrained")

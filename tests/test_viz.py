@@ -30,6 +30,20 @@ def test_dataset_figures(split):
         assert isinstance(fig, Figure)
 
 
+def test_training_batch_shows_what_the_batch_augmentation_makes(split):
+    def panels(**overrides):
+        fig = viz.training_batch(split, n=4, seed=3, **overrides)
+        return [ax.get_images()[0].get_array() for ax in fig.axes if ax.get_images()]
+
+    plain = panels(augment="none", mosaic=0.0, copy_paste=0.0)
+    idx = np.sort(np.random.default_rng(3).choice(len(split), size=4, replace=False))
+    assert len(plain) == 4
+    for panel, i in zip(plain, idx):          # no augmentation: the cached image with its mask
+        assert np.array_equal(panel, viz.overlay(viz.hwc(split.images[i]), split.labels[i] != 0))
+    mosaics = panels(augment="none", mosaic=1.0, copy_paste=0.0)
+    assert all(not np.array_equal(a, b) for a, b in zip(plain, mosaics))
+
+
 def test_layer_table_and_flops():
     model = build_model("unet", base=8)
     table = viz.layer_table(model, (1, 3, 32, 32))
