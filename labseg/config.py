@@ -25,7 +25,7 @@ MONITORS = ("valid_dice", "valid_iou", "valid_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # What a run recorded before one of these options existed trained with: its config.json lacks
 # the field, and it reads as this "off" value. Not the recipe's value: a recipe may adopt an
-# option later (resnet34_unet's took mosaic 0.25 in round 12), and the old run did not use it.
+# option later (resnet34_unet's took mosaic 0.5 in round 12), and the old run did not use it.
 BEFORE_OPTION_EXISTED = dict(ema=0.0, swa=0.0, sam=0.0, copy_paste=0.0, mosaic=0.0, crop_size=0,
                              crop_until=0.0, drop_path=0.0, decoder_attention="none",
                              deep_supervision=False, output_stride=32)

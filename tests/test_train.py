@@ -14,14 +14,15 @@ import pytest
 import torch
 
 import labseg.runs
-from labseg.config import ConfigError
+from labseg.config import UNTIL_BUDGET, ConfigError, RunConfig
 from labseg.data import Batches, balanced_subset, load_split, split_trainval
 from labseg.evaluate import evaluate_run, format_result
 from labseg.metrics import per_image_dice
 from labseg.models import build_model
 from labseg.recipes import recipe_for
 from labseg.runs import CheckpointError, CheckpointWriter, RunDir, load_checkpoint, load_weights, save_checkpoint
-from labseg.train import TrainingDiverged, _amp_dtype, _frozen_batchnorm_stats, _sam_ascent, fit, lr_factor
+from labseg.train import (TrainingDiverged, _amp_dtype, _frozen_batchnorm_stats, _merge_resumed, _sam_ascent,
+                          fit, lr_factor)
 from labseg.viz import variants_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +72,6 @@ def test_resume_continues_without_duplicates(tiny):
 
 def test_resume_refuses_a_changed_config(tiny):
     fit(arch="resnet34_unet", run_name="r", **tiny)
-    from labseg.config import ConfigError
-
     with pytest.raises(ConfigError, match="lr: recorded"):
         fit(arch="resnet34_unet", run_name="r", resume=True, lr=0.5, **tiny)
 
@@ -234,6 +233,18 @@ def test_resume_of_a_run_recorded_before_newer_config_fields(tiny):
     assert resumed.run.read_config().mosaic == 0.0
     with pytest.raises(ConfigError, match="differs in sam: recorded 0.0, asked 0.05"):
         fit(arch="resnet34_unet", run_name="old", resume=True, sam=0.05, **{**tiny, "epochs": 4})
+
+
+def test_resume_keeps_what_was_not_asked_again():
+    """A budget run resumed without --time-budget keeps its epoch count (the recipe's 40 once
+    replaced it); fields asked for again, and only those, are compared or changed."""
+    recorded = RunConfig(run_name="r", time_budget="25m").with_recipe()
+    assert recorded.epochs == UNTIL_BUDGET
+    merged = _merge_resumed(recorded, RunConfig(run_name="r"))
+    assert (merged.epochs, merged.time_budget, merged.mosaic) == (UNTIL_BUDGET, "25m", recorded.mosaic)
+    assert _merge_resumed(recorded, RunConfig(run_name="r", epochs=7)).epochs == 7
+    with pytest.raises(ConfigError, match="differs in lr"):
+        _merge_resumed(recorded, RunConfig(run_name="r", lr=0.5))
 
 
 def test_time_budget_stops_cleanly(tiny):
