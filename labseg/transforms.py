@@ -102,9 +102,9 @@ class BatchAugment:
         self.level = level
         self.params = params_for(level)
         # Mosaic (Bochkovskiy et al., 2020, YOLOv4): with this probability a sample is replaced
-        # by a 2×2 tiling of four samples of the batch, each at half size. The budget runs' worst
-        # test images are small pets that the network paints as one large central blob (predicted
-        # area 3-4× the true one); mosaics show it small, off-centre pets in other settings.
+        # by a 2×2 tiling of four samples of the batch, each at half size: pets small, off-centre
+        # and next to other pets' backgrounds. Tried for the small test pets that the network
+        # painted as one large blob; it helped as a regulariser instead (docs/results.md, round 12).
         self.mosaic = mosaic
         # Copy-paste (Ghiasi et al., 2021): with this probability a sample gets the pet of another
         # sample of the batch pasted over it (both already augmented), labels included. New
