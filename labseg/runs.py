@@ -266,7 +266,8 @@ class RunDir:
 
     def read_config(self) -> RunConfig:
         """The recorded config. An option it lacks (a run from before the option existed) reads as
-        off, which is what that run trained with (``config.BEFORE_OPTION_EXISTED``)."""
+        off, which is what that run trained with (``config.BEFORE_OPTION_EXISTED``); any other
+        recipe field it lacks, as the recipe's value."""
         recorded = json.loads((self.path / "config.json").read_text())
         return RunConfig.from_dict({**BEFORE_OPTION_EXISTED, **recorded}).with_recipe()
 

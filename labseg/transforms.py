@@ -215,10 +215,12 @@ class BatchAugment:
         n, h, w = images.shape[0], *images.shape[-2:]
         if not chosen.any():
             return images, labels
-        # three other samples, distinct where the batch has that many: offsets 1..n-1 in random order
-        offsets = torch.rand(n, n - 1, generator=generator).argsort(1)[:, :3] + 1
-        offsets = offsets.repeat(1, 3)[:, :3]                              # a batch of 2 or 3 repeats
-        tiles = torch.cat([torch.arange(n)[:, None], (torch.arange(n)[:, None] + offsets) % n], 1)[chosen]
+        # Quarters 2-4: three other samples, at offsets 1..n-1 from i in random order (distinct
+        # when n >= 4; a batch of 2 or 3 reuses its others in turn).
+        order = torch.rand(n, n - 1, generator=generator).argsort(1) + 1
+        offsets = order[:, torch.arange(3) % (n - 1)]
+        own = torch.arange(n)[:, None]
+        tiles = torch.cat([own, (own + offsets) % n], 1)[chosen]          # k × 4 sample indices
         half = ((h + 1) // 2, (w + 1) // 2)
         small_images = F.interpolate(images, size=half, mode="area")      # area: no aliasing of fur
         small_labels = F.interpolate(labels.float(), size=half, mode="nearest").to(labels.dtype)

@@ -1,7 +1,7 @@
 """The training loop, run folders and checkpoints, end to end on tiny synthetic data."""
 import errno
-import math
 import json
+import math
 import os
 import pickle
 import signal
