@@ -36,7 +36,8 @@ RECIPES = {
     # 0.867/0.865; p = 0.25 0.857/0.863 and 0.866/0.863; none 0.857/0.853 and 0.859/0.858. The
     # largest single-network gain of twelve rounds. p = 0.75 (seed 0): 0.849 and 0.862, too much.
     # On top of mosaic 0.5 (round 13): drop_path 0.1 last.pt 0.870/0.869 but best.pt 0.868/0.851
-    # (kept off: best.pt fell); deep supervision the same (last.pt 0.869/0.870, best.pt 0.869/0.850); strong 0.850/0.863.
+    # (kept off: best.pt fell); deep supervision the same (last.pt 0.869/0.870, best.pt
+    # 0.869/0.850); strong augmentation 0.850/0.863 (seed 0).
     "resnet34_unet": dict(_COMMON, lr=1e-3, batch_size=8, mosaic=0.5),
     # Batch 4: 0.832/0.811 (best.pt, seeds 0/1, `light`) against 0.774 at batch 16 (fp32) and 0.781
     # (bf16, 64 px crops): unet runs ~4 img/s at any batch on a CPU, so 4x the steps for free.
