@@ -1,8 +1,8 @@
 """Evaluation and prediction with a trained run.
 
 * :func:`evaluate_run` — Dice, IoU and accuracy on a split: overall, per species, per breed,
-  with optional horizontal-flip test-time augmentation and a tuned threshold, written to the
-  run folder as ``eval_<split>.json``.
+  with optional horizontal-flip test-time augmentation, a tuned threshold and one-pet
+  post-processing (:mod:`labseg.postprocess`), written to the run folder as ``eval_<split>.json``.
 * :func:`predict_images` — masks for one image or a folder, at the original resolution, saved as
   PNG masks and overlays.
 """
@@ -20,6 +20,7 @@ from labseg.config import RunConfig, check_choice, pick_device
 from labseg.data import BadSampleError, Batches, CachedSplit, load_image, load_split, log, normalize, split_trainval
 from labseg.metrics import per_image_accuracy, per_image_dice, per_image_iou
 from labseg.models import build_model
+from labseg.postprocess import clean_mask, clean_masks
 from labseg.runs import RunDir, load_checkpoint, load_weights
 
 THRESHOLDS = tuple(np.round(np.arange(0.2, 0.81, 0.05), 2).tolist())
@@ -87,13 +88,17 @@ class Evaluation:
                              "dice": self.dice, "iou": self.iou, "accuracy": self.accuracy})
 
 
-def score(probs: torch.Tensor, split: CachedSplit, threshold: float = 0.5, tta: bool = False) -> Evaluation:
+def score(probs: torch.Tensor, split: CachedSplit, threshold: float = 0.5, tta: bool = False,
+          postprocess: bool = False) -> Evaluation:
+    """Per-image scores of ``probs`` thresholded at ``threshold`` (``postprocess``: one pet per mask)."""
     target = torch.from_numpy(np.asarray(split.masks)).unsqueeze(1)
     pred = probs.float() >= threshold
+    if postprocess:
+        pred = clean_masks(pred)
     return Evaluation([r.name for r in split.records], [r.breed for r in split.records],
                       [r.species for r in split.records], per_image_dice(pred, target).numpy(),
                       per_image_iou(pred, target).numpy(), per_image_accuracy(pred, target).numpy(),
-                      threshold, tta)
+                      threshold, tta, {"postprocess": True} if postprocess else {})
 
 
 def threshold_sweep(probs: torch.Tensor, split: CachedSplit, thresholds=THRESHOLDS) -> dict[float, float]:
@@ -108,12 +113,14 @@ def eval_file(split: str = "test", which: str = "best") -> str:
 
 
 def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = "best", tta: bool = False,
-                 tune_threshold: bool = False, data_dir: str | None = None, batch_size: int = 16,
-                 device="auto", progress: bool = True, save: bool = True) -> dict:
+                 tune_threshold: bool = False, postprocess: bool = False, data_dir: str | None = None,
+                 batch_size: int = 16, device="auto", progress: bool = True, save: bool = True) -> dict:
     """Evaluate a run on ``split`` ("test" or "valid"); returns and saves the results.
 
-    The result holds the plain evaluation (threshold 0.5, no TTA) and, when asked, the flip-TTA
-    and tuned-threshold variants separately, so their effects can be read apart.
+    The result holds the plain evaluation (threshold 0.5, no TTA) and, when asked, the flip-TTA,
+    tuned-threshold and post-processed variants separately, so their effects can be read apart.
+    ``postprocess`` (:mod:`labseg.postprocess`) also records the valid Dice without and with the
+    step: the check that decides, as in nnU-Net, whether to use it.
     """
     run = run if isinstance(run, RunDir) else RunDir.open(run)
     model, config = load_run_model(run, which, device)
@@ -130,14 +137,22 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     if tta:
         probs_tta = predict_probs(model, batches, tta=True)
         result["tta"] = score(probs_tta, cached, tta=True).summary()
-    if tune_threshold:
+    if tune_threshold or postprocess:
         valid = _split_for(config, "valid", data_dir, progress)
-        valid_probs = predict_probs(model, Batches(valid, batch_size=batch_size, device=dev,
-                                                   channels_last=config.channels_last), tta=tta)
+        valid_batches = Batches(valid, batch_size=batch_size, device=dev, channels_last=config.channels_last)
+    if tune_threshold:
+        valid_probs = predict_probs(model, valid_batches, tta=tta)
         sweep = threshold_sweep(valid_probs, valid)
         best_t = max(sweep, key=sweep.get)
         tuned = score(probs_tta if tta else probs, cached, threshold=best_t, tta=tta).summary()
         result["threshold_tuned"] = {"threshold": best_t, "valid_sweep": sweep, **tuned}
+    if postprocess:
+        valid_probs = predict_probs(model, valid_batches)
+        checked = {"valid_dice": score(valid_probs, valid).dice.mean().item(),
+                   "valid_dice_postprocessed": score(valid_probs, valid, postprocess=True).dice.mean().item()}
+        result["postprocess"] = {**checked, **score(probs, cached, postprocess=True).summary()}
+        if tta:
+            result["tta_postprocess"] = score(probs_tta, cached, tta=True, postprocess=True).summary()
     if save:
         run.write_json(eval_file(split, which), result)
     return result
@@ -164,6 +179,13 @@ def format_result(result: dict) -> str:
     if "threshold_tuned" in result:
         t = result["threshold_tuned"]
         lines.append(f"  threshold {t['threshold']:.2f} (tuned on valid): Dice {t['dice']:.4f}  IoU {t['iou']:.4f}")
+    if "postprocess" in result:
+        p = result["postprocess"]
+        lines.append(f"  one pet (largest component, holes filled): Dice {p['dice']:.4f}  IoU {p['iou']:.4f}  "
+                     f"(valid Dice {p['valid_dice']:.4f} → {p['valid_dice_postprocessed']:.4f})")
+    if "tta_postprocess" in result:
+        p = result["tta_postprocess"]
+        lines.append(f"  flip TTA + one pet:          Dice {p['dice']:.4f}  IoU {p['iou']:.4f}")
     if result.get("skipped_pairs"):
         lines.append(f"  skipped {result['skipped_pairs']} unusable pairs")
     return "\n".join(lines)
@@ -196,10 +218,11 @@ def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 32), alpha: flo
 
 
 def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | Path, *, img_size: int | None = None,
-                   threshold: float = 0.5, tta: bool = False, which: str = "best", device="auto",
-                   progress: bool = True) -> list[Path]:
+                   threshold: float = 0.5, tta: bool = False, postprocess: bool = False, which: str = "best",
+                   device="auto", progress: bool = True) -> list[Path]:
     """Predict masks for one image or every image in a folder; save ``<name>_mask.png`` (0/255)
-    and ``<name>_overlay.png`` at the original resolution. Unreadable files are skipped and reported."""
+    and ``<name>_overlay.png`` at the original resolution. Unreadable files are skipped and reported.
+    ``postprocess`` keeps one pet per image (:func:`labseg.postprocess.clean_mask`)."""
     from tqdm.auto import tqdm
 
     model, config = load_run_model(run, which, device)
@@ -223,6 +246,8 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
             log.warning(f"skipped {e}")
             continue
         mask = predict_image(model, image, img_size, tta) >= threshold
+        if postprocess:
+            mask = clean_mask(mask)
         Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / f"{path.stem}_mask.png")
         Image.fromarray(overlay(image, mask)).save(out_dir / f"{path.stem}_overlay.png")
         written.append(out_dir / f"{path.stem}_mask.png")

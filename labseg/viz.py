@@ -474,7 +474,8 @@ def group_tables(result: dict):
 
 
 def variants_table(result: dict):
-    """Plain prediction vs flip TTA vs a threshold tuned on valid, from an evaluate_run result."""
+    """Plain prediction vs flip TTA vs a threshold tuned on valid vs one pet per image, from an
+    evaluate_run result."""
     import pandas as pd
 
     rows = [{"variant": "threshold 0.5", "dice": result["dice"], "iou": result["iou"]}]
@@ -484,6 +485,9 @@ def variants_table(result: dict):
         t = result["threshold_tuned"]
         rows.append({"variant": "threshold tuned on valid" + (" + flip TTA" if t.get("tta") else ""),
                      "dice": t["dice"], "iou": t["iou"]})
+    for key, name in (("postprocess", "threshold 0.5 + one pet"), ("tta_postprocess", "threshold 0.5 + flip TTA + one pet")):
+        if key in result:   # one pet: the largest connected component, holes filled (labseg.postprocess)
+            rows.append({"variant": name, "dice": result[key]["dice"], "iou": result[key]["iou"]})
     return pd.DataFrame(rows).set_index("variant")
 
 

@@ -83,7 +83,7 @@ def test_breakdown_reads_tta_threshold_and_breeds_apart(tmp_path):
     run = fake_run(runs, "full", "resnet34_unet", [0.7])
     run.write_json("eval_test.json", {
         "arch": "resnet34_unet", "checkpoint": "best", "images": 9, "dice": 0.80,
-        "tta": {"dice": 0.83}, "threshold_tuned": {"threshold": 0.4, "dice": 0.81},
+        "tta": {"dice": 0.83}, "threshold_tuned": {"threshold": 0.4, "dice": 0.81}, "postprocess": {"dice": 0.845},
         "per_breed": {"Abyssinian": {"dice": 0.9}, "american_bulldog": {"dice": 0.7}}})
     run.write_json("eval_test_last.json", {"arch": "resnet34_unet", "checkpoint": "last", "images": 9, "dice": 0.85})
     table = evaluation_breakdown(runs)
@@ -92,7 +92,8 @@ def test_breakdown_reads_tta_threshold_and_breeds_apart(tmp_path):
     row = table.iloc[0]
     assert (row["test_dice"], row["tta_dice"], row["threshold"], row["tuned_dice"]) == (0.80, 0.83, 0.4, 0.81)
     assert abs(row["tta_gain"] - 0.03) < 1e-9 and abs(row["tuned_gain"] - 0.01) < 1e-9
+    assert row["postprocess_dice"] == 0.845 and abs(row["postprocess_gain"] - 0.045) < 1e-9
     assert (row["Abyssinian dice"], row["american_bulldog dice"]) == (0.9, 0.7)
     text = write_report(runs, tmp_path / "report").read_text()
-    assert "## Test: flip TTA, tuned threshold and per breed" in text
+    assert "## Test: flip TTA, tuned threshold, post-processing and per breed" in text
     assert "| full | resnet34_unet | best | 9 | 0.8000 | 0.8300 |" in text

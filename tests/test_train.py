@@ -127,8 +127,15 @@ def test_deep_supervision_trains_resumes_and_evaluates(tiny, arch):
     resumed = fit(arch=arch, deep_supervision=True, run_name="ds", resume=True,
                   **{**tiny, "epochs": 3})
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
-    evaluation = evaluate_run(result.run.path, "test", tta=True, progress=False, save=False)
+    evaluation = evaluate_run(result.run.path, "test", tta=True, postprocess=True, progress=False, save=False)
     assert 0 <= evaluation["dice"] <= 1
+    post = evaluation["postprocess"]
+    assert post["images"] == evaluation["images"] and 0 <= post["dice"] <= 1
+    assert 0 <= post["valid_dice"] <= 1 and 0 <= post["valid_dice_postprocessed"] <= 1
+    assert evaluation["tta_postprocess"]["tta"] is True
+    assert list(variants_table(evaluation).index) == [
+        "threshold 0.5", "threshold 0.5 + flip TTA", "threshold 0.5 + one pet", "threshold 0.5 + flip TTA + one pet"]
+    assert f"one pet (largest component, holes filled): Dice {post['dice']:.4f}" in format_result(evaluation)
     with pytest.raises(ValueError, match="split='holdout' is not valid; choose one of: test, valid, train"):
         evaluate_run(result.run.path, "holdout", progress=False, save=False)
 
