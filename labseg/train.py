@@ -374,6 +374,9 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
             train_batches.set_epoch(epoch)
             cropping = config.crop_size and progress_now() < config.crop_until
             augment.crop_size = config.crop_size if cropping else None
+            # Mosaics can stop before the end (YOLOv8's close_mosaic): the last epochs then see
+            # single, full-size pets, as every valid and test image is.
+            augment.mosaic = config.mosaic if progress_now() < config.mosaic_until else 0.0
             epoch_start = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             of = f"/{config.epochs}" if config.epochs < UNTIL_BUDGET else f" ({config.time_budget} budget)"

@@ -23,6 +23,7 @@ from labseg.recipes import recipe_for
 from labseg.runs import CheckpointError, CheckpointWriter, RunDir, load_checkpoint, load_weights, save_checkpoint
 from labseg.train import (TrainingDiverged, _amp_dtype, _frozen_batchnorm_stats, _merge_resumed, _sam_ascent,
                           fit, lr_factor)
+from labseg.transforms import BatchAugment
 from labseg.viz import variants_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,16 +231,27 @@ def test_resume_of_a_run_recorded_before_newer_config_fields(tiny):
     path = first.run.path / "config.json"
     recorded = json.loads(path.read_text())
     assert recorded["mosaic"] == recipe_for("resnet34_unet")["mosaic"] > 0
-    for key in ("sam", "output_stride", "mosaic"):
+    for key in ("sam", "output_stride", "mosaic", "mosaic_until"):
         del recorded[key]
     path.write_text(json.dumps(recorded))
     old = first.run.read_config()
-    assert (old.sam, old.output_stride, old.mosaic) == (0.0, 32, 0.0)
+    assert (old.sam, old.output_stride, old.mosaic, old.mosaic_until) == (0.0, 32, 0.0, 1.0)
     resumed = fit(arch="resnet34_unet", run_name="old", resume=True, **{**tiny, "epochs": 3})
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert resumed.run.read_config().mosaic == 0.0
     with pytest.raises(ConfigError, match="differs in sam: recorded 0.0, asked 0.05"):
         fit(arch="resnet34_unet", run_name="old", resume=True, sam=0.05, **{**tiny, "epochs": 4})
+
+
+def test_mosaics_stop_at_mosaic_until(tiny, monkeypatch):
+    """mosaic=1 with mosaic_until=0.5 over 4 epochs: mosaics in epochs 1 and 2, whole images after."""
+    epochs, mosaic_epochs = [], []
+    set_epoch, mosaic = Batches.set_epoch, BatchAugment._mosaic
+    monkeypatch.setattr(Batches, "set_epoch", lambda self, e: (epochs.append(e), set_epoch(self, e))[1])
+    monkeypatch.setattr(BatchAugment, "_mosaic",
+                        staticmethod(lambda *args: (mosaic_epochs.append(epochs[-1]), mosaic(*args))[1]))
+    fit(arch="resnet34_unet", mosaic=1.0, mosaic_until=0.5, run_name="close", **{**tiny, "epochs": 4})
+    assert epochs == [1, 2, 3, 4] and sorted(set(mosaic_epochs)) == [1, 2]
 
 
 def test_resume_keeps_what_was_not_asked_again():
