@@ -146,7 +146,8 @@ def training_batch(split: CachedSplit, arch: str = "resnet34_unet", n: int = 8, 
 
     Unlike :func:`augmentation_preview` this uses the training path, ``BatchAugment``, so it
     shows the batch-level augmentations too (mosaic, copy-paste). ``overrides`` replace recipe
-    fields: ``augment``, ``mosaic``, ``copy_paste``.
+    fields: ``augment``, ``mosaic``, ``copy_paste``. It is a batch from early in training: the
+    recipe's mosaics stop after ``mosaic_until`` of it.
     """
     from labseg.recipes import recipe_for
     from labseg.transforms import BatchAugment
