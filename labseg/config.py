@@ -26,7 +26,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # What a run recorded before one of these options existed trained with: its config.json lacks
 # the field, and it reads as this "off" value. Not the recipe's value: a recipe may adopt an
 # option later (resnet34_unet's took mosaic 0.5 in round 12), and the old run did not use it.
-BEFORE_OPTION_EXISTED = dict(ema=0.0, swa=0.0, sam=0.0, copy_paste=0.0, mosaic=0.0, mosaic_until=1.0,
+BEFORE_OPTION_EXISTED = dict(ema=0.0, swa=0.0, sam=0.0, copy_paste=0.0, mosaic=0.0, mosaic_until=1.0, elastic=0.0,
                              crop_size=0, crop_until=0.0, drop_path=0.0, decoder_attention="none",
                              deep_supervision=False, output_stride=32)
 UNTIL_BUDGET = 100_000     # the epoch count of a run limited by its time budget alone
@@ -97,6 +97,7 @@ class RunConfig:
     copy_paste: float | None = None        # probability of pasting another image's pet over a sample
     mosaic: float | None = None            # probability of replacing a sample by a 2×2 mosaic of four ...
     mosaic_until: float | None = None      # ... until this fraction of training, then whole images only
+    elastic: float | None = None           # elastic deformation: std of the control-point shifts, share of the side
     crop_size: int | None = None           # train on random crops of this size (px) ...
     crop_until: float | None = None        # ... until this fraction of training, then on whole images
     norm: str | None = None                # "batch" or "none" (UNet only; the paper has none)
@@ -180,6 +181,9 @@ class RunConfig:
             raise ConfigError(f"copy_paste={c.copy_paste!r}: expected a probability in [0, 1]")
         if c.mosaic is not None and not (_is_number(c.mosaic) and 0 <= c.mosaic <= 1):
             raise ConfigError(f"mosaic={c.mosaic!r}: expected a probability in [0, 1]")
+        if c.elastic is not None and not (_is_number(c.elastic) and 0 <= c.elastic <= 0.25):
+            raise ConfigError(f"elastic={c.elastic!r}: expected the std of the elastic shifts as a share of the "
+                              "image side in [0, 0.25], e.g. 0.03 (0 = off)")
         if c.mosaic_until is not None and not (_is_number(c.mosaic_until) and 0 <= c.mosaic_until <= 1):
             raise ConfigError(f"mosaic_until={c.mosaic_until!r}: expected a fraction of training in [0, 1] "
                               "(1 = mosaics to the end)")

@@ -19,6 +19,7 @@ _COMMON = dict(
     copy_paste=0.0,       # p = 0.5 lowered test Dice (0.830 vs 0.838) on the 3-breed budget runs
     mosaic=0.0,           # 2x2 mosaics of half-size samples; on for resnet34_unet (below), unmeasured for unet
     mosaic_until=1.0,     # mosaics to the end of training; resnet34_unet closes them at 0.8 (below)
+    elastic=0.0,          # the UNet paper's elastic deformation; unmeasured (round 15)
     crop_size=0,          # unet on 64 px crops for 70% of the budget: 0.781 vs 0.774, within noise
     crop_until=0.0,
     drop_path=0.0,        # stochastic depth 0.1: best.pt 0.849 vs 0.845, last.pt 0.854 vs 0.855 (2 seeds)

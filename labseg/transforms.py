@@ -97,10 +97,17 @@ class BatchAugment:
     HUE_LUMA = (0.213, 0.715, 0.072)
     HUE_K = ((-0.213, -0.715, 0.928), (0.143, 0.140, -0.283), (-0.787, 0.715, 0.072))
 
+    ELASTIC_GRID = 3      # control points per side: the UNet paper's "coarse 3 by 3 grid"
+
     def __init__(self, level: str = "light", crop_size: int | None = None, copy_paste: float = 0.0,
-                 mosaic: float = 0.0):
+                 mosaic: float = 0.0, elastic: float = 0.0):
         self.level = level
         self.params = params_for(level)
+        # Elastic deformation (Ronneberger et al., 2015, the UNet paper's "key concept to train a
+        # segmentation network with very few annotated images"): each of a 3×3 grid of control
+        # points moves by a Gaussian shift with this std (a share of the image side), and bicubic
+        # interpolation spreads the shifts over the pixels. New, smoothly bent pet outlines.
+        self.elastic = elastic
         # Mosaic (Bochkovskiy et al., 2020, YOLOv4): with this probability a sample is replaced
         # by a 2×2 tiling of four samples of the batch, each at half size: pets small, off-centre
         # and next to other pets' backgrounds. Tried for the small test pets that the network
@@ -117,7 +124,8 @@ class BatchAugment:
 
     @property
     def is_identity(self) -> bool:
-        return self.params is None and not self.crop_size and not self.copy_paste and not self.mosaic
+        return (self.params is None and not self.crop_size and not self.copy_paste and not self.mosaic
+                and not self.elastic)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
         if self.is_identity:
@@ -146,6 +154,19 @@ class BatchAugment:
         a, b, c = (theta[:, :, k].reshape(n, 1, 1, 2) for k in range(3))
         return torch.addcmul(torch.addcmul(c, a, xs.view(1, 1, w, 1)), b, ys.view(1, h, 1, 1))
 
+    @classmethod
+    def elastic_shifts(cls, n: int, h: int, w: int, sigma: float, generator=None) -> torch.Tensor:
+        """N×h×w×2 smooth random shifts of sampling-grid coordinates (which span 2 per side).
+
+        Control-point shifts ~ N(0, sigma) in shares of the side, ×2 in grid units; bicubic
+        interpolation with aligned corners puts the control points on the corners, edge middles
+        and centre, and makes the field smooth between them.
+        """
+        g = cls.ELASTIC_GRID
+        coarse = torch.randn(n, 2, g, g, generator=generator) * (2 * sigma)
+        fine = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
+        return fine.permute(0, 2, 3, 1)
+
     def _augment(self, images, labels, generator, scale, mean, std):
         p, n, dev, dt = self.params or NO_AUGMENT, images.shape[0], images.device, images.dtype
         h, w = images.shape[-2:]
@@ -170,6 +191,8 @@ class BatchAugment:
             theta[:, :, 0] *= fx
             theta[:, :, 1] *= fy
         grid = self.grid(theta.to(dev, dt), out_h, out_w)
+        if self.elastic:
+            grid = grid + self.elastic_shifts(n, out_h, out_w, self.elastic, generator).to(dev, dt)
         images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         # Nearest sampling keeps the labels exact; outside the image is background (0).
         labels = F.grid_sample(labels.to(dt), grid, mode="nearest", padding_mode="zeros",

@@ -242,3 +242,34 @@ def test_grayscale_drops_the_colour():
     none = with_params(AugmentParams(hflip=0.0, grayscale=0.0))
     out, _ = none(images_batch(4), labels_batch(4), generator=gen(3))
     assert (out[:, 0] - out[:, 1]).abs().max() > 0.1
+
+
+def test_elastic_shifts_put_the_control_points_on_corners_and_centre_and_are_smooth():
+    """The field equals the drawn 3×3 control shifts (×2: grid units) at the corners, edge middles
+    and centre, has their spread, and changes little from one pixel to the next."""
+    n, h, w, sigma = 64, 33, 41, 0.05
+    shifts = BatchAugment.elastic_shifts(n, h, w, sigma, generator=gen(5))
+    coarse = torch.randn(n, 2, 3, 3, generator=gen(5)) * (2 * sigma)
+    assert shifts.shape == (n, h, w, 2)
+    for gy, y in enumerate((0, h // 2, h - 1)):
+        for gx, x in enumerate((0, w // 2, w - 1)):
+            torch.testing.assert_close(shifts[:, y, x], coarse[:, :, gy, gx], atol=1e-5, rtol=0)
+    assert 0.08 < coarse.std().item() < 0.12
+    step = (shifts[:, 1:] - shifts[:, :-1]).abs().max()
+    assert step < 0.25 * shifts.abs().max(), "neighbouring pixels move together"
+
+
+def test_elastic_deformation_bends_images_and_labels_alike():
+    """With elastic on (no other augmentation) every sample changes, labels stay in their set,
+    and the labels move with the image: a pixel of a two-colour image keeps its label's colour."""
+    n = 6
+    labels = labels_batch(n, seed=7).clamp_max(1)
+    images = labels.float().expand(n, 3, H, W).contiguous()      # white pet on black background
+    out_images, out_labels = BatchAugment("none", elastic=0.05)(images, labels, generator=gen(8))
+    assert set(out_labels.unique().tolist()) <= {0, 1}
+    assert all(not torch.equal(out_labels[i], labels[i]) for i in range(n))
+    pet, background = out_labels[:, 0] == 1, out_labels[:, 0] == 0
+    assert (out_images[:, 0][pet] > 0.5).float().mean() > 0.97
+    assert (out_images[:, 0][background] < 0.5).float().mean() > 0.97
+    plain_images, plain_labels = BatchAugment("none", elastic=0.0)(images, labels, generator=gen(8))
+    assert torch.equal(plain_images, images) and torch.equal(plain_labels, labels)
