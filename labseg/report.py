@@ -26,7 +26,8 @@ from labseg.runs import RunDir, atomic_write_bytes, atomic_write_text
 PARAMS = ("arch", "img_size", "epochs", "batch_size", "lr", "optimizer", "scheduler", "loss",
           "augment", "seed", "max_train_images", "data_dir")
 METRICS = ("best_valid_dice", "best_valid_iou", "best_epoch", "epochs_run", "train_seconds", "parameters")
-TABLE_COLUMNS = ("run", "status", *PARAMS, *METRICS, "test_dice", "test_iou", "test_dice_tta", "error")
+TABLE_COLUMNS = ("run", "status", *PARAMS, *METRICS, "test_dice", "test_iou", "test_dice_tta", "test_dice_last",
+                 "error")
 ARCH_COLORS = {"unet": "tab:blue", "resnet34_unet": "tab:orange"}
 
 
@@ -47,7 +48,11 @@ def run_folders(output_dir: str | Path = "outputs/runs") -> list[Path]:
 
 
 def run_row(folder: Path) -> dict:
-    """One run as a flat dict: parameters, best metrics, test metrics and a status."""
+    """One run as a flat dict: parameters, best metrics, test metrics and a status.
+
+    ``test_*`` are best.pt's figures (``eval_test.json``); ``test_dice_last`` is last.pt's, which
+    scored higher in most budget runs (docs/results.md), so the table shows both.
+    """
     config = _read_json(folder / "config.json", {}) or {}
     summary = _read_json(folder / "summary.json", {}) or {}
     failed = _read_json(folder / "failed.json")
@@ -59,6 +64,7 @@ def run_row(folder: Path) -> dict:
     row["test_dice"] = evaluation.get("dice")
     row["test_iou"] = evaluation.get("iou")
     row["test_dice_tta"] = (evaluation.get("tta") or {}).get("dice")
+    row["test_dice_last"] = (_read_json(folder / "eval_test_last.json", {}) or {}).get("dice")
     if failed is not None:
         row["status"], row["error"] = "failed", failed.get("error", "")
     elif "best_valid_dice" in summary:
@@ -216,7 +222,7 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
     atomic_write_text(out / "runs.csv", table.to_csv(index=False))
 
     shown = ["run", "status", "arch", "img_size", "epochs", "lr", "loss", "augment", "seed",
-             "best_valid_dice", "best_valid_iou", "best_epoch", "test_dice", "test_dice_tta", "train_seconds"]
+             "best_valid_dice", "best_valid_iou", "best_epoch", "test_dice", "test_dice_tta", "test_dice_last", "train_seconds"]
     finished = table[table["status"] == "finished"]
     others = table[table["status"] != "finished"]
     parts = [

@@ -39,6 +39,7 @@ def test_collect_runs_best_and_report(tmp_path):
     assert dict(zip(table["run"], table["status"])) == {"bad": "failed", "r1": "finished",
                                                         "u1": "finished", "u2": "finished"}
     assert table.set_index("run").loc["u2", "test_dice"] == 0.68
+    assert pd.isna(table.set_index("run").loc["u2", "test_dice_last"])      # last.pt never evaluated
     assert table.set_index("run").loc["bad", "arch"] == "nope"
 
     best = best_per_arch(table)
@@ -89,6 +90,8 @@ def test_breakdown_reads_tta_threshold_and_breeds_apart(tmp_path):
     table = evaluation_breakdown(runs)
     assert list(table["run"]) == ["full", "full"]          # "plain" was never evaluated
     assert list(table["checkpoint"]) == ["best", "last"] and table.iloc[1]["test_dice"] == 0.85
+    runs_table = collect_runs(runs).set_index("run")
+    assert (runs_table.loc["full", "test_dice"], runs_table.loc["full", "test_dice_last"]) == (0.80, 0.85)
     row = table.iloc[0]
     assert (row["test_dice"], row["tta_dice"], row["threshold"], row["tuned_dice"]) == (0.80, 0.83, 0.4, 0.81)
     assert abs(row["tta_gain"] - 0.03) < 1e-9 and abs(row["tuned_gain"] - 0.01) < 1e-9
@@ -97,3 +100,4 @@ def test_breakdown_reads_tta_threshold_and_breeds_apart(tmp_path):
     text = write_report(runs, tmp_path / "report").read_text()
     assert "## Test: flip TTA, tuned threshold, post-processing and per breed" in text
     assert "| full | resnet34_unet | best | 9 | 0.8000 | 0.8300 |" in text
+    assert "| test_dice | test_dice_tta | test_dice_last |" in text and "| 0.8000 | 0.8300 | 0.8500 | 1.0 |" in text
