@@ -222,7 +222,8 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
     atomic_write_text(out / "runs.csv", table.to_csv(index=False))
 
     shown = ["run", "status", "arch", "img_size", "epochs", "lr", "loss", "augment", "seed",
-             "best_valid_dice", "best_valid_iou", "best_epoch", "test_dice", "test_dice_tta", "test_dice_last", "train_seconds"]
+             "best_valid_dice", "best_valid_iou", "best_epoch", "test_dice", "test_dice_tta", "test_dice_last",
+             "train_seconds"]
     finished = table[table["status"] == "finished"]
     others = table[table["status"] != "finished"]
     parts = [
