@@ -181,12 +181,12 @@ class RunConfig:
             raise ConfigError(f"copy_paste={c.copy_paste!r}: expected a probability in [0, 1]")
         if c.mosaic is not None and not (_is_number(c.mosaic) and 0 <= c.mosaic <= 1):
             raise ConfigError(f"mosaic={c.mosaic!r}: expected a probability in [0, 1]")
-        if c.elastic is not None and not (_is_number(c.elastic) and 0 <= c.elastic <= 0.25):
-            raise ConfigError(f"elastic={c.elastic!r}: expected the std of the elastic shifts as a share of the "
-                              "image side in [0, 0.25], e.g. 0.03 (0 = off)")
         if c.mosaic_until is not None and not (_is_number(c.mosaic_until) and 0 <= c.mosaic_until <= 1):
             raise ConfigError(f"mosaic_until={c.mosaic_until!r}: expected a fraction of training in [0, 1] "
                               "(1 = mosaics to the end)")
+        if c.elastic is not None and not (_is_number(c.elastic) and 0 <= c.elastic <= 0.25):
+            raise ConfigError(f"elastic={c.elastic!r}: expected the std of the elastic shifts as a share of the "
+                              "image side in [0, 0.25], e.g. 0.03 (0 = off)")
         if c.drop_path is not None and not (_is_number(c.drop_path) and 0 <= c.drop_path < 1):
             raise ConfigError(f"drop_path={c.drop_path!r}: expected a probability in [0, 1), e.g. 0.1 (0 = off)")
         if c.crop_size is not None and (not _is_int(c.crop_size) or c.crop_size < 0 or c.crop_size % 32):

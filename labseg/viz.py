@@ -163,9 +163,9 @@ def training_batch(split: CachedSplit, arch: str = "resnet34_unet", n: int = 8, 
     fig, axes = _grid(len(idx), ncols)
     for ax, image, lab in zip(axes, images, labels):
         ax.imshow(overlay(hwc(image), lab[0].numpy() != BACKGROUND))
-    fig.suptitle(f"{arch} training batch: augment={recipe['augment']!r}, mosaic={recipe['mosaic']}, "
-                 f"copy_paste={recipe['copy_paste']}" + (f", elastic={recipe['elastic']}" if recipe["elastic"] else ""),
-                 fontsize=9)
+    shown = ["mosaic", "copy_paste", *(["elastic"] if recipe["elastic"] else [])]
+    fig.suptitle(f"{arch} training batch: augment={recipe['augment']!r}, "
+                 + ", ".join(f"{k}={recipe[k]}" for k in shown), fontsize=9)
     return fig
 
 
