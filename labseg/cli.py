@@ -64,6 +64,8 @@ HELP = {
     "cache_dir": "where decoded, resized arrays are cached",
     "num_threads": "CPU threads for torch",
     "log_every": "steps between progress-bar updates (each one syncs with the device)",
+    "checkpoint_every": "seconds between writes of last.pt, which a resume starts from; best.pt and the "
+                        "final epoch are always written (0 = after every epoch)",
 }
 PATH_FIELDS = {"data_dir", "output_dir", "cache_dir"}
 
@@ -314,7 +316,8 @@ def main(argv=None) -> int:
         print(f"labseg: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("labseg: interrupted; finished epochs are saved (continue with --resume)", file=sys.stderr)
+        print("labseg: interrupted; last.pt holds the run up to its latest checkpoint, at most "
+              "--checkpoint-every seconds old (continue with --resume)", file=sys.stderr)
         return 130
 
 

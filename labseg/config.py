@@ -121,6 +121,7 @@ class RunConfig:
     cache_dir: str = "data/cache"
     num_threads: int | None = None         # torch CPU threads; None = torch's default
     log_every: int = 20                    # steps between host syncs for the progress bar
+    checkpoint_every: float = 60.0         # seconds between last.pt writes (0 = every epoch)
 
     # ------------------------------------------------------------------ helpers
     def with_recipe(self) -> "RunConfig":
@@ -196,6 +197,9 @@ class RunConfig:
             raise ConfigError(f"crop_until={c.crop_until!r}: expected a fraction of training in [0, 1]")
         if not (_is_number(c.valid_fraction) and 0 < c.valid_fraction < 1):
             raise ConfigError(f"valid_fraction={c.valid_fraction!r}: expected a number in (0, 1)")
+        if not (_is_number(c.checkpoint_every) and c.checkpoint_every >= 0):
+            raise ConfigError(f"checkpoint_every={c.checkpoint_every!r}: expected seconds >= 0 between "
+                              "writes of last.pt, e.g. 60 (0 = after every epoch)")
         if not _is_int(c.patience) or c.patience < 0:
             raise ConfigError(f"patience={c.patience!r}: expected an integer >= 0 (0 = off)")
         if c.max_train_images is not None and (not _is_int(c.max_train_images) or c.max_train_images <= 0):

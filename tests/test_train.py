@@ -64,6 +64,27 @@ def test_run_folder_records(tiny):
     assert not list(run.path.glob("*.tmp")), "temporary files left behind"
 
 
+@pytest.mark.parametrize("every", [0, 1e9])
+def test_last_checkpoint_is_written_at_most_every_checkpoint_every_seconds(tiny, monkeypatch, every):
+    """0 writes last.pt after every epoch; a long interval only when best.pt improves and at the end."""
+    writes = []
+    submit = CheckpointWriter.submit
+
+    def observed(self, checkpoint, *paths, then=None):
+        writes.append((checkpoint["epoch"], sorted(Path(p).name for p in paths)))
+        submit(self, checkpoint, *paths, then=then)
+
+    monkeypatch.setattr(CheckpointWriter, "submit", observed)
+    result = fit(arch="resnet34_unet", run_name="ck", checkpoint_every=every, **{**tiny, "epochs": 5})
+    dice = [r["valid_dice"] for r in result.history]
+    improved = [e for e, d in enumerate(dice, 1) if d > max(dice[:e - 1], default=-1)]
+    assert [e for e, names in writes if "best.pt" in names] == improved
+    expected = [1, 2, 3, 4, 5] if every == 0 else sorted(set(improved) | {5})
+    assert [e for e, names in writes if "last.pt" in names] == expected
+    assert load_checkpoint(result.run.checkpoint("last"))["epoch"] == 5
+    assert [r["epoch"] for r in result.run.read_metrics()] == [1, 2, 3, 4, 5]
+
+
 def test_resume_continues_without_duplicates(tiny):
     fit(arch="resnet34_unet", run_name="r", **tiny)
     result = fit(arch="resnet34_unet", run_name="r", resume=True, **{**tiny, "epochs": 4})
