@@ -68,6 +68,8 @@ HELP = {
                         "final epoch are always written (0 = after every epoch)",
 }
 PATH_FIELDS = {"data_dir", "output_dir", "cache_dir"}
+CHECKPOINT_HELP = ("best, last, or auto (the default): last.pt for a run that finished its decaying lr "
+                   "schedule, best.pt (best valid Dice) for one stopped early or interrupted")
 
 
 def _field_type(f: dataclasses.Field):
@@ -147,11 +149,13 @@ def cmd_train(args) -> int:
         return 0
     print(f"labseg: run folder {result.run.path}")
     if args.evaluate:
-        # Both checkpoints: 30-odd valid images pick an epoch poorly, and the last, fully decayed
-        # one scored higher on test in 20 of 22 budget runs (docs/results.md).
+        # Both checkpoints, so that each run records how far apart they are; the run's own
+        # figure is the default checkpoint's (runs.default_checkpoint).
         for which in ("best", "last"):
             print(format_result(evaluate_run(result.run, "test", which=which, tta=True, tune_threshold=True,
                                              postprocess=True, progress=not args.quiet)))
+        print(f"labseg: this run's checkpoint is {result.run.resolve_checkpoint()}.pt "
+              f"(stop: {result.summary['stop_reason']}; scheduler {result.run.read_config().scheduler})")
     return 0
 
 
@@ -245,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="Dice/IoU of a run on test: overall, per species, per breed")
     p.add_argument("run", nargs="?", help="run folder or name (default: the best recorded run)")
     p.add_argument("--split", default="test", choices=("test", "valid"), help="split to score (default: test)")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint (default: best)")
+    p.add_argument("--checkpoint", default="auto", choices=("auto", "best", "last"), help=CHECKPOINT_HELP)
     p.add_argument("--tta", action="store_true", help="also report horizontal-flip test-time augmentation")
     p.add_argument("--tune-threshold", action="store_true", help="also report a threshold tuned on valid")
     p.add_argument("--postprocess", action="store_true",
@@ -264,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--postprocess", action="store_true",
                    help="keep one pet per image (largest connected component, holes filled)")
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--checkpoint", default="auto", choices=("auto", "best", "last"), help=CHECKPOINT_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=cmd_predict)
 

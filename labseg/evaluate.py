@@ -26,15 +26,20 @@ from labseg.runs import RunDir, load_checkpoint, load_weights
 THRESHOLDS = tuple(np.round(np.arange(0.2, 0.81, 0.05), 2).tolist())
 
 
-def load_run_model(run: RunDir | str | Path, which: str = "best", device="auto"):
-    """(model in eval mode, its RunConfig) from a run folder's ``best.pt`` or ``last.pt``."""
+def load_run_model(run: RunDir | str | Path, which: str = "auto", device="auto"):
+    """(model in eval mode, its RunConfig) from a run folder's ``best.pt`` or ``last.pt``.
+
+    ``which="auto"``: last.pt for a run that finished its decaying schedule, else best.pt
+    (:func:`labseg.runs.default_checkpoint`).
+    """
     run = run if isinstance(run, RunDir) else RunDir.open(run)
     config = run.read_config()
-    ckpt = load_checkpoint(run.checkpoint(which))
+    path = run.checkpoint(which)
+    ckpt = load_checkpoint(path)
     from labseg.train import model_kwargs
 
     model = build_model(config.arch, **model_kwargs(config))
-    load_weights(model, ckpt, config.arch, source=str(run.checkpoint(which)))
+    load_weights(model, ckpt, config.arch, source=str(path))
     device = pick_device(device) if isinstance(device, str) else device
     model = model.to(device).eval()
     if config.channels_last:
@@ -112,7 +117,7 @@ def eval_file(split: str = "test", which: str = "best") -> str:
     return f"eval_{split}.json" if which == "best" else f"eval_{split}_{which}.json"
 
 
-def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = "best", tta: bool = False,
+def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = "auto", tta: bool = False,
                  tune_threshold: bool = False, postprocess: bool = False, data_dir: str | None = None,
                  batch_size: int = 16, device="auto", progress: bool = True, save: bool = True) -> dict:
     """Evaluate a run on ``split`` ("test" or "valid"); returns and saves the results.
@@ -120,9 +125,11 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     The result holds the plain evaluation (threshold 0.5, no TTA) and, when asked, the flip-TTA,
     tuned-threshold and post-processed variants separately, so their effects can be read apart.
     ``postprocess`` (:mod:`labseg.postprocess`) also records the valid Dice without and with the
-    step: the check that decides, as in nnU-Net, whether to use it.
+    step: the check that decides, as in nnU-Net, whether to use it. ``which``: "best", "last" or
+    "auto" (last.pt for a run that finished its decaying schedule, else best.pt).
     """
     run = run if isinstance(run, RunDir) else RunDir.open(run)
+    which = run.resolve_checkpoint(which)
     model, config = load_run_model(run, which, device)
     dev = next(model.parameters()).device
     data_dir = data_dir or config.data_dir
@@ -218,7 +225,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 32), alpha: flo
 
 
 def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | Path, *, img_size: int | None = None,
-                   threshold: float = 0.5, tta: bool = False, postprocess: bool = False, which: str = "best",
+                   threshold: float = 0.5, tta: bool = False, postprocess: bool = False, which: str = "auto",
                    device="auto", progress: bool = True) -> list[Path]:
     """Predict masks for one image or every image in a folder; save ``<name>_mask.png`` (0/255)
     and ``<name>_overlay.png`` at the original resolution. Unreadable files are skipped and reported.

@@ -21,13 +21,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from labseg.config import resolve_path
-from labseg.runs import RunDir, atomic_write_bytes, atomic_write_text
+from labseg.evaluate import eval_file
+from labseg.runs import RunDir, atomic_write_bytes, atomic_write_text, default_checkpoint
 
 PARAMS = ("arch", "img_size", "epochs", "batch_size", "lr", "optimizer", "scheduler", "loss",
           "augment", "seed", "max_train_images", "data_dir")
 METRICS = ("best_valid_dice", "best_valid_iou", "best_epoch", "epochs_run", "train_seconds", "parameters")
-TABLE_COLUMNS = ("run", "status", *PARAMS, *METRICS, "test_dice", "test_iou", "test_dice_tta", "test_dice_last",
-                 "error")
+TABLE_COLUMNS = ("run", "status", *PARAMS, *METRICS, "checkpoint", "test_dice", "test_iou", "test_dice_tta",
+                 "test_dice_best", "test_dice_last", "error")
 ARCH_COLORS = {"unet": "tab:blue", "resnet34_unet": "tab:orange"}
 
 
@@ -50,21 +51,25 @@ def run_folders(output_dir: str | Path = "outputs/runs") -> list[Path]:
 def run_row(folder: Path) -> dict:
     """One run as a flat dict: parameters, best metrics, test metrics and a status.
 
-    ``test_*`` are best.pt's figures (``eval_test.json``); ``test_dice_last`` is last.pt's, which
-    scored higher in most budget runs (docs/results.md), so the table shows both.
+    ``checkpoint`` is the run's own checkpoint (:func:`labseg.runs.default_checkpoint`: last.pt
+    once a decaying schedule finished, else best.pt) and ``test_*`` are its figures;
+    ``test_dice_best`` and ``test_dice_last`` show both checkpoints where both were evaluated.
     """
     config = _read_json(folder / "config.json", {}) or {}
     summary = _read_json(folder / "summary.json", {}) or {}
     failed = _read_json(folder / "failed.json")
-    evaluation = _read_json(folder / "eval_test.json", {}) or {}
     row = {"run": folder.name}
     params = {**(failed or {}).get("params", {}), **config}
     row.update({k: params.get(k) for k in PARAMS})
     row.update({k: summary.get(k) for k in METRICS})
+    evaluations = {which: _read_json(folder / eval_file("test", which), {}) or {} for which in ("best", "last")}
+    row["checkpoint"] = default_checkpoint(params.get("scheduler"), summary.get("stop_reason")) if summary else None
+    evaluation = evaluations.get(row["checkpoint"], {})
     row["test_dice"] = evaluation.get("dice")
     row["test_iou"] = evaluation.get("iou")
     row["test_dice_tta"] = (evaluation.get("tta") or {}).get("dice")
-    row["test_dice_last"] = (_read_json(folder / "eval_test_last.json", {}) or {}).get("dice")
+    row["test_dice_best"] = evaluations["best"].get("dice")
+    row["test_dice_last"] = evaluations["last"].get("dice")
     if failed is not None:
         row["status"], row["error"] = "failed", failed.get("error", "")
     elif "best_valid_dice" in summary:
@@ -222,8 +227,8 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
     atomic_write_text(out / "runs.csv", table.to_csv(index=False))
 
     shown = ["run", "status", "arch", "img_size", "epochs", "lr", "loss", "augment", "seed",
-             "best_valid_dice", "best_valid_iou", "best_epoch", "test_dice", "test_dice_tta", "test_dice_last",
-             "train_seconds"]
+             "best_valid_dice", "best_valid_iou", "best_epoch", "checkpoint", "test_dice", "test_dice_tta",
+             "test_dice_best", "test_dice_last", "train_seconds"]
     finished = table[table["status"] == "finished"]
     others = table[table["status"] != "finished"]
     parts = [
@@ -235,7 +240,7 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
         "## Best run per network",
         "",
         markdown_table(best.reset_index(), ["arch", "run", "best_valid_dice", "best_valid_iou", "best_epoch",
-                                            "test_dice", "test_iou", "parameters", "train_seconds"])
+                                            "checkpoint", "test_dice", "test_iou", "parameters", "train_seconds"])
         if len(best) else "_No finished run yet._",
         "",
         "![best run per network](best_per_network.png)",
@@ -247,6 +252,10 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
         "![learning curves](curves.png)",
         "",
         "## All runs",
+        "",
+        "`checkpoint` is the run's own checkpoint: last.pt once its decaying lr schedule finished, best.pt "
+        "(best valid Dice) for a run stopped early; `test_dice` and `test_dice_tta` are its figures, "
+        "`test_dice_best` and `test_dice_last` both checkpoints' plain test Dice.",
         "",
         markdown_table(finished, shown) if len(finished) else "_None._",
         "",

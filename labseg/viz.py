@@ -494,7 +494,7 @@ def variants_table(result: dict):
     return pd.DataFrame(rows).set_index("variant")
 
 
-def predict_split(run, split: str = "test", which: str = "best", tta: bool = False, device="auto"):
+def predict_split(run, split: str = "test", which: str = "auto", tta: bool = False, device="auto"):
     """(CachedSplit, probabilities N×1×S×S) of a run on ``split`` ("test" or "valid")."""
     from labseg.evaluate import _split_for, load_run_model, predict_probs
     from labseg.data import Batches

@@ -8,19 +8,36 @@ from labseg.report import (best_per_arch, collect_runs, evaluation_breakdown, ma
 from labseg.runs import RunDir
 
 
-def fake_run(root, name, arch, dices, lr=1e-3, test=None):
+def fake_run(root, name, arch, dices, lr=1e-3, test=None, test_last=None, scheduler=None, stop_reason=None):
     run = RunDir(root / name)
     run.path.mkdir(parents=True)
     run.write_json("config.json", {"arch": arch, "img_size": 64, "epochs": len(dices), "lr": lr, "loss": "bce_dice",
-                                   "augment": "light", "seed": 0, "data_dir": "data/sample"})
+                                   "augment": "light", "seed": 0, "data_dir": "data/sample", "scheduler": scheduler})
     run.write_metrics([{"epoch": i + 1, "train_loss": 1.0 / (i + 1), "valid_loss": 1.0 - d, "valid_dice": d,
                         "valid_iou": d * 0.8} for i, d in enumerate(dices)])
     run.write_summary({"arch": arch, "best_valid_dice": max(dices), "best_valid_iou": max(dices) * 0.8,
                        "best_epoch": dices.index(max(dices)) + 1, "epochs_run": len(dices),
-                       "train_seconds": 1.0, "parameters": 10})
+                       "train_seconds": 1.0, "parameters": 10, "stop_reason": stop_reason})
     if test is not None:
         run.write_json("eval_test.json", {"dice": test, "iou": test * 0.8, "tta": {"dice": test + 0.01}})
+    if test_last is not None:
+        run.write_json("eval_test_last.json", {"dice": test_last, "iou": test_last * 0.8})
     return run
+
+
+def test_a_run_that_finished_its_cosine_schedule_is_reported_by_last_pt(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "cos", "resnet34_unet", [0.6, 0.8], test=0.84, test_last=0.86, scheduler="cosine",
+             stop_reason="time budget of 25m spent (no time for another epoch)")
+    fake_run(runs, "early", "resnet34_unet", [0.6, 0.7], test=0.81, test_last=0.79, scheduler="cosine",
+             stop_reason="early stopping: no valid_dice gain in 1 epochs")
+    table = collect_runs(runs).set_index("run")
+    assert table.loc["cos", ["checkpoint", "test_dice", "test_iou"]].tolist() == ["last", 0.86, 0.86 * 0.8]
+    assert table.loc["cos", ["test_dice_best", "test_dice_last"]].tolist() == [0.84, 0.86]
+    assert pd.isna(table.loc["cos", "test_dice_tta"])                # last.pt was scored without TTA
+    assert table.loc["early", ["checkpoint", "test_dice", "test_dice_tta"]].tolist() == ["best", 0.81, 0.81 + 0.01]
+    text = write_report(runs, tmp_path / "report").read_text()
+    assert "| resnet34_unet | cos | 0.8000 | 0.6400 | 2 | last | 0.8600 | 0.6880 |" in text
 
 
 def test_collect_runs_best_and_report(tmp_path):
@@ -40,6 +57,7 @@ def test_collect_runs_best_and_report(tmp_path):
                                                         "u1": "finished", "u2": "finished"}
     assert table.set_index("run").loc["u2", "test_dice"] == 0.68
     assert pd.isna(table.set_index("run").loc["u2", "test_dice_last"])      # last.pt never evaluated
+    assert table.set_index("run").loc["u2", "checkpoint"] == "best"            # no finished decaying schedule
     assert table.set_index("run").loc["bad", "arch"] == "nope"
 
     best = best_per_arch(table)
@@ -100,4 +118,5 @@ def test_breakdown_reads_tta_threshold_and_breeds_apart(tmp_path):
     text = write_report(runs, tmp_path / "report").read_text()
     assert "## Test: flip TTA, tuned threshold, post-processing and per breed" in text
     assert "| full | resnet34_unet | best | 9 | 0.8000 | 0.8300 |" in text
-    assert "| test_dice | test_dice_tta | test_dice_last |" in text and "| 0.8000 | 0.8300 | 0.8500 | 1.0 |" in text
+    assert "| checkpoint | test_dice | test_dice_tta | test_dice_best | test_dice_last |" in text
+    assert "| best | 0.8000 | 0.8300 | 0.8000 | 0.8500 | 1.0 |" in text

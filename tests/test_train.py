@@ -20,7 +20,8 @@ from labseg.evaluate import evaluate_run, format_result
 from labseg.metrics import per_image_dice
 from labseg.models import build_model
 from labseg.recipes import recipe_for
-from labseg.runs import CheckpointError, CheckpointWriter, RunDir, load_checkpoint, load_weights, save_checkpoint
+from labseg.runs import (CheckpointError, CheckpointWriter, RunDir, default_checkpoint, load_checkpoint, load_weights,
+                         save_checkpoint)
 from labseg.train import (TrainingDiverged, _amp_dtype, _frozen_batchnorm_stats, _merge_resumed, _sam_ascent,
                           fit, lr_factor)
 from labseg.transforms import BatchAugment
@@ -160,6 +161,36 @@ def test_deep_supervision_trains_resumes_and_evaluates(tiny, arch):
     assert f"one pet (largest component, holes filled): Dice {post['dice']:.4f}" in format_result(evaluation)
     with pytest.raises(ValueError, match="split='holdout' is not valid; choose one of: test, valid, train"):
         evaluate_run(result.run.path, "holdout", progress=False, save=False)
+
+
+@pytest.mark.parametrize("scheduler, stop_reason, expected", [
+    ("cosine", "completed all epochs", "last"),
+    ("onecycle", "time budget of 25m spent (no time for another epoch)", "last"),
+    ("cosine", "time budget of 25m spent", "last"),
+    ("cosine", "early stopping: no valid_dice gain in 5 epochs", "best"),
+    ("plateau", "completed all epochs", "best"),
+    ("none", "completed all epochs", "best"),
+    ("cosine", None, "best"),                    # no summary: interrupted, or still running
+])
+def test_default_checkpoint_is_last_only_after_a_finished_decaying_schedule(scheduler, stop_reason, expected):
+    assert default_checkpoint(scheduler, stop_reason) == expected
+
+
+def test_evaluation_defaults_to_the_runs_own_checkpoint(tiny):
+    """A finished cosine run is evaluated on last.pt, a constant-lr one on best.pt, unless one is named."""
+    finished = fit(arch="resnet34_unet", run_name="cos", **tiny).run
+    constant = fit(arch="resnet34_unet", run_name="const", scheduler="none", **tiny).run
+    assert finished.checkpoint() == finished.path / "last.pt" and constant.checkpoint() == constant.path / "best.pt"
+    ev = evaluate_run(finished, "test", progress=False)
+    assert ev["checkpoint"] == "last" and (finished.path / "eval_test_last.json").is_file()
+    assert not (finished.path / "eval_test.json").exists()
+    assert format_result(ev).startswith("cos last.pt on test")
+    assert evaluate_run(finished, "test", which="last", progress=False, save=False)["dice"] == ev["dice"]
+    assert evaluate_run(constant, "test", progress=False)["checkpoint"] == "best"
+    assert (constant.path / "eval_test.json").is_file()
+    assert evaluate_run(finished, "test", which="best", progress=False)["checkpoint"] == "best"
+    with pytest.raises(ConfigError, match="checkpoint='final' is not valid; choose one of: auto, best, last"):
+        evaluate_run(finished, "test", which="final", progress=False)
 
 
 def test_swa_deploys_the_mean_of_the_epoch_snapshots(tiny, monkeypatch):
@@ -485,21 +516,23 @@ def test_cli_train_evaluate_predict(synthetic_root, tmp_path):
     assert out.returncode == 0, out.stderr
     run = tmp_path / "runs" / "cli"
     assert "cli best.pt on test (24 images): Dice" in out.stdout and "cli last.pt on test (24 images)" in out.stdout
+    assert "this run's checkpoint is last.pt (stop: completed all epochs; scheduler cosine)" in out.stdout
     for which, name in (("best", "eval_test.json"), ("last", "eval_test_last.json")):
         assert json.loads((run / name).read_text())["checkpoint"] == which
         (run / name).unlink()                         # the evaluate commands below write them again
-    out = _labseg("evaluate", str(run), "--tta", "--tune-threshold")
+    out = _labseg("evaluate", str(run), "--tta", "--tune-threshold")  # the run's own: its cosine schedule finished
     assert out.returncode == 0, out.stderr
-    assert "cli best.pt on test (24 images): Dice" in out.stdout
+    assert "cli last.pt on test (24 images): Dice" in out.stdout
     for breed in ("Blobcat", "Stripecat", "fluffy_dog", "spot_dog", "cat", "dog"):
         assert f"  {breed} " in out.stdout
     assert "with flip TTA" in out.stdout and "tuned on valid" in out.stdout
-    result = json.loads((run / "eval_test.json").read_text())
+    assert not (run / "eval_test.json").exists()
+    result = json.loads((run / "eval_test_last.json").read_text())
     assert set(result["per_breed"]) == {"Blobcat", "Stripecat", "fluffy_dog", "spot_dog"}
-    out = _labseg("evaluate", str(run), "--checkpoint", "last")   # kept beside best.pt's, not over it
+    out = _labseg("evaluate", str(run), "--checkpoint", "best")   # kept beside last.pt's, not over it
     assert out.returncode == 0, out.stderr
-    assert json.loads((run / "eval_test_last.json").read_text())["checkpoint"] == "last"
-    assert json.loads((run / "eval_test.json").read_text()) == result
+    assert json.loads((run / "eval_test.json").read_text())["checkpoint"] == "best"
+    assert json.loads((run / "eval_test_last.json").read_text()) == result
     out = _labseg("predict", str(run), str(synthetic_root / "images"), "--out", str(tmp_path / "pred"))
     assert out.returncode == 0, out.stderr
     masks = sorted((tmp_path / "pred").glob("*_mask.png"))
