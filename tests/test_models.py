@@ -53,7 +53,7 @@ def test_encoder_is_resnet34():
 
 
 def test_output_stride_16_runs_every_stage_at_twice_the_resolution_with_the_same_encoder():
-    config = RunConfig(arch="resnet34_unet", output_stride=16).with_recipe().validate()
+    config = RunConfig(arch="resnet34_unet", output_stride=16, deep_supervision=False).with_recipe().validate()
     dense, plain = build_model("resnet34_unet", **model_kwargs(config)), build_model("resnet34_unet")
     # the encoder's weights are ResNet34's either way; only the max-pool is gone
     assert dense.encoder.state_dict().keys() == plain.encoder.state_dict().keys()
@@ -114,7 +114,7 @@ def test_stochastic_depth_drops_branches_in_training_only():
 
 
 def test_scse_decoder_starts_as_the_plain_network_and_its_gates_learn():
-    config = RunConfig(arch="resnet34_unet", decoder_attention="scse").with_recipe().validate()
+    config = RunConfig(arch="resnet34_unet", decoder_attention="scse", deep_supervision=False).with_recipe().validate()
     attended, plain = build_model("resnet34_unet", **model_kwargs(config)), build_model("resnet34_unet")
     gates = [m for m in attended.modules() if isinstance(m, SCSE)]
     assert len(gates) == 8                          # before and after each of the 4 decoder blocks

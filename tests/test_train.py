@@ -16,7 +16,7 @@ import torch
 import labseg.runs
 from labseg.config import UNTIL_BUDGET, ConfigError, RunConfig
 from labseg.data import Batches, balanced_subset, load_split, split_trainval
-from labseg.evaluate import evaluate_run, format_result
+from labseg.evaluate import evaluate_run, format_result, load_run_model
 from labseg.metrics import per_image_dice
 from labseg.models import build_model
 from labseg.recipes import recipe_for
@@ -133,8 +133,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, monkeypatch):
 
     monkeypatch.setattr(labseg.train, "build_loss", lambda name: loss_that_explodes)
     with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2"):
-        fit(arch="resnet34_unet", run_name="nan", loss="bce", **{**tiny, "epochs": 3, "max_train_images": 8,
-                                                                  "batch_size": 4})
+        fit(arch="resnet34_unet", run_name="nan", loss="bce", deep_supervision=False,   # one loss call a step
+            **{**tiny, "epochs": 3, "max_train_images": 8, "batch_size": 4})
     run = RunDir(Path(tiny["output_dir"]) / "nan")
     ckpt = load_checkpoint(run.checkpoint("last"))
     assert ckpt["epoch"] == 1
@@ -586,8 +586,8 @@ def test_distributed_two_processes_on_cpu(synthetic_root, tmp_path):
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == ["ddp"], f"only rank 0 writes one run folder, got {runs}"
     assert [r["epoch"] for r in json.loads((tmp_path / "runs" / "ddp" / "metrics.json").read_text())] == [1, 2]
-    model = build_model("resnet34_unet")
-    load_weights(model, load_checkpoint(tmp_path / "runs" / "ddp" / "best.pt"), "resnet34_unet")
+    model, config = load_run_model(tmp_path / "runs" / "ddp", "best", device="cpu")   # in this one process
+    assert config.deep_supervision and any(k.startswith("aux_heads.") for k in model.state_dict())
 
 
 @pytest.mark.realdata
