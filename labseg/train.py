@@ -339,8 +339,8 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
         nonlocal saved_at, saved_epoch
         if dist.is_main:
             # Serialising resnet34_unet's 290 MB (weights and AdamW moments) takes ~0.35 s of the
-            # training thread and the write ~1 s of disk: 3-8% of a bf16 epoch at 128 px on 2 cores
-            # if done every epoch, hence at most every `checkpoint_every` s, best.pt excepted.
+            # training thread (~3% of a bf16 epoch at 128 px on 2 cores) and the write 0.2-1.3 s
+            # on the same cores, hence at most every `checkpoint_every` s, best.pt excepted.
             # Each file is always a complete old or new checkpoint.
             writer.submit(make_checkpoint(epoch, ema.module if ema is not None else None),
                           run.checkpoint("last"), *([run.checkpoint("best")] if best_too else []),
