@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from labseg.config import RunConfig
+from labseg.config import CHECKPOINTS, RunConfig
 
 HELP = {
     "arch": "network: unet or resnet34_unet",
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="Dice/IoU of a run on test: overall, per species, per breed")
     p.add_argument("run", nargs="?", help="run folder or name (default: the best recorded run)")
     p.add_argument("--split", default="test", choices=("test", "valid"), help="split to score (default: test)")
-    p.add_argument("--checkpoint", default="auto", choices=("auto", "best", "last"), help=CHECKPOINT_HELP)
+    p.add_argument("--checkpoint", default="auto", choices=CHECKPOINTS, help=CHECKPOINT_HELP)
     p.add_argument("--tta", action="store_true", help="also report horizontal-flip test-time augmentation")
     p.add_argument("--tune-threshold", action="store_true", help="also report a threshold tuned on valid")
     p.add_argument("--postprocess", action="store_true",
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--postprocess", action="store_true",
                    help="keep one pet per image (largest connected component, holes filled)")
-    p.add_argument("--checkpoint", default="auto", choices=("auto", "best", "last"), help=CHECKPOINT_HELP)
+    p.add_argument("--checkpoint", default="auto", choices=CHECKPOINTS, help=CHECKPOINT_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=cmd_predict)
 

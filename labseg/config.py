@@ -23,6 +23,7 @@ DECODER_ATTENTIONS = ("none", "scse")
 OUTPUT_STRIDES = (32, 16)       # ResNet34 encoder: with or without its max-pool
 MONITORS = ("valid_dice", "valid_iou", "valid_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+CHECKPOINTS = ("auto", "best", "last")   # "auto": runs.default_checkpoint
 # What a run recorded before one of these options existed trained with: its config.json lacks
 # the field, and it reads as this "off" value. Not the recipe's value: a recipe may adopt an
 # option later (resnet34_unet's took mosaic 0.5 in round 12), and the old run did not use it.

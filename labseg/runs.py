@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from labseg.config import BEFORE_OPTION_EXISTED, RunConfig, check_choice, resolve_path
+from labseg.config import BEFORE_OPTION_EXISTED, CHECKPOINTS, RunConfig, check_choice, resolve_path
 
 CHECKPOINT_FORMAT = 1
 
@@ -192,7 +192,6 @@ def load_weights(model: torch.nn.Module, ckpt: dict, arch: str, source: str = "c
 
 
 # --------------------------------------------------------------------------- which checkpoint
-CHECKPOINTS = ("auto", "best", "last")
 DECAYING_SCHEDULES = ("cosine", "onecycle")
 
 
