@@ -39,6 +39,8 @@ HELP = {
     "copy_paste": "probability of pasting another training image's pet over an image (0 = off)",
     "mosaic": "probability of replacing a training image by a 2x2 mosaic of four at half size (0 = off) ...",
     "mosaic_until": "... until this fraction of training (time or epochs), then whole images (1 = to the end)",
+    "mosaic_background": "probability that each of a mosaic's three other quarters is the window of its sample "
+                         "with the fewest pet pixels, at full scale (0 = off)",
     "elastic": "elastic deformation (Ronneberger et al.): std of the shifts of a 3x3 grid of control points, "
                "as a share of the image side, e.g. 0.03 (0 = off)",
     "crop_size": "train on random crops of this size in px (0 = whole images) ...",

@@ -28,6 +28,7 @@ CHECKPOINTS = ("auto", "best", "last")   # "auto": runs.default_checkpoint
 # the field, and it reads as this "off" value. Not the recipe's value: a recipe may adopt an
 # option later (resnet34_unet's took mosaic 0.5 in round 12), and the old run did not use it.
 BEFORE_OPTION_EXISTED = dict(ema=0.0, swa=0.0, sam=0.0, copy_paste=0.0, mosaic=0.0, mosaic_until=1.0, elastic=0.0,
+                             mosaic_background=0.0,
                              crop_size=0, crop_until=0.0, drop_path=0.0, decoder_attention="none",
                              deep_supervision=False, output_stride=32)
 UNTIL_BUDGET = 100_000     # the epoch count of a run limited by its time budget alone
@@ -98,6 +99,7 @@ class RunConfig:
     copy_paste: float | None = None        # probability of pasting another image's pet over a sample
     mosaic: float | None = None            # probability of replacing a sample by a 2×2 mosaic of four ...
     mosaic_until: float | None = None      # ... until this fraction of training, then whole images only
+    mosaic_background: float | None = None # probability of a mosaic quarter being a pet-free window
     elastic: float | None = None           # elastic deformation: std of the control-point shifts, share of the side
     crop_size: int | None = None           # train on random crops of this size (px) ...
     crop_until: float | None = None        # ... until this fraction of training, then on whole images
@@ -186,6 +188,9 @@ class RunConfig:
         if c.mosaic_until is not None and not (_is_number(c.mosaic_until) and 0 <= c.mosaic_until <= 1):
             raise ConfigError(f"mosaic_until={c.mosaic_until!r}: expected a fraction of training in [0, 1] "
                               "(1 = mosaics to the end)")
+        if c.mosaic_background is not None and not (_is_number(c.mosaic_background) and 0 <= c.mosaic_background <= 1):
+            raise ConfigError(f"mosaic_background={c.mosaic_background!r}: expected a probability in [0, 1] "
+                              "(0 = every mosaic quarter is a whole sample)")
         if c.elastic is not None and not (_is_number(c.elastic) and 0 <= c.elastic <= 0.25):
             raise ConfigError(f"elastic={c.elastic!r}: expected the std of the elastic shifts as a share of the "
                               "image side in [0, 0.25], e.g. 0.03 (0 = off)")

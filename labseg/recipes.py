@@ -19,6 +19,7 @@ _COMMON = dict(
     copy_paste=0.0,       # p = 0.5 lowered test Dice (0.830 vs 0.838) on the 3-breed budget runs
     mosaic=0.0,           # 2x2 mosaics of half-size samples; on for resnet34_unet (below), unmeasured for unet
     mosaic_until=1.0,     # mosaics to the end of training; resnet34_unet closes them at 0.8 (below)
+    mosaic_background=0.0,  # quarters as pet-free windows (round 17): see resnet34_unet below
     elastic=0.0,          # r34 0.05 (round 15, seed 0): best.pt 0.855 vs 0.856, last.pt 0.857 vs 0.860
     crop_size=0,          # unet on 64 px crops for 70% of the budget: 0.781 vs 0.774, within noise
     crop_until=0.0,

@@ -100,7 +100,7 @@ class BatchAugment:
     ELASTIC_GRID = 3      # control points per side: the UNet paper's "coarse 3 by 3 grid"
 
     def __init__(self, level: str = "light", crop_size: int | None = None, copy_paste: float = 0.0,
-                 mosaic: float = 0.0, elastic: float = 0.0):
+                 mosaic: float = 0.0, elastic: float = 0.0, mosaic_background: float = 0.0):
         self.level = level
         self.params = params_for(level)
         # Elastic deformation (Ronneberger et al., 2015, the UNet paper's "key concept to train a
@@ -113,6 +113,12 @@ class BatchAugment:
         # and next to other pets' backgrounds. Tried for the small test pets that the network
         # painted as one large blob; it helped as a regulariser instead (docs/results.md, round 12).
         self.mosaic = mosaic
+        # Background quarters: with this probability each of a mosaic's three other quarters is,
+        # instead of a whole sample at half size, the window of half the side (at its own scale)
+        # where that sample has the fewest pet pixels. Aimed at the failures left after mosaic:
+        # the network paints a car, a cushion or a fur blanket as the pet (docs/results.md,
+        # round 17), because in every training image the salient object is the pet.
+        self.mosaic_background = mosaic_background
         # Copy-paste (Ghiasi et al., 2021): with this probability a sample gets the pet of another
         # sample of the batch pasted over it (both already augmented), labels included. New
         # pet/background pairings for a network that has seen only a few hundred images.
@@ -227,14 +233,19 @@ class BatchAugment:
         for k in range(3):
             out[:, k].clamp_(-mean[k] / std[k], (1 - mean[k]) / std[k])
         if self.mosaic and n > 1:
-            out, labels = self._mosaic(out, labels, uniform(0, 1) < self.mosaic, generator)
+            out, labels = self._mosaic(out, labels, uniform(0, 1) < self.mosaic, generator,
+                                       self.mosaic_background)
         if self.copy_paste and n > 1:
             out, labels = self._paste(out, labels, uniform(0, 1) < self.copy_paste, generator)
         return out, labels
 
     @staticmethod
-    def _mosaic(images, labels, chosen: torch.Tensor, generator):
-        """Replace sample i, where ``chosen[i]``, by [[i, a], [b, c]] of random others, each at half size."""
+    def _mosaic(images, labels, chosen: torch.Tensor, generator, background: float = 0.0):
+        """Replace sample i, where ``chosen[i]``, by [[i, a], [b, c]] of random others, each at half size.
+
+        ``background``: the probability that a, b or c is instead that sample's most pet-free
+        window of half the side, at full scale (:meth:`pet_free_windows`).
+        """
         n, h, w = images.shape[0], *images.shape[-2:]
         if not chosen.any():
             return images, labels
@@ -248,6 +259,16 @@ class BatchAugment:
         small_images = F.interpolate(images, size=half, mode="area")      # area: no aliasing of fur
         small_labels = F.interpolate(labels.float(), size=half, mode="nearest").to(labels.dtype)
 
+        if background:
+            # Each of quarters 2-4 may show its sample's most pet-free window instead: index n + j
+            # of the pool below is sample j's window, the same size as its half-size copy.
+            as_window = torch.rand(tiles.shape[0], 4, generator=generator) < background
+            as_window[:, 0] = False                                        # the own pet stays
+            tiles = tiles + n * as_window
+            window_images, window_labels = BatchAugment.pet_free_windows(images, labels, half, generator)
+            small_images = torch.cat([small_images, window_images])
+            small_labels = torch.cat([small_labels, window_labels])
+
         def tile(small):  # k × 4 × C × h/2 × w/2 → k × C × h × w, cropped back when h or w is odd
             t = small[tiles.to(small.device)]
             top, bottom = torch.cat([t[:, 0], t[:, 1]], -1), torch.cat([t[:, 2], t[:, 3]], -1)
@@ -258,6 +279,31 @@ class BatchAugment:
         images[where] = tile(small_images).to(images.dtype)
         labels[where] = tile(small_labels)
         return images, labels
+
+    @staticmethod
+    def pet_free_windows(images, labels, size: tuple[int, int], generator=None):
+        """Per sample, the size[0] × size[1] window with the fewest pet pixels (images, labels).
+
+        Windows start every quarter of ``size``; ties (often several windows hold no pet at
+        all) are broken at random, so the crops do not all come from one corner.
+        """
+        n, (h, w), (wh, ww) = images.shape[0], images.shape[-2:], size
+        pet = (labels != 0).float()
+        stride = (max(wh // 4, 1), max(ww // 4, 1))
+        share = F.avg_pool2d(pet, (wh, ww), stride)                  # n × 1 × rows × cols
+        rows, cols = share.shape[-2:]
+        jitter = torch.rand(n, 1, rows, cols, generator=generator).to(share.device) / (2 * wh * ww)
+        best = (share + jitter).flatten(1).argmin(1)               # jitter < one pixel: ties only
+        # Gather every sample's window at once (no per-sample loop, no sync with a GPU).
+        ys = (best // cols * stride[0]).view(n, 1, 1) + torch.arange(wh, device=best.device).view(1, wh, 1)
+        xs = (best % cols * stride[1]).view(n, 1, 1) + torch.arange(ww, device=best.device).view(1, 1, ww)
+        index = (ys * w + xs).view(n, 1, wh * ww)                   # flat pixel index per window pixel
+
+        def crop(x):
+            flat = x.reshape(n, x.shape[1], h * w)
+            return flat.gather(2, index.expand(n, x.shape[1], wh * ww)).view(n, x.shape[1], wh, ww)
+
+        return crop(images), crop(labels)
 
     @staticmethod
     def _paste(images, labels, chosen: torch.Tensor, generator):

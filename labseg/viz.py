@@ -146,7 +146,7 @@ def training_batch(split: CachedSplit, arch: str = "resnet34_unet", n: int = 8, 
 
     Unlike :func:`augmentation_preview` this uses the training path, ``BatchAugment``, so it
     shows the batch-level augmentations too (mosaic, copy-paste). ``overrides`` replace recipe
-    fields: ``augment``, ``mosaic``, ``copy_paste``, ``elastic``. It is a batch from early in training: the
+    fields: ``augment``, ``mosaic``, ``mosaic_background``, ``copy_paste``, ``elastic``. It is a batch from early in training: the
     recipe's mosaics stop after ``mosaic_until`` of it.
     """
     from labseg.recipes import recipe_for
@@ -158,12 +158,12 @@ def training_batch(split: CachedSplit, arch: str = "resnet34_unet", n: int = 8, 
     images = torch.from_numpy(np.stack([split.images[i] for i in idx])).float().div(255)
     labels = torch.from_numpy(np.stack([split.labels[i] for i in idx])).unsqueeze(1)
     augment = BatchAugment(recipe["augment"], copy_paste=recipe["copy_paste"], mosaic=recipe["mosaic"],
-                           elastic=recipe["elastic"])
+                           elastic=recipe["elastic"], mosaic_background=recipe["mosaic_background"])
     images, labels = augment(images, labels, generator=torch.Generator().manual_seed(seed))
     fig, axes = _grid(len(idx), ncols)
     for ax, image, lab in zip(axes, images, labels):
         ax.imshow(overlay(hwc(image), lab[0].numpy() != BACKGROUND))
-    shown = ["mosaic", "copy_paste", *(["elastic"] if recipe["elastic"] else [])]
+    shown = ["mosaic", "copy_paste", *(k for k in ("mosaic_background", "elastic") if recipe[k])]
     fig.suptitle(f"{arch} training batch: augment={recipe['augment']!r}, "
                  + ", ".join(f"{k}={recipe[k]}" for k in shown), fontsize=9)
     return fig

@@ -20,6 +20,7 @@ def test_recipe_fills_only_missing_fields():
     ("sam", -0.05, "sam=-0.05: expected the radius rho in [0, 1]"),
     ("mosaic", 1.5, "mosaic=1.5: expected a probability in [0, 1]"),
     ("mosaic_until", -0.1, "mosaic_until=-0.1: expected a fraction of training in [0, 1] (1 = mosaics to the end)"),
+    ("mosaic_background", 1.5, "mosaic_background=1.5: expected a probability in [0, 1] (0 = every mosaic quarter is a whole sample)"),
     ("elastic", 0.5, "elastic=0.5: expected the std of the elastic shifts as a share of the image side in [0, 0.25], e.g. 0.03 (0 = off)"),
     ("checkpoint_every", -1, "checkpoint_every=-1: expected seconds >= 0 between writes of last.pt, e.g. 60 (0 = after every epoch)"),
     ("decoder_attention", "cbam", "decoder_attention='cbam' is not valid; choose one of: none, scse"),

@@ -283,11 +283,11 @@ def test_resume_of_a_run_recorded_before_newer_config_fields(tiny):
     path = first.run.path / "config.json"
     recorded = json.loads(path.read_text())
     assert recorded["mosaic"] == recipe_for("resnet34_unet")["mosaic"] > 0
-    for key in ("sam", "output_stride", "mosaic", "mosaic_until"):
+    for key in ("sam", "output_stride", "mosaic", "mosaic_until", "mosaic_background"):
         del recorded[key]
     path.write_text(json.dumps(recorded))
     old = first.run.read_config()
-    assert (old.sam, old.output_stride, old.mosaic, old.mosaic_until) == (0.0, 32, 0.0, 1.0)
+    assert (old.sam, old.output_stride, old.mosaic, old.mosaic_until, old.mosaic_background) == (0.0, 32, 0.0, 1.0, 0.0)
     resumed = fit(arch="resnet34_unet", run_name="old", resume=True, **{**tiny, "epochs": 3})
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert resumed.run.read_config().mosaic == 0.0

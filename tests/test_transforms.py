@@ -219,6 +219,60 @@ def test_mosaic_tiles_four_samples_of_the_batch_at_half_size():
     assert torch.equal(untouched_images, images) and torch.equal(untouched_labels, labels)
 
 
+def test_pet_free_windows_are_the_windows_with_the_fewest_pet_pixels():
+    """Each sample's window comes from the sample itself, at its own scale, and no window of that
+    size on the search grid (every quarter of its side) holds fewer pet pixels."""
+    n, (wh, ww) = 6, (H // 2, W // 2)
+    labels = torch.randint(0, 3, (n, 1, H, W), generator=gen(2), dtype=torch.uint8)
+    labels[:, :, :, : W // 2] = 1                       # the left half is pet everywhere ...
+    labels[1] = 1                                       # ... and sample 1 is pet all over
+    images = images_batch(n)
+    out_images, out_labels = BatchAugment.pet_free_windows(images, labels, (wh, ww), gen(0))
+    assert out_images.shape == (n, 3, wh, ww) and out_labels.shape == (n, 1, wh, ww)
+    grid = [(y, x) for y in range(0, H - wh + 1, wh // 4) for x in range(0, W - ww + 1, ww // 4)]
+    for i in range(n):
+        where = [(y, x) for y, x in grid if torch.equal(out_images[i], images[i, :, y:y + wh, x:x + ww])]
+        assert where, f"sample {i}: the window is no window of its own image on the grid"
+        y, x = where[0]
+        assert torch.equal(out_labels[i], labels[i, :, y:y + wh, x:x + ww]), "labels cut elsewhere"
+        pet = int((out_labels[i] != 0).sum())
+        fewest = min(int((labels[i, :, a:a + wh, b:b + ww] != 0).sum()) for a, b in grid)
+        assert pet == fewest, f"sample {i}: {pet} pet pixels, but a window with {fewest} exists"
+        if i != 1:
+            assert x >= W // 2, "a window reaching into the all-pet left half was chosen"
+    assert bool((out_labels[1] == 1).all())             # all pet: any window, none better
+
+
+def test_pet_free_windows_break_ties_at_random():
+    labels = torch.zeros(8, 1, H, W, dtype=torch.uint8)          # no pet anywhere: all windows tie
+    images = torch.arange(H * W, dtype=torch.float32).view(1, 1, H, W).expand(8, 3, H, W)
+    out, _ = BatchAugment.pet_free_windows(images, labels, (H // 2, W // 2), gen(3))
+    assert len({float(out[i, 0, 0, 0]) for i in range(8)}) > 1, "every tie went to the same window"
+
+
+def test_mosaic_background_puts_pet_free_windows_in_the_other_quarters():
+    """background=1: quarters 2-4 are other samples' pet-free windows at full scale, quarter 1 the
+    sample itself at half size; background=0 keeps whole samples (the mosaic test above)."""
+    n, (h, w) = 5, (H // 2, W // 2)
+    images, labels = images_batch(n), labels_batch(n, seed=4)
+    out_images, out_labels = BatchAugment("none", mosaic=1.0, mosaic_background=1.0)(images, labels, generator=gen(0))
+    small_images = images.reshape(n, 3, h, 2, w, 2).mean((3, 5))
+    win_images, win_labels = BatchAugment.pet_free_windows(images, labels, (h, w), gen(0))
+    for i in range(n):
+        assert torch.allclose(out_images[i, :, :h, :w], small_images[i], atol=1e-5), "own quarter"
+        for rows, cols in ((slice(0, h), slice(w, W)), (slice(h, H), slice(0, w)), (slice(h, H), slice(w, W))):
+            quarter_images, quarter_labels = out_images[i, :, rows, cols], out_labels[i, :, rows, cols]
+            # Windows are drawn with their own random tie-breaks, so compare with the pet count
+            # and the image of some window of some other sample, not with one call's output.
+            sources = [j for j in range(n) if j != i and any(
+                torch.allclose(quarter_images, images[j, :, y:y + h, x:x + w], atol=1e-5)
+                and torch.equal(quarter_labels, labels[j, :, y:y + h, x:x + w])
+                for y in range(0, H - h + 1, h // 4) for x in range(0, W - w + 1, w // 4))]
+            assert sources, f"a quarter of sample {i} is no window of another sample"
+            assert any(int((quarter_labels != 0).sum()) == int((win_labels[j] != 0).sum()) for j in sources), \
+                f"a quarter of sample {i} is not its source's most pet-free window"
+
+
 def test_hue_turns_keep_grays_and_move_colours():
     """Hue turns: a gray image stays gray whatever the angle; a red one stops being red."""
     aug = with_params(AugmentParams(hflip=0.0, hue=0.5))
