@@ -265,8 +265,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     train_idx, valid_idx = split_trainval(trainval.records, config.valid_fraction, config.seed)
     if config.max_train_images:
         train_idx = balanced_subset(trainval.records, train_idx, config.max_train_images)
-    augment = BatchAugment(config.augment, copy_paste=config.copy_paste, mosaic=config.mosaic,
-                           elastic=config.elastic, mosaic_background=config.mosaic_background)
+    augment = BatchAugment.from_config(vars(config))
     memory = dict(device=device, channels_last=config.channels_last, ignore_border=config.ignore_border)
     train_batches = Batches(trainval, dist.shard(train_idx), config.batch_size // dist.world, shuffle=True,
                             seed=config.seed, augment=augment, drop_last=True, **memory)

@@ -128,6 +128,14 @@ class BatchAugment:
         # does, ~(H/crop)² fewer FLOPs per image. Set and cleared between epochs by ``fit``.
         self.crop_size = crop_size
 
+    # The run-config fields (beside ``augment``, the level) that set up training's augmentation.
+    CONFIG_FIELDS = ("copy_paste", "mosaic", "mosaic_background", "elastic")
+
+    @classmethod
+    def from_config(cls, fields) -> BatchAugment:
+        """The augmentation that a run config's or a recipe's fields (a mapping) ask for."""
+        return cls(fields["augment"], **{k: fields[k] for k in cls.CONFIG_FIELDS})
+
     @property
     def is_identity(self) -> bool:
         return (self.params is None and not self.crop_size and not self.copy_paste and not self.mosaic

@@ -146,8 +146,8 @@ def training_batch(split: CachedSplit, arch: str = "resnet34_unet", n: int = 8, 
 
     Unlike :func:`augmentation_preview` this uses the training path, ``BatchAugment``, so it
     shows the batch-level augmentations too (mosaic, copy-paste). ``overrides`` replace recipe
-    fields: ``augment``, ``mosaic``, ``mosaic_background``, ``copy_paste``, ``elastic``. It is a batch from early in training: the
-    recipe's mosaics stop after ``mosaic_until`` of it.
+    fields: ``augment`` and ``BatchAugment.CONFIG_FIELDS``. It is a batch from early in training:
+    the recipe's mosaics stop after ``mosaic_until`` of it.
     """
     from labseg.recipes import recipe_for
     from labseg.transforms import BatchAugment
@@ -157,8 +157,7 @@ def training_batch(split: CachedSplit, arch: str = "resnet34_unet", n: int = 8, 
     idx = np.sort(rng.choice(len(split), size=min(n, len(split)), replace=False))
     images = torch.from_numpy(np.stack([split.images[i] for i in idx])).float().div(255)
     labels = torch.from_numpy(np.stack([split.labels[i] for i in idx])).unsqueeze(1)
-    augment = BatchAugment(recipe["augment"], copy_paste=recipe["copy_paste"], mosaic=recipe["mosaic"],
-                           elastic=recipe["elastic"], mosaic_background=recipe["mosaic_background"])
+    augment = BatchAugment.from_config(recipe)
     images, labels = augment(images, labels, generator=torch.Generator().manual_seed(seed))
     fig, axes = _grid(len(idx), ncols)
     for ax, image, lab in zip(axes, images, labels):

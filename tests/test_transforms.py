@@ -257,7 +257,7 @@ def test_mosaic_background_puts_pet_free_windows_in_the_other_quarters():
     images, labels = images_batch(n), labels_batch(n, seed=4)
     out_images, out_labels = BatchAugment("none", mosaic=1.0, mosaic_background=1.0)(images, labels, generator=gen(0))
     small_images = images.reshape(n, 3, h, 2, w, 2).mean((3, 5))
-    win_images, win_labels = BatchAugment.pet_free_windows(images, labels, (h, w), gen(0))
+    _, win_labels = BatchAugment.pet_free_windows(images, labels, (h, w), gen(0))
     for i in range(n):
         assert torch.allclose(out_images[i, :, :h, :w], small_images[i], atol=1e-5), "own quarter"
         for rows, cols in ((slice(0, h), slice(w, W)), (slice(h, H), slice(0, w)), (slice(h, H), slice(w, W))):
