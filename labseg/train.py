@@ -385,6 +385,10 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
             train_batches.set_epoch(epoch)
             cropping = config.crop_size and progress_now() < config.crop_until
             augment.crop_size = config.crop_size if cropping else None
+            # Progressive resizing: the early epochs on smaller images (faster steps), the last
+            # ones at img_size, the size valid and test images are scored at.
+            low_res = config.low_res_size and progress_now() < config.low_res_until
+            augment.low_res_size = config.low_res_size if low_res else None
             # Mosaics can stop before the end (YOLOv8's close_mosaic): the last epochs then see
             # single, full-size pets, as every valid and test image is.
             augment.mosaic = config.mosaic if progress_now() < config.mosaic_until else 0.0

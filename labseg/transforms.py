@@ -100,7 +100,8 @@ class BatchAugment:
     ELASTIC_GRID = 3      # control points per side: the UNet paper's "coarse 3 by 3 grid"
 
     def __init__(self, level: str = "light", crop_size: int | None = None, copy_paste: float = 0.0,
-                 mosaic: float = 0.0, elastic: float = 0.0, mosaic_background: float = 0.0):
+                 mosaic: float = 0.0, elastic: float = 0.0, mosaic_background: float = 0.0,
+                 low_res_size: int | None = None):
         self.level = level
         self.params = params_for(level)
         # Elastic deformation (Ronneberger et al., 2015, the UNet paper's "key concept to train a
@@ -127,6 +128,11 @@ class BatchAugment:
         # after the affine, so the crop sees a rotated/zoomed image): patch training, as nnU-Net
         # does, ~(H/crop)² fewer FLOPs per image. Set and cleared between epochs by ``fit``.
         self.crop_size = crop_size
+        # When set, resample whole images to low_res_size × low_res_size (before any crop):
+        # progressive resizing (fast.ai; Tan & Le, 2021, EfficientNetV2), cheaper early epochs at
+        # a lower resolution, then the last ones at the evaluation size. The affine already
+        # resamples every pixel, so the smaller grid costs nothing extra. Set by ``fit``.
+        self.low_res_size = low_res_size
 
     # The run-config fields (beside ``augment``, the level) that set up training's augmentation.
     CONFIG_FIELDS = ("copy_paste", "mosaic", "mosaic_background", "elastic")
@@ -138,8 +144,8 @@ class BatchAugment:
 
     @property
     def is_identity(self) -> bool:
-        return (self.params is None and not self.crop_size and not self.copy_paste and not self.mosaic
-                and not self.elastic)
+        return (self.params is None and not self.crop_size and not self.low_res_size and not self.copy_paste
+                and not self.mosaic and not self.elastic)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
         if self.is_identity:
@@ -184,7 +190,9 @@ class BatchAugment:
     def _augment(self, images, labels, generator, scale, mean, std):
         p, n, dev, dt = self.params or NO_AUGMENT, images.shape[0], images.device, images.dtype
         h, w = images.shape[-2:]
-        out_h, out_w = (min(self.crop_size, h), min(self.crop_size, w)) if self.crop_size else (h, w)
+        # The image's size after any resize, then the crop's within it.
+        size_h, size_w = (self.low_res_size, self.low_res_size) if self.low_res_size else (h, w)
+        out_h, out_w = (min(self.crop_size, size_h), min(self.crop_size, size_w)) if self.crop_size else (size_h, size_w)
 
         def uniform(lo, hi):  # drawn on the CPU generator, so results do not depend on the device
             return (torch.rand(n, generator=generator, dtype=torch.float64) * (hi - lo) + lo)
@@ -197,9 +205,9 @@ class BatchAugment:
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1),
                              torch.stack([sin * flip, cos, ty], 1)], 1)
-        if (out_h, out_w) != (h, w):
+        if (out_h, out_w) != (size_h, size_w):
             # A crop: output coords span out/size of the input, centred anywhere it fits.
-            fx, fy = out_w / w, out_h / h
+            fx, fy = out_w / size_w, out_h / size_h
             cx, cy = uniform(-(1 - fx), 1 - fx), uniform(-(1 - fy), 1 - fy)
             theta[:, :, 2] += theta[:, :, 0] * cx[:, None] + theta[:, :, 1] * cy[:, None]
             theta[:, :, 0] *= fx

@@ -19,6 +19,7 @@ from labseg.data import Batches, balanced_subset, load_split, split_trainval
 from labseg.evaluate import evaluate_run, format_result, load_run_model
 from labseg.metrics import per_image_dice
 from labseg.models import build_model
+from labseg.models.resnet34_unet import ResNet34UNet
 from labseg.recipes import recipe_for
 from labseg.runs import (CheckpointError, CheckpointWriter, RunDir, default_checkpoint, load_checkpoint, load_weights,
                          save_checkpoint)
@@ -283,11 +284,12 @@ def test_resume_of_a_run_recorded_before_newer_config_fields(tiny):
     path = first.run.path / "config.json"
     recorded = json.loads(path.read_text())
     assert recorded["mosaic"] == recipe_for("resnet34_unet")["mosaic"] > 0
-    for key in ("sam", "output_stride", "mosaic", "mosaic_until", "mosaic_background"):
+    for key in ("sam", "output_stride", "mosaic", "mosaic_until", "mosaic_background", "low_res_size"):
         del recorded[key]
     path.write_text(json.dumps(recorded))
     old = first.run.read_config()
-    assert (old.sam, old.output_stride, old.mosaic, old.mosaic_until, old.mosaic_background) == (0.0, 32, 0.0, 1.0, 0.0)
+    assert (old.sam, old.output_stride, old.mosaic, old.mosaic_until, old.mosaic_background,
+            old.low_res_size) == (0.0, 32, 0.0, 1.0, 0.0, 0)
     resumed = fit(arch="resnet34_unet", run_name="old", resume=True, **{**tiny, "epochs": 3})
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert resumed.run.read_config().mosaic == 0.0
@@ -304,6 +306,22 @@ def test_mosaics_stop_at_mosaic_until(tiny, monkeypatch):
                         staticmethod(lambda *args: (mosaic_epochs.append(epochs[-1]), mosaic(*args))[1]))
     fit(arch="resnet34_unet", mosaic=1.0, mosaic_until=0.5, run_name="close", **{**tiny, "epochs": 4})
     assert epochs == [1, 2, 3, 4] and sorted(set(mosaic_epochs)) == [1, 2]
+
+
+def test_low_res_epochs_until_low_res_until(tiny, monkeypatch):
+    """low_res_size=32 at img_size 64 until half of 4 epochs: the model sees 32 px in epochs 1-2,
+    64 px after; validation stays at 64 px throughout."""
+    epochs, seen = [], []
+    set_epoch, forward = Batches.set_epoch, ResNet34UNet.forward
+    monkeypatch.setattr(Batches, "set_epoch", lambda self, e: (epochs.append(e), set_epoch(self, e))[1])
+    monkeypatch.setattr(ResNet34UNet, "forward",
+                        lambda self, x: (seen.append((epochs[-1], self.training, x.shape[-1])), forward(self, x))[1])
+    result = fit(arch="resnet34_unet", low_res_size=32, low_res_until=0.5, run_name="lowres",
+                 **{**tiny, "img_size": 64, "epochs": 4})
+    train_sizes = {(e, size) for e, training, size in seen if training}
+    assert train_sizes == {(1, 32), (2, 32), (3, 64), (4, 64)}
+    assert {size for _, training, size in seen if not training} == {64}
+    assert result.run.read_config().low_res_size == 32
 
 
 def test_resume_keeps_what_was_not_asked_again():

@@ -182,6 +182,38 @@ def test_crops_follow_the_augmentation_and_the_normalised_path():
     assert crop.augment_normalized(images, labels, (0.5,) * 3, (0.25,) * 3, generator=gen(0))[0].shape[-2:] == (H, W)
 
 
+def test_low_res_resamples_the_whole_image():
+    """Half the side with no other augmentation: the 2×2 mean of the image, the labels' own blocks."""
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 3, (3, 1, 8, 8), generator=g, dtype=torch.uint8).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    images = torch.rand(3, 3, 32, 32, generator=g)
+    out_images, out_labels = BatchAugment("none", low_res_size=16)(images, labels, generator=gen(0))
+    assert out_images.shape == (3, 3, 16, 16) and out_labels.shape == (3, 1, 16, 16)
+    assert torch.allclose(out_images, torch.nn.functional.avg_pool2d(images, 2), atol=1e-5)
+    assert torch.equal(out_labels, labels[..., ::2, ::2])
+
+
+def test_low_res_then_crop_takes_windows_of_the_resized_image():
+    labels = torch.randint(0, 3, (4, 1, 8, 8), generator=gen(2), dtype=torch.uint8)
+    labels = labels.repeat_interleave(4, 2).repeat_interleave(4, 3)             # 32×32, blocks of 4
+    aug = BatchAugment("none", low_res_size=16, crop_size=8)
+    _, out = aug(torch.rand(4, 3, 32, 32, generator=gen(3)), labels, generator=gen(0))
+    assert out.shape == (4, 1, 8, 8)
+    small = labels[..., ::2, ::2]
+    for n in range(4):
+        assert any(torch.equal(out[n], win) for win in _windows(small[n], 8, 8)), f"sample {n}"
+
+
+def test_low_res_with_the_recipe_augmentations_and_back_to_full_size():
+    images, labels = torch.rand(8, 3, 32, 32, generator=gen(4)) * 255, torch.randint(0, 3, (8, 1, 32, 32), generator=gen(5), dtype=torch.uint8)
+    aug = BatchAugment("light", mosaic=1.0, low_res_size=16)
+    out_images, out_labels = aug.augment_normalized(images, labels, (0.5,) * 3, (0.25,) * 3, generator=gen(0))
+    assert out_images.shape == (8, 3, 16, 16) and out_labels.shape == (8, 1, 16, 16)
+    assert set(out_labels.unique().tolist()) <= {0, 1, 2}
+    aug.low_res_size = None
+    assert aug.augment_normalized(images, labels, (0.5,) * 3, (0.25,) * 3, generator=gen(0))[0].shape[-2:] == (32, 32)
+
+
 def test_copy_paste_puts_another_samples_pet_over_the_image():
     images, labels = images_batch(6), labels_batch(6, seed=3)
     paste = BatchAugment("none", copy_paste=1.0)
