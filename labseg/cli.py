@@ -45,7 +45,8 @@ HELP = {
                "as a share of the image side, e.g. 0.03 (0 = off)",
     "crop_size": "train on random crops of this size in px (0 = whole images) ...",
     "crop_until": "... until this fraction of training (time or epochs), then on whole images",
-    "low_res_size": "train on whole images resized to this size in px, divisible by 32 (0 = at img-size) ...",
+    "low_res_scale": "train on whole images resized to this share of img-size, to the nearest multiple of 32 "
+                     "(0.75: 96 px at img-size 128; 0 = at img-size throughout) ...",
     "low_res_until": "... until this fraction of training (time or epochs), then at img-size",
     "norm": "UNet normalisation: batch or none (the paper's)",
     "drop_path": "ResNet34-UNet: stochastic depth, drop probability of the last encoder block (0 = off)",

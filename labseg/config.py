@@ -29,7 +29,8 @@ CHECKPOINTS = ("auto", "best", "last")   # "auto": runs.default_checkpoint
 # option later (resnet34_unet's took mosaic 0.5 in round 12), and the old run did not use it.
 BEFORE_OPTION_EXISTED = dict(ema=0.0, swa=0.0, sam=0.0, copy_paste=0.0, mosaic=0.0, mosaic_until=1.0, elastic=0.0,
                              mosaic_background=0.0,
-                             crop_size=0, crop_until=0.0, low_res_size=0, low_res_until=0.0, drop_path=0.0, decoder_attention="none",
+                             crop_size=0, crop_until=0.0, low_res_scale=0.0, low_res_until=0.0,
+                             drop_path=0.0, decoder_attention="none",
                              deep_supervision=False, output_stride=32)
 UNTIL_BUDGET = 100_000     # the epoch count of a run limited by its time budget alone
 
@@ -103,7 +104,7 @@ class RunConfig:
     elastic: float | None = None           # elastic deformation: std of the control-point shifts, share of the side
     crop_size: int | None = None           # train on random crops of this size (px) ...
     crop_until: float | None = None        # ... until this fraction of training, then on whole images
-    low_res_size: int | None = None        # train on whole images resized to this size (px) ...
+    low_res_scale: float | None = None     # train on whole images at this share of img_size ...
     low_res_until: float | None = None     # ... until this fraction of training, then at img_size
     norm: str | None = None                # "batch" or "none" (UNet only; the paper has none)
     drop_path: float | None = None         # stochastic depth of the ResNet34 encoder (0 = off)
@@ -203,10 +204,9 @@ class RunConfig:
                               "e.g. 64 (0 = no crops)")
         if c.crop_until is not None and not (_is_number(c.crop_until) and 0 <= c.crop_until <= 1):
             raise ConfigError(f"crop_until={c.crop_until!r}: expected a fraction of training in [0, 1]")
-        if c.low_res_size is not None and (not _is_int(c.low_res_size) or c.low_res_size < 0 or c.low_res_size % 32
-                                           or (_is_int(c.img_size) and c.low_res_size > c.img_size)):
-            raise ConfigError(f"low_res_size={c.low_res_size!r}: expected a size in px divisible by 32 and at most "
-                              f"img_size={c.img_size!r}, e.g. 96 (0 = train at img_size throughout)")
+        if c.low_res_scale is not None and not (_is_number(c.low_res_scale) and 0 <= c.low_res_scale <= 1):
+            raise ConfigError(f"low_res_scale={c.low_res_scale!r}: expected a share of img_size in [0, 1], e.g. "
+                              "0.75 (0 = train at img_size throughout)")
         if c.low_res_until is not None and not (_is_number(c.low_res_until) and 0 <= c.low_res_until <= 1):
             raise ConfigError(f"low_res_until={c.low_res_until!r}: expected a fraction of training in [0, 1]")
         if not (_is_number(c.valid_fraction) and 0 < c.valid_fraction < 1):
@@ -241,6 +241,16 @@ class RunConfig:
     @property
     def time_budget_s(self) -> float | None:
         return parse_duration(self.time_budget)
+
+    @property
+    def low_res_size(self) -> int:
+        """The side in px of the early low-resolution epochs: ``low_res_scale`` × ``img_size`` to the
+        nearest multiple of 32 (the networks' stride). 0 when there is no such phase: no scale, or
+        one that rounds to ``img_size`` or to nothing (at 64 px, 0.75 rounds to 64: off)."""
+        if not self.low_res_scale:
+            return 0
+        size = int(self.img_size * self.low_res_scale / 32 + 0.5) * 32
+        return size if 32 <= size < self.img_size else 0
 
 
 def _is_int(v) -> bool:

@@ -380,6 +380,9 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     if dist.is_main:
         print(f"labseg: training {config.arch} ({count_parameters(model) / 1e6:.1f}M parameters) on {device}, "
               f"{len(train_idx)} train / {len(valid_idx)} valid images at {config.img_size}px → {run.path}")
+        if config.low_res_size and config.low_res_until:
+            print(f"labseg: whole images at {config.low_res_size}px for the first {config.low_res_until:.0%} of "
+                  f"training (low_res_scale {config.low_res_scale:g}), then at {config.img_size}px")
     try:
         for epoch in range(first_epoch, config.epochs + 1):
             train_batches.set_epoch(epoch)

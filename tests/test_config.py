@@ -21,8 +21,8 @@ def test_recipe_fills_only_missing_fields():
     ("mosaic", 1.5, "mosaic=1.5: expected a probability in [0, 1]"),
     ("mosaic_until", -0.1, "mosaic_until=-0.1: expected a fraction of training in [0, 1] (1 = mosaics to the end)"),
     ("mosaic_background", 1.5, "mosaic_background=1.5: expected a probability in [0, 1] (0 = every mosaic quarter is a whole sample)"),
-    ("low_res_size", 100, "low_res_size=100: expected a size in px divisible by 32 and at most img_size=128, e.g. 96"),
-    ("low_res_size", 160, "low_res_size=160: expected a size in px divisible by 32 and at most img_size=128"),
+    ("low_res_scale", 1.5, "low_res_scale=1.5: expected a share of img_size in [0, 1], e.g. 0.75"),
+    ("low_res_scale", "96", "low_res_scale='96'"),
     ("low_res_until", 2, "low_res_until=2: expected a fraction of training in [0, 1]"),
     ("elastic", 0.5, "elastic=0.5: expected the std of the elastic shifts as a share of the image side in [0, 0.25], e.g. 0.03 (0 = off)"),
     ("checkpoint_every", -1, "checkpoint_every=-1: expected seconds >= 0 between writes of last.pt, e.g. 60 (0 = after every epoch)"),
@@ -110,3 +110,12 @@ def test_output_stride_16_is_refused_for_unet_by_name():
     with pytest.raises(ConfigError, match="output_stride=16 is for resnet34_unet's encoder"):
         RunConfig(arch="unet", output_stride=16).with_recipe().validate()
     assert RunConfig(arch="resnet34_unet", output_stride=16).with_recipe().validate().output_stride == 16
+
+
+@pytest.mark.parametrize("img_size,scale,expected", [
+    (128, 0.75, 96), (128, 0.5, 64), (256, 0.75, 192), (384, 0.75, 288), (160, 0.75, 128),
+    (64, 0.75, 0),      # rounds to img_size: no low-resolution phase
+    (64, 0.5, 32), (32, 0.5, 0), (128, 0.1, 0), (128, 0.0, 0), (128, 1.0, 0),
+])
+def test_low_res_size_is_the_scale_of_img_size_to_a_multiple_of_32(img_size, scale, expected):
+    assert RunConfig(img_size=img_size, low_res_scale=scale).low_res_size == expected

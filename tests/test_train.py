@@ -284,12 +284,12 @@ def test_resume_of_a_run_recorded_before_newer_config_fields(tiny):
     path = first.run.path / "config.json"
     recorded = json.loads(path.read_text())
     assert recorded["mosaic"] == recipe_for("resnet34_unet")["mosaic"] > 0
-    for key in ("sam", "output_stride", "mosaic", "mosaic_until", "mosaic_background", "low_res_size"):
+    for key in ("sam", "output_stride", "mosaic", "mosaic_until", "mosaic_background", "low_res_scale"):
         del recorded[key]
     path.write_text(json.dumps(recorded))
     old = first.run.read_config()
     assert (old.sam, old.output_stride, old.mosaic, old.mosaic_until, old.mosaic_background,
-            old.low_res_size) == (0.0, 32, 0.0, 1.0, 0.0, 0)
+            old.low_res_scale) == (0.0, 32, 0.0, 1.0, 0.0, 0.0)
     resumed = fit(arch="resnet34_unet", run_name="old", resume=True, **{**tiny, "epochs": 3})
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert resumed.run.read_config().mosaic == 0.0
@@ -309,19 +309,19 @@ def test_mosaics_stop_at_mosaic_until(tiny, monkeypatch):
 
 
 def test_low_res_epochs_until_low_res_until(tiny, monkeypatch):
-    """low_res_size=32 at img_size 64 until half of 4 epochs: the model sees 32 px in epochs 1-2,
+    """low_res_scale=0.5 at img_size 64 until half of 4 epochs: the model sees 32 px in epochs 1-2,
     64 px after; validation stays at 64 px throughout."""
     epochs, seen = [], []
     set_epoch, forward = Batches.set_epoch, ResNet34UNet.forward
     monkeypatch.setattr(Batches, "set_epoch", lambda self, e: (epochs.append(e), set_epoch(self, e))[1])
     monkeypatch.setattr(ResNet34UNet, "forward",
                         lambda self, x: (seen.append((epochs[-1], self.training, x.shape[-1])), forward(self, x))[1])
-    result = fit(arch="resnet34_unet", low_res_size=32, low_res_until=0.5, run_name="lowres",
+    result = fit(arch="resnet34_unet", low_res_scale=0.5, low_res_until=0.5, run_name="lowres",
                  **{**tiny, "img_size": 64, "epochs": 4})
     train_sizes = {(e, size) for e, training, size in seen if training}
     assert train_sizes == {(1, 32), (2, 32), (3, 64), (4, 64)}
     assert {size for _, training, size in seen if not training} == {64}
-    assert result.run.read_config().low_res_size == 32
+    assert result.run.read_config().low_res_scale == 0.5
 
 
 def test_resume_keeps_what_was_not_asked_again():
