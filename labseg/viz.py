@@ -147,7 +147,8 @@ def training_batch(split: CachedSplit, arch: str = "resnet34_unet", n: int = 8, 
     Unlike :func:`augmentation_preview` this uses the training path, ``BatchAugment``, so it
     shows the batch-level augmentations too (mosaic, copy-paste). ``overrides`` replace recipe
     fields: ``augment`` and ``BatchAugment.CONFIG_FIELDS``. It is a batch from early in training:
-    the recipe's mosaics stop after ``mosaic_until`` of it.
+    the recipe's mosaics stop after ``mosaic_until`` of it. It is shown at the split's own size;
+    a recipe's ``low_res_scale`` trains those early epochs on smaller copies of the same images.
     """
     from labseg.recipes import recipe_for
     from labseg.transforms import BatchAugment

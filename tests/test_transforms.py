@@ -185,7 +185,8 @@ def test_crops_follow_the_augmentation_and_the_normalised_path():
 def test_low_res_resamples_the_whole_image():
     """Half the side with no other augmentation: the 2×2 mean of the image, the labels' own blocks."""
     g = torch.Generator().manual_seed(5)
-    labels = torch.randint(0, 3, (3, 1, 8, 8), generator=g, dtype=torch.uint8).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    labels = torch.randint(0, 3, (3, 1, 8, 8), generator=g, dtype=torch.uint8)
+    labels = labels.repeat_interleave(4, 2).repeat_interleave(4, 3)             # 32×32, blocks of 4
     images = torch.rand(3, 3, 32, 32, generator=g)
     out_images, out_labels = BatchAugment("none", low_res_size=16)(images, labels, generator=gen(0))
     assert out_images.shape == (3, 3, 16, 16) and out_labels.shape == (3, 1, 16, 16)
@@ -205,7 +206,8 @@ def test_low_res_then_crop_takes_windows_of_the_resized_image():
 
 
 def test_low_res_with_the_recipe_augmentations_and_back_to_full_size():
-    images, labels = torch.rand(8, 3, 32, 32, generator=gen(4)) * 255, torch.randint(0, 3, (8, 1, 32, 32), generator=gen(5), dtype=torch.uint8)
+    images = torch.rand(8, 3, 32, 32, generator=gen(4)) * 255
+    labels = torch.randint(0, 3, (8, 1, 32, 32), generator=gen(5), dtype=torch.uint8)
     aug = BatchAugment("light", mosaic=1.0, low_res_size=16)
     out_images, out_labels = aug.augment_normalized(images, labels, (0.5,) * 3, (0.25,) * 3, generator=gen(0))
     assert out_images.shape == (8, 3, 16, 16) and out_labels.shape == (8, 1, 16, 16)
