@@ -192,8 +192,9 @@ class BatchAugment:
         h, w = images.shape[-2:]
         # The image's size after any resize, then the crop's within it.
         size_h, size_w = (self.low_res_size, self.low_res_size) if self.low_res_size else (h, w)
-        out_h, out_w = (size_h, size_w) if not self.crop_size else (min(self.crop_size, size_h),
-                                                                    min(self.crop_size, size_w))
+        out_h, out_w = size_h, size_w
+        if self.crop_size:
+            out_h, out_w = min(self.crop_size, size_h), min(self.crop_size, size_w)
 
         def uniform(lo, hi):  # drawn on the CPU generator, so results do not depend on the device
             return (torch.rand(n, generator=generator, dtype=torch.float64) * (hi - lo) + lo)
