@@ -61,8 +61,11 @@ RECIPES = {
     # last.pt 0.869/0.865 against the session's recipe 0.860/0.859 (seeds 0/1), best.pt 0.855/
     # 0.865 against 0.854/0.857; all four paired figures rose. At 0.5 (64 px, seed 0): 135 epochs,
     # last.pt 0.866, best.pt 0.863.
+    # The 96 px phase to 70% of the budget (round 20, Xeon, ~200 epochs), paired by seed (0/3/4)
+    # against 50%: last.pt 0.882/0.870/0.880 vs 0.877/0.873/0.873 (+0.003), best.pt +0.006 on
+    # average, 9-12 more epochs; within the seed spread, two pairs of three up.
     "resnet34_unet": dict(_COMMON, lr=1e-3, batch_size=8, mosaic=0.5, mosaic_until=0.8, deep_supervision=True,
-                          low_res_scale=0.75, low_res_until=0.5),
+                          low_res_scale=0.75, low_res_until=0.7),
     # Batch 4: 0.832/0.811 (best.pt, seeds 0/1, `light`) against 0.774 at batch 16 (fp32) and 0.781
     # (bf16, 64 px crops): unet runs ~4 img/s at any batch on a CPU, so 4x the steps for free.
     # Batch 2: 0.840/0.805, the same mean at 3.4 img/s. Flips only: 0.842/0.827 against `light`'s
