@@ -481,7 +481,7 @@ def _paired_ratio(a: Candidate, b: Candidate) -> float:
 
 
 def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="auto", quick=False,
-              amp=None, compile=False, channels_last=True, data_dir=None, include_smp=True, emit=print,
+              amp=None, compile=False, channels_last=None, data_dir=None, include_smp=True, emit=print,
               *, epoch_estimate=False, decoder_ablation=False, rounds=None, threads=None,
               log=None) -> list[dict]:
     """Run the benchmark; ``emit`` gets one JSON line per record as it is made. Returns the records.
@@ -497,6 +497,7 @@ def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="aut
     """
     from labseg.config import pick_device
     from labseg.models import build_model
+    from labseg.train import channels_last_for
 
     t_start = time.perf_counter()
     log = log or (lambda msg: None)
@@ -522,6 +523,7 @@ def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="aut
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive integer")
     dev = pick_device(device)
+    channels_last = channels_last_for(dev, channels_last)   # None: the format training would use here
     torch.manual_seed(0)
     pending: list[str] = []
     amp_dtype = _amp_dtype(amp, dev, pending.append)
@@ -838,9 +840,10 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for every model (default: on for CUDA where bf16 is supported, off on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model, smp included")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last memory format for labseg's models and batches (default: on); smp "
-                        "runs contiguous, plus one extra channels_last line")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format for labseg's models and batches (default: as training "
+                        "uses it: on, except on a CPU with AVX2 and no AVX512); smp runs contiguous, plus one "
+                        "extra channels_last line")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="dataset in the official layout for the data-path benchmark, e.g. "
                         "../shared/data/oxford-pets-3breed (default: a synthetic one of ~500x375 px JPEGs, "

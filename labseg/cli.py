@@ -60,7 +60,8 @@ HELP = {
     "time_budget": "stop cleanly after this much training time, e.g. 25m or 1h30m",
     "device": "auto, cpu, cuda or mps",
     "amp": "mixed precision (default: on for CUDA and for CPUs with native bf16, e.g. AVX512-BF16)",
-    "channels_last": "channels_last memory format",
+    "channels_last": "channels_last memory format (default: on, except on a CPU with AVX2 and no AVX512, "
+                     "where contiguous tensors train faster)",
     "compile": "torch.compile the model",
     "ignore_border": "leave the trimap's border band out of the loss",
     "max_train_images": "train on N of the training images only, taken from each breed in turn (quick checks)",

@@ -36,13 +36,13 @@ def load_run_model(run: RunDir | str | Path, which: str = "auto", device="auto")
     config = run.read_config()
     path = run.checkpoint(which)
     ckpt = load_checkpoint(path)
-    from labseg.train import model_kwargs
+    from labseg.train import channels_last_for, model_kwargs
 
     model = build_model(config.arch, **model_kwargs(config))
     load_weights(model, ckpt, config.arch, source=str(path))
     device = pick_device(device) if isinstance(device, str) else device
     model = model.to(device).eval()
-    if config.channels_last:
+    if channels_last_for(device, config.channels_last):
         model = model.to(memory_format=torch.channels_last)
     return model, config
 
@@ -131,10 +131,13 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     run = run if isinstance(run, RunDir) else RunDir.open(run)
     which = run.resolve_checkpoint(which)
     model, config = load_run_model(run, which, device)
+    from labseg.train import channels_last_for
+
     dev = next(model.parameters()).device
+    channels_last = channels_last_for(dev, config.channels_last)   # as load_run_model laid out the model
     data_dir = data_dir or config.data_dir
     cached = _split_for(config, split, data_dir, progress)
-    batches = Batches(cached, batch_size=batch_size, device=dev, channels_last=config.channels_last)
+    batches = Batches(cached, batch_size=batch_size, device=dev, channels_last=channels_last)
     probs = predict_probs(model, batches)
     plain = score(probs, cached)
     # "tta" names the flip-TTA variant below; the plain scores carry no flag of that name.
@@ -146,7 +149,7 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
         result["tta"] = score(probs_tta, cached, tta=True).summary()
     if tune_threshold or postprocess:
         valid = _split_for(config, "valid", data_dir, progress)
-        valid_batches = Batches(valid, batch_size=batch_size, device=dev, channels_last=config.channels_last)
+        valid_batches = Batches(valid, batch_size=batch_size, device=dev, channels_last=channels_last)
     if tune_threshold:
         valid_probs = predict_probs(model, valid_batches, tta=tta)
         sweep = threshold_sweep(valid_probs, valid)

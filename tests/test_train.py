@@ -24,7 +24,7 @@ from labseg.recipes import recipe_for
 from labseg.runs import (CheckpointError, CheckpointWriter, RunDir, default_checkpoint, load_checkpoint, load_weights,
                          save_checkpoint)
 from labseg.train import (TrainingDiverged, _amp_dtype, _frozen_batchnorm_stats, _merge_resumed, _sam_ascent,
-                          fit, lr_factor)
+                          channels_last_for, fit, lr_factor)
 from labseg.transforms import BatchAugment
 from labseg.viz import variants_table
 
@@ -434,6 +434,35 @@ def test_amp_follows_the_flag_on_cpu(tiny):
     result = fit(arch="unet", amp=True, **tiny)           # bf16 autocast end to end, fp32 loss
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
     assert {p.dtype for p in result.model.parameters()} == {torch.float32}   # fp32 master weights
+
+
+@pytest.mark.parametrize("capability, expected", [("AVX2", False), ("AVX512", True)])
+def test_memory_format_by_default_follows_the_cpu(tiny, monkeypatch, capability, expected):
+    """channels_last unset: contiguous tensors on a CPU with AVX2 and no AVX512, channels_last on
+    others; a flag wins. The network and every batch it trains on are in that format, config.json
+    keeps the choice as asked (unset), and evaluation on another CPU gives the same Dice."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    cpu = torch.device("cpu")
+    assert channels_last_for(cpu) is expected
+    assert channels_last_for(cpu, True) is True and channels_last_for(cpu, False) is False
+    assert channels_last_for(torch.device("cuda")) is True
+
+    def channels_last(t):   # unambiguous for these shapes: more than one channel and pixel
+        return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    seen, forward = [], ResNet34UNet.forward
+    monkeypatch.setattr(ResNet34UNet, "forward", lambda self, x: (seen.append(
+        (channels_last(x), frozenset(channels_last(p) for p in self.parameters() if p.dim() == 4 and p.shape[1] > 1
+                                     and p.shape[-1] > 1))), forward(self, x))[1])
+    result = fit(arch="resnet34_unet", run_name=f"format-{capability}", **tiny)
+    assert seen and set(seen) == {(expected, frozenset({expected}))}
+    assert json.loads((result.run.path / "config.json").read_text())["channels_last"] is None
+
+    dice = evaluate_run(result.run, split="valid", which="last", progress=False, save=False)["dice"]
+    other = "AVX512" if capability == "AVX2" else "AVX2"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+    seen.clear()
+    assert evaluate_run(result.run, split="valid", which="last", progress=False, save=False)["dice"] == pytest.approx(dice, abs=1e-4)
+    assert set(seen) == {(not expected, frozenset({not expected}))}
 
 
 def test_fp16_trains_with_loss_scaling_and_records_the_scaler(tiny, monkeypatch):
