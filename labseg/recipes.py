@@ -64,6 +64,8 @@ RECIPES = {
     # The 96 px phase to 70% of the budget (round 20, Xeon, ~200 epochs), paired by seed (0/3/4)
     # against 50%: last.pt 0.882/0.870/0.880 vs 0.877/0.873/0.873 (+0.003), best.pt +0.006 on
     # average, 9-12 more epochs; within the seed spread, two pairs of three up.
+    # On a slow fp32 CPU (round 21, AVX2 EPYC, 43 epochs; seed 0) 64 px instead of 96 px for that
+    # phase gave 59 epochs but last.pt 0.822 against 0.831: the scale scored at matters more.
     "resnet34_unet": dict(_COMMON, lr=1e-3, batch_size=8, mosaic=0.5, mosaic_until=0.8, deep_supervision=True,
                           low_res_scale=0.75, low_res_until=0.7),
     # Batch 4: 0.832/0.811 (best.pt, seeds 0/1, `light`) against 0.774 at batch 16 (fp32) and 0.781
