@@ -39,7 +39,9 @@ def tiny(synthetic_root, tmp_path):
 
 
 def test_overfits_eight_images(synthetic_root, tmp_path):
-    result = fit(arch="resnet34_unet", data_dir=str(synthetic_root), img_size=64, epochs=30, batch_size=8,
+    # 50 epochs: 30 reached 0.899 (channels_last) and 0.892 (contiguous) in fp32 on an AVX2 CPU,
+    # on the line; 50 reach 0.946 and 0.942 there.
+    result = fit(arch="resnet34_unet", data_dir=str(synthetic_root), img_size=64, epochs=50, batch_size=8,
                  max_train_images=8, augment="none", lr=3e-3, warmup_epochs=0, seed=0,
                  output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), progress=False)
     trainval = load_split(synthetic_root, "trainval", 64, tmp_path / "cache", progress=False)
@@ -48,7 +50,7 @@ def test_overfits_eight_images(synthetic_root, tmp_path):
     result.model.eval()
     with torch.inference_mode():
         dice = per_image_dice(result.model(batch.image), batch.target, from_logits=True).mean().item()
-    assert dice > 0.9, f"Dice on the 8 training images after 30 epochs: {dice:.3f}"
+    assert dice > 0.9, f"Dice on the 8 training images after 50 epochs: {dice:.3f}"
 
 
 def test_run_folder_records(tiny):
