@@ -202,7 +202,7 @@ def channels_last_for(device: torch.device, flag: bool | None = None) -> bool:
     is the faster format.
 
     A CPU with AVX2 and no AVX512 runs contiguous tensors faster (fp32 train steps at 128 px:
-    resnet34_unet 1.16x, unet 1.25x); with AVX512, channels_last won (1.12x, resnet34_unet, fp32)
+    resnet34_unet 1.15x, unet 1.25x); with AVX512, channels_last won (1.12x, resnet34_unet, fp32)
     and bf16 runs on its NHWC kernels; CUDA and MPS keep it too. Measured in docs/benchmarks.md.
     """
     if flag is not None:
