@@ -68,7 +68,7 @@ TARGET_DATA_SHARE = 5.0                  # data time per step < 5% of the train-
 
 # The keys every record of a kind carries (documented output format; tests check them).
 RECORD_KEYS = {
-    "env": ("kind", "device", "device_name", "torch", "threads", "batch_size", "quick", "amp",
+    "env": ("kind", "device", "device_name", "cpu_capability", "torch", "threads", "batch_size", "quick", "amp",
             "compile", "channels_last", "data", "smp"),
     "train": ("kind", "model", "size", "batch_size", "img_per_s", "ms_per_batch", "img_per_s_min",
               "img_per_s_max", "rounds", "iters_per_round", "channels_last"),
@@ -120,16 +120,6 @@ def _load_avg():
 
 def _median(xs) -> float:
     return float(statistics.median(xs))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def smp_available() -> tuple[bool, str]:
@@ -496,6 +486,7 @@ def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="aut
     what the lean decoder saves.
     """
     from labseg.config import pick_device
+    from labseg.machine import device_name
     from labseg.models import build_model
     from labseg.train import channels_last_for
 
@@ -537,7 +528,8 @@ def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="aut
         description, splits = _prepare_data(data_dir, sizes, tmp, log)
 
         out({"kind": "env", "device": str(dev),
-             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_model(),
+             "device_name": device_name(dev),
+             "cpu_capability": torch.backends.cpu.get_cpu_capability() if dev.type == "cpu" else None,
              "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
              "batch_size": batch_size, "quick": bool(quick),
              "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,

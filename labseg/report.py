@@ -22,13 +22,14 @@ from matplotlib.ticker import MaxNLocator
 
 from labseg.config import resolve_path
 from labseg.evaluate import eval_file
+from labseg.machine import machine_label
 from labseg.runs import RunDir, atomic_write_bytes, atomic_write_text, default_checkpoint
 
 PARAMS = ("arch", "img_size", "epochs", "batch_size", "lr", "optimizer", "scheduler", "loss",
           "augment", "seed", "max_train_images", "data_dir")
 METRICS = ("best_valid_dice", "best_valid_iou", "best_epoch", "epochs_run", "train_seconds", "parameters")
 TABLE_COLUMNS = ("run", "status", *PARAMS, *METRICS, "checkpoint", "test_dice", "test_iou", "test_dice_tta",
-                 "test_dice_best", "test_dice_last", "error")
+                 "test_dice_best", "test_dice_last", "machine", "error")
 ARCH_COLORS = {"unet": "tab:blue", "resnet34_unet": "tab:orange"}
 
 
@@ -70,6 +71,9 @@ def run_row(folder: Path) -> dict:
     row["test_dice_tta"] = (evaluation.get("tta") or {}).get("dice")
     row["test_dice_best"] = evaluations["best"].get("dice")
     row["test_dice_last"] = evaluations["last"].get("dice")
+    # Budget runs are wall-clock bound: which machine and precision trained a run says how many
+    # epochs it had (runs from before this record show none).
+    row["machine"] = machine_label(summary.get("machine"))
     if failed is not None:
         row["status"], row["error"] = "failed", failed.get("error", "")
     elif "best_valid_dice" in summary:
@@ -228,7 +232,7 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
 
     shown = ["run", "status", "arch", "img_size", "epochs", "lr", "loss", "augment", "seed",
              "best_valid_dice", "best_valid_iou", "best_epoch", "checkpoint", "test_dice", "test_dice_tta",
-             "test_dice_best", "test_dice_last", "train_seconds"]
+             "test_dice_best", "test_dice_last", "train_seconds", "machine"]
     finished = table[table["status"] == "finished"]
     others = table[table["status"] != "finished"]
     parts = [

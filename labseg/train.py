@@ -27,6 +27,7 @@ from torch import nn
 from labseg.config import UNTIL_BUDGET, ConfigError, RunConfig, pick_device
 from labseg.data import Batches, balanced_subset, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
+from labseg.machine import describe as describe_machine
 from labseg.metrics import per_image_dice, per_image_iou
 from labseg.models import build_model, count_parameters
 from labseg.runs import (CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, RunDir, load_checkpoint,
@@ -391,8 +392,10 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
         spent = time.perf_counter() - t0 + elapsed_before
         return max(step / max(total_steps, 1), spent / budget if budget else 0.0)
     writer = CheckpointWriter()
+    machine = describe_machine(device, amp_dtype, channels_last)
     if dist.is_main:
-        print(f"labseg: training {config.arch} ({count_parameters(model) / 1e6:.1f}M parameters) on {device}, "
+        print(f"labseg: training {config.arch} ({count_parameters(model) / 1e6:.1f}M parameters) on {device} "
+              f"({machine['precision']}, {machine['memory_format']}), "
               f"{len(train_idx)} train / {len(valid_idx)} valid images at {config.img_size}px → {run.path}")
         if config.low_res_size and config.low_res_until:
             print(f"labseg: whole images at {config.low_res_size}px for the first {config.low_res_until:.0%} of "
@@ -477,6 +480,8 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
 
     summary = _summary(config, history, stop_reason, time.perf_counter() - t0 + elapsed_before,
                        count_parameters(model), trainval, len(train_idx), len(valid_idx))
+    # Where and how this (last) session of the run trained: a budget run's figures depend on it.
+    summary["machine"] = {**machine, "world_size": dist.world}
     final_model = ema.module if ema is not None else model
     if swa is not None and int(swa.n_averaged) > 0:
         # The averaged weights become last.pt (and best.pt if they validate best); their valid

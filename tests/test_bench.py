@@ -63,6 +63,7 @@ def test_throughput_records_are_positive(run):
     # the memory format training would pick on this CPU (channels_last unless AVX2 without AVX512)
     assert env["kind"] == "env" and env["device"] == "cpu"
     assert env["channels_last"] is channels_last_for(torch.device("cpu"))
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_smp_reference_or_a_clear_note(run):

@@ -8,7 +8,8 @@ from labseg.report import (best_per_arch, collect_runs, evaluation_breakdown, ma
 from labseg.runs import RunDir
 
 
-def fake_run(root, name, arch, dices, lr=1e-3, test=None, test_last=None, scheduler=None, stop_reason=None):
+def fake_run(root, name, arch, dices, lr=1e-3, test=None, test_last=None, scheduler=None, stop_reason=None,
+             machine=None):
     run = RunDir(root / name)
     run.path.mkdir(parents=True)
     run.write_json("config.json", {"arch": arch, "img_size": 64, "epochs": len(dices), "lr": lr, "loss": "bce_dice",
@@ -17,7 +18,8 @@ def fake_run(root, name, arch, dices, lr=1e-3, test=None, test_last=None, schedu
                         "valid_iou": d * 0.8} for i, d in enumerate(dices)])
     run.write_summary({"arch": arch, "best_valid_dice": max(dices), "best_valid_iou": max(dices) * 0.8,
                        "best_epoch": dices.index(max(dices)) + 1, "epochs_run": len(dices),
-                       "train_seconds": 1.0, "parameters": 10, "stop_reason": stop_reason})
+                       "train_seconds": 1.0, "parameters": 10, "stop_reason": stop_reason,
+                       **({"machine": machine} if machine else {})})
     if test is not None:
         run.write_json("eval_test.json", {"dice": test, "iou": test * 0.8, "tta": {"dice": test + 0.01}})
     if test_last is not None:
@@ -77,6 +79,22 @@ def test_collect_runs_best_and_report(tmp_path):
     assert (report.parent / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert len(pd.read_csv(report.parent / "runs.csv")) == 4
     assert not [p for p in report.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_each_run_shows_the_machine_and_precision_it_trained_on(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "epyc", "resnet34_unet", [0.6, 0.8], machine={
+        "device": "cpu", "device_name": "AMD EPYC", "cpu_capability": "AVX2", "precision": "fp32"})
+    fake_run(runs, "gpu", "resnet34_unet", [0.6, 0.7], machine={
+        "device": "cuda:0", "device_name": "NVIDIA H100 80GB HBM3", "precision": "bf16"})
+    fake_run(runs, "older", "unet", [0.5, 0.6])                  # from before the record existed
+    table = collect_runs(runs).set_index("run")
+    assert table.loc["epyc", "machine"] == "AMD EPYC (AVX2), fp32"
+    assert table.loc["gpu", "machine"] == "NVIDIA H100 80GB HBM3, bf16"
+    assert pd.isna(table.loc["older", "machine"])
+    text = write_report(runs, tmp_path / "report").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| epyc |"))
+    assert row.rstrip(" |").endswith("AMD EPYC (AVX2), fp32")
 
 
 def test_empty_runs_folder(tmp_path):

@@ -458,6 +458,10 @@ def test_memory_format_by_default_follows_the_cpu(tiny, monkeypatch, capability,
     result = fit(arch="resnet34_unet", run_name=f"format-{capability}", **tiny)
     assert seen and set(seen) == {(expected, frozenset({expected}))}
     assert json.loads((result.run.path / "config.json").read_text())["channels_last"] is None
+    # summary.json records what was used, with the CPU's capability that decided it
+    machine = json.loads((result.run.path / "summary.json").read_text())["machine"]
+    assert machine["memory_format"] == ("channels_last" if expected else "contiguous")
+    assert machine["cpu_capability"] == capability and machine["device"] == "cpu"
 
     dice = evaluate_run(result.run, split="valid", which="last", progress=False, save=False)["dice"]
     other = "AVX512" if capability == "AVX2" else "AVX2"
@@ -475,6 +479,7 @@ def test_fp16_trains_with_loss_scaling_and_records_the_scaler(tiny, monkeypatch)
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
     scaler = load_checkpoint(result.run.checkpoint("last"))["scaler"]
     assert scaler and scaler["scale"] > 0
+    assert json.loads((result.run.path / "summary.json").read_text())["machine"]["precision"] == "fp16"
 
 class _Exploit:
     def __init__(self, marker):

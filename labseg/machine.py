@@ -1,0 +1,54 @@
+"""What a run or a benchmark ran on: the device, its name, and the precision and memory format chosen.
+
+Budget runs are wall-clock bound, so the same command gives ~40 epochs on one 2-core CPU and ~200
+on another; a run's figures mean little without this record. ``fit`` writes it into
+``summary.json`` (``"machine"``), ``labseg bench`` into its ``env`` line, and the report shows
+:func:`machine_label` per run.
+"""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo (the platform's processor elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """``"bf16"`` or ``"fp16"`` for autocast, ``"fp32"`` without."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype]
+
+
+def describe(device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> dict:
+    """The record of one training process: where it ran and how (JSON-ready)."""
+    record = {"device": str(device), "device_name": device_name(device),
+              "precision": precision_name(amp_dtype),
+              "memory_format": "channels_last" if channels_last else "contiguous",
+              "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if device.type == "cpu":
+        # The vector ISA torch dispatches to (AVX2 / AVX512 / ...): it decides the speed and the
+        # default memory format (train.channels_last_for), and the model name alone may not say it.
+        record["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return record
+
+
+def machine_label(record: dict | None) -> str | None:
+    """A short label for a table: ``"AMD EPYC (AVX2), fp32"``, ``"NVIDIA H100 80GB HBM3, bf16"``."""
+    if not record:
+        return None
+    name = record.get("device_name") or record.get("device", "?")
+    if record.get("cpu_capability"):
+        name = f"{name} ({record['cpu_capability']})"
+    return f"{name}, {record.get('precision', '?')}"
