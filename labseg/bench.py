@@ -486,7 +486,7 @@ def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="aut
     what the lean decoder saves.
     """
     from labseg.config import pick_device
-    from labseg.machine import device_name
+    from labseg.machine import cpu_capability, device_name
     from labseg.models import build_model
     from labseg.train import channels_last_for
 
@@ -529,7 +529,7 @@ def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="aut
 
         out({"kind": "env", "device": str(dev),
              "device_name": device_name(dev),
-             "cpu_capability": torch.backends.cpu.get_cpu_capability() if dev.type == "cpu" else None,
+             "cpu_capability": cpu_capability(dev),
              "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
              "batch_size": batch_size, "quick": bool(quick),
              "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,

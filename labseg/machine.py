@@ -31,6 +31,15 @@ def precision_name(amp_dtype: torch.dtype | None) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype]
 
 
+def cpu_capability(device: torch.device) -> str | None:
+    """The vector ISA torch dispatches to on a CPU (``"AVX2"``, ``"AVX512"``, ...); None elsewhere.
+
+    It decides the CPU's speed and the default memory format (train.channels_last_for), and the
+    model name alone may not say it.
+    """
+    return torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None
+
+
 def describe(device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> dict:
     """The record of one training process: where it ran and how (JSON-ready)."""
     record = {"device": str(device), "device_name": device_name(device),
@@ -38,9 +47,7 @@ def describe(device: torch.device, amp_dtype: torch.dtype | None, channels_last:
               "memory_format": "channels_last" if channels_last else "contiguous",
               "threads": torch.get_num_threads(), "torch": torch.__version__}
     if device.type == "cpu":
-        # The vector ISA torch dispatches to (AVX2 / AVX512 / ...): it decides the speed and the
-        # default memory format (train.channels_last_for), and the model name alone may not say it.
-        record["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        record["cpu_capability"] = cpu_capability(device)
     return record
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from labseg.config import UNTIL_BUDGET, ConfigError, RunConfig, pick_device
 from labseg.data import Batches, balanced_subset, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
-from labseg.machine import describe as describe_machine
+from labseg.machine import cpu_capability, describe as describe_machine
 from labseg.metrics import per_image_dice, per_image_iou
 from labseg.models import build_model, count_parameters
 from labseg.runs import (CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, RunDir, load_checkpoint,
@@ -208,7 +208,7 @@ def channels_last_for(device: torch.device, flag: bool | None = None) -> bool:
     """
     if flag is not None:
         return bool(flag)
-    return not (device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX2")
+    return cpu_capability(device) != "AVX2"
 
 
 def _amp_dtype(config: RunConfig, device: torch.device):
