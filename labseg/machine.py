@@ -2,8 +2,8 @@
 
 Budget runs are wall-clock bound, so the same command gives ~40 epochs on one 2-core CPU and ~200
 on another; a run's figures mean little without this record. ``fit`` writes it into
-``summary.json`` (``"machine"``), ``labseg bench`` into its ``env`` line, and the report shows
-:func:`machine_label` per run.
+``summary.json`` (``"machine"``, and ``"machines"``, one per session, for a run resumed), ``labseg
+bench`` into its ``env`` line, and the report shows :func:`run_machine_label` per run.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def describe(device: torch.device, amp_dtype: torch.dtype | None, channels_last:
     record = {"device": str(device), "device_name": device_name(device),
               "precision": precision_name(amp_dtype),
               "memory_format": "channels_last" if channels_last else "contiguous",
-              "threads": torch.get_num_threads(), "torch": torch.__version__}
+              "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
     if device.type == "cpu":
         record["cpu_capability"] = cpu_capability(device)
     return record
@@ -59,3 +59,9 @@ def machine_label(record: dict | None) -> str | None:
     if record.get("cpu_capability"):
         name = f"{name} ({record['cpu_capability']})"
     return f"{name}, {record.get('precision', '?')}"
+
+
+def run_machine_label(summary: dict) -> str | None:
+    """The label of every machine a run trained on, in order: a run resumed elsewhere shows both."""
+    labels = [machine_label(record) for record in summary.get("machines") or [summary.get("machine")]]
+    return " + ".join(dict.fromkeys(label for label in labels if label)) or None

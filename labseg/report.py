@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from labseg.config import resolve_path
 from labseg.evaluate import eval_file
-from labseg.machine import machine_label
+from labseg.machine import run_machine_label
 from labseg.runs import RunDir, atomic_write_bytes, atomic_write_text, default_checkpoint
 
 PARAMS = ("arch", "img_size", "epochs", "batch_size", "lr", "optimizer", "scheduler", "loss",
@@ -72,8 +72,8 @@ def run_row(folder: Path) -> dict:
     row["test_dice_best"] = evaluations["best"].get("dice")
     row["test_dice_last"] = evaluations["last"].get("dice")
     # Budget runs are wall-clock bound: which machine and precision trained a run says how many
-    # epochs it had (runs from before this record show none).
-    row["machine"] = machine_label(summary.get("machine"))
+    # epochs it had (runs from before this record show none; a resumed run, each machine it used).
+    row["machine"] = run_machine_label(summary)
     if failed is not None:
         row["status"], row["error"] = "failed", failed.get("error", "")
     elif "best_valid_dice" in summary:

@@ -90,6 +90,21 @@ def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True, **fused)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state, each per-weight tensor in its weight's memory format.
+
+    A run resumed where the default format differs (saved contiguous on an AVX2 CPU, resumed in
+    channels_last on an AVX512 CPU or a GPU, or the other way) would pair weights and Adam moments
+    of different layouts, and torch's fused CPU Adam walks both as flat arrays: the moments of one
+    weight would update another, silently (seen with torch 2.14).
+    """
+    optimizer.load_state_dict(state)
+    for param, slots in optimizer.state.items():
+        for name, value in slots.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                slots[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 SWA_LR = 0.1   # the lr while weights are averaged (SWA), as a fraction of the base lr
 
 
@@ -306,7 +321,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
         # With EMA or SWA, "model" holds the averaged weights and "raw_model" the trained ones.
         load_weights(model, {**start, "model": start.get("raw_model", start["model"])}, config.arch,
                      source=str(run.checkpoint("last")))
-        optimizer.load_state_dict(start["optimizer"])
+        load_optimizer_state(optimizer, start["optimizer"])
         if plateau is not None and start.get("plateau"):
             plateau.load_state_dict(start["plateau"])
         if ema is not None and start.get("ema"):
@@ -342,7 +357,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
                 "plateau": plateau.state_dict() if plateau is not None else None,
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "ema": ema.state_dict() if ema is not None else None,
-                "swa": swa.state_dict() if swa is not None else None}
+                "swa": swa.state_dict() if swa is not None else None, "machines": sessions}
         if deployed is not None:    # evaluate and deploy the averaged weights
             ckpt["model"] = deployed.state_dict()
             ckpt["raw_model"] = model.state_dict()
@@ -393,6 +408,9 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
         return max(step / max(total_steps, 1), spent / budget if budget else 0.0)
     writer = CheckpointWriter()
     machine = describe_machine(device, amp_dtype, channels_last)
+    # A resumed run may continue on another machine: the checkpoint carries one record per session.
+    sessions = [*((start.get("machines") or []) if start is not None else []),
+                {**machine, "world_size": dist.world, "first_epoch": first_epoch}]
     if dist.is_main:
         print(f"labseg: training {config.arch} ({count_parameters(model) / 1e6:.1f}M parameters) on {device} "
               f"({machine['precision']}, {machine['memory_format']}), "
@@ -480,8 +498,11 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
 
     summary = _summary(config, history, stop_reason, time.perf_counter() - t0 + elapsed_before,
                        count_parameters(model), trainval, len(train_idx), len(valid_idx))
-    # Where and how this (last) session of the run trained: a budget run's figures depend on it.
+    # Where and how the run trained (a budget run's figures depend on it): "machine" is this, the
+    # last, session; a resumed run lists every session's, from the epoch it started at, in "machines".
     summary["machine"] = {**machine, "world_size": dist.world}
+    if len(sessions) > 1:
+        summary["machines"] = sessions
     final_model = ema.module if ema is not None else model
     if swa is not None and int(swa.n_averaged) > 0:
         # The averaged weights become last.pt (and best.pt if they validate best); their valid

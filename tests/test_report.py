@@ -97,6 +97,21 @@ def test_each_run_shows_the_machine_and_precision_it_trained_on(tmp_path):
     assert row.rstrip(" |").endswith("AMD EPYC (AVX2), fp32")
 
 
+def test_a_run_resumed_on_another_machine_shows_both(tmp_path):
+    runs = tmp_path / "runs"
+    epyc = {"device": "cpu", "device_name": "AMD EPYC", "cpu_capability": "AVX2", "precision": "fp32"}
+    xeon = {"device": "cpu", "device_name": "Intel Xeon", "cpu_capability": "AVX512", "precision": "bf16"}
+    run = fake_run(runs, "moved", "resnet34_unet", [0.6, 0.8], machine=xeon)
+    run.write_summary({**json.loads((run.path / "summary.json").read_text()),
+                       "machines": [{**epyc, "first_epoch": 1}, {**xeon, "first_epoch": 2}]})
+    run = fake_run(runs, "stayed", "resnet34_unet", [0.6, 0.8], machine=epyc)
+    run.write_summary({**json.loads((run.path / "summary.json").read_text()),
+                       "machines": [{**epyc, "first_epoch": 1}, {**epyc, "first_epoch": 2}]})
+    table = collect_runs(runs).set_index("run")
+    assert table.loc["moved", "machine"] == "AMD EPYC (AVX2), fp32 + Intel Xeon (AVX512), bf16"
+    assert table.loc["stayed", "machine"] == "AMD EPYC (AVX2), fp32"
+
+
 def test_empty_runs_folder(tmp_path):
     assert collect_runs(tmp_path / "none").empty
     report = write_report(tmp_path / "none", tmp_path / "report")

@@ -1,4 +1,5 @@
 """The training loop, run folders and checkpoints, end to end on tiny synthetic data."""
+import copy
 import errno
 import json
 import math
@@ -24,7 +25,7 @@ from labseg.recipes import recipe_for
 from labseg.runs import (CheckpointError, CheckpointWriter, RunDir, default_checkpoint, load_checkpoint, load_weights,
                          save_checkpoint)
 from labseg.train import (TrainingDiverged, _amp_dtype, _frozen_batchnorm_stats, _merge_resumed, _sam_ascent,
-                          channels_last_for, fit, lr_factor)
+                          channels_last_for, fit, load_optimizer_state, lr_factor)
 from labseg.transforms import BatchAugment
 from labseg.viz import variants_table
 
@@ -94,6 +95,50 @@ def test_resume_continues_without_duplicates(tiny):
     result = fit(arch="resnet34_unet", run_name="r", resume=True, **{**tiny, "epochs": 4})
     assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
     assert [r["epoch"] for r in result.run.read_metrics()] == [1, 2, 3, 4]
+
+
+def test_a_resumed_run_records_each_machine_it_trained_on(tiny, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    first = fit(arch="resnet34_unet", run_name="moved", amp=False, **tiny)
+    assert "machines" not in json.loads((first.run.path / "summary.json").read_text())
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    fit(arch="resnet34_unet", run_name="moved", resume=True, amp=False, **{**tiny, "epochs": 3})
+    fit(arch="resnet34_unet", run_name="moved", resume=True, amp=False, **{**tiny, "epochs": 4})
+    summary = json.loads((first.run.path / "summary.json").read_text())
+    assert [(m["cpu_capability"], m["first_epoch"]) for m in summary["machines"]] == [
+        ("AVX2", 1), ("AVX512", 3), ("AVX512", 4)]
+    assert summary["machine"]["cpu_capability"] == "AVX512" and "first_epoch" not in summary["machine"]
+    ckpt = load_checkpoint(first.run.checkpoint("last"))
+    assert ckpt["machines"] == summary["machines"]
+    # trained contiguous (AVX2), resumed in channels_last (AVX512): Adam's moments follow the weights
+    weights = [p for p in ckpt["model"].values() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+    moments = [s["exp_avg"] for s in ckpt["optimizer"]["state"].values() if s["exp_avg"].dim() == 4
+               and s["exp_avg"].shape[1] > 1 and s["exp_avg"].shape[-1] > 1]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert moments and all(m.is_contiguous(memory_format=torch.channels_last) for m in moments)
+
+
+def test_resumed_adam_moments_follow_their_weights_memory_format():
+    """Moments saved contiguous, weights resumed in channels_last: the fused CPU Adam reads both as
+    flat arrays, so the step is only right once the moments are in the weights' layout."""
+    torch.manual_seed(0)
+    saved = torch.nn.Conv2d(3, 4, 3)
+    optimizer = torch.optim.Adam(saved.parameters(), lr=0.1, fused=True)
+    saved(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()                                       # moments now exist, contiguous
+    state = optimizer.state_dict()
+    x = torch.randn(2, 3, 8, 8)
+    after = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        resumed = copy.deepcopy(saved).to(memory_format=fmt)
+        resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=0.1, fused=True)
+        load_optimizer_state(resumed_optimizer, copy.deepcopy(state))
+        assert all(slots["exp_avg"].stride() == p.stride() for p, slots in resumed_optimizer.state.items())
+        resumed.zero_grad()
+        resumed(x.contiguous(memory_format=fmt)).sum().backward()
+        resumed_optimizer.step()
+        after[fmt] = resumed.weight.detach()
+    torch.testing.assert_close(after[torch.channels_last], after[torch.contiguous_format])
 
 
 def test_resume_refuses_a_changed_config(tiny):
