@@ -47,6 +47,15 @@ def load_run_model(run: RunDir | str | Path, which: str = "auto", device="auto")
     return model, config
 
 
+def batches_for_model(model, config: RunConfig, data: CachedSplit, batch_size: int = 16) -> Batches:
+    """Batches of ``data`` on ``model``'s device, in the memory format :func:`load_run_model` chose."""
+    from labseg.train import channels_last_for
+
+    device = next(model.parameters()).device
+    return Batches(data, batch_size=batch_size, device=device,
+                   channels_last=channels_last_for(device, config.channels_last))
+
+
 @torch.inference_mode()
 def predict_probs(model, batches: Batches, tta: bool = False) -> torch.Tensor:
     """Pet probabilities N×1×S×S (CPU, float16 to keep memory small) for every batch."""
@@ -131,13 +140,9 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     run = run if isinstance(run, RunDir) else RunDir.open(run)
     which = run.resolve_checkpoint(which)
     model, config = load_run_model(run, which, device)
-    from labseg.train import channels_last_for
-
-    dev = next(model.parameters()).device
-    channels_last = channels_last_for(dev, config.channels_last)   # as load_run_model laid out the model
     data_dir = data_dir or config.data_dir
     cached = _split_for(config, split, data_dir, progress)
-    batches = Batches(cached, batch_size=batch_size, device=dev, channels_last=channels_last)
+    batches = batches_for_model(model, config, cached, batch_size)
     probs = predict_probs(model, batches)
     plain = score(probs, cached)
     # "tta" names the flip-TTA variant below; the plain scores carry no flag of that name.
@@ -149,7 +154,7 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
         result["tta"] = score(probs_tta, cached, tta=True).summary()
     if tune_threshold or postprocess:
         valid = _split_for(config, "valid", data_dir, progress)
-        valid_batches = Batches(valid, batch_size=batch_size, device=dev, channels_last=channels_last)
+        valid_batches = batches_for_model(model, config, valid, batch_size)
     if tune_threshold:
         valid_probs = predict_probs(model, valid_batches, tta=tta)
         sweep = threshold_sweep(valid_probs, valid)

@@ -496,12 +496,8 @@ def variants_table(result: dict):
 
 def predict_split(run, split: str = "test", which: str = "auto", tta: bool = False, device="auto"):
     """(CachedSplit, probabilities N×1×S×S) of a run on ``split`` ("test" or "valid")."""
-    from labseg.evaluate import _split_for, load_run_model, predict_probs
-    from labseg.data import Batches
-    from labseg.train import channels_last_for
+    from labseg.evaluate import _split_for, batches_for_model, load_run_model, predict_probs
 
     model, config = load_run_model(run, which, device)
     data = _split_for(config, split, config.data_dir, progress=False)
-    dev = next(model.parameters()).device
-    batches = Batches(data, batch_size=16, device=dev, channels_last=channels_last_for(dev, config.channels_last))
-    return data, predict_probs(model, batches, tta=tta)
+    return data, predict_probs(model, batches_for_model(model, config, data), tta=tta)
