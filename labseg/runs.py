@@ -187,6 +187,9 @@ def load_weights(model: torch.nn.Module, ckpt: dict, arch: str, source: str = "c
             detail = f"first mismatched key {k!r}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
         else:
             detail = "keys match but the recorded arch differs"
+        if theirs == arch:   # same name, other layout: another labseg version or network options
+            raise CheckpointError(f"{source} holds {arch!r} weights that do not fit labseg's {arch!r} as its "
+                                  f"config builds it (another labseg version, or a model built elsewhere?): {detail}")
         raise CheckpointError(f"{source} holds a {theirs!r} model but a {arch!r} model was asked for: {detail}")
     model.load_state_dict(state)
 

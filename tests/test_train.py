@@ -563,8 +563,10 @@ def test_checkpoint_with_extra_or_missing_keys(tmp_path):
         load_weights(model, {"arch": "resnet34_unet", "model": extra}, "resnet34_unet")
     missing = dict(state)
     missing.pop("head.weight")
-    with pytest.raises(CheckpointError, match="first missing key 'head.weight'"):
+    with pytest.raises(CheckpointError, match="first missing key 'head.weight'") as e:
         load_weights(model, {"arch": "resnet34_unet", "model": missing}, "resnet34_unet")
+    # the same arch name on both sides: the message says the layouts differ, not "a X but a X"
+    assert "do not fit labseg's 'resnet34_unet'" in str(e.value) and "but a" not in str(e.value)
 
 
 def test_not_a_checkpoint(tmp_path):
