@@ -187,10 +187,10 @@ def load_weights(model: torch.nn.Module, ckpt: dict, arch: str, source: str = "c
             detail = f"first mismatched key {k!r}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
         else:
             detail = "keys match but the recorded arch differs"
-        if theirs == arch:   # same name, other layout: another labseg version or network options
-            raise CheckpointError(f"{source} holds {arch!r} weights that do not fit labseg's {arch!r} as its "
-                                  f"config builds it (another labseg version, or a model built elsewhere?): {detail}")
-        raise CheckpointError(f"{source} holds a {theirs!r} model but a {arch!r} model was asked for: {detail}")
+        held = (f"{arch!r} weights that do not fit labseg's {arch!r} (from another labseg version, "
+                "or a network built elsewhere?)" if theirs == arch
+                else f"a {theirs!r} model but a {arch!r} model was asked for")
+        raise CheckpointError(f"{source} holds {held}: {detail}")
     model.load_state_dict(state)
 
 
