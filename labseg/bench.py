@@ -132,9 +132,9 @@ def smp_available() -> tuple[bool, str]:
 
 
 def build_smp():
-    import segmentation_models_pytorch as smp
+    from labseg.models import build_model
 
-    return smp.Unet("resnet34", encoder_weights=None, classes=1)
+    return build_model("smp_unet_resnet34")
 
 
 # --------------------------------------------------------------------------- candidates
@@ -799,12 +799,13 @@ def _int_list(text: str) -> list[int]:
 
 
 def _model_list(text: str) -> list[str]:
-    from labseg.models import MODELS
+    from labseg.models import OWN_MODELS
 
     names = [t for t in text.replace(",", " ").split()]
-    bad = [n for n in names if n not in MODELS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"{', '.join(bad)}: not a labseg model; choose from {', '.join(MODELS)}")
+    bad = [n for n in names if n not in OWN_MODELS]
+    if bad:      # the peer is not on the list: it is the reference every line is measured against
+        raise argparse.ArgumentTypeError(f"{', '.join(bad)}: not a labseg network; choose from "
+                                         f"{', '.join(OWN_MODELS)} (smp's Unet is always the reference)")
     return names
 
 
@@ -813,7 +814,7 @@ def _flat(lists) -> list:
 
 
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from labseg.models import MODELS
+    from labseg.models import OWN_MODELS
 
     p.add_argument("--quick", action="store_true",
                    help="about one minute: 2 rounds; on a CPU the models only at the largest size, "
@@ -826,7 +827,7 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=_int_list, nargs="+", action="extend", default=None, metavar="S",
                    help="square input sizes in px, multiples of 32, as 128 256 or 128,256 (default: 128 256)")
     p.add_argument("--models", type=_model_list, nargs="+", action="extend", default=None, metavar="NAME",
-                   help=f"labseg networks to measure, from {', '.join(MODELS)} (default: all of them)")
+                   help=f"labseg networks to measure, from {', '.join(OWN_MODELS)} (default: both)")
     p.add_argument("--no-smp", dest="smp", action="store_false",
                    help="leave out the segmentation_models_pytorch reference")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,

@@ -21,7 +21,8 @@ from pathlib import Path
 from labseg.config import CHECKPOINTS, RunConfig
 
 HELP = {
-    "arch": "network: unet or resnet34_unet",
+    "arch": "network: unet, resnet34_unet, or smp_unet_resnet34 (the peer, segmentation_models_pytorch's "
+            "Unet; needs the bench extra)",
     "data_dir": "dataset folder in the official Oxford-IIIT Pet layout (default: the synthetic sample)",
     "img_size": "training size in px, divisible by 32",
     "epochs": "epochs to train (default: the recipe's)",

@@ -14,7 +14,16 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-ARCHS = ("unet", "resnet34_unet")
+ARCHS = ("unet", "resnet34_unet", "smp_unet_resnet34")   # the last: the peer (labseg.models.smp_unet)
+# The options that change a network's layout, their "as built" value, and the networks that have
+# them. Any other value on another network is an error, not silently ignored.
+ARCH_OPTIONS = {
+    "norm": ("batch", ("unet",)),
+    "drop_path": (0.0, ("resnet34_unet",)),
+    "decoder_attention": ("none", ("resnet34_unet",)),
+    "output_stride": (32, ("resnet34_unet",)),
+    "deep_supervision": (False, ("unet", "resnet34_unet")),
+}
 LOSSES = ("bce", "dice", "bce_dice", "tversky", "focal", "lovasz", "bce_lovasz")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
@@ -156,9 +165,11 @@ class RunConfig:
             check_choice("decoder_attention", c.decoder_attention, DECODER_ATTENTIONS)
         if c.output_stride is not None:
             check_choice("output_stride", c.output_stride, OUTPUT_STRIDES)
-            if c.arch == "unet" and c.output_stride != 32:
-                raise ConfigError(f"output_stride={c.output_stride!r} is for resnet34_unet's encoder; "
-                                  "unet keeps the paper's layout (use 32 or leave it unset)")
+        for name, (as_built, archs) in ARCH_OPTIONS.items():
+            value = getattr(c, name)
+            if c.arch not in archs and value is not None and value != as_built:
+                raise ConfigError(f"{name}={value!r} is for {' and '.join(archs)}; {c.arch} has no such option "
+                                  f"(use {as_built!r} or leave it unset)")
         for name in ("epochs", "batch_size", "img_size"):
             value = getattr(c, name)
             if value is not None and (not _is_int(value) or value <= 0):

@@ -30,7 +30,7 @@ PARAMS = ("arch", "img_size", "epochs", "batch_size", "lr", "optimizer", "schedu
 METRICS = ("best_valid_dice", "best_valid_iou", "best_epoch", "epochs_run", "train_seconds", "parameters")
 TABLE_COLUMNS = ("run", "status", *PARAMS, *METRICS, "checkpoint", "test_dice", "test_iou", "test_dice_tta",
                  "test_dice_best", "test_dice_last", "machine", "error")
-ARCH_COLORS = {"unet": "tab:blue", "resnet34_unet": "tab:orange"}
+ARCH_COLORS = {"unet": "tab:blue", "resnet34_unet": "tab:orange", "smp_unet_resnet34": "tab:green"}
 
 
 def _read_json(path: Path, default=None):

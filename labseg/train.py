@@ -59,7 +59,11 @@ def seed_everything(seed: int) -> None:
 
 
 def model_kwargs(config: RunConfig) -> dict:
+    # Options at their "as built" values are left out; RunConfig.validate has refused the others
+    # on networks without them (config.ARCH_OPTIONS), so the peer gets none.
     kwargs = {"deep_supervision": True} if config.deep_supervision else {}
+    if config.arch == "smp_unet_resnet34":
+        return kwargs
     if config.arch == "unet":
         if config.norm:
             kwargs["norm"] = config.norm

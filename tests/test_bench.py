@@ -142,6 +142,14 @@ def test_cli_parser_refuses_bad_values(argv, capsys):
         parser.parse_args(argv)
 
 
+def test_the_peer_is_the_reference_not_a_model_to_measure(capsys):
+    parser = argparse.ArgumentParser(prog="labseg")
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--models", "smp_unet_resnet34"])
+    assert "smp_unet_resnet34: not a labseg network; choose from unet, resnet34_unet" in capsys.readouterr().err
+
+
 def test_module_parser_has_help(capsys):
     with pytest.raises(SystemExit) as e:
         bench.build_parser().parse_args(["--help"])

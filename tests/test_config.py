@@ -106,10 +106,24 @@ def test_swa_refuses_ema_and_non_cosine_schedules():
     assert RunConfig(swa=0.75).with_recipe().validate().swa == 0.75
 
 
-def test_output_stride_16_is_refused_for_unet_by_name():
-    with pytest.raises(ConfigError, match="output_stride=16 is for resnet34_unet's encoder"):
-        RunConfig(arch="unet", output_stride=16).with_recipe().validate()
+@pytest.mark.parametrize("arch,option,value", [
+    ("unet", "output_stride", 16), ("unet", "drop_path", 0.1), ("unet", "decoder_attention", "scse"),
+    ("resnet34_unet", "norm", "none"),
+    ("smp_unet_resnet34", "deep_supervision", True), ("smp_unet_resnet34", "drop_path", 0.1),
+    ("smp_unet_resnet34", "norm", "none"), ("smp_unet_resnet34", "output_stride", 16),
+])
+def test_a_layout_option_the_network_lacks_is_refused_by_name(arch, option, value):
+    # before, unet took --drop-path 0.1 and trained without it, silently
+    with pytest.raises(ConfigError, match=f"{option}={value!r} is for .*; {arch} has no such option"):
+        RunConfig(arch=arch, **{option: value}).with_recipe().validate()
+
+
+def test_layout_options_at_their_as_built_values_are_accepted_by_every_network():
+    for arch in ("unet", "resnet34_unet", "smp_unet_resnet34"):
+        RunConfig(arch=arch, norm="batch", drop_path=0.0, decoder_attention="none", output_stride=32,
+                  deep_supervision=False).with_recipe().validate()
     assert RunConfig(arch="resnet34_unet", output_stride=16).with_recipe().validate().output_stride == 16
+    assert RunConfig(arch="unet", norm="none").with_recipe().validate().norm == "none"
 
 
 @pytest.mark.parametrize("img_size,scale,expected", [

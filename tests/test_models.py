@@ -2,12 +2,19 @@ import pytest
 import torch
 
 from labseg.config import RunConfig
-from labseg.models import MODELS, build_model, count_parameters
+from labseg.models import MODELS, OWN_MODELS, build_model, count_parameters
 from labseg.models.resnet34_unet import SCSE
 from labseg.train import model_kwargs
 
+try:
+    import segmentation_models_pytorch as smp
+except ImportError:      # the optional `bench` extra; `make test` installs it
+    smp = None
+NEEDS_SMP = pytest.mark.skipif(smp is None, reason="segmentation_models_pytorch (the bench extra) is not installed")
+ALL_MODELS = [pytest.param(name, marks=NEEDS_SMP) if name not in OWN_MODELS else name for name in sorted(MODELS)]
 
-@pytest.mark.parametrize("arch", sorted(MODELS))
+
+@pytest.mark.parametrize("arch", ALL_MODELS)
 @pytest.mark.parametrize("size", [64, 128, 256])
 def test_output_is_one_channel_logits_at_input_size(arch, size):
     model = build_model(arch).eval()
@@ -23,7 +30,7 @@ def test_non_square_input_divisible_by_32():
     assert out.shape == (1, 1, 64, 96)
 
 
-@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("arch", OWN_MODELS)   # smp's Unet resizes inside its decoder instead
 def test_size_not_divisible_by_32_is_a_clear_error(arch):
     with pytest.raises(ValueError, match=r"100×100 is not divisible by 32"):
         build_model(arch)(torch.randn(1, 3, 100, 100))
@@ -74,8 +81,26 @@ def test_output_stride_16_runs_every_stage_at_twice_the_resolution_with_the_same
 
 
 def test_unknown_arch_lists_choices():
-    with pytest.raises(ValueError, match="choose one of: unet, resnet34_unet"):
+    with pytest.raises(ValueError, match="choose one of: unet, resnet34_unet, smp_unet_resnet34"):
         build_model("vgg")
+
+
+@NEEDS_SMP
+def test_the_peer_is_smps_unet_resnet34_as_smp_builds_it():
+    peer, reference = build_model("smp_unet_resnet34"), smp.Unet("resnet34", encoder_weights=None, classes=1)
+    assert type(peer) is type(reference)
+    assert {k: v.shape for k, v in peer.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert count_parameters(peer) == count_parameters(reference) > count_parameters(build_model("resnet34_unet"))
+    with pytest.raises(ValueError, match="takes no options; got deep_supervision=True"):
+        build_model("smp_unet_resnet34", deep_supervision=True)
+
+
+def test_the_peer_without_smp_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "segmentation_models_pytorch", None)    # import now raises ImportError
+    with pytest.raises(ModuleNotFoundError, match=r"needs segmentation_models_pytorch.*pip install -e '\.\[bench\]'"):
+        build_model("smp_unet_resnet34")
 
 
 def test_no_weights_are_downloaded(monkeypatch):
@@ -86,7 +111,7 @@ def test_no_weights_are_downloaded(monkeypatch):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    for name in MODELS:
+    for name in MODELS if smp is not None else OWN_MODELS:
         build_model(name)
 
 

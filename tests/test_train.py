@@ -211,6 +211,20 @@ def test_deep_supervision_trains_resumes_and_evaluates(tiny, arch):
         evaluate_run(result.run.path, "holdout", progress=False, save=False)
 
 
+def test_the_peer_trains_with_its_own_recipe_and_evaluates(tiny):
+    pytest.importorskip("segmentation_models_pytorch", reason="the peer needs the bench extra")
+    result = fit(arch="smp_unet_resnet34", run_name="peer", **tiny)
+    config = result.run.read_config()
+    assert (config.optimizer, config.scheduler, config.augment, config.weight_decay, config.mosaic,
+            config.deep_supervision) == ("adam", "none", "flip", 0.0, 0.0, False)
+    assert load_checkpoint(result.run.checkpoint("best"))["arch"] == "smp_unet_resnet34"
+    evaluation = evaluate_run(result.run.path, "test", progress=False, save=False)
+    assert evaluation["checkpoint"] == "best"     # a constant lr: judged by its best epoch
+    assert 0 <= evaluation["dice"] <= 1
+    with pytest.raises(ConfigError, match="deep_supervision=True is for unet and resnet34_unet"):
+        fit(arch="smp_unet_resnet34", run_name="peer-ds", deep_supervision=True, **tiny)
+
+
 @pytest.mark.parametrize("scheduler, stop_reason, expected", [
     ("cosine", "completed all epochs", "last"),
     ("onecycle", "time budget of 25m spent (no time for another epoch)", "last"),
