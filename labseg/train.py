@@ -29,7 +29,7 @@ from labseg.data import Batches, balanced_subset, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
 from labseg.machine import cpu_capability, describe as describe_machine
 from labseg.metrics import per_image_dice, per_image_iou
-from labseg.models import build_model, count_parameters
+from labseg.models import build_model, check_installed, count_parameters
 from labseg.runs import (CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, RunDir, load_checkpoint,
                          load_weights, run_name_for)
 from labseg.transforms import BatchAugment
@@ -260,6 +260,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     asked = RunConfig(**overrides) if config is None else (
         RunConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config)
     config = asked.with_recipe().validate()
+    check_installed(config.arch)
     dist = _Distributed.from_env()
     device = dist.device or pick_device(config.device)
     if config.num_threads:

@@ -225,6 +225,14 @@ def test_the_peer_trains_with_its_own_recipe_and_evaluates(tiny):
         fit(arch="smp_unet_resnet34", run_name="peer-ds", deep_supervision=True, **tiny)
 
 
+def test_the_peer_without_smp_fails_before_any_work(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "segmentation_models_pytorch", None)    # import now raises ImportError
+    with pytest.raises(ModuleNotFoundError, match=r"smp_unet_resnet34' needs segmentation_models_pytorch"):
+        fit(arch="smp_unet_resnet34", run_name="peer", **tiny)
+    assert not Path(tiny["output_dir"]).exists()       # no run folder, no cache built
+    assert not Path(tiny["cache_dir"]).exists()
+
+
 @pytest.mark.parametrize("scheduler, stop_reason, expected", [
     ("cosine", "completed all epochs", "last"),
     ("onecycle", "time budget of 25m spent (no time for another epoch)", "last"),

@@ -9,7 +9,7 @@ from torch import nn
 
 from labseg.config import check_choice
 from labseg.models.resnet34_unet import ResNet34UNet
-from labseg.models.smp_unet import smp_unet_resnet34
+from labseg.models.smp_unet import import_smp, smp_unet_resnet34
 from labseg.models.unet import UNet
 
 MODELS = {
@@ -26,8 +26,16 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return MODELS[name](**kwargs)
 
 
+def check_installed(name: str) -> None:
+    """Raise now, before any data or run folder is made, if network ``name`` needs a library
+    that is not installed (only the peer does: segmentation_models_pytorch)."""
+    check_choice("arch", name, MODELS)
+    if name not in OWN_MODELS:
+        import_smp()
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "OWN_MODELS", "build_model", "count_parameters", "UNet", "ResNet34UNet"]
+__all__ = ["MODELS", "OWN_MODELS", "build_model", "check_installed", "count_parameters", "UNet", "ResNet34UNet"]

@@ -13,15 +13,20 @@ from torch import nn
 INSTALL = "pip install -e '.[bench]'"
 
 
+def import_smp():
+    """segmentation_models_pytorch, or an error that says how to install it."""
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError as e:
+        raise ModuleNotFoundError(f"arch 'smp_unet_resnet34' needs segmentation_models_pytorch, the optional "
+                                  f"'bench' extra: {INSTALL} ({e})") from e
+    return smp
+
+
 def smp_unet_resnet34(**options) -> nn.Module:
     """``segmentation_models_pytorch.Unet("resnet34", encoder_weights=None, classes=1)``."""
     if options:
         given = ", ".join(f"{k}={v!r}" for k, v in options.items())
         raise ValueError(f"smp_unet_resnet34 is built as segmentation_models_pytorch builds it and takes "
                          f"no options; got {given}")
-    try:
-        import segmentation_models_pytorch as smp
-    except ImportError as e:
-        raise ModuleNotFoundError(f"arch 'smp_unet_resnet34' needs segmentation_models_pytorch, the optional "
-                                  f"'bench' extra: {INSTALL} ({e})") from e
-    return smp.Unet("resnet34", encoder_weights=None, classes=1)
+    return import_smp().Unet("resnet34", encoder_weights=None, classes=1)
