@@ -317,13 +317,14 @@ def main(argv=None) -> int:
     from labseg.data import DatasetLayoutError
     from labseg.runs import CheckpointError, RunExistsError
     from labseg.download import DownloadError
+    from labseg.sweep import SweepError
     from labseg.train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except (ConfigError, DatasetLayoutError, CheckpointError, RunExistsError, TrainingDiverged,
-            DownloadError, FileNotFoundError, FileExistsError) as e:
+            DownloadError, SweepError, FileNotFoundError, FileExistsError) as e:
         print(f"labseg: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

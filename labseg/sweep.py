@@ -6,7 +6,8 @@
 
 Each point is named from its parameters (``arch=unet+epochs=2+lr=0.001``), so running the same
 sweep again skips the points that finished (``force=True`` redoes them) and retries the ones
-that failed. A failing point leaves ``failed.json`` in its folder and the sweep goes on.
+that failed. Every point's configuration is validated before the first run; a point that fails
+while training leaves ``failed.json`` in its folder and the sweep goes on.
 """
 from __future__ import annotations
 
@@ -84,6 +85,26 @@ def point_name(params: dict, prefix: str | None = None) -> str:
     return f"{prefix}+{name}" if prefix else name
 
 
+def check_points(points: list[dict]) -> None:
+    """Validate every point's configuration before the first run starts.
+
+    A value that can never train (an unknown arch, ``drop_path`` on unet, a misspelt key) stops
+    the sweep now, with every such point named, rather than as a failed run hours in. Failures
+    that only training finds (a missing dataset, a diverging run) still fail their point alone.
+    """
+    from labseg.config import RunConfig
+
+    bad = []
+    for params in points:
+        fields = {**{k: v for k, v in params.items() if k != "extra"}, **(params.get("extra") or {})}
+        try:
+            RunConfig.from_dict(fields).with_recipe().validate()
+        except (ValueError, TypeError) as e:
+            bad.append(f"  {point_name(params)}: {e}")
+    if bad:
+        raise SweepError(f"{len(bad)} of {len(points)} sweep points are invalid; nothing was run:\n" + "\n".join(bad))
+
+
 def is_finished(folder: Path) -> bool:
     return "best_valid_dice" in (RunDir(folder).read_summary() or {}) and not (folder / "failed.json").exists()
 
@@ -95,6 +116,7 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
 
     root = resolve_path(runs_dir(output_dir))
     points = expand(grid)
+    check_points(points)
     results = []
     for i, params in enumerate(points, 1):
         name = point_name(params, prefix)

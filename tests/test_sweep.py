@@ -22,23 +22,49 @@ def test_parse_sets_and_yaml(tmp_path):
 
 
 def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root):
-    grid = {"arch": ["unet", "nope"], "epochs": [1], "img_size": [32], "max_train_images": [4],
-            "batch_size": [4], "data_dir": [str(synthetic_root)], "cache_dir": [str(tmp_path / "cache")]}
+    missing = tmp_path / "no-such-dataset"          # valid config; only training finds it missing
+    grid = {"data_dir": [str(synthetic_root), str(missing)], "arch": ["unet"], "epochs": [1], "img_size": [32],
+            "max_train_images": [4], "batch_size": [4], "cache_dir": [str(tmp_path / "cache")]}
     runs = tmp_path / "runs"
     t = time.perf_counter()
     results = run_sweep(grid, output_dir=runs, progress=False)
-    by_arch = {r["arch"]: r for r in results}
-    assert by_arch["unet"]["status"] == "finished", by_arch["unet"]
-    assert by_arch["nope"]["status"] == "failed"
-    assert "choose one of: unet, resnet34_unet" in by_arch["nope"]["error"]
-    ok, bad = runs / by_arch["unet"]["run"], runs / by_arch["nope"]["run"]
+    by_data = {r["data_dir"]: r for r in results}
+    good, failed = by_data[str(synthetic_root)], by_data[str(missing)]
+    assert good["status"] == "finished", good
+    assert failed["status"] == "failed"
+    assert str(missing) in failed["error"]
+    ok, bad = runs / good["run"], runs / failed["run"]
     assert (ok / "04_train.ipynb").is_file() and (ok / "summary.json").is_file()
-    assert json.loads((bad / "failed.json").read_text())["params"]["arch"] == "nope"
+    assert json.loads((bad / "failed.json").read_text())["params"]["data_dir"] == str(missing)
     assert (bad / "04_train.ipynb").is_file()
     assert "failed" in format_results(results)
+    grid = {**grid, "data_dir": [str(synthetic_root)]}
 
     mtime = (ok / "summary.json").stat().st_mtime_ns
     again = run_sweep({**grid, "arch": ["unet"]}, output_dir=runs, progress=False)
     assert again[0]["status"].startswith("done before")
     assert (ok / "summary.json").stat().st_mtime_ns == mtime
     assert time.perf_counter() - t < 120
+
+
+def test_invalid_points_stop_the_sweep_before_any_run(tmp_path):
+    grid = {"arch": ["unet", "resnet34_unet", "nope"], "drop_path": [0.1], "epochs": [1]}
+    with pytest.raises(SweepError) as e:
+        run_sweep(grid, output_dir=tmp_path / "runs", progress=False)
+    message = str(e.value)
+    assert message.startswith("2 of 3 sweep points are invalid; nothing was run")
+    assert "arch=unet+drop_path=0.1+epochs=1: drop_path=0.1 is for resnet34_unet" in message
+    assert "arch=nope+drop_path=0.1+epochs=1: arch='nope' is not valid" in message
+    assert "arch=resnet34_unet" not in message
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SweepError, match=r"ephocs=1: unknown config key\(s\) \['ephocs'\]"):
+        run_sweep({"arch": ["unet"], "ephocs": [1]}, output_dir=tmp_path / "runs", progress=False)
+
+
+def test_cli_prints_a_bad_sweep_as_an_error_not_a_traceback(tmp_path, capsys):
+    from labseg.cli import main
+
+    assert main(["sweep", "--set", "arch", "--output-dir", str(tmp_path)]) == 2
+    assert "labseg: error: --set 'arch': expected NAME=VALUE" in capsys.readouterr().err
+    assert main(["sweep", "--set", "arch=unet", "--set", "drop_path=0.1", "--output-dir", str(tmp_path)]) == 2
+    assert "labseg: error: 1 of 1 sweep points are invalid; nothing was run" in capsys.readouterr().err
