@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from labseg.config import UNTIL_BUDGET, ConfigError, RunConfig, pick_device
+from labseg.config import ARCH_OPTIONS, UNTIL_BUDGET, ConfigError, RunConfig, pick_device
 from labseg.data import Batches, balanced_subset, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
 from labseg.machine import cpu_capability, describe as describe_machine
@@ -59,22 +59,13 @@ def seed_everything(seed: int) -> None:
 
 
 def model_kwargs(config: RunConfig) -> dict:
-    # Options at their "as built" values are left out; RunConfig.validate has refused the others
-    # on networks without them (config.ARCH_OPTIONS), so the peer gets none.
-    kwargs = {"deep_supervision": True} if config.deep_supervision else {}
-    if config.arch == "smp_unet_resnet34":
-        return kwargs
-    if config.arch == "unet":
-        if config.norm:
-            kwargs["norm"] = config.norm
-        return kwargs
-    if config.drop_path:
-        kwargs["drop_path"] = config.drop_path
-    if config.decoder_attention:
-        kwargs["decoder_attention"] = config.decoder_attention
-    if config.output_stride:
-        kwargs["output_stride"] = config.output_stride
-    return kwargs
+    """The layout options of ``config.arch`` that differ from how the network is built by default.
+
+    One table, ``config.ARCH_OPTIONS``, says which network has which option; RunConfig.validate
+    has refused the others, so the peer (smp's Unet) gets none.
+    """
+    return {name: getattr(config, name) for name, (as_built, archs) in ARCH_OPTIONS.items()
+            if config.arch in archs and getattr(config, name) not in (None, as_built)}
 
 
 def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
