@@ -524,6 +524,9 @@ def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="aut
             old_threads = torch.get_num_threads()
             torch.set_num_threads(int(threads))
             stack.callback(torch.set_num_threads, old_threads)
+        if dev.type == "cuda":      # as training sets it: the fastest cuDNN kernel per shape
+            stack.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+            torch.backends.cudnn.benchmark = True
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="labseg-bench-")))
         description, splits = _prepare_data(data_dir, sizes, tmp, log)
 

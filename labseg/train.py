@@ -254,6 +254,9 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     check_installed(config.arch)
     dist = _Distributed.from_env()
     device = dist.device or pick_device(config.device)
+    if device.type == "cuda":
+        # The shapes repeat every step: cuDNN times its kernels once per shape and keeps the fastest.
+        torch.backends.cudnn.benchmark = True
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
 
