@@ -81,7 +81,8 @@ RECORD_KEYS = {
     "data_share": ("kind", "model", "size", "data_ms", "step_ms", "percent", "target", "holds"),
     "memory": ("kind", "model", "size", "batch_size", "method", "peak_mb", "baseline_mb",
                "increase_mb", "params_m", "state_mb"),
-    "epoch_estimate": ("kind", "model", "size", "batch_size", "images", "epoch_s", "run_minutes", "epochs"),
+    "epoch_estimate": ("kind", "model", "size", "batch_size", "images", "seconds", "epoch_s", "run_minutes",
+                       "epochs"),
     "target": ("kind", "name", "value", "threshold", "holds"),
     "note": ("kind", "message"),
     "done": ("kind", "seconds", "load_avg_1m"),
@@ -697,13 +698,14 @@ def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="aut
     return records
 
 
-def _epoch_estimate(tc: TrainCandidate, split, channels_last: bool, log) -> dict:
-    """Time one real epoch (cached batches + train steps) over the split repeated to 3680 images."""
+def _epoch_estimate(tc: TrainCandidate, split, channels_last: bool, log, images: int = EPOCH_IMAGES) -> dict:
+    """Time one real epoch (cached batches + train steps) over the split repeated to ``images``
+    (the full dataset's 3680 trainval images)."""
     from labseg.data import Batches
     from labseg.transforms import BatchAugment
 
     dev, bs = tc.device, tc.batch_size
-    idx = np.resize(np.arange(len(split)), EPOCH_IMAGES)
+    idx = np.resize(np.arange(len(split)), images)
     batches = Batches(split, idx, bs, shuffle=True, augment=BatchAugment("light"), device=dev,
                       drop_last=True, channels_last=channels_last)
     state = tc.state
@@ -714,10 +716,12 @@ def _epoch_estimate(tc: TrainCandidate, split, channels_last: bool, log) -> dict
         state.train_step(batch.image, batch.target)
     _sync(dev)
     seconds = time.perf_counter() - t0
-    log(f"epoch of {tc.name} at {tc.size} px: {seconds:.1f} s")
+    timed = len(batches) * bs                   # drop_last: a whole number of batches
+    epoch_s = seconds * EPOCH_IMAGES / timed    # scaled to the full dataset's epoch
+    log(f"epoch of {tc.name} at {tc.size} px: {seconds:.1f} s for {timed} images")
     return {"kind": "epoch_estimate", "model": tc.name, "size": tc.size, "batch_size": bs,
-            "images": len(batches) * bs, "epoch_s": _r(seconds), "epochs": EPOCHS,
-            "run_minutes": _r(seconds * EPOCHS / 60)}
+            "images": timed, "seconds": _r(seconds), "epoch_s": _r(epoch_s), "epochs": EPOCHS,
+            "run_minutes": _r(epoch_s * EPOCHS / 60)}
 
 
 # --------------------------------------------------------------------------- the table
@@ -777,7 +781,7 @@ def format_table(records: list[dict]) -> str:
                          f"{dratio[size]:6.1f}x  {', '.join(shares.get(size, [])) or '-'}")
     for r in records:
         if r["kind"] == "epoch_estimate":
-            lines.append(f"epoch of {r['images']} images, {r['model']} at {r['size']} px: {r['epoch_s']:.1f} s "
+            lines.append(f"epoch of {EPOCH_IMAGES} images, {r['model']} at {r['size']} px: {r['epoch_s']:.1f} s "
                          f"-> {r['epochs']} epochs ≈ {r['run_minutes']:.1f} min")
     targets = [r for r in records if r["kind"] == "target"]
     if targets:

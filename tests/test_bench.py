@@ -91,6 +91,23 @@ def test_missing_smp_is_a_note_not_a_crash(monkeypatch, tiny_data):
     assert "notes:" in bench.format_table(records)
 
 
+def test_epoch_estimate_trains_a_real_epoch_and_scales_it_to_the_full_dataset(tiny_data, tmp_path):
+    # On CUDA only in `labseg bench`; here on the CPU, on 6 images, so that it has run before a GPU sees it.
+    from labseg.data import load_split
+    from labseg.models import build_model
+
+    split = load_split(tiny_data, "trainval", 32, cache_dir=tmp_path, progress=False)
+    state = bench.ModelState("resnet34_unet", build_model("resnet34_unet"), torch.device("cpu"), False, None, False)
+    before = [p.detach().clone() for p in state.model.parameters()]
+    rec = bench._epoch_estimate(bench.TrainCandidate(state, 32, 2), split, False, lambda m: None, images=6)
+    assert set(rec) == set(bench.RECORD_KEYS["epoch_estimate"])
+    assert rec["images"] == 6 and rec["batch_size"] == 2 and rec["seconds"] > 0
+    assert rec["epoch_s"] == pytest.approx(rec["seconds"] * bench.EPOCH_IMAGES / 6, rel=1e-3)
+    assert rec["run_minutes"] == pytest.approx(rec["epoch_s"] * bench.EPOCHS / 60, rel=1e-3)
+    assert any(not torch.equal(a, b) for a, b in zip(before, state.model.parameters())), "no step was taken"
+    assert f"epoch of {bench.EPOCH_IMAGES} images, resnet34_unet at 32 px" in bench.format_table([rec])
+
+
 def test_table_names_models_data_and_targets(run):
     _, records = run
     table = bench.format_table(records)
