@@ -24,6 +24,20 @@ from torchvision.transforms import v2
 from labseg.config import check_choice
 
 
+def to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x.to(device, dtype)``, but a CPU tensor goes to a GPU without stopping the host.
+
+    A copy from ordinary (pageable) host memory makes the host wait until every kernel already
+    queued has run, so each small parameter tensor of a batch would stall the CPU behind the
+    previous training step; from pinned memory the copy is queued like a kernel.
+    """
+    if dtype is not None:
+        x = x.to(dtype)
+    if x.device.type == "cpu" and torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 @dataclass(frozen=True)
 class AugmentParams:
     """Ranges of the random augmentation; one instance per strength level."""
@@ -214,9 +228,9 @@ class BatchAugment:
             theta[:, :, 2] += theta[:, :, 0] * cx[:, None] + theta[:, :, 1] * cy[:, None]
             theta[:, :, 0] *= fx
             theta[:, :, 1] *= fy
-        grid = self.grid(theta.to(dev, dt), out_h, out_w)
+        grid = self.grid(to_device(theta, dev, dt), out_h, out_w)
         if self.elastic:
-            grid = grid + self.elastic_shifts(n, out_h, out_w, self.elastic, generator).to(dev, dt)
+            grid = grid + to_device(self.elastic_shifts(n, out_h, out_w, self.elastic, generator), dev, dt)
         images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         # Nearest sampling keeps the labels exact; outside the image is background (0).
         labels = F.grid_sample(labels.to(dt), grid, mode="nearest", padding_mode="zeros",
@@ -230,7 +244,7 @@ class BatchAugment:
         c = uniform(1 - p.contrast, 1 + p.contrast)
         s = uniform(1 - p.saturation, 1 + p.saturation)
         s = torch.where(uniform(0, 1) < p.grayscale, 0.0, s)
-        m = images.mean(dim=(1, 2, 3)).double().cpu() * scale                 # one small sync
+        m = images.mean(dim=(1, 2, 3)).view(n, 1, 1)    # stays on the device: no host sync
         gray = torch.tensor(self.GRAY, dtype=torch.float64)
         eye = torch.eye(3, dtype=torch.float64)
         A = (c * b).view(n, 1, 1) * (s.view(n, 1, 1) * eye + (1 - s).view(n, 1, 1) * gray.view(1, 1, 3))
@@ -239,12 +253,13 @@ class BatchAugment:
             luma = torch.tensor(self.HUE_LUMA, dtype=torch.float64).expand(3, 3)
             hue = luma + torch.cos(turn) * (eye - luma) + torch.sin(turn) * torch.tensor(self.HUE_K, dtype=torch.float64)
             A = A @ hue
-        o = ((1 - c) * b * m).view(n, 1, 1).expand(n, 3, 1)
-        # ...then the input scale and the normalisation (x − μ)/σ, both linear too.
+        # ...then the input scale and the normalisation (x − μ)/σ, both linear too. The offset
+        # o = (1 − c)·b·m needs the image mean m, so it is made on the device, where m is.
         mu = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1)
         inv_sigma = 1 / torch.tensor(std, dtype=torch.float64).view(1, 3, 1)
-        matrix = (A * scale * inv_sigma).to(dev, dt)
-        offset = ((o - mu) * inv_sigma).to(dev, dt)
+        matrix = to_device(A * scale * inv_sigma, dev, dt)
+        cbs = to_device(((1 - c) * b * scale).view(n, 1, 1), dev, dt)
+        offset = (cbs * m - to_device(mu, dev, dt)) * to_device(inv_sigma, dev, dt)     # n × 3 × 1
         out = torch.baddbmm(offset, matrix, images.reshape(n, 3, out_h * out_w)).view(n, 3, out_h, out_w)
         # Clamp to the colours of [0, 1] after jitter, expressed in the normalised space
         # (per channel with scalar bounds: far faster than broadcasting tensor bounds).
@@ -288,12 +303,12 @@ class BatchAugment:
             small_labels = torch.cat([small_labels, window_labels])
 
         def tile(small):  # k × 4 × C × h/2 × w/2 → k × C × h × w, cropped back when h or w is odd
-            t = small[tiles.to(small.device)]
+            t = small[to_device(tiles, small.device)]
             top, bottom = torch.cat([t[:, 0], t[:, 1]], -1), torch.cat([t[:, 2], t[:, 3]], -1)
             return torch.cat([top, bottom], -2)[..., :h, :w]
 
         images, labels = images.clone(), labels.clone()
-        where = chosen.nonzero().squeeze(1).to(images.device)
+        where = to_device(chosen.nonzero().squeeze(1), images.device)
         images[where] = tile(small_images).to(images.dtype)
         labels[where] = tile(small_labels)
         return images, labels
@@ -310,7 +325,7 @@ class BatchAugment:
         stride = (max(wh // 4, 1), max(ww // 4, 1))
         share = F.avg_pool2d(pet, (wh, ww), stride)                  # n × 1 × rows × cols
         rows, cols = share.shape[-2:]
-        jitter = torch.rand(n, 1, rows, cols, generator=generator).to(share.device) / (2 * wh * ww)
+        jitter = to_device(torch.rand(n, 1, rows, cols, generator=generator), share.device) / (2 * wh * ww)
         best = (share + jitter).flatten(1).argmin(1)               # jitter < one pixel: ties only
         # Gather every sample's window at once (no per-sample loop, no sync with a GPU).
         ys = (best // cols * stride[0]).view(n, 1, 1) + torch.arange(wh, device=best.device).view(1, wh, 1)
@@ -328,6 +343,6 @@ class BatchAugment:
         """Paste the pet (labels ≠ 0) of sample ``donor[i]`` over sample i where ``chosen[i]``."""
         n = images.shape[0]
         donor = (torch.arange(n) + torch.randint(1, n, (n,), generator=generator)) % n   # never itself
-        donor, chosen = donor.to(images.device), chosen.to(images.device)
+        donor, chosen = to_device(donor, images.device), to_device(chosen, images.device)
         pet = (labels[donor] != 0) & chosen.view(n, 1, 1, 1)
         return torch.where(pet, images[donor], images), torch.where(pet, labels[donor], labels)
