@@ -7,6 +7,8 @@
 #   env            the GPU, driver, Python and package versions
 #   bench-b32      labseg bench at 256 px, batch 32, bf16 autocast, with the 60-epoch estimate
 #                  (issue #4's headline: resnet34_unet train images/s and a full 60-epoch run)
+#   syncs          host-device syncs in 2 epochs of fit, counted by call site
+#                  (torch.cuda.set_sync_debug_mode; the step loop should have none)
 #   train-r34      labseg train --arch resnet34_unet --img-size 256 --evaluate on DATA_DIR
 #   bench-b64      the same benchmark at batch 64
 #   bench-fp32     batch 32 without autocast
@@ -37,7 +39,7 @@ PYTHON=${PYTHON:-python3}
 DEVICE=${GPU_ROUND_DEVICE:-cuda}
 DEADLINE=${GPU_ROUND_DEADLINE:-420}
 QUICK=${GPU_ROUND_QUICK:-0}
-STAGES=${GPU_ROUND_STAGES:-env bench-b32 train-r34 bench-b64 bench-fp32 train-unet bench-compile}
+STAGES=${GPU_ROUND_STAGES:-env bench-b32 syncs train-r34 bench-b64 bench-fp32 train-unet bench-compile}
 
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
@@ -133,6 +135,33 @@ print(json.dumps(record))
 EOF
 }
 
+syncs() {   # host-device syncs in 2 epochs of training, by the line of code that makes them (CUDA)
+    limited "$PYTHON" - "$DEVICE" "$SIZE" "$RUNS_DIR" "${DATA_ARGS[@]}" <<'EOF'
+import collections, sys, warnings
+import torch
+device, size, runs, data = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[5:6]
+from labseg.train import fit
+cuda = device == "cuda" and torch.cuda.is_available()
+if not cuda:    # a rehearsal: the same run, nothing to count
+    print("syncs: torch.cuda.set_sync_debug_mode needs CUDA; the run below only rehearses the stage")
+extra = {"data_dir": data[0]} if data else {}
+if cuda:
+    torch.cuda.set_sync_debug_mode("warn")      # a warning at every operation that waits for the GPU
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    result = fit(arch="resnet34_unet", img_size=size, epochs=2, log_every=10**6, output_dir=runs, device=device,
+                 run_name="syncs", cache_dir=f"{runs}/cache", progress=False, **extra)
+if cuda:
+    torch.cuda.set_sync_debug_mode(0)
+steps = 2 * (result.summary["train_images"] // result.run.read_config().batch_size)
+sites = collections.Counter(f"{w.filename.rsplit('/', 2)[-1]}:{w.lineno}" for w in caught
+                            if "synchroniz" in str(w.message))
+print(f"syncs: {sum(sites.values())} in 2 epochs of {steps} train steps, by call site:")
+for site, n in sites.most_common(25):
+    print(f"syncs: {n:6d}  {site}")
+EOF
+}
+
 environment() {
     {
         date -u +"%Y-%m-%dT%H:%M:%SZ"
@@ -162,6 +191,7 @@ EOF
 say "round of ${DEADLINE}s on $DEVICE, ${SIZE} px, data: ${DATA:-synthetic}; stages: $STAGES"
 stage env            5  60 environment
 stage bench-b32     60 200 bench bench-b32 --batch-size "$SMALL" --epoch-estimate
+stage syncs         30  60 syncs
 stage train-r34     60 200 train gpu-r34-$SIZE resnet34_unet
 stage bench-b64     45 150 bench bench-b64 --batch-size "$LARGE"
 stage bench-fp32    45 150 bench bench-fp32 --batch-size "$SMALL" --no-amp

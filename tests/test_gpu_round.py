@@ -13,7 +13,7 @@ import pytest
 from labseg.config import PROJECT_ROOT
 
 SCRIPT = Path(PROJECT_ROOT) / "scripts" / "gpu_round.sh"
-STAGES = "env bench-b32 train-r34"
+STAGES = "env bench-b32 syncs train-r34"
 
 
 def run_round(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -37,6 +37,7 @@ def test_every_stage_ran_and_returned_zero(rehearsal):
     for stage in STAGES.split():
         assert f"gpu_round: {stage}: rc 0 after" in log, f"stage {stage} did not end with rc 0:\n{log[-3000:]}"
     assert "Traceback" not in log, log[-3000:]
+    assert "syncs: 0 in 2 epochs of " in log      # no CUDA here: the stage's run, nothing counted
 
 
 def test_the_files_fit_what_the_device_tool_brings_back(rehearsal):
