@@ -105,15 +105,20 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                 metavar=f.name.upper())
 
 
-def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    """A RunConfig from the options given; paths typed in the shell are taken from the cwd."""
+def given_options(args: argparse.Namespace) -> dict:
+    """The RunConfig fields given on the command line; paths typed in the shell are taken from the cwd."""
     values = {}
     for f in dataclasses.fields(RunConfig):
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = str(Path(v).expanduser().resolve()) if f.name in PATH_FIELDS else v
+    return values
+
+
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """A RunConfig from the options given, the rest from ``base`` (default: RunConfig's defaults)."""
     base = base or RunConfig()
-    return RunConfig.from_dict({**base.to_dict(), **values})
+    return RunConfig.from_dict({**base.to_dict(), **given_options(args)})
 
 
 # --------------------------------------------------------------------------- commands
@@ -144,14 +149,16 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     from labseg.train import fit
 
-    config = config_from_args(args)
-    if args.resume and not config.run_name:
-        raise SystemExit("labseg: error: --resume needs --run-name RUN (the run to continue)")
+    given = given_options(args)
+    if args.resume and not given.get("run_name"):
+        print("labseg: error: --resume needs --run-name RUN (the run to continue)", file=sys.stderr)
+        return 2
     if args.evaluate:
         # Imported now, with the code training runs on: an edit made during a long run must not
         # break its evaluation at the end.
         from labseg.evaluate import evaluate_run, format_result
-    result = fit(config, resume=args.resume or False, overwrite=args.overwrite, progress=not args.quiet)
+    # Only the options given: a resume takes every other one from the run's config.json.
+    result = fit(resume=args.resume or False, overwrite=args.overwrite, progress=not args.quiet, **given)
     if result.run is None:          # a torchrun rank other than 0: rank 0 reports
         return 0
     print(f"labseg: run folder {result.run.path}")

@@ -225,6 +225,17 @@ class RunConfig:
         if not (_is_number(c.checkpoint_every) and c.checkpoint_every >= 0):
             raise ConfigError(f"checkpoint_every={c.checkpoint_every!r}: expected seconds >= 0 between "
                               "writes of last.pt, e.g. 60 (0 = after every epoch)")
+        if c.warmup_epochs is not None and not (_is_number(c.warmup_epochs) and c.warmup_epochs >= 0):
+            raise ConfigError(f"warmup_epochs={c.warmup_epochs!r}: expected a number of epochs >= 0 (0 = no warm-up)")
+        if c.num_threads is not None and (not _is_int(c.num_threads) or c.num_threads <= 0):
+            raise ConfigError(f"num_threads={c.num_threads!r}: expected a positive number of CPU threads "
+                              "(leave it unset for torch's default)")
+        if not _is_int(c.log_every) or c.log_every <= 0:
+            raise ConfigError(f"log_every={c.log_every!r}: expected a positive number of steps, e.g. 20")
+        for name in ("output_dir", "cache_dir"):
+            path = resolve_path(getattr(c, name))
+            if path.exists() and not path.is_dir():
+                raise ConfigError(f"{name}={getattr(c, name)!r}: {path} is a file; expected a folder")
         if not _is_int(c.patience) or c.patience < 0:
             raise ConfigError(f"patience={c.patience!r}: expected an integer >= 0 (0 = off)")
         if c.max_train_images is not None and (not _is_int(c.max_train_images) or c.max_train_images <= 0):

@@ -99,6 +99,9 @@ def breed_of(name: str) -> str:
 def check_layout(root: str | Path) -> Path:
     """Return the resolved root, or fail fast describing the expected layout."""
     root = resolve_path(root)
+    if root.exists() and not root.is_dir():
+        raise DatasetLayoutError(f"{root} is a file; expected the dataset's folder, with images/ and "
+                                 "annotations/ (trimaps/, trainval.txt, test.txt) inside")
     missing = [p for p in ("images", "annotations/trimaps", "annotations/trainval.txt",
                            "annotations/test.txt") if not (root / p).exists()]
     if missing:

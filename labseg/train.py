@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from labseg.config import ARCH_OPTIONS, UNTIL_BUDGET, ConfigError, RunConfig, pick_device
-from labseg.data import Batches, balanced_subset, load_split, split_trainval
+from labseg.data import Batches, balanced_subset, check_layout, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
 from labseg.machine import cpu_capability, describe as describe_machine
 from labseg.metrics import per_image_dice, per_image_iou
@@ -248,7 +248,8 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     ``callback(history)`` is called after every epoch (live plots in the notebook).
     Keyword ``overrides`` set config fields, e.g. ``fit(arch="unet", epochs=3)``.
     """
-    asked = RunConfig(**overrides) if config is None else (
+    config_arg = config
+    asked = RunConfig.from_dict(overrides) if config is None else (
         RunConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config)
     config = asked.with_recipe().validate()
     check_installed(config.arch)
@@ -260,15 +261,16 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
 
-    # ---- the run folder: new, or resumed with its recorded config
-    start = None
+    # ---- a resumed run: its recorded config and checkpoint (a new run's folder is made below,
+    # once the data and the network are ready, so that a run that cannot start leaves none)
+    start, run = None, None
     if resume:
         if not config.run_name:
             raise ConfigError("resume needs run_name: the run to continue")
         run = RunDir.open(config.run_name, config.output_dir)
         # compared with what was asked, not with today's recipe: a recipe that has changed since
         # the run started is no reason to refuse (or alter) the resume
-        config = _merge_resumed(run.read_config(), asked).validate()
+        config = _merge_resumed(run.read_config(), _asked_fields(config_arg, overrides)).validate()
         which = "best" if resume == "best" else "last"
         try:
             start = load_checkpoint(run.checkpoint(which))
@@ -276,11 +278,11 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
             other = "best" if which == "last" else "last"
             raise CheckpointError(f"{e}.\nResume from the {other} checkpoint with --resume {other}, "
                                   "or start over with --overwrite (deletes the run).") from None
-    elif dist.is_main:
-        run = RunDir.create(config.output_dir, config.run_name or run_name_for(config), overwrite=overwrite)
-        run.write_config(config)
+        _check_not_finished(run, start, config)
+        if dist.is_main and config.to_dict() != run.read_config().to_dict():
+            run.write_config(config)        # e.g. more epochs: config.json says what the run trains to
     else:
-        run = None
+        check_layout(config.data_dir)
 
     seed_everything(config.seed)
     amp_dtype = _amp_dtype(config, device)
@@ -405,6 +407,9 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
         """Fraction of training done: by steps, or by time when a budget is set, whichever is further."""
         spent = time.perf_counter() - t0 + elapsed_before
         return max(step / max(total_steps, 1), spent / budget if budget else 0.0)
+    if not resume and dist.is_main:
+        run = RunDir.create(config.output_dir, config.run_name or run_name_for(config), overwrite=overwrite)
+        run.write_config(config)
     writer = CheckpointWriter()
     machine = describe_machine(device, amp_dtype, channels_last)
     # A resumed run may continue on another machine: the checkpoint carries one record per session.
@@ -547,15 +552,36 @@ def _summary(config, history, stop_reason, seconds, n_params, trainval, n_train,
     }
 
 
-def _merge_resumed(recorded: RunConfig, asked: RunConfig) -> RunConfig:
-    """The recorded config, with the few fields a resume may change taken from ``asked``."""
-    rec, new = recorded.to_dict(), asked.to_dict()
-    changed = {k: (rec[k], new[k]) for k in rec
-               if k not in RESUMABLE and k != "run_name" and new[k] is not None and new[k] != rec[k]}
+def _asked_fields(config: RunConfig | None, overrides: dict) -> dict:
+    """The fields a caller of ``fit`` asked for: the keyword overrides, and those of a config
+    object that differ from RunConfig's defaults (a default was not asked for)."""
+    if config is None:
+        return dict(overrides)
+    defaults = RunConfig().to_dict()
+    return {**{k: v for k, v in config.to_dict().items() if v != defaults[k]}, **overrides}
+
+
+def _merge_resumed(recorded: RunConfig, asked: dict) -> RunConfig:
+    """The recorded config, with the few fields a resume may change taken from ``asked`` (the
+    fields given again; any other field given must agree with the record)."""
+    rec = recorded.to_dict()
+    changed = {k: (rec[k], v) for k, v in asked.items()
+               if k not in RESUMABLE and k != "run_name" and v is not None and v != rec[k]}
     if changed:
         diff = ", ".join(f"{k}: recorded {a!r}, asked {b!r}" for k, (a, b) in changed.items())
         raise ConfigError(f"resume must keep the run's config; differs in {diff}")
-    return RunConfig.from_dict({**rec, **{k: new[k] for k in RESUMABLE if new[k] is not None}})
+    return RunConfig.from_dict({**rec, **{k: v for k, v in asked.items() if k in RESUMABLE and v is not None}})
+
+
+def _check_not_finished(run: RunDir, start: dict, config: RunConfig) -> None:
+    """Refuse to resume a run that has nothing left to train, saying how to train it further."""
+    done, budget = start["epoch"], config.time_budget_s
+    if config.epochs < UNTIL_BUDGET and done >= config.epochs:
+        raise ConfigError(f"run {run.path.name} has already trained all its {config.epochs} epochs; to train "
+                          f"it further, resume with more (--epochs N with N > {done}), or evaluate it")
+    if budget and start.get("elapsed", 0.0) >= budget:
+        raise ConfigError(f"run {run.path.name} has already spent its time budget of {config.time_budget}; "
+                          "to train it further, resume with a larger --time-budget, or evaluate it")
 
 
 # --------------------------------------------------------------------------- distributed

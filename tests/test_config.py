@@ -36,6 +36,11 @@ def test_recipe_fills_only_missing_fields():
     ("img_size", 100, "img_size=100: must be divisible by 32"),
     ("time_budget", "soon", "time_budget='soon'"),
     ("device", "tpu", "device='tpu' is not valid; choose one of: auto, cpu, cuda, mps"),
+    ("warmup_epochs", -1, "warmup_epochs=-1: expected a number of epochs >= 0"),
+    ("num_threads", -2, "num_threads=-2: expected a positive number of CPU threads"),
+    ("log_every", 0, "log_every=0: expected a positive number of steps"),
+    ("output_dir", "README.md", "output_dir='README.md': "),
+    ("cache_dir", "pyproject.toml", "pyproject.toml is a file; expected a folder"),
 ])
 def test_bad_values_name_the_value_and_choices(field, value, expected):
     with pytest.raises(ConfigError) as e:

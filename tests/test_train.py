@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import labseg.data
 import labseg.runs
 from labseg.config import UNTIL_BUDGET, ConfigError, RunConfig
 from labseg.data import Batches, balanced_subset, load_split, split_trainval
@@ -396,13 +397,16 @@ def test_low_res_epochs_until_low_res_until(tiny, monkeypatch):
 def test_resume_keeps_what_was_not_asked_again():
     """A budget run resumed without --time-budget keeps its epoch count (the recipe's 40 once
     replaced it); fields asked for again, and only those, are compared or changed."""
-    recorded = RunConfig(run_name="r", time_budget="25m").with_recipe()
+    recorded = RunConfig(arch="unet", img_size=64, seed=3, run_name="r", time_budget="25m").with_recipe()
     assert recorded.epochs == UNTIL_BUDGET
-    merged = _merge_resumed(recorded, RunConfig(run_name="r"))
-    assert (merged.epochs, merged.time_budget, merged.mosaic) == (UNTIL_BUDGET, "25m", recorded.mosaic)
-    assert _merge_resumed(recorded, RunConfig(run_name="r", epochs=7)).epochs == 7
+    merged = _merge_resumed(recorded, {"run_name": "r"})
+    assert merged == recorded
+    assert _merge_resumed(recorded, {"run_name": "r", "epochs": 7}).epochs == 7
+    assert _merge_resumed(recorded, {"arch": "unet", "seed": 3}) == recorded      # given again, the same
     with pytest.raises(ConfigError, match="differs in lr"):
-        _merge_resumed(recorded, RunConfig(run_name="r", lr=0.5))
+        _merge_resumed(recorded, {"run_name": "r", "lr": 0.5})
+    with pytest.raises(ConfigError, match="arch: recorded 'unet', asked 'resnet34_unet'"):
+        _merge_resumed(recorded, {"arch": "resnet34_unet"})
 
 
 def test_time_budget_stops_cleanly(tiny):
@@ -629,6 +633,43 @@ def test_sigkill_mid_epoch_then_resume(synthetic_root, tmp_path):
     assert f"resuming" in out.stdout
     epochs = [r["epoch"] for r in json.loads(metrics.read_text())]
     assert epochs == [1, 2, 3, 4]
+
+
+def test_cli_resume_takes_what_is_not_given_from_the_run(synthetic_root, tmp_path):
+    """`labseg train --run-name RUN --resume`, as the README says it: no option repeated. More
+    epochs may be asked for, and config.json then says so; a finished run is not retrained."""
+    where = ["--output-dir", str(tmp_path / "runs")]
+    out = _labseg("train", "--arch", "unet", "--data", str(synthetic_root), "--img-size", "32", "--seed", "3",
+                  "--epochs", "1", "--max-train-images", "4", "--run-name", "again", "--quiet",
+                  "--cache-dir", str(tmp_path / "cache"), *where)
+    assert out.returncode == 0, out.stderr
+    out = _labseg("train", "--run-name", "again", "--resume", "--epochs", "2", "--quiet", *where)
+    assert out.returncode == 0, out.stderr
+    assert "resuming" in out.stdout and "training unet" in out.stdout
+    run = RunDir(tmp_path / "runs" / "again")
+    assert [r["epoch"] for r in run.read_metrics()] == [1, 2]
+    config = run.read_config()
+    assert (config.arch, config.img_size, config.seed, config.epochs) == ("unet", 32, 3, 2)
+    out = _labseg("train", "--run-name", "again", "--resume", *where)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "run again has already trained all its 2 epochs; to train it further, resume with more" in out.stderr
+    out = _labseg("train", "--run-name", "again", "--resume", "--seed", "4", *where)
+    assert out.returncode == 2 and "differs in seed: recorded 3, asked 4" in out.stderr
+
+
+def test_a_run_that_cannot_start_leaves_no_folder(tmp_path):
+    runs = tmp_path / "runs"
+    for _ in range(2):
+        with pytest.raises(labseg.data.DatasetLayoutError, match="does not exist"):
+            fit(arch="unet", data_dir=str(tmp_path / "nowhere"), run_name="stub", output_dir=str(runs),
+                cache_dir=str(tmp_path / "cache"), progress=False)
+    assert not runs.exists() or not list(runs.iterdir())
+    (tmp_path / "notes.txt").write_text("not a dataset")
+    with pytest.raises(labseg.data.DatasetLayoutError, match="notes.txt is a file; expected the dataset's folder"):
+        fit(arch="unet", data_dir=str(tmp_path / "notes.txt"), output_dir=str(runs), progress=False)
+    assert not runs.exists() or not list(runs.iterdir())
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['nosuch'\]; valid keys: amp, arch, "):
+        fit(arch="unet", nosuch=1, output_dir=str(runs), progress=False)
 
 
 def test_cli_train_evaluate_predict(synthetic_root, tmp_path):
