@@ -58,7 +58,7 @@ HELP = {
     "seed": "random seed (split, init, shuffling, augmentation)",
     "monitor": "metric for best.pt and early stopping: valid_dice, valid_iou, valid_loss",
     "patience": "early stopping after N epochs without gain (0 = off)",
-    "time_budget": "stop cleanly after this much training time, e.g. 25m or 1h30m",
+    "time_budget": "stop cleanly after this much training time, e.g. 25m, 1h30m or 90s (0 = no budget)",
     "device": "auto, cpu, cuda or mps",
     "amp": "mixed precision (default: on for CUDA and for CPUs with native bf16, e.g. AVX512-BF16)",
     "channels_last": "channels_last memory format (default: on, except on a CPU with AVX2 and no AVX512, "
@@ -97,7 +97,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         kind = _field_type(f)
         aliases = [flag] + (["--data"] if f.name == "data_dir" else [])
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{HELP.get(f.name, '')} (default: {default})" if default is not None else HELP.get(f.name, "")
+        help_text = HELP.get(f.name, "")
+        if default is not None and "(default:" not in help_text:
+            help_text = f"{help_text} (default: {default})"
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -134,6 +136,12 @@ def cmd_prepare(args) -> int:
     from labseg.data import load_split
     from labseg.synthetic import default_sample_dir, write_synthetic_dataset
 
+    from labseg.config import ConfigError
+
+    bad = [s for s in args.img_size if s <= 0 or s % 32]
+    if bad:
+        raise ConfigError(f"img_size={bad[0]}: expected sizes in px divisible by 32 (those training accepts), "
+                          "e.g. 64 128 256")
     data = Path(args.data).resolve() if args.data else default_sample_dir()
     if args.synthetic or not args.data:
         t = time.perf_counter()
@@ -175,9 +183,9 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from labseg.evaluate import evaluate_run, format_result
-    from labseg.runs import best_run
+    from labseg.runs import RunDir, best_run
 
-    run = args.run or best_run(args.output_dir).path
+    run = RunDir.open(args.run, args.output_dir) if args.run else best_run(args.output_dir)
     result = evaluate_run(run, args.split, which=args.checkpoint, tta=args.tta, tune_threshold=args.tune_threshold,
                           postprocess=args.postprocess, data_dir=str(Path(args.data).resolve()) if args.data else None,
                           device=args.device)
@@ -188,9 +196,14 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from labseg.evaluate import predict_images
 
-    written = predict_images(args.run, args.source, args.out, img_size=args.img_size, threshold=args.threshold,
-                             tta=args.tta, postprocess=args.postprocess, which=args.checkpoint, device=args.device)
-    print(f"labseg: {len(written)} masks and overlays written to {Path(args.out).resolve()}")
+    done = predict_images(args.run, args.source, args.out, img_size=args.img_size, threshold=args.threshold,
+                          tta=args.tta, postprocess=args.postprocess, which=args.checkpoint, device=args.device,
+                          output_dir=args.output_dir)
+    print(f"labseg: {len(done.written)} masks and overlays written to {Path(args.out).resolve()}")
+    if done.skipped:
+        print(f"labseg: error: {len(done.skipped)} of {len(done.skipped) + len(done.written)} images could not "
+              "be read:\n  " + "\n  ".join(done.skipped), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -224,10 +237,13 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     """Collect every run into outputs/report/ (report.md, runs.csv, figures)."""
     from labseg.report import write_report
+    from labseg.config import resolve_path
     from labseg.workbook import report_dir, runs_dir
 
-    out = Path(args.output_dir).expanduser().resolve() if args.output_dir else runs_dir()
+    out = Path(args.output_dir).expanduser().resolve() if args.output_dir else resolve_path(runs_dir())
     rep = Path(args.report_dir).expanduser().resolve() if args.report_dir else report_dir()
+    if not out.is_dir():
+        raise FileNotFoundError(f"no runs folder {out}; train a run first (labseg train) or give --output-dir")
     print(f"labseg: report written to {write_report(out, rep)}")
     return 0
 
@@ -261,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="Dice/IoU of a run on test: overall, per species, per breed")
-    p.add_argument("run", nargs="?", help="run folder or name (default: the best recorded run)")
+    p.add_argument("run", nargs="?", help="run folder or name (default: the best run by valid Dice among those on "
+                                          "the dataset of the latest finished run)")
     p.add_argument("--split", default="test", choices=("test", "valid"), help="split to score (default: test)")
     p.add_argument("--checkpoint", default="auto", choices=CHECKPOINTS, help=CHECKPOINT_HELP)
     p.add_argument("--tta", action="store_true", help="also report horizontal-flip test-time augmentation")
@@ -283,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess", action="store_true",
                    help="keep one pet per image (largest connected component, holes filled)")
     p.add_argument("--checkpoint", default="auto", choices=CHECKPOINTS, help=CHECKPOINT_HELP)
+    p.add_argument("--output-dir", default="outputs/runs", help="where runs are (default: outputs/runs)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=cmd_predict)
 
@@ -295,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every combination of the grid through notebooks/04_train.ipynb; one "
                                    "run folder (with its executed notebook) per point, named from its "
                                    "parameters. Finished points are skipped unless --force; failed points "
-                                   "are recorded (failed.json) and the sweep goes on.")
+                                   "are recorded (failed.json) and the sweep goes on. A parameter the grid "
+                                   "leaves out takes 04_train's default (unet, 64 px, 2 epochs on the "
+                                   "synthetic sample), not `labseg train`'s.")
     p.add_argument("grid", nargs="?", help="YAML file: {arch: [unet, resnet34_unet], lr: [1e-3, 3e-4], epochs: 2}")
     p.add_argument("--set", action="append", metavar="NAME=V1[,V2...]",
                    help="a parameter and its values (repeatable); overrides the file's")
@@ -326,17 +346,22 @@ def main(argv=None) -> int:
     from labseg.download import DownloadError
     from labseg.sweep import SweepError
     from labseg.train import TrainingDiverged
+    from labseg.workbook import NotebookFailed
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except (ConfigError, DatasetLayoutError, CheckpointError, RunExistsError, TrainingDiverged,
-            DownloadError, SweepError, FileNotFoundError, FileExistsError) as e:
+            DownloadError, SweepError, NotebookFailed, FileNotFoundError, FileExistsError) as e:
         print(f"labseg: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("labseg: interrupted; last.pt holds the run up to its latest checkpoint, at most "
-              "--checkpoint-every seconds old (continue with --resume)", file=sys.stderr)
+        if args.command == "train":
+            print("labseg: interrupted; last.pt holds the run up to its latest checkpoint, at most "
+                  "--checkpoint-every seconds old (continue with --run-name RUN --resume; a run stopped "
+                  "in its first epoch has no checkpoint yet: start it again)", file=sys.stderr)
+        else:
+            print(f"labseg: {args.command} interrupted", file=sys.stderr)
         return 130
 
 

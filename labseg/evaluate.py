@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from labseg.config import RunConfig, check_choice, pick_device
+from labseg.config import ConfigError, RunConfig, check_choice, pick_device
 from labseg.data import BadSampleError, Batches, CachedSplit, load_image, load_split, log, normalize, split_trainval
 from labseg.metrics import per_image_accuracy, per_image_dice, per_image_iou
 from labseg.models import build_model
@@ -214,7 +215,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".we
 def predict_image(model, image: np.ndarray, img_size: int, tta: bool = False) -> np.ndarray:
     """Pet probability H×W (float32) at the image's own resolution."""
     dev = next(model.parameters()).device
-    x = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float().div(255).to(dev)
+    x = torch.tensor(image).permute(2, 0, 1).unsqueeze(0).float().div(255).to(dev)   # a copy: PIL's arrays are read-only
     x = normalize(F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True,
                                 align_corners=False))
     logits = model(x)
@@ -232,38 +233,56 @@ def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 32), alpha: flo
     return out.astype(np.uint8)
 
 
+@dataclass
+class Predictions:
+    """What :func:`predict_images` did: the masks written and the files it could not read."""
+
+    written: list[Path]
+    skipped: list[str]          # one line per unreadable file, naming it and why
+
+
 def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | Path, *, img_size: int | None = None,
                    threshold: float = 0.5, tta: bool = False, postprocess: bool = False, which: str = "auto",
-                   device="auto", progress: bool = True) -> list[Path]:
+                   device="auto", progress: bool = True, output_dir: str | Path = "outputs/runs") -> Predictions:
     """Predict masks for one image or every image in a folder; save ``<name>_mask.png`` (0/255)
-    and ``<name>_overlay.png`` at the original resolution. Unreadable files are skipped and reported.
+    and ``<name>_overlay.png`` at the original resolution (``<name>_<ext>_...`` where two files
+    share a name, e.g. ``a.jpg`` and ``a.png``). Unreadable files are skipped and reported.
     ``postprocess`` keeps one pet per image (:func:`labseg.postprocess.clean_mask`)."""
     from tqdm.auto import tqdm
 
-    model, config = load_run_model(run, which, device)
-    img_size = img_size or config.img_size
-    if img_size % 32:
-        raise ValueError(f"img_size={img_size}: must be divisible by 32")
+    if img_size is not None and (not isinstance(img_size, int) or img_size <= 0 or img_size % 32):
+        raise ConfigError(f"img_size={img_size!r}: expected a positive size in px divisible by 32, e.g. 128 "
+                          "(or leave it unset for the run's own)")
+    if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
+        raise ConfigError(f"threshold={threshold!r}: expected a probability between 0 and 1, e.g. 0.5")
     source = Path(source)
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"{source} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
     elif source.is_file():
         files = [source]
     else:
         raise FileNotFoundError(f"{source} is neither an image file nor a folder")
+    run = run if isinstance(run, RunDir) else RunDir.open(run, output_dir)
+    model, config = load_run_model(run, which, device)
+    img_size = img_size or config.img_size
+    stems = Counter(p.stem for p in files)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, skipped = [], []
     for path in tqdm(files, desc="predicting", disable=not progress):
         try:
             image = load_image(path)
         except BadSampleError as e:
             log.warning(f"skipped {e}")
+            skipped.append(str(e))
             continue
         mask = predict_image(model, image, img_size, tta) >= threshold
         if postprocess:
             mask = clean_mask(mask)
-        Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / f"{path.stem}_mask.png")
-        Image.fromarray(overlay(image, mask)).save(out_dir / f"{path.stem}_overlay.png")
-        written.append(out_dir / f"{path.stem}_mask.png")
-    return written
+        name = path.stem if stems[path.stem] == 1 else f"{path.stem}_{path.suffix.lstrip('.').lower()}"
+        Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / f"{name}_mask.png")
+        Image.fromarray(overlay(image, mask)).save(out_dir / f"{name}_overlay.png")
+        written.append(out_dir / f"{name}_mask.png")
+    return Predictions(written, skipped)

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from labseg.config import resolve_path
+from labseg.config import UNTIL_BUDGET, resolve_path
 from labseg.evaluate import eval_file
 from labseg.machine import run_machine_label
 from labseg.runs import RunDir, atomic_write_bytes, atomic_write_text, default_checkpoint
@@ -192,9 +192,17 @@ def figure_png(fig: Figure, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
+# Counts: a column of them turns float in pandas once a run lacks one (NaN), but 3, not 3.0000.
+COUNT_COLUMNS = {"best_epoch", "epochs_run", "epochs", "parameters", "img_size", "batch_size", "seed"}
+
+
 def _fmt(value, column: str = "") -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return ""
+    if column == "epochs" and isinstance(value, (int, float, np.number)) and value >= UNTIL_BUDGET:
+        return "budget"                     # trained until its time budget was spent
+    if column in COUNT_COLUMNS and isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
     if isinstance(value, (float, np.floating)):
         if column.endswith("seconds"):      # durations: 7.9 and 14.4, not 7.9000 and 14.4
             return f"{value:.1f}"

@@ -269,6 +269,7 @@ class RunDir:
         """An existing run, by folder path or by name under ``output_dir``."""
         p = Path(run).expanduser()
         candidates = [p] if p.is_absolute() else [Path.cwd() / p, resolve_path(output_dir) / p, resolve_path(p)]
+        candidates = list(dict.fromkeys(c.resolve() for c in candidates))   # each place once
         for c in candidates:
             if (c / "config.json").is_file():
                 return cls(c.resolve())
@@ -341,16 +342,19 @@ def list_runs(output_dir: str | Path = "outputs/runs") -> list[RunDir]:
 
 def best_run(output_dir: str | Path = "outputs/runs", arch: str | None = None,
              metric: str = "best_valid_dice") -> RunDir:
-    """The finished run with the highest ``metric`` in its summary (optionally of one arch)."""
-    scored = []
-    for run in list_runs(output_dir):
+    """The finished run with the highest ``metric`` in its summary (optionally of one arch), among
+    the runs on the dataset of the latest finished one: valid Dice on the synthetic sample and on
+    real photos are not comparable, and the latest run says which data one is working on."""
+    finished = []
+    for run in list_runs(output_dir):           # oldest first
         s = run.read_summary()
         if metric in s and (arch is None or s.get("arch") == arch):
-            scored.append((s[metric], run))
-    if not scored:
+            finished.append((s[metric], run, resolve_path(run.read_config().data_dir)))
+    if not finished:
         raise FileNotFoundError(f"no finished run{' of ' + arch if arch else ''} under "
                                 f"{resolve_path(output_dir)}; train one with `labseg train`")
-    return max(scored, key=lambda t: t[0])[1]
+    data = finished[-1][2]
+    return max((t for t in finished if t[2] == data), key=lambda t: t[0])[1]
 
 
 def run_name_for(config: RunConfig) -> str:

@@ -52,7 +52,14 @@ def load_grid(path: str | Path) -> dict[str, list]:
     """A YAML mapping of parameter -> value or list of values."""
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text())
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"grid file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path} is not valid YAML ({e.__class__.__name__}, {getattr(e, 'problem', '') or e}); "
+                         "expected a mapping such as {arch: [unet, resnet34_unet], lr: [1e-3, 3e-4]}") from None
     if not isinstance(data, dict) or not data:
         raise SweepError(f"{path}: expected a mapping such as {{arch: [unet, resnet34_unet], lr: [1e-3, 3e-4]}}")
     return {str(k): _as_list(k, v) for k, v in data.items()}
@@ -134,7 +141,8 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
         results.append({"run": name, "status": status, "best_valid_dice": summary.get("best_valid_dice"),
                         "error": failed.get("error"), "folder": str(folder), **params})
         if progress:
-            detail = failed.get("error") if status == "failed" else f"best valid Dice {summary.get('best_valid_dice')}"
+            detail = failed.get("error") if status == "failed" else (f"best valid Dice {summary['best_valid_dice']:.4f}" if summary.get("best_valid_dice") is not None
+                      else "no valid Dice recorded")
             print(f"labseg sweep: {name}: {status}; {detail}", flush=True)
     return results
 

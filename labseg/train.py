@@ -276,6 +276,9 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
             start = load_checkpoint(run.checkpoint(which))
         except CheckpointError as e:
             other = "best" if which == "last" else "last"
+            if not any(run.checkpoint(w).exists() for w in ("best", "last")):
+                raise CheckpointError(f"run {run.path.name} has no checkpoint yet (it stopped before its first "
+                                      "epoch ended): start it over with --overwrite") from None
             raise CheckpointError(f"{e}.\nResume from the {other} checkpoint with --resume {other}, "
                                   "or start over with --overwrite (deletes the run).") from None
         _check_not_finished(run, start, config)

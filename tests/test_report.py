@@ -153,3 +153,24 @@ def test_breakdown_reads_tta_threshold_and_breeds_apart(tmp_path):
     assert "| full | resnet34_unet | best | 9 | 0.8000 | 0.8300 |" in text
     assert "| checkpoint | test_dice | test_dice_tta | test_dice_best | test_dice_last |" in text
     assert "| best | 0.8000 | 0.8300 | 0.8000 | 0.8500 | 1.0 |" in text
+
+
+def test_counts_read_as_integers_and_budget_runs_as_budget():
+    df = pd.DataFrame({"best_epoch": [3.0, float("nan")], "parameters": [31038532.0, 10.0],
+                       "epochs": [100000, 40], "best_valid_dice": [0.5, 0.25]})
+    assert markdown_table(df).splitlines()[2:] == ["| 3 | 31038532 | budget | 0.5000 |", "|  | 10 | 40 | 0.2500 |"]
+
+
+def test_best_run_compares_runs_on_the_dataset_of_the_latest_one(tmp_path):
+    import os
+
+    from labseg.runs import best_run
+
+    for i, (name, dice, data) in enumerate([("sample-good", 0.9, "data/sample"), ("real-a", 0.6, "/pets"),
+                                            ("real-b", 0.7, "/pets"), ("sample-latest", 0.5, "data/sample")]):
+        run = fake_run(tmp_path, name, "unet", [dice])
+        run.write_json("config.json", {**json.loads((run.path / "config.json").read_text()), "data_dir": data})
+        os.utime(run.path, (1_000_000 + i, 1_000_000 + i))
+    assert best_run(tmp_path).name == "sample-good"         # latest on the sample: the sample's best
+    os.utime(tmp_path / "real-a", (2_000_000, 2_000_000))   # now a real-photo run is the latest
+    assert best_run(tmp_path).name == "real-b"

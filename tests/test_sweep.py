@@ -68,3 +68,14 @@ def test_cli_prints_a_bad_sweep_as_an_error_not_a_traceback(tmp_path, capsys):
     assert "labseg: error: --set 'arch': expected NAME=VALUE" in capsys.readouterr().err
     assert main(["sweep", "--set", "arch=unet", "--set", "drop_path=0.1", "--output-dir", str(tmp_path)]) == 2
     assert "labseg: error: 1 of 1 sweep points are invalid; nothing was run" in capsys.readouterr().err
+
+
+def test_a_grid_file_that_is_not_yaml_or_missing_is_an_error_naming_it(tmp_path, capsys):
+    from labseg.cli import main
+
+    bad = tmp_path / "grid.yaml"
+    bad.write_text("arch: [unet\nlr: 1e-3\n")
+    with pytest.raises(SweepError, match=r"grid.yaml is not valid YAML \(ParserError"):
+        load_grid(bad)
+    assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
+    assert f"labseg: error: grid file {tmp_path / 'nope.yaml'} does not exist" in capsys.readouterr().err

@@ -655,6 +655,10 @@ def test_cli_resume_takes_what_is_not_given_from_the_run(synthetic_root, tmp_pat
     assert "run again has already trained all its 2 epochs; to train it further, resume with more" in out.stderr
     out = _labseg("train", "--run-name", "again", "--resume", "--seed", "4", *where)
     assert out.returncode == 2 and "differs in seed: recorded 3, asked 4" in out.stderr
+    for name in ("best.pt", "last.pt"):       # as if killed in its first epoch
+        (tmp_path / "runs" / "again" / name).unlink()
+    out = _labseg("train", "--run-name", "again", "--resume", "--epochs", "3", *where)
+    assert out.returncode == 2 and "run again has no checkpoint yet" in out.stderr and "--overwrite" in out.stderr
 
 
 def test_a_run_that_cannot_start_leaves_no_folder(tmp_path):
@@ -705,6 +709,43 @@ def test_cli_train_evaluate_predict(synthetic_root, tmp_path):
 
     first = sorted((synthetic_root / "images").glob("*.jpg"))[0]
     assert Image.open(tmp_path / "pred" / f"{first.stem}_mask.png").size == Image.open(first).size
+
+
+def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path):
+    run = fit(arch="unet", run_name="p", **tiny).run
+    runs = ["--output-dir", tiny["output_dir"]]
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 120, 40)).save(pictures / "a.jpg")
+    Image.new("RGB", (20, 10), (20, 120, 40)).save(pictures / "a.png")
+    (pictures / "notes.jpg").write_text("not a picture")
+    out = _labseg("predict", "p", str(pictures), "--out", str(tmp_path / "pred"), *runs)   # a run by name
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "2 masks and overlays written" in out.stdout
+    assert "labseg: error: 1 of 3 images could not be read:" in out.stderr and "notes.jpg" in out.stderr
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*_mask.png")) == ["a_jpg_mask.png", "a_png_mask.png"]
+    assert Image.open(tmp_path / "pred" / "a_png_mask.png").size == (20, 10)
+    for args, expected in ((["--img-size", "50"], "img_size=50: expected a positive size in px divisible by 32"),
+                           (["--threshold", "2"], "threshold=2.0: expected a probability between 0 and 1")):
+        out = _labseg("predict", str(run.path), str(pictures / "a.jpg"), "--out", str(tmp_path / "x"), *args)
+        assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr
+    out = _labseg("evaluate", "p", *runs)
+    assert out.returncode == 0, out.stderr
+    assert "p last.pt on test" in out.stdout
+
+
+def test_cli_other_commands_name_what_is_wrong(tmp_path):
+    out = _labseg("prepare", "--img-size", "50", "--cache-dir", str(tmp_path / "cache"))
+    assert out.returncode == 2 and "img_size=50: expected sizes in px divisible by 32" in out.stderr
+    out = _labseg("report", "--output-dir", str(tmp_path / "typo"), "--report-dir", str(tmp_path / "rep"))
+    assert out.returncode == 2 and f"no runs folder {tmp_path / 'typo'}" in out.stderr
+    assert not (tmp_path / "rep").exists()
+    out = _labseg("demo", "--epochs", "0")
+    assert out.returncode == 2 and "epochs=0: expected a positive integer" in out.stderr
+    out = _labseg("train", "--resume")
+    assert out.returncode == 2 and "--resume needs --run-name RUN" in out.stderr
 
 
 @pytest.mark.parametrize("args,expected", [
