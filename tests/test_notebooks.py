@@ -39,16 +39,20 @@ def test_nbval_passes_unchanged_and_catches_a_wider_unet(tmp_path):
     assert "Cell outputs differ" in failed.stdout and "7,763,041" in failed.stdout   # UNet at base=32
 
 
-def test_train_notebook_rejects_an_invalid_arch_in_its_first_cells(tmp_path):
+@pytest.mark.parametrize("params,expected", [
+    ({"arch": "nope"}, "choose one of: unet, resnet34_unet"),
+    ({"extra": {"nosuch": 1}}, "unknown config key(s) ['nosuch']; valid keys: "),
+])
+def test_train_notebook_rejects_a_bad_config_in_its_first_cells(tmp_path, params, expected):
     out = tmp_path / "bad.ipynb"
     with pytest.raises(NotebookFailed) as e:
-        run_notebook("04_train", out, {"arch": "nope", "output_dir": str(tmp_path / "runs")}, progress=False)
+        run_notebook("04_train", out, {**params, "output_dir": str(tmp_path / "runs")}, progress=False)
     message = str(e.value)
-    assert "ConfigError" in message and "choose one of: unet, resnet34_unet" in message
+    assert "ConfigError" in message and expected in message
     import nbformat
 
     nb = nbformat.read(out, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     failing = [i for i, c in enumerate(code) if any(o.output_type == "error" for o in c.outputs)]
-    assert failing and "RunConfig(" in code[failing[0]].source      # the config cell, before any training
+    assert failing and "config = RunConfig.from_dict(" in code[failing[0]].source   # the config cell, before training
     assert not (tmp_path / "runs").exists()
