@@ -45,19 +45,21 @@ mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/log.txt"
 : >"$LOG"
+say() { echo "gpu_round: $*" | tee -a "$LOG"; }
+
+if [ -n "$DATA" ]; then     # made absolute before the cd below
+    if [ ! -d "$DATA" ]; then
+        say "error: DATA_DIR $DATA is not a folder (expected the Oxford-IIIT Pet layout: images/, annotations/)"
+        exit 2
+    fi
+    DATA=$(cd "$DATA" && pwd)
+fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cd "$ROOT" || exit 2
 START=$SECONDS
 # Run folders and the data cache: their checkpoints (100-300 MB) cannot come back, and go at the end.
 RUNS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/labseg-gpu-round-XXXXXX") || exit 2
 trap 'rm -rf "$RUNS_DIR"' EXIT
-
-say() { echo "gpu_round: $*" | tee -a "$LOG"; }
-
-if [ -n "$DATA" ] && [ ! -d "$DATA" ]; then
-    say "error: DATA_DIR $DATA is not a folder (expected the Oxford-IIIT Pet layout: images/, annotations/)"
-    exit 2
-fi
 if [ "$QUICK" = 1 ]; then   # a rehearsal of every command, in seconds (tests/test_gpu_round.py)
     SIZE=32; EPOCHS=1; TRAIN_BUDGET=60s; SMALL=2; LARGE=4; BENCH_MODE=(--quick --rounds 1)
     EXTRA_TRAIN=(--max-train-images 8)

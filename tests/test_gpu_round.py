@@ -16,17 +16,19 @@ SCRIPT = Path(PROJECT_ROOT) / "scripts" / "gpu_round.sh"
 STAGES = "env bench-b32 syncs train-r34"
 
 
-def run_round(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+def run_round(out: Path, *args: str, cwd: str | None = None, **env: str) -> subprocess.CompletedProcess:
     environ = dict(os.environ, PYTHON=sys.executable, GPU_ROUND_DEVICE="cpu", GPU_ROUND_QUICK="1",
                    TMPDIR=str(out.parent), **env)
     return subprocess.run(["bash", str(SCRIPT), str(out), *args], env=environ, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=900, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory, synthetic_root):
     out = tmp_path_factory.mktemp("gpu-round") / "out"
-    proc = run_round(out, str(synthetic_root), GPU_ROUND_STAGES=STAGES, GPU_ROUND_DEADLINE="600")
+    # DATA_DIR relative to where the script is started, as `data/pets3` is on the device
+    data = os.path.relpath(synthetic_root, out.parent)
+    proc = run_round(out, data, GPU_ROUND_STAGES=STAGES, GPU_ROUND_DEADLINE="600", cwd=str(out.parent))
     return proc, out
 
 
@@ -65,6 +67,7 @@ def test_the_training_run_is_summarised_with_its_test_dice(rehearsal, synthetic_
     (record,) = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert record["run"] == "gpu-r34-32"
     assert record["config"]["arch"] == "resnet34_unet" and record["config"]["img_size"] == 32
+    assert Path(record["config"]["data_dir"]) == Path(synthetic_root).resolve()
     assert record["summary"]["epochs_run"] == 1
     for which in ("eval_test", "eval_test_last"):
         assert 0.0 <= record[which]["dice"] <= 1.0
