@@ -199,7 +199,9 @@ def cmd_predict(args) -> int:
     done = predict_images(args.run, args.source, args.out, img_size=args.img_size, threshold=args.threshold,
                           tta=args.tta, postprocess=args.postprocess, which=args.checkpoint, device=args.device,
                           output_dir=args.output_dir)
-    print(f"labseg: {len(done.written)} masks and overlays written to {Path(args.out).resolve()}")
+    n = len(done.written)
+    print(f"labseg: {n} mask{'s' if n != 1 else ''} and overlay{'s' if n != 1 else ''} written to "
+          f"{Path(args.out).resolve()}")
     if done.skipped:
         print(f"labseg: error: {len(done.skipped)} of {len(done.skipped) + len(done.written)} images could not "
               "be read:\n  " + "\n  ".join(done.skipped), file=sys.stderr)
@@ -325,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="collect every run into outputs/report/ (table, curves, figures)")
+    p = sub.add_parser("report", help="collect every run into outputs/report/ (table, curves, figures)",
+                       description="Collect every run folder under --output-dir into a report: report.md (a "
+                                   "table of every run, the best per network, test Dice with and without "
+                                   "TTA), runs.csv and the figures curves.png and best_per_network.png.")
     p.add_argument("--output-dir", help="where the runs are (default: outputs/runs)")
     p.add_argument("--report-dir", help="where the report goes (default: outputs/report)")
     p.set_defaults(func=cmd_report)
@@ -357,9 +362,14 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         if args.command == "train":
+            again = f"labseg train --run-name {getattr(args, 'run_name', None) or 'RUN'}" + (
+                f" --output-dir {args.output_dir}" if getattr(args, "output_dir", None) else "") + " --resume"
             print("labseg: interrupted; last.pt holds the run up to its latest checkpoint, at most "
-                  "--checkpoint-every seconds old (continue with --run-name RUN --resume; a run stopped "
-                  "in its first epoch has no checkpoint yet: start it again)", file=sys.stderr)
+                  f"--checkpoint-every seconds old (continue with `{again}`, RUN as named at the start; a "
+                  "run stopped in its first epoch has no checkpoint yet: start it again)", file=sys.stderr)
+        elif args.command == "sweep":
+            print("labseg: sweep interrupted; run the same command again: finished points are skipped and "
+                  "an interrupted one resumes from its last.pt", file=sys.stderr)
         else:
             print(f"labseg: {args.command} interrupted", file=sys.stderr)
         return 130

@@ -259,6 +259,25 @@ def load_image(path: str | Path) -> np.ndarray:
         raise BadSampleError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
+_SUFFIX_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
+
+
+def quirks(record: Record, labels: np.ndarray) -> list[str]:
+    """What was odd about a pair that was kept anyway: a file whose format is not its suffix's,
+    pixels converted to RGB, a trimap without any pet (the real data has each)."""
+    notes = []
+    with Image.open(record.image_path) as im:          # the header only
+        fmt, mode = im.format, im.mode
+    expected = _SUFFIX_FORMATS.get(record.image_path.suffix.lower())
+    if expected and fmt != expected:
+        notes.append(f"a {fmt} file named {record.image_path.suffix}")
+    if mode != "RGB":
+        notes.append(f"{mode} pixels converted to RGB")
+    if not (labels != BACKGROUND).any():
+        notes.append("its trimap has no pet pixel (kept: scored as all background)")
+    return notes
+
+
 def load_trimap(path: str | Path) -> np.ndarray:
     """Decode a trimap to uint8 H×W with values in {1, 2, 3}, or raise :class:`BadSampleError`."""
     path = Path(path)
@@ -371,7 +390,7 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
         try:
             original = load_pair(record)
             image, lab = resize_pair(*original, img_size)
-            return image, lab, original[1].shape
+            return image, lab, original[1].shape, quirks(record, original[1])
         except BadSampleError as e:
             return e
 
@@ -380,6 +399,7 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
     labels = np.empty((n, img_size, img_size), np.uint8)
     sizes = np.zeros((n, 2), np.int64)
     keep = np.zeros(n, bool)
+    quirky: dict[str, list[str]] = {}
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         results = pool.map(decode, records)
         for i, result in enumerate(tqdm(results, total=n, desc=f"caching {root.name}/{split} @{img_size}px",
@@ -388,7 +408,11 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
                 log.warning(f"skipped {result}")
                 skipped.append((str(records[i].image_path), str(result)))
                 continue
-            image, lab, sizes[i] = result
+            image, lab, sizes[i], notes = result
+            if notes:
+                quirky[records[i].name] = notes
+                if progress:    # quiet callers (the notebooks, tests) find them in meta.json
+                    log.info(f"note: {records[i].image_path}: {'; '.join(notes)}")
             images[i] = image.transpose(2, 0, 1)
             labels[i] = lab
             keep[i] = True
@@ -403,7 +427,7 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
         np.save(tmp / "labels.npy", labels[keep])
         np.save(tmp / "sizes.npy", sizes[keep])
         meta = {"root": str(root), "split": split, "img_size": img_size,
-                "names": [r.name for r in kept], "skipped": skipped}
+                "names": [r.name for r in kept], "skipped": skipped, "notes": quirky}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.replace(tmp, folder)

@@ -43,6 +43,17 @@ class CheckpointError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- atomic writes
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: os.umask can only be read by setting it, which is not thread-safe, and
+# checkpoints are written from a background thread.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, then rename it: ``path`` is old or new, never half.
 
@@ -53,6 +64,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, _FILE_MODE)       # mkstemp makes 0600; a record is as readable as any file here
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -257,7 +269,7 @@ class RunDir:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         if exist == "error" and (base / ".claimed").exists():
             raise RunExistsError(f"run folder {base} exists; resume it with --resume, start over "
-                                 "with --overwrite, or pick another --run-name")
+                                 "with --overwrite, or pick another run name")
         path = _unique_folder(base)
         if path != base:
             print(f"labseg: run folder {base} exists; this run writes to {path} "

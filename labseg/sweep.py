@@ -72,6 +72,9 @@ def parse_sets(items: list[str]) -> dict[str, list]:
         if "=" not in item:
             raise SweepError(f"--set {item!r}: expected NAME=VALUE[,VALUE...], e.g. lr=1e-3,3e-4")
         key, _, values = item.partition("=")
+        if key.strip() in grid:
+            raise SweepError(f"--set {key.strip()} is given twice; give its values once, e.g. "
+                             f"{key.strip()}=V1,V2")
         grid[key.strip()] = _as_list(key, values.split(","))
     return grid
 
@@ -88,8 +91,8 @@ def point_name(params: dict, prefix: str | None = None) -> str:
         return f"{v:g}" if isinstance(v, float) else str(v)
 
     name = "+".join(f"{k}={fmt(v)}" for k, v in sorted(params.items()) if k not in ("run_name",))
-    name = re.sub(r"[^A-Za-z0-9._=+-]", "_", name)
-    return f"{prefix}+{name}" if prefix else name
+    # the folder's own name, prefix included: a rerun finds the point it finished
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{prefix}+{name}" if prefix else name)
 
 
 def check_points(points: list[dict]) -> None:

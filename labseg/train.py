@@ -411,7 +411,10 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
         spent = time.perf_counter() - t0 + elapsed_before
         return max(step / max(total_steps, 1), spent / budget if budget else 0.0)
     if not resume and dist.is_main:
-        run = RunDir.create(config.output_dir, config.run_name or run_name_for(config), overwrite=overwrite)
+        # A name given is that run's: an existing one is refused (resume or overwrite it), never
+        # silently moved to NAME-2, where a notebook written into NAME would describe the wrong run.
+        run = RunDir.create(config.output_dir, config.run_name or run_name_for(config), overwrite=overwrite,
+                            exist="error" if config.run_name else "suffix")
         run.write_config(config)
     writer = CheckpointWriter()
     machine = describe_machine(device, amp_dtype, channels_last)

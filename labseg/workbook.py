@@ -23,7 +23,8 @@ NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS = ("01_data", "02_unet", "03_resnet34_unet", "04_train", "05_evaluate", "06_report")
 # Parameters of 04_train's `parameters` cell; any other RunConfig field goes through `extra`.
 TRAIN_PARAMS = ("arch", "data_dir", "img_size", "epochs", "batch_size", "lr", "optimizer", "scheduler", "loss",
-                "augment", "seed", "run_name", "device", "time_budget", "max_train_images", "output_dir", "extra")
+                "augment", "seed", "run_name", "device", "time_budget", "max_train_images", "output_dir", "extra",
+                "resume")
 
 
 class NotebookFailed(RuntimeError):
@@ -78,7 +79,8 @@ def default_run_name(params: dict) -> str:
     from labseg.config import RunConfig
     from labseg.runs import run_name_for
 
-    known = {k: v for k, v in params.items() if k in TRAIN_PARAMS and k not in ("extra", "output_dir", "run_name")}
+    known = {k: v for k, v in params.items()
+             if k in TRAIN_PARAMS and k not in ("extra", "output_dir", "run_name", "resume")}
     try:
         return run_name_for(RunConfig(**known, **(params.get("extra") or {})).with_recipe())
     except Exception:                      # an invalid value: the notebook will say which
@@ -101,7 +103,8 @@ def run_training_notebook(params: dict, *, output_dir: str | Path | None = None,
 
     ``params`` are the notebook's parameters (unknown RunConfig fields go into ``extra``). The run
     is named ``name``, or ``params['run_name']``, or from the parameters; a folder that already
-    holds a run gets a ``-2`` suffix, unless ``exact`` (then that folder is emptied first).
+    holds a run gets a ``-2`` suffix, unless ``exact``: then a run interrupted there (a checkpoint,
+    no summary) is resumed, and anything else in that folder is deleted first.
     A failed run leaves ``failed.json`` (error and parameters) in its folder; with
     ``raise_on_error`` the error is raised too. Returns the run folder.
     """
@@ -114,7 +117,11 @@ def run_training_notebook(params: dict, *, output_dir: str | Path | None = None,
     root = resolve_path(runs_dir(output_dir or params.get("output_dir")))
     name = _clean_name(str(name or params.get("run_name") or default_run_name(params)))
     folder = root / name if exact else free_run_folder(root, name)
-    if exact and folder.exists():
+    interrupted = (exact and not (folder / "summary.json").exists() and not (folder / "failed.json").exists()
+                   and any((folder / f).is_file() for f in ("last.pt", "best.pt")))
+    if interrupted:
+        params["resume"] = True         # nothing lost: the epochs it had are kept
+    elif exact and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     params.update(run_name=folder.name, output_dir=str(root))

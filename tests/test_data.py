@@ -410,10 +410,15 @@ def test_image_quirk_is_loaded_by_load_split(case, tmp_path, capsys):
     image, fmt, save, expected, _ = LOADED_CASES[case]()
     add_pair(root, "Cat_2", image, fmt=fmt, **save)
     write_split(root, ["Cat_1", "Cat_2"])
-    split = load_split(root, "trainval", S, cache_dir=tmp_path / "cache", progress=False)
+    split = load_split(root, "trainval", S, cache_dir=tmp_path / "cache", progress=True)
     assert [r.name for r in split.records] == ["Cat_1", "Cat_2"]
     assert split.skipped == []
-    assert stderr_lines(capsys) == []
+    # kept, with one line naming the file and what was converted (every case is odd for a .jpg)
+    (line,) = [line for line in stderr_lines(capsys) if "labseg:" in line]
+    assert "note: " in line and line.count("Cat_2.jpg") == 1 and "Cat_1" not in line
+    expected_note = {"gif_named_jpg": "a GIF file named .jpg", "cmyk_jpeg": "CMYK pixels converted to RGB",
+                     "rgb_png": "a PNG file named .jpg"}.get(case, "")
+    assert expected_note in line
     # the cached image is the converted one (resized); a constant region stays that colour
     cached = np.asarray(split.images[1]).transpose(1, 2, 0)
     assert cached.shape == (S, S, 3)
@@ -615,7 +620,11 @@ def test_trimap_without_pet_pixels_is_kept(tmp_path, capsys):
     split = load_split(root, "trainval", S, cache_dir=tmp_path / "cache", progress=False)
     assert [r.name for r in split.records] == ["Cat_1", "Cat_2"] and split.skipped == []
     assert (split.labels[1] == 0).all() and split.labels[0].any()
-    assert stderr_lines(capsys) == []
+    assert stderr_lines(capsys) == []                    # quiet (progress=False), but recorded:
+    import json
+
+    (meta,) = [json.loads(m.read_text()) for m in (tmp_path / "cache").glob("*/meta.json")]
+    assert meta["notes"] == {"Cat_2": ["its trimap has no pet pixel (kept: scored as all background)"]}
 
 
 def test_rgb_trimap_reads_its_first_channel(tmp_path):
@@ -876,13 +885,17 @@ def test_real_quirky_files_via_a_custom_split(real_root, tmp_path, capsys):
     if mat is not None:
         (root / "images" / mat.name).symlink_to(mat)
     write_split(root, names, split="test")
-    split = load_split(root, "test", 64, cache_dir=tmp_path / "cache", progress=False)
+    split = load_split(root, "test", 64, cache_dir=tmp_path / "cache", progress=True)
     assert [r.name for r in split.records] == names and split.skipped == []
     gif = names.index("Abyssinian_34")
     with Image.open(split.records[gif].image_path) as im:
         assert im.format == "GIF"
     assert (load_trimap(split.records[gif].trimap_path) == 2).all()  # really all background...
-    assert (split.labels[gif] == 0).all()                           # ...and kept
+    assert (split.labels[gif] == 0).all()                           # ...and kept, and said
+    notes = [line for line in stderr_lines(capsys) if "note: " in line]
+    gif_note = next(line for line in notes if "Abyssinian_34.jpg" in line)
+    assert "a GIF file named .jpg" in gif_note and "its trimap has no pet pixel" in gif_note
+    assert any("Abyssinian_5.jpg" in line and "RGBA pixels converted to RGB" in line for line in notes)
     for r in split.records:
         assert load_image(r.image_path).shape[2] == 3
 

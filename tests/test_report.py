@@ -174,3 +174,16 @@ def test_best_run_compares_runs_on_the_dataset_of_the_latest_one(tmp_path):
     assert best_run(tmp_path).name == "sample-good"         # latest on the sample: the sample's best
     os.utime(tmp_path / "real-a", (2_000_000, 2_000_000))   # now a real-photo run is the latest
     assert best_run(tmp_path).name == "real-b"
+
+
+def test_records_are_written_readable_as_the_umask_allows(tmp_path):
+    """An instructor reading a student's runs as another user: mkstemp's 0600 must not stick."""
+    import os
+    import stat
+
+    from labseg.runs import atomic_write_text
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    atomic_write_text(tmp_path / "report.md", "# runs\n")
+    assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o666 & ~mask

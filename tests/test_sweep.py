@@ -61,6 +61,11 @@ def test_invalid_points_stop_the_sweep_before_any_run(tmp_path):
         run_sweep({"arch": ["unet"], "ephocs": [1]}, output_dir=tmp_path / "runs", progress=False)
 
 
+def test_a_key_set_twice_is_refused():
+    with pytest.raises(SweepError, match="--set img_size is given twice; give its values once"):
+        parse_sets(["img_size=32", "img_size=64"])
+
+
 def test_cli_prints_a_bad_sweep_as_an_error_not_a_traceback(tmp_path, capsys):
     from labseg.cli import main
 
@@ -79,3 +84,22 @@ def test_a_grid_file_that_is_not_yaml_or_missing_is_an_error_naming_it(tmp_path,
         load_grid(bad)
     assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
     assert f"labseg: error: grid file {tmp_path / 'nope.yaml'} does not exist" in capsys.readouterr().err
+
+
+def test_a_rerun_resumes_an_interrupted_point_and_finds_a_prefixed_one(tmp_path, synthetic_root):
+    from labseg.train import fit
+
+    common = {"arch": "unet", "img_size": 32, "max_train_images": 4, "data_dir": str(synthetic_root)}
+    grid = {k: [v] for k, v in {**common, "epochs": 2}.items()}
+    name = point_name({**common, "epochs": 2}, "my run")
+    assert name.startswith("my_run+arch=unet+")
+    # the point as a kill in its second epoch leaves it: one epoch in last.pt, no summary
+    fit(**common, epochs=1, run_name=name, output_dir=str(tmp_path), progress=False)
+    (tmp_path / name / "summary.json").unlink()
+    (result,) = run_sweep(grid, output_dir=tmp_path, prefix="my run", progress=False)
+    assert result["status"] == "finished" and result["run"] == name, result
+    assert [r["epoch"] for r in json.loads((tmp_path / name / "metrics.json").read_text())] == [1, 2]
+    notebook = (tmp_path / name / "04_train.ipynb").read_text()
+    assert "resuming" in notebook                           # epoch 1 was kept, not trained again
+    (again,) = run_sweep(grid, output_dir=tmp_path, prefix="my run", progress=False)
+    assert again["status"].startswith("done before")

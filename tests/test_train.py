@@ -149,12 +149,17 @@ def test_resume_refuses_a_changed_config(tiny):
 
 
 def test_same_run_name_never_shares_a_folder(tiny, capsys):
-    a = fit(arch="resnet34_unet", run_name="same", **tiny).run
-    b = fit(arch="resnet34_unet", run_name="same", **tiny).run
-    assert a.path != b.path and b.path.name == "same-2"
-    assert "same-2" in capsys.readouterr().out
+    a = fit(arch="resnet34_unet", **tiny).run                  # named from its parameters
+    b = fit(arch="resnet34_unet", **tiny).run
+    assert a.path != b.path and b.path.name == a.path.name + "-2"
+    assert b.path.name in capsys.readouterr().out
+    # A name given is that run's: refused rather than moved to NAME-2, where a notebook written
+    # into NAME (papermill) would describe another run.
+    fit(arch="resnet34_unet", run_name="same", **tiny)
+    with pytest.raises(labseg.runs.RunExistsError, match="same exists; resume it with --resume, start over"):
+        fit(arch="resnet34_unet", run_name="same", **tiny)
     c = fit(arch="resnet34_unet", run_name="same", overwrite=True, **tiny).run
-    assert c.path == a.path
+    assert c.path.name == "same" and not (c.path.parent / "same-2").exists()
 
 
 def test_corrupt_last_checkpoint_is_reported_and_best_resumes(tiny):
