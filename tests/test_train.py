@@ -615,6 +615,16 @@ def _labseg(*args, **kwargs):
                           cwd=ROOT, timeout=600, **kwargs)
 
 
+def _main(capsys, *args):
+    """labseg.cli.main in this process (no interpreter start): (returncode, stdout, stderr)."""
+    from labseg.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def test_sigkill_mid_epoch_then_resume(synthetic_root, tmp_path):
     args = ["train", "--data", str(synthetic_root), "--img-size", "32", "--batch-size", "2", "--epochs", "4",
             "--max-train-images", "16", "--run-name", "killed", "--output-dir", str(tmp_path / "runs"),
@@ -640,29 +650,29 @@ def test_sigkill_mid_epoch_then_resume(synthetic_root, tmp_path):
     assert epochs == [1, 2, 3, 4]
 
 
-def test_cli_resume_takes_what_is_not_given_from_the_run(synthetic_root, tmp_path):
+def test_cli_resume_takes_what_is_not_given_from_the_run(synthetic_root, tmp_path, capsys):
     """`labseg train --run-name RUN --resume`, as the README says it: no option repeated. More
     epochs may be asked for, and config.json then says so; a finished run is not retrained."""
     where = ["--output-dir", str(tmp_path / "runs")]
-    out = _labseg("train", "--arch", "unet", "--data", str(synthetic_root), "--img-size", "32", "--seed", "3",
+    out = _main(capsys, "train", "--arch", "unet", "--data", str(synthetic_root), "--img-size", "32", "--seed", "3",
                   "--epochs", "1", "--max-train-images", "4", "--run-name", "again", "--quiet",
                   "--cache-dir", str(tmp_path / "cache"), *where)
     assert out.returncode == 0, out.stderr
-    out = _labseg("train", "--run-name", "again", "--resume", "--epochs", "2", "--quiet", *where)
+    out = _main(capsys, "train", "--run-name", "again", "--resume", "--epochs", "2", "--quiet", *where)
     assert out.returncode == 0, out.stderr
     assert "resuming" in out.stdout and "training unet" in out.stdout
     run = RunDir(tmp_path / "runs" / "again")
     assert [r["epoch"] for r in run.read_metrics()] == [1, 2]
     config = run.read_config()
     assert (config.arch, config.img_size, config.seed, config.epochs) == ("unet", 32, 3, 2)
-    out = _labseg("train", "--run-name", "again", "--resume", *where)
+    out = _main(capsys, "train", "--run-name", "again", "--resume", *where)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "run again has already trained all its 2 epochs; to train it further, resume with more" in out.stderr
-    out = _labseg("train", "--run-name", "again", "--resume", "--seed", "4", *where)
+    out = _main(capsys, "train", "--run-name", "again", "--resume", "--seed", "4", *where)
     assert out.returncode == 2 and "differs in seed: recorded 3, asked 4" in out.stderr
     for name in ("best.pt", "last.pt"):       # as if killed in its first epoch
         (tmp_path / "runs" / "again" / name).unlink()
-    out = _labseg("train", "--run-name", "again", "--resume", "--epochs", "3", *where)
+    out = _main(capsys, "train", "--run-name", "again", "--resume", "--epochs", "3", *where)
     assert out.returncode == 2 and "run again has no checkpoint yet" in out.stderr and "--overwrite" in out.stderr
 
 
@@ -716,7 +726,7 @@ def test_cli_train_evaluate_predict(synthetic_root, tmp_path):
     assert Image.open(tmp_path / "pred" / f"{first.stem}_mask.png").size == Image.open(first).size
 
 
-def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path):
+def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys):
     run = fit(arch="unet", run_name="p", **tiny).run
     runs = ["--output-dir", tiny["output_dir"]]
     pictures = tmp_path / "pictures"
@@ -726,7 +736,7 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path):
     Image.new("RGB", (40, 30), (200, 120, 40)).save(pictures / "a.jpg")
     Image.new("RGB", (20, 10), (20, 120, 40)).save(pictures / "a.png")
     (pictures / "notes.jpg").write_text("not a picture")
-    out = _labseg("predict", "p", str(pictures), "--out", str(tmp_path / "pred"), *runs)   # a run by name
+    out = _main(capsys, "predict", "p", str(pictures), "--out", str(tmp_path / "pred"), *runs)   # a run by name
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "2 masks and overlays written" in out.stdout
     assert "labseg: error: 1 of 3 images could not be read:" in out.stderr and "notes.jpg" in out.stderr
@@ -734,22 +744,22 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path):
     assert Image.open(tmp_path / "pred" / "a_png_mask.png").size == (20, 10)
     for args, expected in ((["--img-size", "50"], "img_size=50: expected a positive size in px divisible by 32"),
                            (["--threshold", "2"], "threshold=2.0: expected a probability between 0 and 1")):
-        out = _labseg("predict", str(run.path), str(pictures / "a.jpg"), "--out", str(tmp_path / "x"), *args)
+        out = _main(capsys, "predict", str(run.path), str(pictures / "a.jpg"), "--out", str(tmp_path / "x"), *args)
         assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr
-    out = _labseg("evaluate", "p", *runs)
+    out = _main(capsys, "evaluate", "p", *runs)
     assert out.returncode == 0, out.stderr
     assert "p last.pt on test" in out.stdout
 
 
-def test_cli_other_commands_name_what_is_wrong(tmp_path):
-    out = _labseg("prepare", "--img-size", "50", "--cache-dir", str(tmp_path / "cache"))
+def test_cli_other_commands_name_what_is_wrong(tmp_path, capsys):
+    out = _main(capsys, "prepare", "--img-size", "50", "--cache-dir", str(tmp_path / "cache"))
     assert out.returncode == 2 and "img_size=50: expected sizes in px divisible by 32" in out.stderr
-    out = _labseg("report", "--output-dir", str(tmp_path / "typo"), "--report-dir", str(tmp_path / "rep"))
+    out = _main(capsys, "report", "--output-dir", str(tmp_path / "typo"), "--report-dir", str(tmp_path / "rep"))
     assert out.returncode == 2 and f"no runs folder {tmp_path / 'typo'}" in out.stderr
     assert not (tmp_path / "rep").exists()
-    out = _labseg("demo", "--epochs", "0")
+    out = _main(capsys, "demo", "--epochs", "0")
     assert out.returncode == 2 and "epochs=0: expected a positive integer" in out.stderr
-    out = _labseg("train", "--resume")
+    out = _main(capsys, "train", "--resume")
     assert out.returncode == 2 and "--resume needs --run-name RUN" in out.stderr
 
 
