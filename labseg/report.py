@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.patches import Patch
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
 from labseg.config import UNTIL_BUDGET, resolve_path
 from labseg.evaluate import eval_file
@@ -79,7 +80,16 @@ def run_row(folder: Path) -> dict:
     elif "best_valid_dice" in summary:
         row["status"], row["error"] = "finished", None
     else:
-        row["status"], row["error"] = "running or killed", None
+        # No summary yet: still running, or stopped. Its epochs so far are in its records, and a
+        # checkpoint makes it resumable (labseg train --run-name RUN --resume).
+        history = RunDir(folder).read_metrics()
+        if history:
+            best_row = max(history, key=lambda h: h.get("valid_dice", float("-inf")))
+            row.update(best_valid_dice=best_row.get("valid_dice"), best_valid_iou=best_row.get("valid_iou"),
+                       best_epoch=best_row.get("epoch"), epochs_run=len(history))
+        resumable = (folder / "last.pt").is_file() or (folder / "best.pt").is_file()
+        row["status"] = "running or stopped (resumable)" if resumable else "running or killed"
+        row["error"] = None
     return row
 
 
@@ -157,11 +167,16 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
     # Log scale: a from-scratch run's first epochs can have a valid loss 100x the final one.
     ax_l.set(xlabel="epoch", ylabel="valid loss (log scale)", title="valid loss (thin: other runs)",
              yscale="log")
+    last_epoch = max((h["epoch"] for hs in histories.values() for h in hs), default=1)
     for ax in (ax_m, ax_l):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if best:
-        ax_m.legend(fontsize=8, loc="lower right")
+        ax.set_xlim(0.5, last_epoch + 0.5)      # whole epochs, also for a run of one epoch
+    # a valid loss within one decade gets minor-tick labels: plain numbers, not 1.35x10^0
+    ax_l.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax_l.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    if best:   # run names are long (sweeps): the legend goes under the plots, not over the curves
+        fig.legend(*ax_m.get_legend_handles_labels(), loc="outside lower center", fontsize=8)
     return fig
 
 
@@ -173,17 +188,24 @@ def plot_best(table) -> Figure:
     x = np.arange(len(best))
     valid = best["best_valid_dice"].astype(float).to_numpy() if len(best) else np.array([])
     test = best["test_dice"].astype(float).to_numpy() if len(best) else np.array([])
-    bars = ax.bar(x - 0.2, valid, 0.4, label="best valid Dice",
-                  color=[ARCH_COLORS.get(a, "tab:gray") for a in best.index])
+    bars = ax.bar(x - 0.2, valid, 0.4, color=[ARCH_COLORS.get(a, "tab:gray") for a in best.index])
     ax.bar_label(bars, fmt="%.3f", fontsize=8)
     if np.isfinite(test).any():
         bars = ax.bar(x + 0.2, np.nan_to_num(test), 0.4, label="test Dice", color="lightgray", edgecolor="k")
         ax.bar_label(bars, labels=[f"{t:.3f}" if np.isfinite(t) else "" for t in test], fontsize=8)
-    ax.set_xticks(x, [f"{a}\n{r}" for a, r in zip(best.index, best["run"])], fontsize=8)
+    ax.set_xticks(x, [f"{a}\n{_short(r)}" for a, r in zip(best.index, best["run"])], fontsize=8)
     ax.set(ylim=(0, 1.05), ylabel="Dice", title="best run per network")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    handles = [Patch(facecolor="white", edgecolor="k", label="best valid Dice (the network's colour)")]
+    if np.isfinite(test).any():
+        handles.append(Patch(facecolor="lightgray", edgecolor="k", label="test Dice"))
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
     return fig
+
+
+def _short(name: str, width: int = 28) -> str:
+    """A run name that fits under a bar: sweep names run to 80 characters."""
+    return name if len(name) <= width else name[:width // 2 - 1] + "…" + name[-(width // 2):]
 
 
 def figure_png(fig: Figure, dpi: int = 110) -> bytes:

@@ -67,7 +67,7 @@ def test_collect_runs_best_and_report(tmp_path):
     assert best.loc["resnet34_unet", "best_valid_dice"] == 0.8
 
     fig = plot_curves(runs, table)
-    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]          # under the plots
     assert labels == ["r1 (best resnet34_unet)", "u2 (best unet)"]
 
     report = write_report(runs, tmp_path / "report")
@@ -187,3 +187,17 @@ def test_records_are_written_readable_as_the_umask_allows(tmp_path):
     os.umask(mask)
     atomic_write_text(tmp_path / "report.md", "# runs\n")
     assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_stopped_run_shows_its_epochs_so_far_and_whether_it_can_resume(tmp_path):
+    for name, checkpoint in (("stopped", True), ("killed", False)):
+        run = fake_run(tmp_path, name, "unet", [0.3, 0.4, 0.35])
+        (run.path / "summary.json").unlink()
+        if checkpoint:
+            (run.path / "last.pt").write_bytes(b"")
+    table = collect_runs(tmp_path).set_index("run")
+    assert table.loc["stopped", "status"] == "running or stopped (resumable)"
+    assert table.loc["killed", "status"] == "running or killed"
+    assert table.loc["stopped", "best_valid_dice"] == 0.4 and table.loc["stopped", "best_epoch"] == 2
+    assert table.loc["stopped", "epochs_run"] == 3
+    assert best_per_arch(table.reset_index()).empty          # the best of a network is a finished run
