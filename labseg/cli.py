@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess", action="store_true",
                    help="keep one pet per image (largest connected component, holes filled)")
     p.add_argument("--checkpoint", default="auto", choices=CHECKPOINTS, help=CHECKPOINT_HELP)
-    p.add_argument("--output-dir", default="outputs/runs", help="where runs are (default: outputs/runs)")
+    p.add_argument("--output-dir", default="outputs/runs",
+                   help="where to find RUN by name (default: outputs/runs); the masks go to --out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=cmd_predict)
 

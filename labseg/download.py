@@ -40,8 +40,9 @@ def download(root: str | Path, timeout: float = CONNECT_TIMEOUT_S) -> Path:
 
     root = Path(root).expanduser().resolve()
     target = root / "oxford-iiit-pet"
-    if (target / "images").is_dir() and (target / "annotations" / "trimaps").is_dir():
-        return target
+    for ready in (root, target):    # already there: in DIR itself (as --data takes it) or where torchvision puts it
+        if (ready / "images").is_dir() and (ready / "annotations" / "trimaps").is_dir():
+            return ready
     url = OxfordIIITPet._RESOURCES[0][0]
     reason = _reachable(url, timeout)
     if reason:

@@ -285,6 +285,11 @@ class RunDir:
         for c in candidates:
             if (c / "config.json").is_file():
                 return cls(c.resolve())
+        for c in candidates:    # a sweep point that failed before its run began: say so, and why
+            if (c / "failed.json").is_file():
+                error = (json.loads((c / "failed.json").read_text()) or {}).get("error", "")
+                raise FileNotFoundError(f"run {c} failed before it trained, so there is nothing to load "
+                                        f"(failed.json: {error.splitlines()[0] if error else 'no error recorded'})")
         raise FileNotFoundError(f"no run folder {run!r} (looked for config.json in "
                                 f"{', '.join(str(c) for c in candidates)}); runs here: "
                                 f"{', '.join(r.name for r in list_runs(output_dir)) or 'none'}")

@@ -795,6 +795,23 @@ def test_download_fails_fast_offline(tmp_path, monkeypatch):
     assert not (tmp_path / "oxford-iiit-pet" / "images").exists()
 
 
+def test_download_finds_a_dataset_already_in_its_folder(synthetic_root, tmp_path, monkeypatch):
+    from torchvision.datasets import OxfordIIITPet
+
+    from labseg.download import download
+
+    monkeypatch.setattr(OxfordIIITPet, "_RESOURCES", (("https://127.0.0.1:9/images.tar.gz", "0"),))  # no network
+    assert download(synthetic_root) == Path(synthetic_root).resolve()
+
+
+def test_a_failed_point_says_it_failed_rather_than_missing(tmp_path):
+    folder = tmp_path / "point"
+    folder.mkdir()
+    (folder / "failed.json").write_text(json.dumps({"error": "ConfigError: arch='nope' is not valid"}))
+    with pytest.raises(FileNotFoundError, match=r"point failed before it trained.*arch='nope' is not valid"):
+        RunDir.open("point", tmp_path)
+
+
 def test_distributed_two_processes_on_cpu(synthetic_root, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
