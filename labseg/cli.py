@@ -136,12 +136,10 @@ def cmd_prepare(args) -> int:
     from labseg.data import load_split
     from labseg.synthetic import default_sample_dir, write_synthetic_dataset
 
-    from labseg.config import ConfigError
+    from labseg.config import check_img_size
 
-    bad = [s for s in args.img_size if s <= 0 or s % 32]
-    if bad:
-        raise ConfigError(f"img_size={bad[0]}: expected sizes in px divisible by 32 (those training accepts), "
-                          "e.g. 64 128 256")
+    for size in args.img_size:
+        check_img_size(size)
     data = Path(args.data).resolve() if args.data else default_sample_dir()
     if args.synthetic or not args.data:
         t = time.perf_counter()

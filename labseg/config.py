@@ -54,6 +54,21 @@ def check_choice(name: str, value, choices) -> None:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
 
 
+def check_img_size(value, hint: str = "") -> int:
+    """``value`` if it is a side in px the networks take (a positive multiple of 32), else a
+    ConfigError naming it and the nearest valid sizes. ``hint`` ends the message (say, what
+    leaving the size unset does)."""
+    if not _is_int(value) or value <= 0:
+        raise ConfigError(f"img_size={value!r}: expected a positive size in px divisible by 32, "
+                          f"e.g. 128{hint}")
+    if value % 32:
+        lo = value // 32 * 32
+        nearest = f"{lo} or {lo + 32}" if lo else "32"
+        raise ConfigError(f"img_size={value}: must be divisible by 32 (the networks halve the size 5 "
+                          f"times); try {nearest}{hint}")
+    return value
+
+
 def resolve_path(path: str | Path) -> Path:
     """Resolve a path from the config: absolute stays, relative is taken from the project root.
 
@@ -170,14 +185,11 @@ class RunConfig:
             if c.arch not in archs and value is not None and value != as_built:
                 raise ConfigError(f"{name}={value!r} is for {' and '.join(archs)}; {c.arch} has no such option "
                                   f"(use {as_built!r} or leave it unset)")
-        for name in ("epochs", "batch_size", "img_size"):
+        for name in ("epochs", "batch_size"):
             value = getattr(c, name)
             if value is not None and (not _is_int(value) or value <= 0):
                 raise ConfigError(f"{name}={value!r}: expected a positive integer")
-        if c.img_size % 32:
-            lo, hi = c.img_size // 32 * 32, c.img_size // 32 * 32 + 32
-            raise ConfigError(f"img_size={c.img_size}: must be divisible by 32 "
-                              f"(the networks halve the size 5 times); try {lo or 32} or {hi}")
+        check_img_size(c.img_size)
         if c.lr is not None and not (_is_number(c.lr) and c.lr > 0):
             raise ConfigError(f"lr={c.lr!r}: expected a positive number such as 1e-3")
         if c.weight_decay is not None and not (_is_number(c.weight_decay) and c.weight_decay >= 0):

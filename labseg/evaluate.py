@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from labseg.config import ConfigError, RunConfig, check_choice, pick_device
+from labseg.config import ConfigError, RunConfig, check_choice, check_img_size, pick_device
 from labseg.data import BadSampleError, Batches, CachedSplit, load_image, load_split, log, normalize, split_trainval
 from labseg.metrics import per_image_accuracy, per_image_dice, per_image_iou
 from labseg.models import build_model
@@ -250,9 +250,8 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
     ``postprocess`` keeps one pet per image (:func:`labseg.postprocess.clean_mask`)."""
     from tqdm.auto import tqdm
 
-    if img_size is not None and (not isinstance(img_size, int) or img_size <= 0 or img_size % 32):
-        raise ConfigError(f"img_size={img_size!r}: expected a positive size in px divisible by 32, e.g. 128 "
-                          "(or leave it unset for the run's own)")
+    if img_size is not None:
+        check_img_size(img_size, hint=" (or leave it unset for the run's own)")
     if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
         raise ConfigError(f"threshold={threshold!r}: expected a probability between 0 and 1, e.g. 0.5")
     source = Path(source)

@@ -144,14 +144,13 @@ def run_workbook(epochs: int = 3, img_size: int = 64, *, data_dir: str = "data/s
     01–03 → ``outputs/notebooks/``; 04 and then 05 once per network, their executed notebooks in
     the run's folder; 06 over every run. Returns ``outputs/report/report.md``.
     """
-    from labseg.config import ConfigError
+    from labseg.config import ConfigError, check_img_size
     from labseg.runs import RunDir
 
     # Checked before 01-03 run (a minute): a bad value would otherwise surface only in 04_train.
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs <= 0:
         raise ConfigError(f"epochs={epochs!r}: expected a positive integer")
-    if not isinstance(img_size, int) or img_size <= 0 or img_size % 32:
-        raise ConfigError(f"img_size={img_size!r}: expected a positive size in px divisible by 32, e.g. 64")
+    check_img_size(img_size)
     if data_dir == "data/sample":
         from labseg.synthetic import ensure_sample
 
