@@ -319,6 +319,20 @@ def plot_history(history: list[dict], axes=None, label: str | None = None, fig: 
     return fig if fig is not None else axes[0].figure
 
 
+CONFIG_FIELDS = ("arch", "data_dir", "img_size", "epochs", "time_budget", "batch_size", "lr", "weight_decay",
+                 "optimizer", "scheduler", "warmup_epochs", "loss", "augment", "norm", "seed", "max_train_images")
+
+
+def config_table(config, fields=CONFIG_FIELDS):
+    """A one-column table of a RunConfig's values; a budget run's epochs read "until the budget"."""
+    import pandas as pd
+
+    values = {k: getattr(config, k) for k in fields}
+    if "epochs" in values and (values["epochs"] or 0) >= UNTIL_BUDGET:
+        values["epochs"] = "until the time budget is spent"
+    return pd.Series({k: "" if v is None else v for k, v in values.items()}, name="value").to_frame()
+
+
 class LivePlot:
     """A ``fit(callback=...)`` that redraws the training curves in place after every epoch.
 

@@ -68,3 +68,12 @@ def test_threshold_changes_the_shown_dice(split):
     assert f"Dice {d_hi:.3f}" in fig.axes[2].get_title()
     best, worst = viz.best_and_worst([0.2, 0.9, 0.5, 0.1], 2)
     assert best == [1, 2] and worst == [3, 0]
+
+
+def test_config_table_says_a_budget_run_trains_until_its_budget():
+    from labseg.config import RunConfig
+
+    budget = viz.config_table(RunConfig(arch="unet", time_budget="25m").with_recipe().validate())["value"]
+    assert budget["epochs"] == "until the time budget is spent" and budget["time_budget"] == "25m"
+    fixed = viz.config_table(RunConfig(arch="unet", epochs=3).with_recipe().validate())["value"]
+    assert fixed["epochs"] == 3 and fixed["time_budget"] == "" and fixed["arch"] == "unet"
