@@ -26,7 +26,7 @@ from labseg.evaluate import eval_file
 from labseg.machine import run_machine_label
 from labseg.runs import RunDir, atomic_write_bytes, atomic_write_text, default_checkpoint
 
-PARAMS = ("arch", "img_size", "epochs", "batch_size", "lr", "optimizer", "scheduler", "loss",
+PARAMS = ("arch", "img_size", "epochs", "time_budget", "batch_size", "lr", "optimizer", "scheduler", "loss",
           "augment", "seed", "max_train_images", "data_dir")
 METRICS = ("best_valid_dice", "best_valid_iou", "best_epoch", "epochs_run", "train_seconds", "parameters")
 TABLE_COLUMNS = ("run", "status", *PARAMS, *METRICS, "checkpoint", "test_dice", "test_iou", "test_dice_tta",
@@ -177,7 +177,14 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
     ax_l.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     if best:   # run names are long (sweeps): the legend goes under the plots, not over the curves
         fig.legend(*ax_m.get_legend_handles_labels(), loc="outside lower center", fontsize=8)
+    if not ax_m.lines:
+        _say_empty(ax_m, "no run has finished an epoch yet")
     return fig
+
+
+def _say_empty(ax, text: str) -> None:
+    """Write ``text`` across an empty plot, so that it does not read as a plot of zeros."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
 
 
 def plot_best(table) -> Figure:
@@ -200,6 +207,8 @@ def plot_best(table) -> Figure:
     if np.isfinite(test).any():
         handles.append(Patch(facecolor="lightgray", edgecolor="k", label="test Dice"))
     ax.legend(handles=handles, fontsize=8, loc="lower right")
+    if not len(best):
+        _say_empty(ax, "no finished run yet")
     return fig
 
 
@@ -256,8 +265,15 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
     out = resolve_path(report_dir)
     table = collect_runs(output_dir)
     best = best_per_arch(table)
-    atomic_write_bytes(out / "curves.png", figure_png(plot_curves(output_dir, table)))
-    atomic_write_bytes(out / "best_per_network.png", figure_png(plot_best(table)))
+    curves = plot_curves(output_dir, table)
+    has_curves = bool(curves.axes[0].lines)
+    # A chart with nothing to show is not written, and one left from an earlier report removed.
+    for name, fig, drawn in (("curves.png", curves, has_curves),
+                             ("best_per_network.png", plot_best(table) if len(best) else None, len(best))):
+        if drawn:
+            atomic_write_bytes(out / name, figure_png(fig))
+        else:
+            (out / name).unlink(missing_ok=True)
     atomic_write_text(out / "runs.csv", table.to_csv(index=False))
 
     shown = ["run", "status", "arch", "img_size", "epochs", "lr", "loss", "augment", "seed",
@@ -277,14 +293,13 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
                                             "checkpoint", "test_dice", "test_iou", "parameters", "train_seconds"])
         if len(best) else "_No finished run yet._",
         "",
-        "![best run per network](best_per_network.png)",
-        "",
+        *(["![best run per network](best_per_network.png)", ""] if len(best) else []),
         "## Learning curves",
         "",
-        "Validation Dice and loss per epoch of every run; the best run of each network is drawn bold.",
+        "Validation Dice and loss per epoch of every run; the best run of each network is drawn bold."
+        if has_curves else "_No run has finished an epoch yet._",
         "",
-        "![learning curves](curves.png)",
-        "",
+        *(["![learning curves](curves.png)", ""] if has_curves else []),
         "## All runs",
         "",
         "`checkpoint` is the run's own checkpoint: last.pt once its decaying lr schedule finished, best.pt "

@@ -115,7 +115,24 @@ def test_a_run_resumed_on_another_machine_shows_both(tmp_path):
 def test_empty_runs_folder(tmp_path):
     assert collect_runs(tmp_path / "none").empty
     report = write_report(tmp_path / "none", tmp_path / "report")
-    assert "No finished run yet" in report.read_text()
+    text = report.read_text()
+    assert "No finished run yet" in text and "No run has finished an epoch yet" in text
+    assert ".png" not in text and not list((tmp_path / "report").glob("*.png"))    # no empty charts
+
+
+def test_charts_appear_with_what_they_show_and_stale_ones_go(tmp_path):
+    runs = tmp_path / "runs"
+    stopped = fake_run(runs, "stopped", "unet", [0.3, 0.4])
+    (stopped.path / "summary.json").unlink()
+    text = write_report(runs, tmp_path / "report").read_text()
+    assert "![learning curves](curves.png)" in text and (tmp_path / "report" / "curves.png").is_file()
+    assert "best_per_network.png" not in text and not (tmp_path / "report" / "best_per_network.png").exists()
+    fake_run(runs, "done", "unet", [0.5, 0.6])
+    text = write_report(runs, tmp_path / "report").read_text()
+    assert "![best run per network](best_per_network.png)" in text
+    assert (tmp_path / "report" / "best_per_network.png").is_file()
+    write_report(tmp_path / "empty", tmp_path / "report")      # the same report folder, no runs now
+    assert not list((tmp_path / "report").glob("*.png"))
 
 
 def test_markdown_table_escapes_pipes():
