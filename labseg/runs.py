@@ -105,6 +105,16 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def folder_contents(folder: Path, keep: str | None = None) -> str:
+    """What deleting a run folder loses, in words: "5 files (2 evaluations: eval_test.json, …)".
+    Files ending in ``keep`` are not counted. Empty when there is nothing."""
+    files = sorted(p.name for p in Path(folder).rglob("*") if p.is_file() and not (keep and p.name.endswith(keep)))
+    evals = [f for f in files if f.startswith("eval_")]
+    if not files:
+        return ""
+    return f"{len(files)} file(s)" + (f" ({len(evals)} evaluation(s): {', '.join(evals)})" if evals else "")
+
+
 class CheckpointWriter:
     """Writes checkpoints in a background thread so that training does not wait for the disk.
 
@@ -264,6 +274,8 @@ class RunDir:
         """
         base = resolve_path(output_dir) / name
         if overwrite and base.exists():
+            if lost := folder_contents(base, keep=".ipynb"):
+                print(f"labseg: --overwrite: deleting {lost} in {base}")
             for entry in base.iterdir():    # keep a notebook papermill is writing into it now
                 if entry.suffix != ".ipynb":
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()

@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from labseg.config import PROJECT_ROOT, resolve_path
-from labseg.runs import atomic_write_json
+from labseg.runs import atomic_write_json, folder_contents
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS = ("01_data", "02_unet", "03_resnet34_unet", "04_train", "05_evaluate", "06_report")
@@ -122,6 +122,8 @@ def run_training_notebook(params: dict, *, output_dir: str | Path | None = None,
     if interrupted:
         params["resume"] = True         # nothing lost: the epochs it had are kept
     elif exact and folder.exists():
+        if progress and (lost := folder_contents(folder)):
+            print(f"labseg: replacing {folder}: deleting its {lost}", flush=True)
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     params.update(run_name=folder.name, output_dir=str(root))

@@ -103,3 +103,18 @@ def test_a_rerun_resumes_an_interrupted_point_and_finds_a_prefixed_one(tmp_path,
     assert "resuming" in notebook                           # epoch 1 was kept, not trained again
     (again,) = run_sweep(grid, output_dir=tmp_path, prefix="my run", progress=False)
     assert again["status"].startswith("done before")
+
+
+def test_redoing_a_finished_point_says_what_it_deletes(tmp_path, capsys):
+    from labseg.workbook import run_training_notebook
+
+    folder = tmp_path / "runs" / "point"
+    folder.mkdir(parents=True)
+    for name in ("summary.json", "best.pt", "eval_test.json", "eval_test_last.json"):
+        (folder / name).write_text("{}")
+    # A point that fails at once (no such dataset) still replaces the finished run it was given.
+    run_training_notebook({"arch": "unet", "epochs": 1, "img_size": 32, "data_dir": str(tmp_path / "none")},
+                          output_dir=tmp_path / "runs", name="point", exact=True, raise_on_error=False)
+    said = capsys.readouterr().out
+    assert f"replacing {folder}: deleting its 4 file(s) (2 evaluation(s): eval_test.json, eval_test_last.json)" in said
+    assert not (folder / "eval_test.json").exists() and (folder / "failed.json").is_file()

@@ -158,8 +158,12 @@ def test_same_run_name_never_shares_a_folder(tiny, capsys):
     fit(arch="resnet34_unet", run_name="same", **tiny)
     with pytest.raises(labseg.runs.RunExistsError, match="same exists; resume it with --resume, start over"):
         fit(arch="resnet34_unet", run_name="same", **tiny)
+    (a.path.parent / "same" / "eval_test.json").write_text("{}")
+    capsys.readouterr()
     c = fit(arch="resnet34_unet", run_name="same", overwrite=True, **tiny).run
     assert c.path.name == "same" and not (c.path.parent / "same-2").exists()
+    said = capsys.readouterr().out      # what --overwrite deleted is said, its evaluations named
+    assert "--overwrite: deleting" in said and "1 evaluation(s): eval_test.json" in said
 
 
 def test_corrupt_last_checkpoint_is_reported_and_best_resumes(tiny):
