@@ -57,13 +57,17 @@ def run_notebook(name: str, output: str | Path, params: dict | None = None, *, p
     at ``output`` for inspection.
     """
     import papermill as pm
+    from traitlets.config import Config
 
     output = Path(output).expanduser().resolve()
     output.parent.mkdir(parents=True, exist_ok=True)     # papermill does not create it
+    # Over local sockets (not Windows), the kernel talks only to this process, and ipykernel >= 7
+    # does not print its warning about unencrypted TCP for every notebook.
+    config = Config({"KernelManager": {"transport": "ipc"}}) if os.name == "posix" else Config()
     try:
         pm.execute_notebook(str(notebook_path(name)), str(output), parameters=params or {},
                             cwd=str(NOTEBOOK_DIR), progress_bar=progress, execution_timeout=timeout,
-                            kernel_name="python3")
+                            kernel_name="python3", config=config)
     except pm.PapermillExecutionError as e:
         raise NotebookFailed(f"{name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
                              f"(executed notebook: {output})") from None
