@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from labseg.config import CHECKPOINTS, RunConfig
+from labseg.config import CHECKPOINTS, PATH_FIELDS, RunConfig
 
 HELP = {
     "arch": "network: unet, resnet34_unet, or smp_unet_resnet34 (the peer, segmentation_models_pytorch's "
@@ -74,7 +74,6 @@ HELP = {
     "checkpoint_every": "seconds between writes of last.pt, which a resume starts from; best.pt and the "
                         "final epoch are always written (0 = after every epoch)",
 }
-PATH_FIELDS = {"data_dir", "output_dir", "cache_dir"}
 CHECKPOINT_HELP = ("best, last, or auto (the default): last.pt for a run that finished its decaying lr "
                    "schedule, best.pt (best valid Dice) for one stopped early or interrupted")
 

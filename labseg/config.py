@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ BEFORE_OPTION_EXISTED = dict(ema=0.0, swa=0.0, sam=0.0, copy_paste=0.0, mosaic=0
                              crop_size=0, crop_until=0.0, low_res_scale=0.0, low_res_until=0.0,
                              drop_path=0.0, decoder_attention="none",
                              deep_supervision=False, output_stride=32)
+PATH_FIELDS = ("data_dir", "output_dir", "cache_dir")   # folders: relative ones start at the project root
 UNTIL_BUDGET = 100_000     # the epoch count of a run limited by its time budget alone
 
 
@@ -152,6 +154,17 @@ class RunConfig:
     num_threads: int | None = None         # torch CPU threads; None = torch's default
     log_every: int = 20                    # steps between host syncs for the progress bar
     checkpoint_every: float = 60.0         # seconds between last.pt writes (0 = every epoch)
+
+    def __post_init__(self):
+        # A notebook passes a Path or a numpy number (np.logspace for a sweep) as readily as a
+        # str or a float. Kept as they are, they would reach the checkpoint, which
+        # torch.load(weights_only=True) then refuses: plain values only, from here on.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, os.PathLike):
+                setattr(self, f.name, os.fspath(value))
+            elif type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+                setattr(self, f.name, value.item())
 
     # ------------------------------------------------------------------ helpers
     def with_recipe(self) -> "RunConfig":

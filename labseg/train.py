@@ -17,14 +17,14 @@ import os
 import random
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from labseg.config import ARCH_OPTIONS, UNTIL_BUDGET, ConfigError, RunConfig, pick_device
+from labseg.config import ARCH_OPTIONS, PATH_FIELDS, UNTIL_BUDGET, ConfigError, RunConfig, pick_device, resolve_path
 from labseg.data import Batches, balanced_subset, check_layout, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
 from labseg.machine import cpu_capability, describe as describe_machine
@@ -246,7 +246,9 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     ``resume``: False for a new run; True or ``"last"`` to continue ``config.run_name`` from
     ``last.pt``; ``"best"`` to continue from ``best.pt`` (e.g. when last.pt is corrupt).
     ``callback(history)`` is called after every epoch (live plots in the notebook).
-    Keyword ``overrides`` set config fields, e.g. ``fit(arch="unet", epochs=3)``.
+    Keyword ``overrides`` set config fields, e.g. ``fit(arch="unet", epochs=3)``. On resume, the
+    fields of ``config`` still at RunConfig's defaults count as not given; pass a field as a
+    keyword to have it checked against the run's record.
     """
     config_arg = config
     asked = RunConfig.from_dict(overrides) if config is None else (
@@ -415,6 +417,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
         # silently moved to NAME-2, where a notebook written into NAME would describe the wrong run.
         run = RunDir.create(config.output_dir, config.run_name or run_name_for(config), overwrite=overwrite,
                             exist="error" if config.run_name else "suffix")
+        config = replace(config, run_name=run.path.name)    # the records name their run
         run.write_config(config)
     writer = CheckpointWriter()
     machine = describe_machine(device, amp_dtype, channels_last)
@@ -572,11 +575,19 @@ def _merge_resumed(recorded: RunConfig, asked: dict) -> RunConfig:
     fields given again; any other field given must agree with the record)."""
     rec = recorded.to_dict()
     changed = {k: (rec[k], v) for k, v in asked.items()
-               if k not in RESUMABLE and k != "run_name" and v is not None and v != rec[k]}
+               if k not in RESUMABLE and k != "run_name" and v is not None and not _same_value(k, v, rec[k])}
     if changed:
         diff = ", ".join(f"{k}: recorded {a!r}, asked {b!r}" for k, (a, b) in changed.items())
         raise ConfigError(f"resume must keep the run's config; differs in {diff}")
     return RunConfig.from_dict({**rec, **{k: v for k, v in asked.items() if k in RESUMABLE and v is not None}})
+
+
+def _same_value(name: str, asked, recorded) -> bool:
+    """Whether a value given on resume agrees with the record: a folder agrees however it is
+    spelt (relative to the project root or absolute, str or Path)."""
+    if name in PATH_FIELDS and asked is not None and recorded is not None:
+        return resolve_path(asked) == resolve_path(recorded)
+    return asked == recorded
 
 
 def _check_not_finished(run: RunDir, start: dict, config: RunConfig) -> None:

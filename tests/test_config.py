@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from labseg.config import ConfigError, RunConfig, parse_duration, resolve_path, PROJECT_ROOT
@@ -140,3 +142,20 @@ def test_layout_options_at_their_as_built_values_are_accepted_by_every_network()
 ])
 def test_low_res_size_is_the_scale_of_img_size_to_a_multiple_of_32(img_size, scale, expected):
     assert RunConfig(img_size=img_size, low_res_scale=scale).low_res_size == expected
+
+
+def test_paths_and_numpy_numbers_become_plain_values_a_checkpoint_can_hold():
+    """A Path or np.float64 (np.logspace in a notebook sweep) in a checkpoint made it unloadable."""
+    import io
+
+    import numpy as np
+    import torch
+
+    c = RunConfig(data_dir=Path("data/sample"), output_dir=Path("/tmp/runs"), lr=np.logspace(-3, -2, 2)[0],
+                  epochs=np.int64(2), ema=np.float32(0.5)).with_recipe().validate()
+    assert (c.data_dir, c.output_dir, c.lr, c.epochs) == ("data/sample", "/tmp/runs", 1e-3, 2)
+    assert type(c.lr) is float and type(c.epochs) is int and type(c.ema) is float
+    buffer = io.BytesIO()
+    torch.save({"config": c.to_dict()}, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["config"] == c.to_dict()

@@ -16,7 +16,7 @@ import torch
 
 import labseg.data
 import labseg.runs
-from labseg.config import UNTIL_BUDGET, ConfigError, RunConfig
+from labseg.config import PROJECT_ROOT, UNTIL_BUDGET, ConfigError, RunConfig
 from labseg.data import Batches, balanced_subset, load_split, split_trainval
 from labseg.evaluate import evaluate_run, format_result, load_run_model
 from labseg.metrics import per_image_dice
@@ -153,6 +153,8 @@ def test_same_run_name_never_shares_a_folder(tiny, capsys):
     b = fit(arch="resnet34_unet", **tiny).run
     assert a.path != b.path and b.path.name == a.path.name + "-2"
     assert b.path.name in capsys.readouterr().out
+    # an unnamed run's records carry the name it got, so that its checkpoint and summary say which run
+    assert b.read_config().run_name == b.path.name and b.read_summary()["run_name"] == b.path.name
     # A name given is that run's: refused rather than moved to NAME-2, where a notebook written
     # into NAME (papermill) would describe another run.
     fit(arch="resnet34_unet", run_name="same", **tiny)
@@ -416,6 +418,11 @@ def test_resume_keeps_what_was_not_asked_again():
         _merge_resumed(recorded, {"run_name": "r", "lr": 0.5})
     with pytest.raises(ConfigError, match="arch: recorded 'unet', asked 'resnet34_unet'"):
         _merge_resumed(recorded, {"arch": "resnet34_unet"})
+    # a folder given again agrees however it is spelt: relative (to the project root), absolute, Path
+    assert _merge_resumed(recorded, {"data_dir": PROJECT_ROOT / "data" / "sample",
+                                     "output_dir": str(PROJECT_ROOT / "outputs/runs")}) == recorded
+    with pytest.raises(ConfigError, match="differs in data_dir"):
+        _merge_resumed(recorded, {"data_dir": PROJECT_ROOT / "data" / "other"})
 
 
 def test_time_budget_stops_cleanly(tiny):
