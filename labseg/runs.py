@@ -362,11 +362,18 @@ class RunDir:
 
 
 def list_runs(output_dir: str | Path = "outputs/runs") -> list[RunDir]:
+    """The run folders under ``output_dir``, the one that trained last at the end."""
     root = resolve_path(output_dir)
     if not root.is_dir():
         return []
-    return sorted((RunDir(p) for p in root.iterdir() if (p / "config.json").is_file()),
-                  key=lambda r: r.path.stat().st_mtime)
+    return sorted((RunDir(p) for p in root.iterdir() if (p / "config.json").is_file()), key=_trained_at)
+
+
+def _trained_at(run: RunDir) -> float:
+    """When the run last trained: its config's or summary's time. Not the folder's, which an
+    evaluation or a notebook written into it moves, making an old run look like the latest."""
+    return max((run.path / name).stat().st_mtime for name in ("config.json", "summary.json")
+               if (run.path / name).is_file())
 
 
 def best_run(output_dir: str | Path = "outputs/runs", arch: str | None = None,

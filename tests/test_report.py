@@ -187,9 +187,13 @@ def test_best_run_compares_runs_on_the_dataset_of_the_latest_one(tmp_path):
                                             ("real-b", 0.7, "/pets"), ("sample-latest", 0.5, "data/sample")]):
         run = fake_run(tmp_path, name, "unet", [dice])
         run.write_json("config.json", {**json.loads((run.path / "config.json").read_text()), "data_dir": data})
-        os.utime(run.path, (1_000_000 + i, 1_000_000 + i))
+        for record in ("config.json", "summary.json"):
+            os.utime(run.path / record, (1_000_000 + i, 1_000_000 + i))
     assert best_run(tmp_path).name == "sample-good"         # latest on the sample: the sample's best
-    os.utime(tmp_path / "real-a", (2_000_000, 2_000_000))   # now a real-photo run is the latest
+    # evaluating an old run writes into its folder; it does not make that run the latest
+    (tmp_path / "real-a" / "eval_test.json").write_text("{}")
+    assert best_run(tmp_path).name == "sample-good"
+    os.utime(tmp_path / "real-a" / "summary.json", (2_000_000, 2_000_000))   # real-a trained further
     assert best_run(tmp_path).name == "real-b"
 
 
