@@ -15,7 +15,9 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-ARCHS = ("unet", "resnet34_unet", "smp_unet_resnet34")   # the last: the peer (labseg.models.smp_unet)
+# The network names RunConfig accepts: labseg's two, the peer (labseg.models.smp_unet), and any
+# added by labseg.models.register_model (which appends here; a list for that reason).
+ARCHS = ["unet", "resnet34_unet", "smp_unet_resnet34"]
 # The options that change a network's layout, their "as built" value, and the networks that have
 # them. Any other value on another network is an error, not silently ignored.
 ARCH_OPTIONS = {
@@ -25,7 +27,7 @@ ARCH_OPTIONS = {
     "output_stride": (32, ("resnet34_unet",)),
     "deep_supervision": (False, ("unet", "resnet34_unet")),
 }
-LOSSES = ("bce", "dice", "bce_dice", "tversky", "focal", "lovasz", "bce_lovasz")
+LOSSES = ["bce", "dice", "bce_dice", "tversky", "focal", "lovasz", "bce_lovasz"]   # + labseg.losses.register_loss
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 AUGMENTS = ("none", "flip", "light", "strong", "color")

@@ -95,6 +95,18 @@ def deep_supervised(loss_fn):
     return loss
 
 
+def register_loss(name: str, fn) -> None:
+    """Make ``fn(logits, target, valid) -> scalar`` usable as ``loss=name`` (see :func:`bce_dice` for
+    the arguments: N×1×S×S logits and 0/1 targets, and the mask of pixels that count)."""
+    from labseg.config import LOSSES as NAMES, ConfigError
+
+    if not (isinstance(name, str) and name.isidentifier()) or not callable(fn):
+        raise ConfigError(f"register_loss: expected a name and a function, got {name!r} and {fn!r}")
+    LOSSES[name] = fn
+    if name not in NAMES:
+        NAMES.append(name)
+
+
 def build_loss(name: str):
     check_choice("loss", name, LOSSES)
     return LOSSES[name]

@@ -90,6 +90,13 @@ RECIPES = {
 }
 
 
+# A network added with labseg.models.register_model starts from this; its own recipe overrides it.
+BASE_RECIPE = dict(_COMMON, lr=1e-3, batch_size=8)
+
+
 def recipe_for(arch: str) -> dict:
-    """The recipe for ``arch`` as a fresh dict (raises KeyError for an unknown arch)."""
+    """The recipe for ``arch`` as a fresh dict (a ConfigError naming the networks for an unknown one)."""
+    from labseg.config import check_choice
+
+    check_choice("arch", arch, RECIPES)
     return dict(RECIPES[arch])

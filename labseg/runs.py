@@ -263,6 +263,15 @@ class RunDir:
 
     path: Path
 
+    def release(self) -> None:
+        """Give up a folder claimed by a run that never wrote a checkpoint: its records go (an
+        executed notebook stays), so the same command can simply be run again."""
+        for entry in self.path.iterdir():
+            if entry.suffix != ".ipynb":
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        if not any(self.path.iterdir()):
+            self.path.rmdir()
+
     # ---- creation
     @classmethod
     def create(cls, output_dir: str | Path, name: str, *, overwrite: bool = False,

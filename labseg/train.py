@@ -412,6 +412,7 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
         """Fraction of training done: by steps, or by time when a budget is set, whichever is further."""
         spent = time.perf_counter() - t0 + elapsed_before
         return max(step / max(total_steps, 1), spent / budget if budget else 0.0)
+    check_logits(model, config.arch, config.img_size, device)
     if not resume and dist.is_main:
         # A name given is that run's: an existing one is refused (resume or overwrite it), never
         # silently moved to NAME-2, where a notebook written into NAME would describe the wrong run.
@@ -505,6 +506,11 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
                 break
         if history and saved_epoch != history[-1]["epoch"]:
             save(history[-1]["epoch"])      # the final epoch is always in last.pt
+    except BaseException:
+        writer.join()
+        if not resume and dist.is_main and not any(run.checkpoint(w).exists() for w in ("best", "last")):
+            run.release()   # died before its first checkpoint (a network's first step, Ctrl-C): nothing to keep
+        raise
     finally:
         writer.join()       # the last submitted checkpoint is on disk before any error propagates
     writer.wait()
@@ -543,6 +549,23 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
                   f"records in {run.path}")
     dist.close()
     return FitResult(run, history, summary, final_model)
+
+
+def check_logits(model: nn.Module, arch: str, img_size: int, device) -> None:
+    """Fail before a run folder is claimed if ``model`` does not map N×3×S×S images to N×1×S×S
+    logits in eval mode (a student's own network, registered with labseg.models.register_model)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros(1, 3, img_size, img_size, device=device))
+    finally:
+        model.train(was_training)
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+    if shape != (1, 1, img_size, img_size):
+        got = f"a {type(out).__name__}" if shape is None else "×".join(map(str, shape))
+        raise ConfigError(f"network {arch!r} returned {got} for a 1×3×{img_size}×{img_size} batch in eval mode; "
+                          f"expected 1×1×{img_size}×{img_size} logits (one channel, the input's size)")
 
 
 def _summary(config, history, stop_reason, seconds, n_params, trainval, n_train, n_valid) -> dict:

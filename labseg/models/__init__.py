@@ -2,12 +2,17 @@
 
 ``smp_unet_resnet34`` is the peer (segmentation_models_pytorch's Unet, the optional ``bench``
 extra), registered so that it trains and is evaluated by the same code as labseg's own networks.
+:func:`register_model` adds a network of your own under a name that training, evaluation, the
+report, sweeps and the CLI then accept like these (``docs/design.md``, "Adding a network").
 """
 from __future__ import annotations
 
+import re
+from typing import Callable
+
 from torch import nn
 
-from labseg.config import check_choice
+from labseg.config import ARCH_OPTIONS, ARCHS, ConfigError, RunConfig, check_choice
 from labseg.models.resnet34_unet import ResNet34UNet
 from labseg.models.smp_unet import import_smp, smp_unet_resnet34
 from labseg.models.unet import UNet
@@ -18,6 +23,50 @@ MODELS = {
     "smp_unet_resnet34": smp_unet_resnet34,
 }
 OWN_MODELS = ("unet", "resnet34_unet")   # written here; the rest are peers built by other libraries
+REQUIRES = {"smp_unet_resnet34": import_smp}   # networks that need a library not always installed
+
+
+def register_model(name: str, builder: Callable[..., nn.Module], *, recipe: dict | None = None,
+                   options: tuple[str, ...] = ()) -> None:
+    """Make ``builder`` trainable as ``arch=name``: ``fit``, ``labseg train --arch``, 04_train, sweeps.
+
+    ``builder(**options)`` returns a fresh network that maps N×3×S×S images (S divisible by 32)
+    to N×1×S×S logits in eval mode; in training mode a deep-supervised one may return
+    ``(logits, [aux logits, ...])``. ``recipe``: its training defaults, RunConfig fields over
+    :data:`labseg.recipes.BASE_RECIPE`. ``options``: the layout fields of RunConfig that its
+    builder takes (of ``config.ARCH_OPTIONS``, e.g. ``("deep_supervision",)``). Registering a
+    name again replaces it (a notebook cell run twice). The CLI and notebooks run in other
+    processes: list the module that registers in ``$LABSEG_PLUGINS`` for them to import.
+    """
+    from labseg.recipes import BASE_RECIPE, RECIPES
+
+    if not (isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name)):
+        raise ConfigError(f"register_model: name {name!r}: expected lower-case letters, digits and _ (an arch name)")
+    if name in OWN_MODELS or name in REQUIRES:
+        raise ConfigError(f"register_model: {name!r} is one of labseg's networks; pick another name")
+    if not callable(builder):
+        raise ConfigError(f"register_model: builder for {name!r} is {builder!r}; expected a class or function "
+                          "that returns an nn.Module")
+    for option in options:
+        check_choice("register_model option", option, ARCH_OPTIONS)
+    recipe = dict(BASE_RECIPE, **(recipe or {}))
+    fields = {f for f in RunConfig.__dataclass_fields__}
+    if unknown := sorted(set(recipe) - fields):
+        raise ConfigError(f"register_model: recipe of {name!r} has unknown field(s) {unknown}; valid: "
+                          f"{', '.join(sorted(fields))}")
+    for option, (as_built, _) in ARCH_OPTIONS.items():
+        if option not in options and recipe.get(option, as_built) != as_built:
+            raise ConfigError(f"register_model: recipe of {name!r} sets {option}={recipe[option]!r}, but {option} "
+                              f"is not in its options; add it to options=(...) or leave it out of the recipe")
+        if option not in options:
+            recipe[option] = as_built
+    MODELS[name] = builder
+    RECIPES[name] = recipe
+    if name not in ARCHS:
+        ARCHS.append(name)
+    for option, (as_built, archs) in list(ARCH_OPTIONS.items()):
+        archs = tuple(a for a in archs if a != name) + ((name,) if option in options else ())
+        ARCH_OPTIONS[option] = (as_built, archs)
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
@@ -30,12 +79,13 @@ def check_installed(name: str) -> None:
     """Raise now, before any data or run folder is made, if network ``name`` needs a library
     that is not installed (only the peer does: segmentation_models_pytorch)."""
     check_choice("arch", name, MODELS)
-    if name not in OWN_MODELS:
-        import_smp()
+    if name in REQUIRES:
+        REQUIRES[name]()
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "OWN_MODELS", "build_model", "check_installed", "count_parameters", "UNet", "ResNet34UNet"]
+__all__ = ["MODELS", "OWN_MODELS", "build_model", "check_installed", "count_parameters", "register_model",
+           "UNet", "ResNet34UNet"]

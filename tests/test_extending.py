@@ -1,0 +1,128 @@
+"""Adding a network or a loss of one's own: labseg.models.register_model, losses.register_loss,
+$LABSEG_PLUGINS; and a network that cannot train failing before it leaves a run folder."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from labseg import config, recipes
+from labseg.config import ConfigError, RunConfig
+from labseg.evaluate import evaluate_run
+from labseg.losses import LOSSES, bce, register_loss
+from labseg.models import MODELS, register_model
+from labseg.train import fit
+
+
+class TinyNet(nn.Module):
+    """Two convolutions, one 2× pooling and back: the least a registered network must do."""
+
+    def __init__(self, width: int = 8, deep_supervision: bool = False):
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2))
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(width, 1, 3, padding=1))
+        self.aux = nn.Conv2d(width, 1, 1) if deep_supervision else None
+
+    def forward(self, x):
+        h = self.down(x)
+        logits = self.up(h)
+        if self.aux is not None and self.training:
+            return logits, [nn.functional.interpolate(self.aux(h), size=x.shape[-2:])]
+        return logits
+
+
+class HalfSize(TinyNet):
+    def forward(self, x):
+        return self.down(x)[:, :1]          # N×1×S/2×S/2: forgot to upsample
+
+
+@pytest.fixture
+def registry():
+    """Registrations made by a test are undone after it (the registry is module state)."""
+    saved = (dict(MODELS), dict(recipes.RECIPES), list(config.ARCHS), dict(config.ARCH_OPTIONS),
+             dict(LOSSES), list(config.LOSSES))
+    yield
+    for live, old in zip((MODELS, recipes.RECIPES, config.ARCHS, config.ARCH_OPTIONS, LOSSES, config.LOSSES), saved):
+        live.clear()
+        live.update(old) if isinstance(live, dict) else live.extend(old)
+
+
+@pytest.fixture
+def tiny(synthetic_root, tmp_path):
+    return dict(data_dir=str(synthetic_root), img_size=32, batch_size=4, max_train_images=8, epochs=1,
+                output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), progress=False)
+
+
+def test_a_registered_network_and_loss_train_evaluate_and_resume(registry, tiny):
+    register_model("tiny_net", TinyNet, recipe=dict(lr=3e-3, batch_size=4, deep_supervision=True),
+                   options=("deep_supervision",))
+    register_loss("half_bce", lambda logits, target, valid: 0.5 * bce(logits, target, valid))
+    c = RunConfig(arch="tiny_net").with_recipe().validate()
+    assert (c.lr, c.batch_size, c.deep_supervision, c.loss) == (3e-3, 4, True, "bce_dice")
+    result = fit(arch="tiny_net", loss="half_bce", run_name="t", **tiny)
+    assert result.summary["arch"] == "tiny_net" and result.run.read_config().loss == "half_bce"
+    assert isinstance(result.model, TinyNet) and result.model.aux is not None    # the option reached it
+    scores = evaluate_run(result.run, progress=False, save=False)
+    assert 0.0 <= scores["dice"] <= 1.0
+    again = fit(arch="tiny_net", run_name="t", resume=True, **{**tiny, "epochs": 2})
+    assert [r["epoch"] for r in again.history] == [1, 2]
+
+
+def test_registration_mistakes_are_named(registry):
+    with pytest.raises(ConfigError, match="recipe of 'tiny_net' sets deep_supervision=True, but deep_supervision "
+                                          "is not in its options"):
+        register_model("tiny_net", TinyNet, recipe=dict(deep_supervision=True))
+    with pytest.raises(ConfigError, match=r"recipe of 'tiny_net' has unknown field\(s\) \['learning_rate'\]"):
+        register_model("tiny_net", TinyNet, recipe=dict(learning_rate=1e-3))
+    with pytest.raises(ConfigError, match="'unet' is one of labseg's networks"):
+        register_model("unet", TinyNet)
+    with pytest.raises(ConfigError, match="register_model option='depth' is not valid; choose one of: norm"):
+        register_model("tiny_net", TinyNet, options=("depth",))
+    assert "tiny_net" not in config.ARCHS and "tiny_net" not in MODELS
+    with pytest.raises(ConfigError, match="arch='tiny_net' is not valid; choose one of: unet, resnet34_unet"):
+        RunConfig(arch="tiny_net").with_recipe()
+    register_model("tiny_net", TinyNet)
+    with pytest.raises(ConfigError, match="deep_supervision=True is for unet and resnet34_unet; tiny_net has no"):
+        RunConfig(arch="tiny_net", deep_supervision=True).with_recipe().validate()
+
+
+def test_a_network_with_the_wrong_output_fails_before_it_claims_a_folder(registry, tiny, tmp_path):
+    register_model("half_size", HalfSize)
+    with pytest.raises(ConfigError, match=r"network 'half_size' returned 1×1×16×16 for a 1×3×32×32 batch in eval "
+                                          r"mode; expected 1×1×32×32 logits"):
+        fit(arch="half_size", run_name="h", **tiny)
+    assert not (tmp_path / "runs" / "h").exists()
+
+
+def test_a_run_that_dies_in_its_first_step_leaves_no_folder(registry, tiny, tmp_path):
+    """BatchNorm cannot train on one value per channel: a batch of 1 at 32 px in resnet34_unet's
+    bottleneck. The folder it claimed goes, so the same command can be run again as it is."""
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fit(arch="resnet34_unet", run_name="one", **{**tiny, "batch_size": 1, "max_train_images": 1})
+    assert not (tmp_path / "runs" / "one").exists()
+
+
+def test_plugins_named_in_the_environment_register_in_every_process(tmp_path):
+    (tmp_path / "my_nets.py").write_text(
+        "from torch import nn\nfrom labseg.models import register_model\n"
+        "register_model('one_conv', lambda: nn.Conv2d(3, 1, 1))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "LABSEG_PLUGINS": "my_nets"}
+    code = "from labseg.config import RunConfig; print(RunConfig(arch='one_conv').with_recipe().validate().lr)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "0.001", out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "LABSEG_PLUGINS": "no_such_module"},
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "LABSEG_PLUGINS names 'no_such_module', which cannot be imported" in out.stderr
+
+
+def test_the_check_of_a_networks_output_passes_labsegs_own():
+    from labseg.models import build_model
+    from labseg.train import check_logits
+
+    for arch in ("unet", "resnet34_unet"):
+        model = build_model(arch, deep_supervision=True).train()
+        check_logits(model, arch, 32, torch.device("cpu"))
+        assert model.training                     # left in the mode it was in
