@@ -193,7 +193,8 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from labseg.evaluate import predict_images
 
-    done = predict_images(args.run, args.source, args.out, img_size=args.img_size, threshold=args.threshold,
+    # paths typed in a shell are taken from the cwd; the API takes relative ones from the project root
+    done = predict_images(args.run, Path(args.source).resolve(), Path(args.out).resolve(), img_size=args.img_size, threshold=args.threshold,
                           tta=args.tta, postprocess=args.postprocess, which=args.checkpoint, device=args.device,
                           output_dir=args.output_dir)
     n = len(done.written)

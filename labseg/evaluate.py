@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from labseg.config import ConfigError, RunConfig, check_choice, check_img_size, pick_device
+from labseg.config import ConfigError, RunConfig, check_choice, check_img_size, pick_device, resolve_path
 from labseg.data import BadSampleError, Batches, CachedSplit, load_image, load_split, log, normalize, split_trainval
 from labseg.metrics import per_image_accuracy, per_image_dice, per_image_iou
 from labseg.models import build_model
@@ -27,13 +27,15 @@ from labseg.runs import RunDir, load_checkpoint, load_weights
 THRESHOLDS = tuple(np.round(np.arange(0.2, 0.81, 0.05), 2).tolist())
 
 
-def load_run_model(run: RunDir | str | Path, which: str = "auto", device="auto"):
+def load_run_model(run: RunDir | str | Path, which: str = "auto", device="auto",
+                   output_dir: str | Path = "outputs/runs"):
     """(model in eval mode, its RunConfig) from a run folder's ``best.pt`` or ``last.pt``.
 
     ``which="auto"``: last.pt for a run that finished its decaying schedule, else best.pt
-    (:func:`labseg.runs.default_checkpoint`).
+    (:func:`labseg.runs.default_checkpoint`). ``run``: a RunDir, a folder, or a run's name under
+    ``output_dir``.
     """
-    run = run if isinstance(run, RunDir) else RunDir.open(run)
+    run = run if isinstance(run, RunDir) else RunDir.open(run, output_dir)
     config = run.read_config()
     path = run.checkpoint(which)
     ckpt = load_checkpoint(path)
@@ -129,7 +131,8 @@ def eval_file(split: str = "test", which: str = "best") -> str:
 
 def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = "auto", tta: bool = False,
                  tune_threshold: bool = False, postprocess: bool = False, data_dir: str | None = None,
-                 batch_size: int = 16, device="auto", progress: bool = True, save: bool = True) -> dict:
+                 batch_size: int = 16, device="auto", progress: bool = True, save: bool = True,
+                 output_dir: str | Path = "outputs/runs") -> dict:
     """Evaluate a run on ``split`` ("test" or "valid"); returns and saves the results.
 
     The result holds the plain evaluation (threshold 0.5, no TTA) and, when asked, the flip-TTA,
@@ -138,7 +141,9 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     step: the check that decides, as in nnU-Net, whether to use it. ``which``: "best", "last" or
     "auto" (last.pt for a run that finished its decaying schedule, else best.pt).
     """
-    run = run if isinstance(run, RunDir) else RunDir.open(run)
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise ConfigError(f"batch_size={batch_size!r}: expected a positive integer")
+    run = run if isinstance(run, RunDir) else RunDir.open(run, output_dir)
     which = run.resolve_checkpoint(which)
     model, config = load_run_model(run, which, device)
     data_dir = data_dir or config.data_dir
@@ -254,7 +259,7 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
         check_img_size(img_size, hint=" (or leave it unset for the run's own)")
     if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
         raise ConfigError(f"threshold={threshold!r}: expected a probability between 0 and 1, e.g. 0.5")
-    source = Path(source)
+    source = resolve_path(source)     # relative: from the project root, as every path of the API
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -267,7 +272,7 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
     model, config = load_run_model(run, which, device)
     img_size = img_size or config.img_size
     stems = Counter(p.stem for p in files)
-    out_dir = Path(out_dir)
+    out_dir = resolve_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
     for path in tqdm(files, desc="predicting", disable=not progress):

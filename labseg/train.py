@@ -239,7 +239,7 @@ def _improved(metric: str, value: float, best: float | None) -> bool:
 
 
 # --------------------------------------------------------------------------- the loop
-def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrite: bool = False,
+def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, overwrite: bool = False,
         progress: bool = True, callback=None, **overrides) -> FitResult:
     """Train a model as ``config`` says and record the run. Returns the run and its history.
 
@@ -250,6 +250,8 @@ def fit(config: RunConfig | None = None, *, resume: bool | str = False, overwrit
     fields of ``config`` still at RunConfig's defaults count as not given; pass a field as a
     keyword to have it checked against the run's record.
     """
+    if isinstance(config, dict):
+        config = RunConfig.from_dict(config)   # fit({"arch": "unet", ...}) as well as fit(RunConfig(...))
     config_arg = config
     asked = RunConfig.from_dict(overrides) if config is None else (
         RunConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config)

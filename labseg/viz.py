@@ -153,6 +153,9 @@ def training_batch(split: CachedSplit, arch: str = "resnet34_unet", n: int = 8, 
     from labseg.recipes import recipe_for
     from labseg.transforms import BatchAugment
 
+    if unknown := sorted(set(overrides) - {"augment", *BatchAugment.CONFIG_FIELDS}):
+        raise TypeError(f"training_batch: unknown override(s) {unknown}; it takes augment, "
+                        f"{', '.join(BatchAugment.CONFIG_FIELDS)}")
     recipe = {**recipe_for(arch), **overrides}
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(split), size=min(n, len(split)), replace=False))
@@ -274,6 +277,10 @@ def feature_maps(model: nn.Module, image: torch.Tensor, layers: list[str], n_cha
     """The first ``n_channels`` channels of each named layer's output for one normalised image."""
     captured, hooks = {}, []
     modules = dict(model.named_modules())
+    if missing := [name for name in layers if name not in modules]:
+        top = ", ".join(n for n in modules if n and "." not in n)
+        raise KeyError(f"no layer {missing[0]!r} in {type(model).__name__}; its top-level layers: {top} "
+                       "(inner ones as 'parent.child', see viz.layer_table)")
     for name in layers:
         hooks.append(modules[name].register_forward_hook(
             lambda m, i, o, name=name: captured.__setitem__(name, o.detach())))
@@ -388,6 +395,9 @@ def plot_group_scores(table, title: str = "test scores") -> Figure:
 
 
 def plot_threshold_sweep(sweep: dict[float, float], title: str = "threshold sweep on valid") -> Figure:
+    if not sweep:
+        raise ValueError("plot_threshold_sweep: the sweep is empty; expected {threshold: Dice}, as "
+                         "evaluate_run(..., tune_threshold=True) records it")
     fig = Figure(figsize=(5, 3.2), layout="constrained")
     ax = fig.subplots()
     ts, ds = list(sweep), list(sweep.values())
@@ -426,6 +436,7 @@ def best_and_worst(dice, n: int = 4) -> tuple[list[int], list[int]]:
 def image_dice(probs: torch.Tensor, split: CachedSplit, index: int, threshold: float) -> float:
     from labseg.metrics import per_image_dice
 
+    index = range(len(probs))[index]      # a negative index counts from the end, as elsewhere
     target = torch.from_numpy(np.asarray(split.labels[index] != BACKGROUND)).float()[None, None]
     return per_image_dice(probs[index:index + 1].float() >= threshold, target).item()
 
@@ -508,10 +519,12 @@ def variants_table(result: dict):
     return pd.DataFrame(rows).set_index("variant")
 
 
-def predict_split(run, split: str = "test", which: str = "auto", tta: bool = False, device="auto"):
-    """(CachedSplit, probabilities N×1×S×S) of a run on ``split`` ("test" or "valid")."""
+def predict_split(run, split: str = "test", which: str = "auto", tta: bool = False, device="auto",
+                  output_dir="outputs/runs"):
+    """(CachedSplit, probabilities N×1×S×S) of a run on ``split`` ("test" or "valid"); ``run`` as
+    :func:`labseg.evaluate.load_run_model` takes it."""
     from labseg.evaluate import _split_for, batches_for_model, load_run_model, predict_probs
 
-    model, config = load_run_model(run, which, device)
+    model, config = load_run_model(run, which, device, output_dir)
     data = _split_for(config, split, config.data_dir, progress=False)
     return data, predict_probs(model, batches_for_model(model, config, data), tta=tta)

@@ -64,9 +64,12 @@ def test_a_registered_network_and_loss_train_evaluate_and_resume(registry, tiny)
     result = fit(arch="tiny_net", loss="half_bce", run_name="t", **tiny)
     assert result.summary["arch"] == "tiny_net" and result.run.read_config().loss == "half_bce"
     assert isinstance(result.model, TinyNet) and result.model.aux is not None    # the option reached it
-    scores = evaluate_run(result.run, progress=False, save=False)
+    # by name from a runs folder other than outputs/runs, as the CLI's --output-dir does
+    scores = evaluate_run("t", output_dir=tiny["output_dir"], progress=False, save=False)
     assert 0.0 <= scores["dice"] <= 1.0
-    again = fit(arch="tiny_net", run_name="t", resume=True, **{**tiny, "epochs": 2})
+    with pytest.raises(ConfigError, match="batch_size=0: expected a positive integer"):
+        evaluate_run(result.run, batch_size=0, progress=False, save=False)
+    again = fit({"arch": "tiny_net", "run_name": "t"}, resume=True, **{**tiny, "epochs": 2})   # a dict works too
     assert [r["epoch"] for r in again.history] == [1, 2]
 
 

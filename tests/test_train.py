@@ -737,7 +737,7 @@ def test_cli_train_evaluate_predict(synthetic_root, tmp_path):
     assert Image.open(tmp_path / "pred" / f"{first.stem}_mask.png").size == Image.open(first).size
 
 
-def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys):
+def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys, monkeypatch):
     run = fit(arch="unet", run_name="p", **tiny).run
     runs = ["--output-dir", tiny["output_dir"]]
     pictures = tmp_path / "pictures"
@@ -760,6 +760,15 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys):
     out = _main(capsys, "evaluate", "p", *runs)
     assert out.returncode == 0, out.stderr
     assert "p last.pt on test" in out.stdout
+    # paths typed in a shell start where it is; the API's relative paths start at the project root
+    monkeypatch.chdir(tmp_path)
+    out = _main(capsys, "predict", "p", "pictures/a.png", "--out", "typed", *runs)
+    assert out.returncode == 0 and (tmp_path / "typed" / "a_mask.png").is_file(), out.stderr
+    from labseg.config import PROJECT_ROOT
+    from labseg.evaluate import predict_images
+
+    with pytest.raises(FileNotFoundError, match=f"{PROJECT_ROOT / 'pictures' / 'a.png'} is neither an image"):
+        predict_images(run, "pictures/a.png", tmp_path / "api", progress=False)
 
 
 def test_cli_other_commands_name_what_is_wrong(tmp_path, capsys):

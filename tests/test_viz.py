@@ -77,3 +77,15 @@ def test_config_table_says_a_budget_run_trains_until_its_budget():
     assert budget["epochs"] == "until the time budget is spent" and budget["time_budget"] == "25m"
     fixed = viz.config_table(RunConfig(arch="unet", epochs=3).with_recipe().validate())["value"]
     assert fixed["epochs"] == 3 and fixed["time_budget"] == "" and fixed["arch"] == "unet"
+
+
+def test_notebook_helpers_name_what_is_wrong(split):
+    probs = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(len(split), 1, 32, 32).clone()
+    assert viz.image_dice(probs, split, -1, 0.5) == viz.image_dice(probs, split, len(split) - 1, 0.5)
+    model = build_model("unet")
+    with pytest.raises(KeyError, match="no layer 'nope' in UNet; its top-level layers: "):
+        viz.feature_maps(model, torch.zeros(3, 32, 32), ["nope"])
+    with pytest.raises(ValueError, match="the sweep is empty"):
+        viz.plot_threshold_sweep({})
+    with pytest.raises(TypeError, match=r"unknown override\(s\) \['mosiac'\]; it takes augment, copy_paste, mosaic"):
+        viz.training_batch(split, arch="unet", mosiac=1.0)
