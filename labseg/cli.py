@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -167,6 +169,7 @@ def cmd_train(args) -> int:
     if result.run is None:          # a torchrun rank other than 0: rank 0 reports
         return 0
     print(f"labseg: run folder {result.run.path}")
+    args.phase, args.run_folder = "evaluate", result.run.path      # what Ctrl-C from here on stops
     if args.evaluate:
         # Both checkpoints, so that each run records how far apart they are; the run's own
         # figure is the default checkpoint's (runs.default_checkpoint).
@@ -347,21 +350,37 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from labseg.config import ConfigError
     from labseg.data import DatasetLayoutError
-    from labseg.runs import CheckpointError, RunExistsError
+    from labseg.runs import CheckpointError, RunExistsError, RunRecordError
     from labseg.download import DownloadError
     from labseg.sweep import SweepError
     from labseg.train import TrainingDiverged
     from labseg.workbook import NotebookFailed
 
     args = build_parser().parse_args(argv)
+    # SIGTERM (kill, a batch system's time limit, docker stop) stops like Ctrl-C: the checkpoint
+    # being written is finished and the records are consistent; otherwise the epoch was lost and
+    # a checkpoint-sized temporary file left behind.
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         return args.func(args) or 0
-    except (ConfigError, DatasetLayoutError, CheckpointError, RunExistsError, TrainingDiverged,
-            DownloadError, SweepError, NotebookFailed, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DatasetLayoutError, CheckpointError, RunExistsError, RunRecordError, TrainingDiverged,
+            DownloadError, SweepError, NotebookFailed, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"labseg: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.command == "train":
+        if terminated:
+            print("labseg: stopped by SIGTERM", file=sys.stderr)
+        if args.command == "train" and getattr(args, "phase", None) == "evaluate":
+            print(f"labseg: training finished and is recorded; its evaluation was interrupted (run it with "
+                  f"`labseg evaluate {args.run_folder} --tta --tune-threshold --postprocess`)", file=sys.stderr)
+        elif args.command == "train":
             again = f"labseg train --run-name {getattr(args, 'run_name', None) or 'RUN'}" + (
                 f" --output-dir {args.output_dir}" if getattr(args, "output_dir", None) else "") + " --resume"
             print("labseg: interrupted; last.pt holds the run up to its latest checkpoint, at most "
@@ -372,7 +391,10 @@ def main(argv=None) -> int:
                   "an interrupted one resumes from its last.pt", file=sys.stderr)
         else:
             print(f"labseg: {args.command} interrupted", file=sys.stderr)
-        return 130
+        return 143 if terminated else 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 from labseg.config import UNTIL_BUDGET, resolve_path
 from labseg.evaluate import eval_file
 from labseg.machine import run_machine_label
-from labseg.runs import RunDir, atomic_write_bytes, atomic_write_text, default_checkpoint
+from labseg.runs import RunDir, RunRecordError, _read_record, atomic_write_bytes, atomic_write_text, default_checkpoint
 
 PARAMS = ("arch", "img_size", "epochs", "time_budget", "batch_size", "lr", "optimizer", "scheduler", "loss",
           "augment", "seed", "max_train_images", "data_dir")
@@ -35,10 +35,16 @@ ARCH_COLORS = {"unet": "tab:blue", "resnet34_unet": "tab:orange", "smp_unet_resn
 
 
 def _read_json(path: Path, default=None):
+    """A run's JSON record, ``default`` when the file is missing; RunRecordError when damaged."""
+    return _read_record(path, dict) if path.is_file() else default
+
+
+def _read_quietly(path: Path):
+    """A record for a table that the main table already flags as damaged when it is: None then."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return default
+        return _read_json(path)
+    except RunRecordError:
+        return None
 
 
 def run_folders(output_dir: str | Path = "outputs/runs") -> list[Path]:
@@ -57,14 +63,23 @@ def run_row(folder: Path) -> dict:
     once a decaying schedule finished, else best.pt) and ``test_*`` are its figures;
     ``test_dice_best`` and ``test_dice_last`` show both checkpoints where both were evaluated.
     """
-    config = _read_json(folder / "config.json", {}) or {}
-    summary = _read_json(folder / "summary.json", {}) or {}
-    failed = _read_json(folder / "failed.json")
     row = {"run": folder.name}
+    try:
+        config = _read_json(folder / "config.json", {}) or {}
+        summary = _read_json(folder / "summary.json", {}) or {}
+        failed = _read_json(folder / "failed.json")
+    except RunRecordError as e:         # shown as damaged, not as a finished run with empty columns
+        return {**row, "status": "damaged record", "error": str(e)}
     params = {**(failed or {}).get("params", {}), **config}
     row.update({k: params.get(k) for k in PARAMS})
     row.update({k: summary.get(k) for k in METRICS})
-    evaluations = {which: _read_json(folder / eval_file("test", which), {}) or {} for which in ("best", "last")}
+    evaluations = {}
+    for which in ("best", "last"):
+        try:
+            evaluations[which] = _read_json(folder / eval_file("test", which), {}) or {}
+        except RunRecordError as e:
+            evaluations[which] = {}
+            row["error"] = str(e)
     row["checkpoint"] = default_checkpoint(params.get("scheduler"), summary.get("stop_reason")) if summary else None
     evaluation = evaluations.get(row["checkpoint"], {})
     row["test_dice"] = evaluation.get("dice")
@@ -78,18 +93,21 @@ def run_row(folder: Path) -> dict:
     if failed is not None:
         row["status"], row["error"] = "failed", failed.get("error", "")
     elif "best_valid_dice" in summary:
-        row["status"], row["error"] = "finished", None
+        row["status"], row["error"] = "finished", row.get("error")
     else:
         # No summary yet: still running, or stopped. Its epochs so far are in its records, and a
         # checkpoint makes it resumable (labseg train --run-name RUN --resume).
-        history = RunDir(folder).read_metrics()
+        try:
+            history = RunDir(folder).read_metrics()
+        except RunRecordError as e:
+            history, row["error"] = [], str(e)
         if history:
             best_row = max(history, key=lambda h: h.get("valid_dice", float("-inf")))
             row.update(best_valid_dice=best_row.get("valid_dice"), best_valid_iou=best_row.get("valid_iou"),
                        best_epoch=best_row.get("epoch"), epochs_run=len(history))
         resumable = (folder / "last.pt").is_file() or (folder / "best.pt").is_file()
         row["status"] = "running or stopped (resumable)" if resumable else "running or killed"
-        row["error"] = None
+        row.setdefault("error", None)
     return row
 
 
@@ -112,7 +130,7 @@ def evaluation_breakdown(output_dir: str | Path = "outputs/runs"):
     import pandas as pd
 
     rows = []
-    for folder, ev in ((f, _read_json(f / name)) for f in run_folders(output_dir)
+    for folder, ev in ((f, _read_quietly(f / name)) for f in run_folders(output_dir)
                        for name in ("eval_test.json", "eval_test_last.json")):
         if not ev:
             continue
@@ -141,7 +159,14 @@ def best_per_arch(table, metric: str = "best_valid_dice"):
 
 
 def load_histories(output_dir: str | Path = "outputs/runs") -> dict[str, list[dict]]:
-    return {f.name: RunDir(f).read_metrics() for f in run_folders(output_dir)}
+    """Each run's per-epoch records (none for a run whose metrics.json is damaged: the table says so)."""
+    histories = {}
+    for f in run_folders(output_dir):
+        try:
+            histories[f.name] = RunDir(f).read_metrics()
+        except RunRecordError:
+            histories[f.name] = []
+    return histories
 
 
 def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str = "valid_dice") -> Figure:

@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ CHECKPOINT_FORMAT = 1
 
 class RunExistsError(FileExistsError):
     """The run folder exists and neither resume nor overwrite was asked for."""
+
+
+class RunRecordError(ValueError):
+    """A run's JSON record (config.json, summary.json, ...) is not what labseg wrote; names the file."""
 
 
 class CheckpointError(RuntimeError):
@@ -173,8 +178,14 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"checkpoint {path} was refused: it holds objects other than tensors and "
-                              f"plain data, which could run code when loaded ({_first_line(e)})") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:     # it names a class or function to import: what could run code
+            raise CheckpointError(f"checkpoint {path} was refused: it holds objects other than tensors and "
+                                  "plain data, which could run code when loaded"
+                                  f" ({found.group(1)}); labseg never writes such a "
+                                  "file, so it came from elsewhere") from None
+        raise CheckpointError(f"checkpoint {path} was refused: it is damaged or is not a torch.save file (its "
+                              "pickle data cannot be read safely); nothing in it was run") from None
     except Exception as e:  # truncated zip, bad magic, EOF...: all mean "corrupt"
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: "
                               f"{_first_line(e)})") from None
@@ -327,8 +338,12 @@ class RunDir:
         """The recorded config. An option it lacks (a run from before the option existed) reads as
         off, which is what that run trained with (``config.BEFORE_OPTION_EXISTED``); any other
         recipe field it lacks, as the recipe's value."""
-        recorded = json.loads((self.path / "config.json").read_text())
-        return RunConfig.from_dict({**BEFORE_OPTION_EXISTED, **recorded}).with_recipe()
+        path = self.path / "config.json"
+        recorded = _read_record(path, dict)
+        try:
+            return RunConfig.from_dict({**BEFORE_OPTION_EXISTED, **recorded}).with_recipe()
+        except (ValueError, TypeError) as e:
+            raise RunRecordError(f"{path}: {e}") from None
 
     def write_metrics(self, history: list[dict]) -> None:
         """Rewrite metrics.json and metrics.csv with the whole history (atomic, no duplicates)."""
@@ -344,20 +359,21 @@ class RunDir:
 
     def read_metrics(self) -> list[dict]:
         p = self.path / "metrics.json"
-        return json.loads(p.read_text()) if p.is_file() else []
+        return _read_record(p, list) if p.is_file() else []
 
     def write_json(self, name: str, obj) -> None:
         atomic_write_json(self.path / name, obj)
 
     def read_json(self, name: str, default=None):
         p = self.path / name
-        return json.loads(p.read_text()) if p.is_file() else default
+        return _read_record(p, (dict, list)) if p.is_file() else default
 
     def write_summary(self, summary: dict) -> None:
         self.write_json("summary.json", summary)
 
     def read_summary(self) -> dict:
-        return self.read_json("summary.json", {}) or {}
+        p = self.path / "summary.json"
+        return _read_record(p, dict) if p.is_file() else {}
 
     def resolve_checkpoint(self, which: str = "auto") -> str:
         """``"best"`` or ``"last"``; ``"auto"`` is this run's :func:`default_checkpoint`."""
@@ -368,6 +384,19 @@ class RunDir:
 
     def checkpoint(self, which: str = "auto") -> Path:
         return self.path / f"{self.resolve_checkpoint(which)}.pt"
+
+
+def _read_record(path: Path, kind):
+    """A JSON record of the expected ``kind``, or a RunRecordError naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunRecordError(f"{path} is not valid JSON ({e}); labseg writes its records whole, so it was "
+                             "edited or damaged elsewhere: restore it, or delete the run") from None
+    if not isinstance(value, kind):
+        raise RunRecordError(f"{path} holds a {type(value).__name__}; expected a JSON "
+                             f"{'object' if kind is dict else 'array' if kind is list else 'object or array'}")
+    return value
 
 
 def list_runs(output_dir: str | Path = "outputs/runs") -> list[RunDir]:
@@ -392,9 +421,12 @@ def best_run(output_dir: str | Path = "outputs/runs", arch: str | None = None,
     real photos are not comparable, and the latest run says which data one is working on."""
     finished = []
     for run in list_runs(output_dir):           # oldest first
-        s = run.read_summary()
-        if metric in s and (arch is None or s.get("arch") == arch):
-            finished.append((s[metric], run, resolve_path(run.read_config().data_dir)))
+        try:
+            s = run.read_summary()
+            if metric in s and (arch is None or s.get("arch") == arch):
+                finished.append((s[metric], run, resolve_path(run.read_config().data_dir)))
+        except RunRecordError as e:             # one damaged folder must not hide every other run
+            print(f"labseg: skipped run {run.name}: {e}", file=sys.stderr)
     if not finished:
         raise FileNotFoundError(f"no finished run{' of ' + arch if arch else ''} under "
                                 f"{resolve_path(output_dir)}; train one with `labseg train`")

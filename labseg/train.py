@@ -285,9 +285,13 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
                                       "epoch ended): start it over with --overwrite") from None
             raise CheckpointError(f"{e}.\nResume from the {other} checkpoint with --resume {other}, "
                                   "or start over with --overwrite (deletes the run).") from None
+        if which == "last":
+            start = _newer_best(run, start)
         _check_not_finished(run, start, config)
-        if dist.is_main and config.to_dict() != run.read_config().to_dict():
-            run.write_config(config)        # e.g. more epochs: config.json says what the run trains to
+        if dist.is_main:
+            if config.to_dict() != run.read_config().to_dict():
+                run.write_config(config)    # e.g. more epochs: config.json says what the run trains to
+            _clear_stale_files(run, start["epoch"])
     else:
         check_layout(config.data_dir)
 
@@ -354,7 +358,8 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
     budget = config.time_budget_s
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if start is not None:
-        base_lrs = [config.lr] * len(base_lrs)
+        # the lrs the schedule scales: config.lr, or what ReduceLROnPlateau has made of it
+        base_lrs = list(start.get("base_lrs") or [config.lr] * len(base_lrs))
 
     def make_checkpoint(epoch, deployed=None) -> dict:
         """Everything a resume needs; ``deployed`` (averaged weights) goes in "model" if given."""
@@ -365,7 +370,8 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
                 "plateau": plateau.state_dict() if plateau is not None else None,
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "ema": ema.state_dict() if ema is not None else None,
-                "swa": swa.state_dict() if swa is not None else None, "machines": sessions}
+                "swa": swa.state_dict() if swa is not None else None, "machines": sessions,
+                "base_lrs": list(base_lrs)}
         if deployed is not None:    # evaluate and deploy the averaged weights
             ckpt["model"] = deployed.state_dict()
             ckpt["raw_model"] = model.state_dict()
@@ -379,8 +385,10 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
             # training thread (~3% of a bf16 epoch at 128 px on 2 cores) and the write 0.2-1.3 s
             # on the same cores, hence at most every `checkpoint_every` s, best.pt excepted.
             # Each file is always a complete old or new checkpoint.
+            # best.pt before last.pt: a kill between the two leaves best.pt the newer, and a
+            # resume then starts from it (_newer_best); the other way round best.pt went missing.
             writer.submit(make_checkpoint(epoch, ema.module if ema is not None else None),
-                          run.checkpoint("last"), *([run.checkpoint("best")] if best_too else []),
+                          *([run.checkpoint("best")] if best_too else []), run.checkpoint("last"),
                           then=lambda rows=list(history): run.write_metrics(rows))
         saved_at, saved_epoch = time.perf_counter(), epoch
 
@@ -394,11 +402,11 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
         improved = _improved(config.monitor, row[config.monitor], best)
         if improved:
             best = row[config.monitor]
-        if improved or time.perf_counter() - saved_at >= config.checkpoint_every:
-            save(epoch, best_too=improved)
-        if plateau is not None:
+        if plateau is not None:         # stepped before the checkpoint, so that it holds this epoch's
             plateau.step(row[config.monitor])
             base_lrs[:] = [g["lr"] for g in optimizer.param_groups]
+        if improved or time.perf_counter() - saved_at >= config.checkpoint_every:
+            save(epoch, best_too=improved)
         if callback is not None:
             callback(history)
         return row, improved
@@ -407,14 +415,14 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    stop_reason, since_best = "completed all epochs", 0
+    stop_reason, since_best = "completed all epochs", _epochs_since_best(history, config.monitor)
     saved_at, saved_epoch = t0, first_epoch - 1
 
     def progress_now() -> float:
         """Fraction of training done: by steps, or by time when a budget is set, whichever is further."""
         spent = time.perf_counter() - t0 + elapsed_before
         return max(step / max(total_steps, 1), spent / budget if budget else 0.0)
-    check_logits(model, config.arch, config.img_size, device)
+    check_logits(model, config.arch, config.img_size, device, channels_last)
     if not resume and dist.is_main:
         # A name given is that run's: an existing one is refused (resume or overwrite it), never
         # silently moved to NAME-2, where a notebook written into NAME would describe the wrong run.
@@ -537,8 +545,8 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
                         "swa_valid_iou": scores["valid_iou"], "swa_valid_loss": scores["valid_loss"],
                         "best_is_swa": improved})
         if dist.is_main:
-            writer.submit(make_checkpoint(history[-1]["epoch"], final_model), run.checkpoint("last"),
-                          *([run.checkpoint("best")] if improved else []))
+            writer.submit(make_checkpoint(history[-1]["epoch"], final_model),
+                          *([run.checkpoint("best")] if improved else []), run.checkpoint("last"))
             writer.wait()
             if progress:
                 print(f"labseg: weights averaged over the last {int(swa.n_averaged)} epochs: valid_dice "
@@ -553,14 +561,15 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
     return FitResult(run, history, summary, final_model)
 
 
-def check_logits(model: nn.Module, arch: str, img_size: int, device) -> None:
+def check_logits(model: nn.Module, arch: str, img_size: int, device, channels_last: bool = False) -> None:
     """Fail before a run folder is claimed if ``model`` does not map N×3×S×S images to N×1×S×S
     logits in eval mode (a student's own network, registered with labseg.models.register_model)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            out = model(torch.zeros(1, 3, img_size, img_size, device=device))
+        image = torch.zeros(1, 3, img_size, img_size, device=device)
+        with torch.inference_mode():     # in the memory format the batches will have
+            out = model(image.to(memory_format=torch.channels_last) if channels_last else image)
     finally:
         model.train(was_training)
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
@@ -618,12 +627,64 @@ def _same_value(name: str, asked, recorded) -> bool:
 def _check_not_finished(run: RunDir, start: dict, config: RunConfig) -> None:
     """Refuse to resume a run that has nothing left to train, saying how to train it further."""
     done, budget = start["epoch"], config.time_budget_s
+    recorded, summary = run.read_config(), run.read_summary()
+    # why the run stopped, if its summary is of the checkpoint resumed from (not of an older session)
+    stopped = (summary.get("stop_reason") or "") if summary.get("epochs_run") == done else ""
     if config.epochs < UNTIL_BUDGET and done >= config.epochs:
         raise ConfigError(f"run {run.path.name} has already trained all its {config.epochs} epochs; to train "
                           f"it further, resume with more (--epochs N with N > {done}), or evaluate it")
-    if budget and start.get("elapsed", 0.0) >= budget:
+    if budget and (start.get("elapsed", 0.0) >= budget or (stopped.startswith("time budget")
+                                                           and budget <= (recorded.time_budget_s or 0))):
         raise ConfigError(f"run {run.path.name} has already spent its time budget of {config.time_budget}; "
                           "to train it further, resume with a larger --time-budget, or evaluate it")
+    if stopped.startswith("early stopping") and config.patience and config.patience <= recorded.patience:
+        raise ConfigError(f"run {run.path.name} stopped early ({stopped}); to train it further, resume with a "
+                          f"larger --patience (now {config.patience}) or --patience 0, or evaluate it")
+
+
+def _newer_best(run: RunDir, last: dict) -> dict:
+    """best.pt instead of ``last`` when it holds a later epoch: a kill fell between the two
+    writes (best.pt goes first). Both are whole training states."""
+    best_path, last_path = run.checkpoint("best"), run.checkpoint("last")
+    if not best_path.is_file() or best_path.stat().st_mtime_ns <= last_path.stat().st_mtime_ns:
+        return last
+    try:
+        best = load_checkpoint(best_path)
+    except CheckpointError:
+        return last
+    if best.get("epoch", 0) > last["epoch"] and "optimizer" in best:
+        print(f"labseg: best.pt holds epoch {best['epoch']}, later than last.pt's {last['epoch']} (the run was "
+              "stopped between the two writes); resuming from best.pt")
+        return best
+    return last
+
+
+def _clear_stale_files(run: RunDir, epoch: int) -> None:
+    """Before a resumed run trains: remove the writes a kill cut short, and move aside the
+    evaluations of the weights it is about to replace (a report would pair them with the new ones)."""
+    stale = sorted(run.path.glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        print(f"labseg: removed {len(stale)} unfinished write(s) left by the stopped session")
+    moved = []
+    for path in sorted(run.path.glob("eval_*.json")):
+        path.replace(path.with_name(f"{path.name}.epoch-{epoch}"))
+        moved.append(f"{path.name} → {path.name}.epoch-{epoch}")
+    if moved:
+        print(f"labseg: the evaluations of the weights at epoch {epoch} are kept aside ({', '.join(moved)}); "
+              "evaluate the run again once it has trained")
+
+
+def _epochs_since_best(history: list[dict], monitor: str) -> int:
+    """Epochs of ``history`` after its best one by ``monitor``: early stopping's count, kept over a resume."""
+    best, since = None, 0
+    for row in history:
+        if _improved(monitor, row[monitor], best):
+            best, since = row[monitor], 0
+        else:
+            since += 1
+    return since
 
 
 # --------------------------------------------------------------------------- distributed

@@ -222,3 +222,24 @@ def test_a_stopped_run_shows_its_epochs_so_far_and_whether_it_can_resume(tmp_pat
     assert table.loc["stopped", "best_valid_dice"] == 0.4 and table.loc["stopped", "best_epoch"] == 2
     assert table.loc["stopped", "epochs_run"] == 3
     assert best_per_arch(table.reset_index()).empty          # the best of a network is a finished run
+
+
+def test_a_damaged_record_is_named_and_does_not_hide_the_other_runs(tmp_path, capsys):
+    import pytest
+
+    from labseg.runs import RunRecordError, best_run
+
+    good = fake_run(tmp_path, "good", "unet", [0.5, 0.6])
+    bad = fake_run(tmp_path, "bad", "unet", [0.9])
+    (bad.path / "config.json").write_text('{"arch": "unet", "img_')          # cut off by an editor
+    with pytest.raises(RunRecordError, match=f"{bad.path / 'config.json'} is not valid JSON"):
+        bad.read_config()
+    (bad.path / "summary.json").write_text("[1, 2]")
+    with pytest.raises(RunRecordError, match="summary.json holds a list; expected a JSON object"):
+        bad.read_summary()
+    assert best_run(tmp_path).name == "good"
+    assert "skipped run bad:" in capsys.readouterr().err
+    table = collect_runs(tmp_path).set_index("run")
+    assert table.loc["bad", "status"] == "damaged record" and "config.json is not valid JSON" in table.loc["bad", "error"]
+    assert table.loc["good", "status"] == "finished"
+    assert "damaged record" in write_report(tmp_path, tmp_path / "report").read_text()

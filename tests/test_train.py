@@ -25,8 +25,8 @@ from labseg.models.resnet34_unet import ResNet34UNet
 from labseg.recipes import recipe_for
 from labseg.runs import (CheckpointError, CheckpointWriter, RunDir, default_checkpoint, load_checkpoint, load_weights,
                          save_checkpoint)
-from labseg.train import (TrainingDiverged, _amp_dtype, _frozen_batchnorm_stats, _merge_resumed, _sam_ascent,
-                          channels_last_for, fit, load_optimizer_state, lr_factor)
+from labseg.train import (TrainingDiverged, _amp_dtype, _epochs_since_best, _frozen_batchnorm_stats, _merge_resumed,
+                          _sam_ascent, channels_last_for, fit, load_optimizer_state, lr_factor)
 from labseg.transforms import BatchAugment
 from labseg.viz import variants_table
 
@@ -91,11 +91,46 @@ def test_last_checkpoint_is_written_at_most_every_checkpoint_every_seconds(tiny,
     assert [r["epoch"] for r in result.run.read_metrics()] == [1, 2, 3, 4, 5]
 
 
-def test_resume_continues_without_duplicates(tiny):
-    fit(arch="resnet34_unet", run_name="r", **tiny)
+def test_resume_continues_without_duplicates(tiny, capsys):
+    run = fit(arch="resnet34_unet", run_name="r", **tiny).run
+    (run.path / "eval_test_last.json").write_text("{}")        # an evaluation of the 2-epoch weights
+    (run.path / ".last.pt.abc123.tmp").write_bytes(b"cut")     # a write a kill cut short
     result = fit(arch="resnet34_unet", run_name="r", resume=True, **{**tiny, "epochs": 4})
     assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
     assert [r["epoch"] for r in result.run.read_metrics()] == [1, 2, 3, 4]
+    assert not list(run.path.glob("*.tmp")) and not (run.path / "eval_test_last.json").exists()
+    assert (run.path / "eval_test_last.json.epoch-2").is_file()           # kept aside, not lost
+    said = capsys.readouterr().out
+    assert "removed 1 unfinished write(s)" in said and "eval_test_last.json → eval_test_last.json.epoch-2" in said
+
+
+def test_a_kill_between_the_best_and_last_writes_resumes_from_best(tiny, capsys):
+    """best.pt is written first: a kill before last.pt leaves best.pt the later epoch."""
+    import os
+
+    run = fit(arch="unet", run_name="k", checkpoint_every=0, **{**tiny, "epochs": 1}).run
+    epoch1 = run.checkpoint("last").read_bytes()
+    fit(arch="unet", run_name="k", resume=True, checkpoint_every=0, **{**tiny, "epochs": 2})
+    run.checkpoint("best").write_bytes(run.checkpoint("last").read_bytes())    # epoch 2, written first ...
+    run.checkpoint("last").write_bytes(epoch1)                                  # ... last.pt never followed
+    os.utime(run.checkpoint("last"), ns=(1_000_000_000, 1_000_000_000))
+    (run.path / "summary.json").unlink()
+    capsys.readouterr()
+    result = fit(arch="unet", run_name="k", resume=True, **{**tiny, "epochs": 3})
+    assert "best.pt holds epoch 2, later than last.pt's 1" in capsys.readouterr().out
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+
+
+def test_resume_keeps_the_plateau_lr_and_the_patience_count(tiny):
+    run = fit(arch="unet", run_name="p", scheduler="plateau", warmup_epochs=0, **{**tiny, "epochs": 1}).run
+    ckpt = load_checkpoint(run.checkpoint("last"))
+    reduced = ckpt["config"]["lr"] / 8          # as three plateau halvings leave it
+    save_checkpoint(run.checkpoint("last"), {**ckpt, "base_lrs": [reduced] * len(ckpt["base_lrs"])})
+    result = fit(arch="unet", run_name="p", resume=True, **{**tiny, "epochs": 2})
+    assert result.history[-1]["lr"] == pytest.approx(reduced)
+    assert _epochs_since_best([{"valid_dice": d} for d in (0.5, 0.7, 0.6, 0.7)], "valid_dice") == 2
+    assert _epochs_since_best([{"valid_loss": d} for d in (0.5, 0.4)], "valid_loss") == 0
+    assert _epochs_since_best([], "valid_dice") == 0
 
 
 def test_a_resumed_run_records_each_machine_it_trained_on(tiny, monkeypatch):
@@ -396,7 +431,7 @@ def test_low_res_epochs_until_low_res_until(tiny, monkeypatch):
     set_epoch, forward = Batches.set_epoch, ResNet34UNet.forward
     monkeypatch.setattr(Batches, "set_epoch", lambda self, e: (epochs.append(e), set_epoch(self, e))[1])
     monkeypatch.setattr(ResNet34UNet, "forward",
-                        lambda self, x: (seen.append((epochs[-1], self.training, x.shape[-1])), forward(self, x))[1])
+                        lambda self, x: (seen.append((epochs[-1] if epochs else 0, self.training, x.shape[-1])), forward(self, x))[1])
     result = fit(arch="resnet34_unet", low_res_scale=0.5, low_res_until=0.5, run_name="lowres",
                  **{**tiny, "img_size": 64, "epochs": 4})
     train_sizes = {(e, size) for e, training, size in seen if training}
@@ -430,6 +465,9 @@ def test_time_budget_stops_cleanly(tiny):
     assert result.summary["stop_reason"].startswith("time budget")
     assert 1 <= result.summary["epochs_run"] < 200
     assert result.run.checkpoint("best").is_file()
+    # spent, though maybe with a few seconds left over: a resume with the same budget is refused
+    with pytest.raises(ConfigError, match="has already spent its time budget of 1; to train it further"):
+        fit(arch="resnet34_unet", run_name="tb", resume=True, **{**tiny, "epochs": None})
 
 
 def test_lr_schedule_shapes():
@@ -582,9 +620,14 @@ def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
                        ("plain.pt", lambda p, o: p.write_bytes(pickle.dumps(o)))):
         path = tmp_path / name
         save(path, {"arch": "unet", "model": {}, "payload": _Exploit(marker)})
-        with pytest.raises(CheckpointError, match="refused"):
+        with pytest.raises(CheckpointError, match="was refused: it (holds objects other than tensors|is damaged)"):
             load_checkpoint(path)
         assert not marker.exists(), "unpickling ran code"
+    noise = tmp_path / "noise.pt"        # damaged, not dangerous: said so, and torch's advice not quoted
+    noise.write_bytes(bytes(range(256)) * 400)
+    with pytest.raises(CheckpointError, match="was refused: it is damaged or is not a torch.save file") as e:
+        load_checkpoint(noise)
+    assert "could run code" not in str(e.value) and "weights_only" not in str(e.value)
 
 
 def test_checkpoint_of_the_other_arch_names_both_and_the_key(tmp_path):
@@ -636,12 +679,14 @@ def _main(capsys, *args):
     return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
-def test_sigkill_mid_epoch_then_resume(synthetic_root, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_mid_epoch_then_resume(synthetic_root, tmp_path, sig):
+    """SIGTERM (kill, a batch system's limit) stops like Ctrl-C: the write in flight finishes."""
     args = ["train", "--data", str(synthetic_root), "--img-size", "32", "--batch-size", "2", "--epochs", "4",
             "--max-train-images", "16", "--run-name", "killed", "--output-dir", str(tmp_path / "runs"),
             "--cache-dir", str(tmp_path / "cache"), "--log-every", "1", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "labseg.cli", *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "runs" / "killed" / "metrics.json"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -650,8 +695,11 @@ def test_sigkill_mid_epoch_then_resume(synthetic_root, tmp_path):
         time.sleep(0.05)
     time.sleep(0.5)                                   # into epoch 2
     assert proc.poll() is None, "training finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    stderr = proc.communicate()[1]
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and "stopped by SIGTERM" in stderr and "Traceback" not in stderr, stderr
+        assert not list(metrics.parent.glob("*.tmp"))
     done = [r["epoch"] for r in json.loads(metrics.read_text())]
     assert done and done[-1] < 4
     out = _labseg(*args, "--resume")
