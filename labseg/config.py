@@ -48,6 +48,17 @@ PATH_FIELDS = ("data_dir", "output_dir", "cache_dir")   # folders: relative ones
 UNTIL_BUDGET = 100_000     # the epoch count of a run limited by its time budget alone
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: os.umask can only be read by setting it, which is not thread-safe, and
+# checkpoints are written from a background thread. Files and folders labseg writes follow it.
+UMASK = _current_umask()
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the valid choices."""
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from labseg.config import check_choice, resolve_path
+from labseg.config import UMASK, check_choice, resolve_path
 
 SPLITS = ("trainval", "test", "list")
 SPECIES = {1: "cat", 2: "dog"}
@@ -243,8 +243,11 @@ def _open_checked(path: Path) -> Image.Image:
     return im
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode any image file to an RGB uint8 array (H×W×3), or raise :class:`BadSampleError`."""
+def load_image(path: str | Path, upright: bool = False) -> np.ndarray:
+    """Decode any image file to an RGB uint8 array (H×W×3), or raise :class:`BadSampleError`.
+
+    ``upright``: turn it as its EXIF orientation says, as viewers show it (a phone photo given
+    to predict). The dataset's trimaps match the stored pixels, so training reads those."""
     path = Path(path)
     try:
         im = _open_checked(path)
@@ -252,7 +255,7 @@ def load_image(path: str | Path) -> np.ndarray:
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)                      # an animated GIF: its first frame
             im.load()
-            return _to_rgb(im)
+            return _to_rgb(ImageOps.exif_transpose(im) if upright else im)
     except BadSampleError:
         raise
     except Exception as e:  # PIL raises many types for broken files; all mean "unusable"
@@ -422,6 +425,7 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    os.chmod(tmp, 0o777 & ~UMASK)   # mkdtemp makes 0700: a cache another user built must stay readable
     try:
         np.save(tmp / "images.npy", images[keep])
         np.save(tmp / "labels.npy", labels[keep])

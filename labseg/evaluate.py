@@ -277,7 +277,7 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
     written, skipped = [], []
     for path in tqdm(files, desc="predicting", disable=not progress):
         try:
-            image = load_image(path)
+            image = load_image(path, upright=True)    # as a viewer shows it (EXIF orientation)
         except BadSampleError as e:
             log.warning(f"skipped {e}")
             skipped.append(str(e))

@@ -3,7 +3,8 @@
 One run is one folder ``outputs/runs/<run>/``::
 
     config.json     the RunConfig, as trained
-    metrics.csv     one row per epoch (also metrics.json), rewritten whole after each epoch
+    metrics.csv     one row per epoch (also metrics.json), rewritten whole after each last.pt
+                    write (never ahead of the checkpoint a resume starts from)
     last.pt         model + optimizer + history after the last completed epoch
     best.pt         the same at the best epoch by the monitored metric
     summary.json    best epoch and metrics, epochs run, time, why training stopped
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from labseg.config import BEFORE_OPTION_EXISTED, CHECKPOINTS, RunConfig, check_choice, resolve_path
+from labseg.config import BEFORE_OPTION_EXISTED, CHECKPOINTS, UMASK, RunConfig, check_choice, resolve_path
 
 CHECKPOINT_FORMAT = 1
 
@@ -48,15 +49,8 @@ class CheckpointError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- atomic writes
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# Read once, at import: os.umask can only be read by setting it, which is not thread-safe, and
-# checkpoints are written from a background thread.
-_FILE_MODE = 0o666 & ~_current_umask()
+# The umask's file mode (labseg.config.UMASK): mkstemp makes 0600, which another user cannot read.
+_FILE_MODE = 0o666 & ~UMASK
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -304,6 +304,11 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
     # ---- data: cached arrays, breed-stratified valid split of trainval
     trainval = load_split(config.data_dir, "trainval", config.img_size, config.cache_dir, progress=progress)
     train_idx, valid_idx = split_trainval(trainval.records, config.valid_fraction, config.seed)
+    if len(valid_idx) == 0:     # found now, not by torch.cat after a whole epoch
+        breeds = len({r.breed for r in trainval.records})
+        raise ConfigError(f"no validation image: {len(trainval.records)} trainval image(s) of {breeds} breed(s) in "
+                          f"{config.data_dir} leave none at valid_fraction={config.valid_fraction}; the split "
+                          "takes valid images from breeds with 2 or more, so add images or raise valid_fraction")
     if config.max_train_images:
         train_idx = balanced_subset(trainval.records, train_idx, config.max_train_images)
     augment = BatchAugment.from_config(vars(config))

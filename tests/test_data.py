@@ -969,3 +969,21 @@ def test_fuzz_inputs_include_decodable_ones():
             assert load_image(path).shape == (12, 16, 3)
         path.write_bytes(VALID[2])
         assert load_trimap(path).shape == (12, 16)
+
+
+def test_a_cache_folder_is_as_readable_as_the_umask_allows(synthetic_root, tmp_path):
+    """mkdtemp's 0700 kept an instructor's prebuilt cache from every other user."""
+    from labseg.config import UMASK
+
+    split = data.load_split(synthetic_root, "test", 32, tmp_path / "cache", progress=False)
+    folder = Path(split.images.filename).parent
+    assert os.stat(folder).st_mode & 0o777 == 0o777 & ~UMASK
+
+
+def test_upright_turns_a_photo_as_its_exif_orientation_says(tmp_path):
+    image = Image.new("RGB", (40, 20), (200, 100, 50))
+    exif = image.getexif()
+    exif[0x0112] = 6                        # "rotate 90° clockwise to view": a phone held upright
+    image.save(tmp_path / "phone.jpg", exif=exif)
+    assert data.load_image(tmp_path / "phone.jpg").shape == (20, 40, 3)              # as stored
+    assert data.load_image(tmp_path / "phone.jpg", upright=True).shape == (40, 20, 3)  # as shown

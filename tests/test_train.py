@@ -930,3 +930,22 @@ def test_training_and_evaluation_go_on_past_broken_files(synthetic_root, tmp_pat
     assert "flip TTA" not in format_result(ev)
     err = capfd.readouterr().err
     assert f"skipped {root / 'images' / trainval[0]}.jpg" in err and f"{test[0]}.jpg" in err
+
+
+def test_a_dataset_with_no_validation_image_is_refused_before_training(synthetic_root, tiny, tmp_path):
+    """One image per breed (a student's quickest subset) leaves valid empty: said before an epoch."""
+    import shutil
+
+    one = tmp_path / "one"
+    shutil.copytree(synthetic_root, one)
+    lines, breeds = [], set()
+    for line in (one / "annotations" / "trainval.txt").read_text().splitlines():
+        breed = line.split()[0].rsplit("_", 1)[0]
+        if breed not in breeds:
+            breeds.add(breed)
+            lines.append(line)
+    (one / "annotations" / "trainval.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=f"no validation image: {len(lines)} trainval image\\(s\\) of {len(breeds)} "
+                                          "breed\\(s\\)"):
+        fit(arch="unet", run_name="one", **{**tiny, "data_dir": str(one), "max_train_images": None})
+    assert not (tmp_path / "runs" / "one").exists()
