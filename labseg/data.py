@@ -102,8 +102,9 @@ def check_layout(root: str | Path) -> Path:
     if root.exists() and not root.is_dir():
         raise DatasetLayoutError(f"{root} is a file; expected the dataset's folder, with images/ and "
                                  "annotations/ (trimaps/, trainval.txt, test.txt) inside")
-    missing = [p for p in ("images", "annotations/trimaps", "annotations/trainval.txt",
-                           "annotations/test.txt") if not (root / p).exists()]
+    # folders must be folders and split files files (a folder named trainval.txt is missing it)
+    missing = [p for p in ("images", "annotations/trimaps", "annotations/trainval.txt", "annotations/test.txt")
+               if not ((root / p).is_file() if p.endswith(".txt") else (root / p).is_dir())]
     if missing:
         what = "does not exist" if not root.exists() else "is missing " + ", ".join(missing)
         raise DatasetLayoutError(f"dataset folder {root} {what}.\n" + LAYOUT_HELP.format(root=root))
@@ -385,7 +386,11 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
     records, skipped = read_records(root, split)
     folder = resolve_path(cache_dir) / f"{root.name}-{split}-{img_size}-{_cache_key(root, split, img_size, records)}"
     if (folder / "meta.json").is_file():
-        return _read_cache(folder, root)
+        try:
+            return _read_cache(folder, root, img_size)
+        except _CacheDamaged as e:      # rebuilt from the images, which are the truth
+            log.warning(f"cache {folder} is damaged ({e}); rebuilding it")
+            shutil.rmtree(folder)
 
     from tqdm.auto import tqdm
 
@@ -440,20 +445,36 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _read_cache(folder, root)
+    return _read_cache(folder, root, img_size)
 
 
-def _read_cache(folder: Path, root: Path) -> CachedSplit:
-    meta = json.loads((folder / "meta.json").read_text())
-    records_by_name = {r.name: r for r in read_records_quiet(root, meta["split"])}
-    records = [records_by_name[n] for n in meta["names"]]
-    return CachedSplit(
-        images=np.load(folder / "images.npy", mmap_mode="r"),
-        labels=np.load(folder / "labels.npy", mmap_mode="r"),
-        records=records,
-        sizes=np.load(folder / "sizes.npy"),
-        skipped=[tuple(s) for s in meta["skipped"]],
-    )
+class _CacheDamaged(Exception):
+    """A cache folder that is not what load_split wrote (truncated, edited); it gets rebuilt."""
+
+
+def _read_cache(folder: Path, root: Path, img_size: int) -> CachedSplit:
+    """The cached split, checked against itself: every array one row per name, at ``img_size``
+    (a shifted name list would pair each record with its neighbour's image, silently)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        records_by_name = {r.name: r for r in read_records_quiet(root, meta["split"])}
+        if unknown := [n for n in meta["names"] if n not in records_by_name]:
+            raise _CacheDamaged(f"{len(unknown)} name(s) not in the split, e.g. {unknown[0]!r}")
+        cached = CachedSplit(
+            images=np.load(folder / "images.npy", mmap_mode="r"),
+            labels=np.load(folder / "labels.npy", mmap_mode="r"),
+            records=[records_by_name[n] for n in meta["names"]],
+            sizes=np.load(folder / "sizes.npy"),
+            skipped=[tuple(s) for s in meta["skipped"]],
+        )
+    except PermissionError:
+        raise                                   # not damage: say so rather than rebuild
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+        raise _CacheDamaged(f"{type(e).__name__}: {e}") from None
+    n, shapes = len(cached.records), (cached.images.shape, cached.labels.shape, cached.sizes.shape)
+    if shapes != ((n, 3, img_size, img_size), (n, img_size, img_size), (n, 2)):
+        raise _CacheDamaged(f"arrays of shapes {', '.join(map(str, shapes))} for {n} names at {img_size} px")
+    return cached
 
 
 def read_records_quiet(root: Path, split: str) -> list[Record]:

@@ -36,7 +36,9 @@ from labseg.transforms import BatchAugment
 
 # Fields a resumed run may change; anything else must match the recorded config.
 RESUMABLE = {"epochs", "time_budget", "device", "num_threads", "log_every", "patience", "compile",
-             "checkpoint_every"}
+             "checkpoint_every",
+             # where things are, which may change when a run moves (another machine, a copied folder)
+             "output_dir", "cache_dir", "data_dir"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -274,7 +276,11 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
         run = RunDir.open(config.run_name, config.output_dir)
         # compared with what was asked, not with today's recipe: a recipe that has changed since
         # the run started is no reason to refuse (or alter) the resume
-        config = _merge_resumed(run.read_config(), _asked_fields(config_arg, overrides)).validate()
+        recorded = run.read_config()
+        config = _merge_resumed(recorded, _asked_fields(config_arg, overrides)).validate()
+        if dist.is_main and not _same_value("data_dir", config.data_dir, recorded.data_dir):
+            print(f"labseg: the dataset is now read from {config.data_dir} (the run started on {recorded.data_dir}); "
+                  "its valid split is the same for the same images")
         which = "best" if resume == "best" else "last"
         try:
             start = load_checkpoint(run.checkpoint(which))
@@ -618,7 +624,8 @@ def _merge_resumed(recorded: RunConfig, asked: dict) -> RunConfig:
     if changed:
         diff = ", ".join(f"{k}: recorded {a!r}, asked {b!r}" for k, (a, b) in changed.items())
         raise ConfigError(f"resume must keep the run's config; differs in {diff}")
-    return RunConfig.from_dict({**rec, **{k: v for k, v in asked.items() if k in RESUMABLE and v is not None}})
+    return RunConfig.from_dict({**rec, **{k: v for k, v in asked.items()
+                                          if k in RESUMABLE and v is not None and not _same_value(k, v, rec[k])}})
 
 
 def _same_value(name: str, asked, recorded) -> bool:

@@ -5,6 +5,7 @@ Every fixture file is drawn here with numpy/Pillow into tmp_path; nothing is moc
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import struct
@@ -987,3 +988,26 @@ def test_upright_turns_a_photo_as_its_exif_orientation_says(tmp_path):
     image.save(tmp_path / "phone.jpg", exif=exif)
     assert data.load_image(tmp_path / "phone.jpg").shape == (20, 40, 3)              # as stored
     assert data.load_image(tmp_path / "phone.jpg", upright=True).shape == (40, 20, 3)  # as shown
+
+
+def _drop_first_name(folder):
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "names": meta["names"][1:]}))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda f: (f / "images.npy").write_bytes((f / "images.npy").read_bytes()[:5000]),      # truncated
+    lambda f: (f / "labels.npy").write_bytes(b""),
+    lambda f: (f / "meta.json").write_text((f / "meta.json").read_text()[:100]),         # cut-off JSON
+    _drop_first_name,                           # silently paired each record with its neighbour's image
+    lambda f: np.save(f / "images.npy", np.zeros((3, 3, 16, 16), np.uint8)),
+], ids=["truncated-images", "empty-labels", "cut-meta", "shifted-names", "wrong-size"])
+def test_a_damaged_cache_is_rebuilt(synthetic_root, tmp_path, damage, caplog):
+    good = data.load_split(synthetic_root, "test", 32, tmp_path / "cache", progress=False)
+    names, images = [r.name for r in good.records], np.array(good.images)
+    folder = Path(good.images.filename).parent
+    del good
+    damage(folder)
+    again = data.load_split(synthetic_root, "test", 32, tmp_path / "cache", progress=False)
+    assert [r.name for r in again.records] == names and np.array_equal(np.array(again.images), images)
+    assert f"cache {folder} is damaged" in caplog.text and "rebuilding it" in caplog.text
