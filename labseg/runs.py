@@ -186,6 +186,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a labseg checkpoint (expected a dict with "
                               "'arch', 'model', 'config' and 'format_version')")
+    if not isinstance(ckpt.get("format_version", 0), int):
+        raise CheckpointError(f"checkpoint {path} has format_version {ckpt['format_version']!r}; expected an "
+                              "integer (it was not written by labseg)")
     if ckpt.get("format_version", 0) > CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {ckpt['format_version']}, newer than this "
                               f"labseg reads ({CHECKPOINT_FORMAT}); update labseg")

@@ -291,6 +291,9 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
                                       "epoch ended): start it over with --overwrite") from None
             raise CheckpointError(f"{e}.\nResume from the {other} checkpoint with --resume {other}, "
                                   "or start over with --overwrite (deletes the run).") from None
+        if lacking := [k for k in ("epoch", "history", "optimizer") if k not in start]:
+            raise CheckpointError(f"checkpoint {run.checkpoint(which)} holds weights but no training state "
+                                  f"({', '.join(lacking)} missing): it can be evaluated, not resumed")
         if which == "last":
             start = _newer_best(run, start)
         _check_not_finished(run, start, config)

@@ -104,6 +104,18 @@ def test_resume_continues_without_duplicates(tiny, capsys):
     assert "removed 1 unfinished write(s)" in said and "eval_test_last.json → eval_test_last.json.epoch-2" in said
 
 
+def test_a_checkpoint_slimmed_to_its_weights_evaluates_but_does_not_resume(tiny):
+    run = fit(arch="unet", run_name="slim", **{**tiny, "epochs": 1}).run
+    ckpt = load_checkpoint(run.checkpoint("last"))
+    save_checkpoint(run.checkpoint("last"), {k: ckpt[k] for k in ("format_version", "arch", "config", "model")})
+    with pytest.raises(CheckpointError, match=r"holds weights but no training state \(epoch, history, optimizer "
+                                              r"missing\): it can be evaluated, not resumed"):
+        fit(arch="unet", run_name="slim", resume=True, **{**tiny, "epochs": 2})
+    save_checkpoint(run.checkpoint("last"), {**ckpt, "format_version": "1"})
+    with pytest.raises(CheckpointError, match="has format_version '1'; expected an integer"):
+        load_checkpoint(run.checkpoint("last"))
+
+
 def test_a_kill_between_the_best_and_last_writes_resumes_from_best(tiny, capsys):
     """best.pt is written first: a kill before last.pt leaves best.pt the later epoch."""
     import os
