@@ -48,6 +48,12 @@ def notebook_path(name: str) -> Path:
     return path
 
 
+# The kernel's own log stays quiet below errors: ipykernel >= 7 warns about unencrypted TCP on
+# every start, though the kernel listens on 127.0.0.1 for this process alone. (Local "ipc"
+# sockets would avoid it, but leave socket files in the working folder that concurrent runs share.)
+KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
+
+
 def run_notebook(name: str, output: str | Path, params: dict | None = None, *, progress: bool = True,
                  timeout: int | None = None) -> Path:
     """Execute ``notebooks/<name>.ipynb`` with papermill into ``output`` (its folder is created).
@@ -57,17 +63,13 @@ def run_notebook(name: str, output: str | Path, params: dict | None = None, *, p
     at ``output`` for inspection.
     """
     import papermill as pm
-    from traitlets.config import Config
 
     output = Path(output).expanduser().resolve()
     output.parent.mkdir(parents=True, exist_ok=True)     # papermill does not create it
-    # Over local sockets (not Windows), the kernel talks only to this process, and ipykernel >= 7
-    # does not print its warning about unencrypted TCP for every notebook.
-    config = Config({"KernelManager": {"transport": "ipc"}}) if os.name == "posix" else Config()
     try:
         pm.execute_notebook(str(notebook_path(name)), str(output), parameters=params or {},
                             cwd=str(NOTEBOOK_DIR), progress_bar=progress, execution_timeout=timeout,
-                            kernel_name="python3", config=config)
+                            kernel_name="python3", extra_arguments=KERNEL_ARGS)
     except pm.PapermillExecutionError as e:
         raise NotebookFailed(f"{name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
                              f"(executed notebook: {output})") from None
@@ -209,7 +211,7 @@ def refresh_notebook_outputs(names=NOTEBOOKS, timeout: int = 900) -> None:
         for name in names:
             path = notebook_path(name)
             nb = nbformat.read(path, as_version=4)
-            NotebookClient(nb, timeout=timeout, kernel_name="python3",
+            NotebookClient(nb, timeout=timeout, kernel_name="python3", extra_arguments=KERNEL_ARGS,
                            resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()
             nbformat.write(nb, path)
             print(f"refreshed {path.name}", flush=True)
