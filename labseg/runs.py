@@ -16,6 +16,7 @@ crash, a kill or a full disk leaves the previous version intact, never half a fi
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -270,6 +271,31 @@ class RunDir:
     """A run's folder and its records."""
 
     path: Path
+
+    def lock_for_training(self):
+        """Hold the run's ``.training`` lock while this process trains it; a second process that
+        tries (the same resume in two terminals, a notebook and the CLI) gets a RunExistsError
+        instead of both writing the same checkpoints. The operating system drops the lock when the
+        process ends, however it ends, so a killed run never stays locked. (POSIX; elsewhere a no-op.)"""
+        try:
+            import fcntl
+        except ImportError:
+            return contextlib.nullcontext()
+        fd = os.open(self.path / ".training", os.O_CREAT | os.O_RDWR, _FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunExistsError(f"run {self.path} is being trained by another process now; wait for it "
+                                 "to finish (or stop it) before resuming it here") from None
+
+        @contextlib.contextmanager
+        def held():
+            try:
+                yield self
+            finally:
+                os.close(fd)            # closing the file releases the lock
+        return held()
 
     def release(self) -> None:
         """Give up a folder claimed by a run that never wrote a checkpoint: its records go (an

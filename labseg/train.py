@@ -12,6 +12,7 @@ each rank trains on its shard of every batch (DistributedDataParallel); rank 0 a
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -252,6 +253,14 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
     fields of ``config`` still at RunConfig's defaults count as not given; pass a field as a
     keyword to have it checked against the run's record.
     """
+    # Resources held while training (the run's .training lock) are let go however fit ends.
+    with contextlib.ExitStack() as held:
+        return _fit(held, config, resume=resume, overwrite=overwrite, progress=progress, callback=callback,
+                    **overrides)
+
+
+def _fit(held: contextlib.ExitStack, config, *, resume, overwrite, progress, callback, **overrides) -> FitResult:
+    """:func:`fit`'s body; ``held`` keeps what must be released when it returns or raises."""
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)   # fit({"arch": "unet", ...}) as well as fit(RunConfig(...))
     config_arg = config
@@ -274,6 +283,8 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
         if not config.run_name:
             raise ConfigError("resume needs run_name: the run to continue")
         run = RunDir.open(config.run_name, config.output_dir)
+        if dist.is_main:
+            held.enter_context(run.lock_for_training())     # one process at a time trains a run
         # compared with what was asked, not with today's recipe: a recipe that has changed since
         # the run started is no reason to refuse (or alter) the resume
         recorded = run.read_config()
@@ -442,6 +453,7 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
         # silently moved to NAME-2, where a notebook written into NAME would describe the wrong run.
         run = RunDir.create(config.output_dir, config.run_name or run_name_for(config), overwrite=overwrite,
                             exist="error" if config.run_name else "suffix")
+        held.enter_context(run.lock_for_training())
         config = replace(config, run_name=run.path.name)    # the records name their run
         run.write_config(config)
     writer = CheckpointWriter()

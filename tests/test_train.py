@@ -104,6 +104,18 @@ def test_resume_continues_without_duplicates(tiny, capsys):
     assert "removed 1 unfinished write(s)" in said and "eval_test_last.json → eval_test_last.json.epoch-2" in said
 
 
+def test_a_run_being_trained_is_not_resumed_by_a_second_process(tiny):
+    """The same resume in two terminals would write the same checkpoints; the lock is the OS's,
+    so a killed run is never left locked."""
+    import labseg.runs
+
+    run = fit(arch="unet", run_name="busy", **{**tiny, "epochs": 1}).run
+    with run.lock_for_training():           # as another process training it holds it
+        with pytest.raises(labseg.runs.RunExistsError, match="is being trained by another process now"):
+            fit(arch="unet", run_name="busy", resume=True, **{**tiny, "epochs": 2})
+    assert [r["epoch"] for r in fit(arch="unet", run_name="busy", resume=True, **{**tiny, "epochs": 2}).history] == [1, 2]
+
+
 def test_a_checkpoint_slimmed_to_its_weights_evaluates_but_does_not_resume(tiny):
     run = fit(arch="unet", run_name="slim", **{**tiny, "epochs": 1}).run
     ckpt = load_checkpoint(run.checkpoint("last"))
