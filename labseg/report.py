@@ -106,7 +106,10 @@ def run_row(folder: Path) -> dict:
             row.update(best_valid_dice=best_row.get("valid_dice"), best_valid_iou=best_row.get("valid_iou"),
                        best_epoch=best_row.get("epoch"), epochs_run=len(history))
         resumable = (folder / "last.pt").is_file() or (folder / "best.pt").is_file()
-        row["status"] = "running or stopped (resumable)" if resumable else "running or killed"
+        training = RunDir(folder).is_training()     # None: cannot tell (no flock)
+        row["status"] = ("running" if training else "stopped (resumable)" if resumable else "stopped (killed)"
+                         ) if training is not None else (
+                         "running or stopped (resumable)" if resumable else "running or killed")
         row.setdefault("error", None)
     return row
 

@@ -297,6 +297,21 @@ class RunDir:
                 os.close(fd)            # closing the file releases the lock
         return held()
 
+    def is_training(self) -> bool | None:
+        """Whether a process holds this run's training lock now (None where flock does not exist)."""
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        if not (self.path / ".training").is_file():
+            return False
+        with open(self.path / ".training", "rb") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False                # closing the file lets the shared lock go
+
     def release(self) -> None:
         """Give up a folder claimed by a run that never wrote a checkpoint: its records go (an
         executed notebook stays), so the same command can simply be run again."""

@@ -217,8 +217,10 @@ def test_a_stopped_run_shows_its_epochs_so_far_and_whether_it_can_resume(tmp_pat
         if checkpoint:
             (run.path / "last.pt").write_bytes(b"")
     table = collect_runs(tmp_path).set_index("run")
-    assert table.loc["stopped", "status"] == "running or stopped (resumable)"
-    assert table.loc["killed", "status"] == "running or killed"
+    assert table.loc["stopped", "status"] == "stopped (resumable)"
+    assert table.loc["killed", "status"] == "stopped (killed)"
+    with RunDir(tmp_path / "stopped").lock_for_training():      # as a process training it now does
+        assert collect_runs(tmp_path).set_index("run").loc["stopped", "status"] == "running"
     assert table.loc["stopped", "best_valid_dice"] == 0.4 and table.loc["stopped", "best_epoch"] == 2
     assert table.loc["stopped", "epochs_run"] == 3
     assert best_per_arch(table.reset_index()).empty          # the best of a network is a finished run
