@@ -24,7 +24,8 @@ from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 from labseg.config import UNTIL_BUDGET, resolve_path
 from labseg.evaluate import eval_file
 from labseg.machine import run_machine_label
-from labseg.runs import RunDir, RunRecordError, _read_record, atomic_write_bytes, atomic_write_text, default_checkpoint
+from labseg.runs import (RunDir, RunRecordError, atomic_write_bytes, atomic_write_text, default_checkpoint,
+                         read_record)
 
 PARAMS = ("arch", "img_size", "epochs", "time_budget", "batch_size", "lr", "optimizer", "scheduler", "loss",
           "augment", "seed", "max_train_images", "data_dir")
@@ -36,7 +37,7 @@ ARCH_COLORS = {"unet": "tab:blue", "resnet34_unet": "tab:orange", "smp_unet_resn
 
 def _read_json(path: Path, default=None):
     """A run's JSON record, ``default`` when the file is missing; RunRecordError when damaged."""
-    return _read_record(path, dict) if path.is_file() else default
+    return read_record(path, dict) if path.is_file() else default
 
 
 def _read_quietly(path: Path):
@@ -107,9 +108,10 @@ def run_row(folder: Path) -> dict:
                        best_epoch=best_row.get("epoch"), epochs_run=len(history))
         resumable = (folder / "last.pt").is_file() or (folder / "best.pt").is_file()
         training = RunDir(folder).is_training()     # None: cannot tell (no flock)
-        row["status"] = ("running" if training else "stopped (resumable)" if resumable else "stopped (killed)"
-                         ) if training is not None else (
-                         "running or stopped (resumable)" if resumable else "running or killed")
+        if training is None:
+            row["status"] = "running or stopped (resumable)" if resumable else "running or killed"
+        else:
+            row["status"] = "running" if training else "stopped (resumable)" if resumable else "stopped (killed)"
         row.setdefault("error", None)
     return row
 

@@ -315,9 +315,7 @@ class RunDir:
     def release(self) -> None:
         """Give up a folder claimed by a run that never wrote a checkpoint: its records go (an
         executed notebook stays), so the same command can simply be run again."""
-        for entry in self.path.iterdir():
-            if entry.suffix != ".ipynb":
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        _empty_folder(self.path)
         if not any(self.path.iterdir()):
             self.path.rmdir()
 
@@ -334,9 +332,7 @@ class RunDir:
         if overwrite and base.exists():
             if lost := folder_contents(base, keep=".ipynb"):
                 print(f"labseg: --overwrite: deleting {lost} in {base}")
-            for entry in base.iterdir():    # keep a notebook papermill is writing into it now
-                if entry.suffix != ".ipynb":
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            _empty_folder(base)
         if exist == "error" and (base / ".claimed").exists():
             raise RunExistsError(f"run folder {base} exists; resume it with --resume, start over "
                                  "with --overwrite, or pick another run name")
@@ -377,7 +373,7 @@ class RunDir:
         off, which is what that run trained with (``config.BEFORE_OPTION_EXISTED``); any other
         recipe field it lacks, as the recipe's value."""
         path = self.path / "config.json"
-        recorded = _read_record(path, dict)
+        recorded = read_record(path, dict)
         try:
             return RunConfig.from_dict({**BEFORE_OPTION_EXISTED, **recorded}).with_recipe()
         except (ValueError, TypeError) as e:
@@ -397,21 +393,21 @@ class RunDir:
 
     def read_metrics(self) -> list[dict]:
         p = self.path / "metrics.json"
-        return _read_record(p, list) if p.is_file() else []
+        return read_record(p, list) if p.is_file() else []
 
     def write_json(self, name: str, obj) -> None:
         atomic_write_json(self.path / name, obj)
 
     def read_json(self, name: str, default=None):
         p = self.path / name
-        return _read_record(p, (dict, list)) if p.is_file() else default
+        return read_record(p, (dict, list)) if p.is_file() else default
 
     def write_summary(self, summary: dict) -> None:
         self.write_json("summary.json", summary)
 
     def read_summary(self) -> dict:
         p = self.path / "summary.json"
-        return _read_record(p, dict) if p.is_file() else {}
+        return read_record(p, dict) if p.is_file() else {}
 
     def resolve_checkpoint(self, which: str = "auto") -> str:
         """``"best"`` or ``"last"``; ``"auto"`` is this run's :func:`default_checkpoint`."""
@@ -424,7 +420,14 @@ class RunDir:
         return self.path / f"{self.resolve_checkpoint(which)}.pt"
 
 
-def _read_record(path: Path, kind):
+def _empty_folder(folder: Path) -> None:
+    """Delete what a run folder holds, except an executed notebook (papermill may be writing it now)."""
+    for entry in folder.iterdir():
+        if entry.suffix != ".ipynb":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def read_record(path: Path, kind):
     """A JSON record of the expected ``kind``, or a RunRecordError naming the file."""
     try:
         value = json.loads(path.read_text())

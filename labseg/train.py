@@ -12,12 +12,11 @@ each rank trains on its shard of every batch (DistributedDataParallel); rank 0 a
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -254,12 +253,12 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
     keyword to have it checked against the run's record.
     """
     # Resources held while training (the run's .training lock) are let go however fit ends.
-    with contextlib.ExitStack() as held:
+    with ExitStack() as held:
         return _fit(held, config, resume=resume, overwrite=overwrite, progress=progress, callback=callback,
                     **overrides)
 
 
-def _fit(held: contextlib.ExitStack, config, *, resume, overwrite, progress, callback, **overrides) -> FitResult:
+def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **overrides) -> FitResult:
     """:func:`fit`'s body; ``held`` keeps what must be released when it returns or raises."""
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)   # fit({"arch": "unet", ...}) as well as fit(RunConfig(...))
