@@ -234,7 +234,7 @@ def default_checkpoint(scheduler: str | None, stop_reason: str | None) -> str:
 
     last.pt when the run finished a schedule that decays the learning rate to ~0 (all its epochs,
     or its time budget): the last epochs at a small lr scored above the epoch that ~30 valid
-    images picked in 55 of 81 budget runs and below it in 8 (docs/results.md). best.pt when it
+    images picked in 75 of 107 budget runs and below it in 9 (docs/results.md, round 21). best.pt when it
     stopped early, was interrupted, or kept a constant or plateau lr: then the last epoch is
     just the latest, and the best by valid Dice is the better guess.
     """
