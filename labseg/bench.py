@@ -489,7 +489,7 @@ def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="aut
     from labseg.config import pick_device
     from labseg.machine import cpu_capability, device_name
     from labseg.models import build_model
-    from labseg.train import channels_last_for
+    from labseg.machine import channels_last_for
 
     t_start = time.perf_counter()
     log = log or (lambda msg: None)

@@ -157,7 +157,7 @@ class RunConfig:
     time_budget: str | float | None = None # e.g. "25m": stop cleanly when spent
     device: str = "auto"
     amp: bool | None = None                # mixed precision; None = on for CUDA and bf16-capable CPUs
-    channels_last: bool | None = None      # None = the faster format here (train.channels_last_for)
+    channels_last: bool | None = None      # None = the faster format here (machine.channels_last_for)
     compile: bool = False
     ignore_border: bool = False            # leave the trimap border band out of the loss
     max_train_images: int | None = None    # train on N images only, each breed in turn (quick runs)

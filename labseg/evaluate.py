@@ -20,7 +20,8 @@ from PIL import Image
 from labseg.config import ConfigError, RunConfig, check_choice, check_img_size, pick_device, resolve_path
 from labseg.data import BadSampleError, Batches, CachedSplit, load_image, load_split, log, normalize, split_trainval
 from labseg.metrics import per_image_accuracy, per_image_dice, per_image_iou
-from labseg.models import build_model
+from labseg.machine import channels_last_for
+from labseg.models import build_model, model_kwargs
 from labseg.postprocess import clean_mask, clean_masks
 from labseg.runs import RunDir, load_checkpoint, load_weights
 
@@ -39,7 +40,6 @@ def load_run_model(run: RunDir | str | Path, which: str = "auto", device="auto",
     config = run.read_config()
     path = run.checkpoint(which)
     ckpt = load_checkpoint(path)
-    from labseg.train import channels_last_for, model_kwargs
 
     model = build_model(config.arch, **model_kwargs(config))
     load_weights(model, ckpt, config.arch, source=str(path))
@@ -52,7 +52,6 @@ def load_run_model(run: RunDir | str | Path, which: str = "auto", device="auto",
 
 def batches_for_model(model, config: RunConfig, data: CachedSplit, batch_size: int = 16) -> Batches:
     """Batches of ``data`` on ``model``'s device, in the memory format :func:`load_run_model` chose."""
-    from labseg.train import channels_last_for
 
     device = next(model.parameters()).device
     return Batches(data, batch_size=batch_size, device=device,

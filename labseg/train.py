@@ -1,8 +1,11 @@
-"""The training loop: one function, :func:`fit`, readable top to bottom.
+"""The training loop, read top to bottom in :func:`fit` (and its step loop, :func:`train_one_epoch`).
 
     config → data (cached arrays, breed-stratified valid split) → model → optimizer → loop:
-        for each epoch: train steps (augmented batches) → validate → records → checkpoints
+        for each epoch: train_one_epoch (augmented batches) → validate → records → checkpoints
     → summary.json
+
+What a resume needs (``_open_resumed``, ``_restore``), SAM's second pass and the augmentation
+phases are small functions below the loop, so that the loop itself stays one screen.
 
 The learning rate follows a schedule of *progress*, the larger of (steps done / all steps) and
 (time spent / time budget), so a run cut short by ``time_budget`` still warms up and decays fully.
@@ -18,18 +21,17 @@ import random
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from labseg.config import ARCH_OPTIONS, PATH_FIELDS, UNTIL_BUDGET, ConfigError, RunConfig, pick_device, resolve_path
+from labseg.config import PATH_FIELDS, UNTIL_BUDGET, ConfigError, RunConfig, pick_device, resolve_path
 from labseg.data import Batches, balanced_subset, check_layout, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
-from labseg.machine import cpu_capability, describe as describe_machine
+from labseg.machine import channels_last_for, describe as describe_machine
 from labseg.metrics import per_image_dice, per_image_iou
-from labseg.models import build_model, check_installed, count_parameters
+from labseg.models import build_model, check_installed, count_parameters, model_kwargs
 from labseg.runs import (CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, RunDir, load_checkpoint,
                          load_weights, run_name_for)
 from labseg.transforms import BatchAugment
@@ -58,16 +60,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def model_kwargs(config: RunConfig) -> dict:
-    """The layout options of ``config.arch`` that differ from how the network is built by default.
-
-    One table, ``config.ARCH_OPTIONS``, says which network has which option; RunConfig.validate
-    has refused the others, so the peer (smp's Unet) gets none.
-    """
-    return {name: getattr(config, name) for name, (as_built, archs) in ARCH_OPTIONS.items()
-            if config.arch in archs and getattr(config, name) not in (None, as_built)}
 
 
 def make_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -174,6 +166,7 @@ def _finish_swa(swa, batches: Batches) -> nn.Module:
 @torch.inference_mode()
 def validate(model: nn.Module, batches: Batches, loss_fn, amp_dtype=None) -> dict:
     """Valid loss and per-image Dice/IoU, accumulated on the device (one sync at the end)."""
+    was_training = model.training
     model.eval()
     dev = batches.device
     loss_sum, n = torch.zeros((), device=dev), 0
@@ -186,7 +179,7 @@ def validate(model: nn.Module, batches: Batches, loss_fn, amp_dtype=None) -> dic
         n += len(batch.index)
         dice.append(per_image_dice(logits, batch.target, from_logits=True))
         iou.append(per_image_iou(logits, batch.target, from_logits=True))
-    model.train()
+    model.train(was_training)
     return {"valid_loss": (loss_sum / max(n, 1)).item(),
             "valid_dice": torch.cat(dice).mean().item(), "valid_iou": torch.cat(iou).mean().item()}
 
@@ -210,19 +203,6 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def channels_last_for(device: torch.device, flag: bool | None = None) -> bool:
-    """Whether to run the networks and batches in channels_last: ``flag`` when set, else on where it
-    is the faster format.
-
-    A CPU with AVX2 and no AVX512 runs contiguous tensors faster (fp32 train steps at 128 px:
-    resnet34_unet 1.15x, unet 1.25x); with AVX512, channels_last won (1.12x, resnet34_unet, fp32)
-    and bf16 runs on its NHWC kernels; CUDA and MPS keep it too. Measured in docs/benchmarks.md.
-    """
-    if flag is not None:
-        return bool(flag)
-    return cpu_capability(device) != "AVX2"
-
-
 def _amp_dtype(config: RunConfig, device: torch.device):
     # Default (amp=None): on for CUDA, and on a CPU with native bf16, where it trains ~1.8x faster
     # (resnet34_unet 15.8 -> 28 img/s, unet 2.2 -> 4.5 img/s at 128 px, batch 16; docs/benchmarks.md).
@@ -243,7 +223,8 @@ def _improved(metric: str, value: float, best: float | None) -> bool:
 # --------------------------------------------------------------------------- the loop
 def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, overwrite: bool = False,
         progress: bool = True, callback=None, **overrides) -> FitResult:
-    """Train a model as ``config`` says and record the run. Returns the run and its history.
+    """Train a model as ``config`` says and record the run. Returns the run, its history and the
+    trained network (in eval mode).
 
     ``resume``: False for a new run; True or ``"last"`` to continue ``config.run_name`` from
     ``last.pt``; ``"best"`` to continue from ``best.pt`` (e.g. when last.pt is corrupt).
@@ -262,10 +243,9 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     """:func:`fit`'s body; ``held`` keeps what must be released when it returns or raises."""
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)   # fit({"arch": "unet", ...}) as well as fit(RunConfig(...))
-    config_arg = config
-    asked = RunConfig.from_dict(overrides) if config is None else (
-        RunConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config)
-    config = asked.with_recipe().validate()
+    asked = _asked_fields(config, overrides)   # what the caller set; a resume checks it against the record
+    given = config.to_dict() if config is not None else {}
+    config = RunConfig.from_dict({**given, **overrides}).with_recipe().validate()
     check_installed(config.arch)
     dist = _Distributed.from_env()
     device = dist.device or pick_device(config.device)
@@ -277,40 +257,9 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
 
     # ---- a resumed run: its recorded config and checkpoint (a new run's folder is made below,
     # once the data and the network are ready, so that a run that cannot start leaves none)
-    start, run = None, None
+    run, resumed = None, None
     if resume:
-        if not config.run_name:
-            raise ConfigError("resume needs run_name: the run to continue")
-        run = RunDir.open(config.run_name, config.output_dir)
-        if dist.is_main:
-            held.enter_context(run.lock_for_training())     # one process at a time trains a run
-        # compared with what was asked, not with today's recipe: a recipe that has changed since
-        # the run started is no reason to refuse (or alter) the resume
-        recorded = run.read_config()
-        config = _merge_resumed(recorded, _asked_fields(config_arg, overrides)).validate()
-        if dist.is_main and not _same_value("data_dir", config.data_dir, recorded.data_dir):
-            print(f"labseg: the dataset is now read from {config.data_dir} (the run started on {recorded.data_dir}); "
-                  "its valid split is the same for the same images")
-        which = "best" if resume == "best" else "last"
-        try:
-            start = load_checkpoint(run.checkpoint(which))
-        except CheckpointError as e:
-            other = "best" if which == "last" else "last"
-            if not any(run.checkpoint(w).exists() for w in ("best", "last")):
-                raise CheckpointError(f"run {run.path.name} has no checkpoint yet (it stopped before its first "
-                                      "epoch ended): start it over with --overwrite") from None
-            raise CheckpointError(f"{e}.\nResume from the {other} checkpoint with --resume {other}, "
-                                  "or start over with --overwrite (deletes the run).") from None
-        if lacking := [k for k in ("epoch", "history", "optimizer") if k not in start]:
-            raise CheckpointError(f"checkpoint {run.checkpoint(which)} holds weights but no training state "
-                                  f"({', '.join(lacking)} missing): it can be evaluated, not resumed")
-        if which == "last":
-            start = _newer_best(run, start)
-        _check_not_finished(run, start, config)
-        if dist.is_main:
-            if config.to_dict() != run.read_config().to_dict():
-                run.write_config(config)    # e.g. more epochs: config.json says what the run trains to
-            _clear_stale_files(run, start["epoch"])
+        run, config, resumed = _open_resumed(config, asked, "best" if resume == "best" else "last", dist, held)
     else:
         check_layout(config.data_dir)
 
@@ -332,12 +281,12 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
         train_idx = balanced_subset(trainval.records, train_idx, config.max_train_images)
     augment = BatchAugment.from_config(vars(config))
     channels_last = channels_last_for(device, config.channels_last)
-    memory = dict(device=device, channels_last=channels_last, ignore_border=config.ignore_border)
+    batch_options = dict(device=device, channels_last=channels_last, ignore_border=config.ignore_border)
     train_batches = Batches(trainval, dist.shard(train_idx), config.batch_size // dist.world, shuffle=True,
-                            seed=config.seed, augment=augment, drop_last=True, **memory)
+                            seed=config.seed, augment=augment, drop_last=True, **batch_options)
     if len(train_batches) == 0:
         train_batches.drop_last = False
-    valid_batches = Batches(trainval, valid_idx, config.batch_size, **memory)
+    valid_batches = Batches(trainval, valid_idx, config.batch_size, **batch_options)
 
     # ---- model, optimizer, loss
     model = build_model(config.arch, **model_kwargs(config)).to(device)
@@ -352,45 +301,57 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     ema = _ema_model(model, config.ema)
     # SWA averages one snapshot per epoch from config.swa of training on (equal weights).
     swa = torch.optim.swa_utils.AveragedModel(model) if config.swa else None
-    history, best, step, elapsed_before, first_epoch = [], None, 0, 0.0, 1
-    if start is not None:
-        # With EMA or SWA, "model" holds the averaged weights and "raw_model" the trained ones.
-        load_weights(model, {**start, "model": start.get("raw_model", start["model"])}, config.arch,
-                     source=str(run.checkpoint("last")))
-        load_optimizer_state(optimizer, start["optimizer"])
-        if plateau is not None and start.get("plateau"):
-            plateau.load_state_dict(start["plateau"])
-        if ema is not None and start.get("ema"):
-            ema.load_state_dict(start["ema"])
-        if swa is not None and start.get("swa"):
-            swa.load_state_dict(start["swa"])
-        if scaler.is_enabled() and start.get("scaler"):
-            scaler.load_state_dict(start["scaler"])
-        history = list(start["history"])
-        best, step = start.get("best"), start.get("step", 0)
-        elapsed_before, first_epoch = start.get("elapsed", 0.0), start["epoch"] + 1
+    eval_model = ema.module if ema is not None else model    # the weights validated, kept and returned
+    # the lrs the schedule scales: config.lr, or what ReduceLROnPlateau has made of it
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    history, best, first_epoch = [], None, 1
+    if resumed is not None:
+        _restore(resumed, str(run.checkpoint("last")), config, model, optimizer, plateau, ema, swa, scaler)
+        base_lrs = list(resumed.get("base_lrs") or [config.lr] * len(base_lrs))
+        history, best, first_epoch = list(resumed["history"]), resumed.get("best"), resumed["epoch"] + 1
         if dist.is_main:
             run.write_metrics(history)     # the checkpoint's history is the truth after a kill
-            print(f"labseg: resuming {run.path} after epoch {start['epoch']}")
+            print(f"labseg: resuming {run.path} after epoch {resumed['epoch']}")
     step_model = dist.wrap(model)
     if config.compile:
         step_model = torch.compile(step_model)
+    warmup_steps = int(round((config.warmup_epochs or 0) * len(train_batches)))
 
-    steps_per_epoch = len(train_batches)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = int(round((config.warmup_epochs or 0) * steps_per_epoch))
-    budget = config.time_budget_s
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    if start is not None:
-        # the lrs the schedule scales: config.lr, or what ReduceLROnPlateau has made of it
-        base_lrs = list(start.get("base_lrs") or [config.lr] * len(base_lrs))
+    # ---- the clock starts: the lr schedule and the time budget follow it (over all sessions of a run)
+    done = resumed or {}
+    clock = _Clock(total_steps=len(train_batches) * config.epochs, budget=config.time_budget_s,
+                   step=done.get("step", 0), elapsed_before=done.get("elapsed", 0.0))
 
-    def make_checkpoint(epoch, deployed=None) -> dict:
+    # ---- the run folder, claimed only now that the network is known to give the right output
+    check_logits(model, config.arch, config.img_size, device, channels_last)
+    if not resume and dist.is_main:
+        # A name given is that run's: an existing one is refused (resume or overwrite it), never
+        # silently moved to NAME-2, where a notebook written into NAME would describe the wrong run.
+        run = RunDir.create(config.output_dir, config.run_name or run_name_for(config), overwrite=overwrite,
+                            exist="error" if config.run_name else "suffix")
+        held.enter_context(run.lock_for_training())
+        config = replace(config, run_name=run.path.name)    # the records name their run
+        run.write_config(config)
+    machine = describe_machine(device, amp_dtype, channels_last)
+    # A resumed run may continue on another machine: the checkpoint carries one record per session.
+    sessions = [*((resumed.get("machines") or []) if resumed is not None else []),
+                {**machine, "world_size": dist.world, "first_epoch": first_epoch}]
+    if dist.is_main:
+        print(f"labseg: training {config.arch} ({count_parameters(model) / 1e6:.1f}M parameters) on {device} "
+              f"({machine['precision']}, {machine['memory_format']}), "
+              f"{len(train_idx)} train / {len(valid_idx)} valid images at {config.img_size}px → {run.path}")
+        if config.low_res_size and config.low_res_until:
+            print(f"labseg: whole images at {config.low_res_size}px for the first {config.low_res_until:.0%} of "
+                  f"training (low_res_scale {config.low_res_scale:g}), then at {config.img_size}px")
+
+    # ---- checkpoints: last.pt at most every checkpoint_every seconds, best.pt at each new best
+    writer = CheckpointWriter()     # serialises and writes in the background, each file atomically
+
+    def checkpoint(epoch: int, deployed: nn.Module | None = None) -> dict:
         """Everything a resume needs; ``deployed`` (averaged weights) goes in "model" if given."""
         ckpt = {"format_version": CHECKPOINT_FORMAT, "arch": config.arch, "config": config.to_dict(),
-                "epoch": epoch, "step": step, "elapsed": time.perf_counter() - t0 + elapsed_before,
-                "best": best, "history": history, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "epoch": epoch, "step": clock.step, "elapsed": clock.spent(), "best": best, "history": history,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "plateau": plateau.state_dict() if plateau is not None else None,
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "ema": ema.state_dict() if ema is not None else None,
@@ -401,139 +362,66 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
             ckpt["raw_model"] = model.state_dict()
         return ckpt
 
-    def save(epoch, best_too=False):
-        """last.pt (and best.pt), then the records up to ``epoch``, written in the background."""
+    saved_at, saved_epoch = time.perf_counter(), first_epoch - 1
+
+    def save(epoch: int, best_too: bool = False) -> None:
+        """last.pt (and best.pt), then the records up to ``epoch``."""
         nonlocal saved_at, saved_epoch
         if dist.is_main:
             # Serialising resnet34_unet's 290 MB (weights and AdamW moments) takes ~0.35 s of the
             # training thread (~3% of a bf16 epoch at 128 px on 2 cores) and the write 0.2-1.3 s
             # on the same cores, hence at most every `checkpoint_every` s, best.pt excepted.
-            # Each file is always a complete old or new checkpoint.
             # best.pt before last.pt: a kill between the two leaves best.pt the newer, and a
             # resume then starts from it (_newer_best); the other way round best.pt went missing.
-            writer.submit(make_checkpoint(epoch, ema.module if ema is not None else None),
+            writer.submit(checkpoint(epoch, ema.module if ema is not None else None),
                           *([run.checkpoint("best")] if best_too else []), run.checkpoint("last"),
                           then=lambda rows=list(history): run.write_metrics(rows))
         saved_at, saved_epoch = time.perf_counter(), epoch
 
-    def record(epoch, train_loss, seconds, stop_reason=None):
-        nonlocal best
-        eval_model = ema.module if ema is not None else model
-        row = {"epoch": epoch, "train_loss": train_loss, **validate(eval_model, valid_batches, loss_fn, amp_dtype),
-               "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
-               "images_per_s": round(len(train_idx) / max(seconds, 1e-9), 2)}
-        history.append(row)
-        improved = _improved(config.monitor, row[config.monitor], best)
-        if improved:
-            best = row[config.monitor]
-        if plateau is not None:         # stepped before the checkpoint, so that it holds this epoch's
-            plateau.step(row[config.monitor])
-            base_lrs[:] = [g["lr"] for g in optimizer.param_groups]
-        if improved or time.perf_counter() - saved_at >= config.checkpoint_every:
-            save(epoch, best_too=improved)
-        if callback is not None:
-            callback(history)
-        return row, improved
-
-    # ---- the loop
-    from tqdm.auto import tqdm
-
-    t0 = time.perf_counter()
+    # ---- the loop: train an epoch, validate, record, checkpoint, decide whether to go on
     stop_reason, since_best = "completed all epochs", _epochs_since_best(history, config.monitor)
-    saved_at, saved_epoch = t0, first_epoch - 1
-
-    def progress_now() -> float:
-        """Fraction of training done: by steps, or by time when a budget is set, whichever is further."""
-        spent = time.perf_counter() - t0 + elapsed_before
-        return max(step / max(total_steps, 1), spent / budget if budget else 0.0)
-    check_logits(model, config.arch, config.img_size, device, channels_last)
-    if not resume and dist.is_main:
-        # A name given is that run's: an existing one is refused (resume or overwrite it), never
-        # silently moved to NAME-2, where a notebook written into NAME would describe the wrong run.
-        run = RunDir.create(config.output_dir, config.run_name or run_name_for(config), overwrite=overwrite,
-                            exist="error" if config.run_name else "suffix")
-        held.enter_context(run.lock_for_training())
-        config = replace(config, run_name=run.path.name)    # the records name their run
-        run.write_config(config)
-    writer = CheckpointWriter()
-    machine = describe_machine(device, amp_dtype, channels_last)
-    # A resumed run may continue on another machine: the checkpoint carries one record per session.
-    sessions = [*((start.get("machines") or []) if start is not None else []),
-                {**machine, "world_size": dist.world, "first_epoch": first_epoch}]
-    if dist.is_main:
-        print(f"labseg: training {config.arch} ({count_parameters(model) / 1e6:.1f}M parameters) on {device} "
-              f"({machine['precision']}, {machine['memory_format']}), "
-              f"{len(train_idx)} train / {len(valid_idx)} valid images at {config.img_size}px → {run.path}")
-        if config.low_res_size and config.low_res_until:
-            print(f"labseg: whole images at {config.low_res_size}px for the first {config.low_res_until:.0%} of "
-                  f"training (low_res_scale {config.low_res_scale:g}), then at {config.img_size}px")
+    of_epochs = f"/{config.epochs}" if config.epochs < UNTIL_BUDGET else f" ({config.time_budget} budget)"
     try:
         for epoch in range(first_epoch, config.epochs + 1):
             train_batches.set_epoch(epoch)
-            cropping = config.crop_size and progress_now() < config.crop_until
-            augment.crop_size = config.crop_size if cropping else None
-            # Progressive resizing: the early epochs on smaller images (faster steps), the last
-            # ones at img_size, the size valid and test images are scored at.
-            low_res = config.low_res_size and progress_now() < config.low_res_until
-            augment.low_res_size = config.low_res_size if low_res else None
-            # Mosaics can stop before the end (YOLOv8's close_mosaic): the last epochs then see
-            # single, full-size pets, as every valid and test image is.
-            augment.mosaic = config.mosaic if progress_now() < config.mosaic_until else 0.0
+            _set_augment_phase(augment, config, clock.progress())
             epoch_start = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            of = f"/{config.epochs}" if config.epochs < UNTIL_BUDGET else f" ({config.time_budget} budget)"
-            bar = tqdm(train_batches, desc=f"epoch {epoch}{of}", leave=False,
-                       disable=not (progress and dist.is_main))
-            for i, batch in enumerate(bar):
-                for g, base in zip(optimizer.param_groups, base_lrs):
-                    g["lr"] = base * lr_factor(config.scheduler, progress_now(), step, warmup_steps, config.swa)
-
-                with _autocast(device, amp_dtype):
-                    out = step_model(batch.image)
-                loss = train_loss_fn(out, batch.target, batch.valid)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.sam:
-                    # SAM: take the gradient again at the worst nearby weights (a flatter minimum),
-                    # then step from the original weights with it.
-                    params = [p for p in model.parameters() if p.grad is not None]
-                    steps = _sam_ascent(params, config.sam)
-                    with _frozen_batchnorm_stats(model), _autocast(device, amp_dtype):
-                        out = step_model(batch.image)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(train_loss_fn(out, batch.target, batch.valid)).backward()
-                    with torch.no_grad():
-                        torch._foreach_sub_(params, steps)      # back to the weights the step starts from
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update_parameters(model)
-                loss_sum += loss.detach()
-                step += 1
-                if (i + 1) % config.log_every == 0 or i + 1 == len(train_batches):
-                    mean = (loss_sum / (i + 1)).item()       # the only host sync of the step loop
-                    if not math.isfinite(mean):
-                        raise TrainingDiverged(
-                            f"loss became {mean} at epoch {epoch}, step {i + 1}; training stopped. The last good "
-                            f"checkpoint is kept in {run.path if run else '(rank 0)'}. Try a lower lr "
-                            f"(now {config.lr:g}) or another loss.")
-                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-                if budget and time.perf_counter() - t0 + elapsed_before > budget:
-                    stop_reason = f"time budget of {config.time_budget} spent"
-                    break
+            try:
+                train_loss, images, out_of_time = train_one_epoch(
+                    step_model, model, train_batches, optimizer, train_loss_fn, config, clock, base_lrs, epoch,
+                    scaler=scaler, ema=ema, amp_dtype=amp_dtype, warmup_steps=warmup_steps,
+                    desc=f"epoch {epoch}{of_epochs}", show_progress=progress and dist.is_main)
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"{e}; training stopped. The last good checkpoint is kept in "
+                                       f"{run.path if run else '(rank 0)'}. Try a lower lr (now {config.lr:g}) "
+                                       "or another loss.") from None
             seconds = time.perf_counter() - epoch_start
-            if swa is not None and progress_now() >= config.swa:
+            if swa is not None and clock.progress() >= config.swa:
                 swa.update_parameters(model)
-            row, improved = record(epoch, (loss_sum / max(i + 1, 1)).item(), seconds)
+
+            row = {"epoch": epoch, "train_loss": train_loss,
+                   **validate(eval_model, valid_batches, loss_fn, amp_dtype),
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
+                   "images_per_s": round(images * dist.world / max(seconds, 1e-9), 2)}
+            history.append(row)
+            improved = _improved(config.monitor, row[config.monitor], best)
+            if improved:
+                best = row[config.monitor]
+            if plateau is not None:     # stepped before the checkpoint, so that it holds this epoch's
+                plateau.step(row[config.monitor])
+                base_lrs[:] = [g["lr"] for g in optimizer.param_groups]
+            if improved or time.perf_counter() - saved_at >= config.checkpoint_every:
+                save(epoch, best_too=improved)
+            if callback is not None:
+                callback(history)
             if dist.is_main and progress:
-                print(f"epoch {epoch:3d}  train_loss {row['train_loss']:.4f}  valid_loss {row['valid_loss']:.4f}  "
-                      f"valid_dice {row['valid_dice']:.4f}  valid_iou {row['valid_iou']:.4f}  "
-                      f"{row['images_per_s']:.1f} img/s{'  *' if improved else ''}")
+                print(_epoch_line(row, improved))
+
             since_best = 0 if improved else since_best + 1
-            if stop_reason.startswith("time budget"):
+            if out_of_time:
+                stop_reason = f"time budget of {config.time_budget} spent"
                 break
-            spent = time.perf_counter() - t0 + elapsed_before
-            if budget and spent + seconds > budget:
+            if clock.budget and clock.spent() + seconds > clock.budget:
                 stop_reason = f"time budget of {config.time_budget} spent (no time for another epoch)"
                 break
             if config.patience and since_best >= config.patience:
@@ -550,18 +438,19 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
         writer.join()       # the last submitted checkpoint is on disk before any error propagates
     writer.wait()
 
-    summary = _summary(config, history, stop_reason, time.perf_counter() - t0 + elapsed_before,
-                       count_parameters(model), trainval, len(train_idx), len(valid_idx))
+    # ---- the summary (and, with SWA, the averaged weights)
+    summary = _summary(config, history, stop_reason, clock.spent(), count_parameters(model), trainval,
+                       len(train_idx), len(valid_idx))
     # Where and how the run trained (a budget run's figures depend on it): "machine" is this, the
     # last, session; a resumed run lists every session's, from the epoch it started at, in "machines".
     summary["machine"] = {**machine, "world_size": dist.world}
     if len(sessions) > 1:
         summary["machines"] = sessions
-    final_model = ema.module if ema is not None else model
+    final_model = eval_model
     if swa is not None and int(swa.n_averaged) > 0:
         # The averaged weights become last.pt (and best.pt if they validate best); their valid
         # figures go in the summary, not in the per-epoch history.
-        final_model = _finish_swa(swa, Batches(trainval, train_idx, config.batch_size, **memory))
+        final_model = _finish_swa(swa, Batches(trainval, train_idx, config.batch_size, **batch_options))
         scores = validate(final_model, valid_batches, loss_fn, amp_dtype)
         improved = _improved(config.monitor, scores[config.monitor], best)
         if improved:
@@ -570,7 +459,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                         "swa_valid_iou": scores["valid_iou"], "swa_valid_loss": scores["valid_loss"],
                         "best_is_swa": improved})
         if dist.is_main:
-            writer.submit(make_checkpoint(history[-1]["epoch"], final_model),
+            writer.submit(checkpoint(history[-1]["epoch"], final_model),
                           *([run.checkpoint("best")] if improved else []), run.checkpoint("last"))
             writer.wait()
             if progress:
@@ -583,7 +472,160 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                   f"at epoch {summary['best_epoch']}; skipped {summary['skipped_pairs']} unusable pairs; "
                   f"records in {run.path}")
     dist.close()
-    return FitResult(run, history, summary, final_model)
+    return FitResult(run, history, summary, final_model.eval())
+
+
+def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
+                    loss_fn, config: RunConfig, clock: "_Clock", base_lrs: list[float], epoch: int, *,
+                    scaler=None, ema=None, amp_dtype=None, warmup_steps: int = 0, desc: str = "",
+                    show_progress: bool = True) -> tuple[float, int, bool]:
+    """One pass over the training batches: the lr for this step, forward, loss, backward, optimizer
+    step. Returns the epoch's mean loss, the images it stepped on (this process's) and whether the
+    time budget ran out before its end.
+
+    ``step_model`` is ``model`` as the steps call it (wrapped by DDP or torch.compile, or itself).
+    """
+    from tqdm.auto import tqdm
+
+    if scaler is None:      # fp32 and bf16: a scaler that passes everything through
+        scaler = torch.amp.GradScaler(batches.device.type, enabled=False)
+    loss_sum, steps, images, out_of_time = torch.zeros((), device=batches.device), 0, 0, False
+    bar = tqdm(batches, desc=desc, leave=False, disable=not show_progress)
+    for batch in bar:
+        factor = lr_factor(config.scheduler, clock.progress(), clock.step, warmup_steps, config.swa)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+
+        with _autocast(batches.device, amp_dtype):
+            out = step_model(batch.image)
+        loss = loss_fn(out, batch.target, batch.valid)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.sam:
+            _sam_second_pass(step_model, model, batch, loss_fn, optimizer, scaler, config.sam, amp_dtype)
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update_parameters(model)
+
+        loss_sum += loss.detach()
+        steps, images = steps + 1, images + len(batch.index)
+        clock.step += 1
+        if steps % config.log_every == 0 or steps == len(batches):
+            mean = (loss_sum / steps).item()       # the only host sync of the step loop
+            if not math.isfinite(mean):
+                raise TrainingDiverged(f"loss became {mean} at epoch {epoch}, step {steps}")
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if clock.out_of_time():
+            out_of_time = True
+            break
+    return (loss_sum / max(steps, 1)).item(), images, out_of_time
+
+
+# --------------------------------------------------------------------------- pieces of the loop
+@dataclass
+class _Clock:
+    """Where training stands: optimizer steps taken, and seconds spent, earlier sessions of a
+    resumed run included. The lr schedule and the augmentation phases follow its progress."""
+
+    total_steps: int
+    budget: float | None = None                # seconds, or None: no time budget
+    step: int = 0
+    elapsed_before: float = 0.0                # seconds spent by the sessions before this one
+    started: float = field(default_factory=time.perf_counter)
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.started + self.elapsed_before
+
+    def progress(self) -> float:
+        """Fraction of training done: by steps, or by time when a budget is set, whichever is further."""
+        return max(self.step / max(self.total_steps, 1), self.spent() / self.budget if self.budget else 0.0)
+
+    def out_of_time(self) -> bool:
+        return bool(self.budget) and self.spent() > self.budget
+
+
+def _sam_second_pass(step_model, model, batch, loss_fn, optimizer, scaler, rho: float, amp_dtype) -> None:
+    """SAM (Foret et al. 2021): take the gradient again at the worst nearby weights (a flatter
+    minimum), then leave the weights where they were, for the optimizer to step from with it."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    steps = _sam_ascent(params, rho)
+    with _frozen_batchnorm_stats(model), _autocast(batch.image.device, amp_dtype):
+        out = step_model(batch.image)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss_fn(out, batch.target, batch.valid)).backward()
+    with torch.no_grad():
+        torch._foreach_sub_(params, steps)      # back to the weights the step starts from
+
+
+def _set_augment_phase(augment: BatchAugment, config: RunConfig, progress: float) -> None:
+    """The augmentations that change over training, set for ``progress`` ∈ [0, 1]."""
+    augment.crop_size = config.crop_size if config.crop_size and progress < config.crop_until else None
+    # Progressive resizing: the early epochs on smaller images (faster steps), the last ones at
+    # img_size, the size valid and test images are scored at.
+    low_res = config.low_res_size and progress < config.low_res_until
+    augment.low_res_size = config.low_res_size if low_res else None
+    # Mosaics can stop before the end (YOLOv8's close_mosaic): the last epochs then see single,
+    # full-size pets, as every valid and test image is.
+    augment.mosaic = config.mosaic if progress < config.mosaic_until else 0.0
+
+
+def _epoch_line(row: dict, improved: bool) -> str:
+    """The line printed after each epoch; ``*`` marks a new best checkpoint."""
+    return (f"epoch {row['epoch']:3d}  train_loss {row['train_loss']:.4f}  valid_loss {row['valid_loss']:.4f}  "
+            f"valid_dice {row['valid_dice']:.4f}  valid_iou {row['valid_iou']:.4f}  "
+            f"{row['images_per_s']:.1f} img/s{'  * new best' if improved else ''}")
+
+
+def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distributed",
+                  held: ExitStack) -> tuple[RunDir, RunConfig, dict]:
+    """The run to resume, its config (the record, with what a resume may change taken from
+    ``asked``) and the checkpoint to continue from; refuses what cannot be resumed."""
+    if not config.run_name:
+        raise ConfigError("resume needs run_name: the run to continue")
+    run = RunDir.open(config.run_name, config.output_dir)
+    if dist.is_main:
+        held.enter_context(run.lock_for_training())     # one process at a time trains a run
+    # compared with what was asked, not with today's recipe: a recipe that has changed since
+    # the run started is no reason to refuse (or alter) the resume
+    recorded = run.read_config()
+    config = _merge_resumed(recorded, asked).validate()
+    if dist.is_main and not _same_value("data_dir", config.data_dir, recorded.data_dir):
+        print(f"labseg: the dataset is now read from {config.data_dir} (the run started on {recorded.data_dir}); "
+              "its valid split is the same for the same images")
+    try:
+        resumed = load_checkpoint(run.checkpoint(which))
+    except CheckpointError as e:
+        other = "best" if which == "last" else "last"
+        if not any(run.checkpoint(w).exists() for w in ("best", "last")):
+            raise CheckpointError(f"run {run.path.name} has no checkpoint yet (it stopped before its first "
+                                  "epoch ended): start it over with --overwrite") from None
+        raise CheckpointError(f"{e}.\nResume from the {other} checkpoint with --resume {other}, "
+                              "or start over with --overwrite (deletes the run).") from None
+    if lacking := [k for k in ("epoch", "history", "optimizer") if k not in resumed]:
+        raise CheckpointError(f"checkpoint {run.checkpoint(which)} holds weights but no training state "
+                              f"({', '.join(lacking)} missing): it can be evaluated, not resumed")
+    if which == "last":
+        resumed = _newer_best(run, resumed)
+    _check_not_finished(run, resumed, config)
+    if dist.is_main:
+        if config.to_dict() != recorded.to_dict():
+            run.write_config(config)    # e.g. more epochs: config.json says what the run trains to
+        _clear_stale_files(run, resumed["epoch"])
+    return run, config, resumed
+
+
+def _restore(resumed: dict, source: str, config: RunConfig, model, optimizer, plateau, ema, swa, scaler) -> None:
+    """Put a checkpoint's training state back into the freshly built network and optimizer."""
+    # With EMA or SWA, "model" holds the averaged weights and "raw_model" the trained ones.
+    load_weights(model, {**resumed, "model": resumed.get("raw_model", resumed["model"])}, config.arch,
+                 source=source)
+    load_optimizer_state(optimizer, resumed["optimizer"])
+    for part, key in ((plateau, "plateau"), (ema, "ema"), (swa, "swa")):
+        if part is not None and resumed.get(key):
+            part.load_state_dict(resumed[key])
+    if scaler.is_enabled() and resumed.get("scaler"):
+        scaler.load_state_dict(resumed["scaler"])
 
 
 def check_logits(model: nn.Module, arch: str, img_size: int, device, channels_last: bool = False) -> None:

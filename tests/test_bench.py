@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from labseg import bench
-from labseg.train import channels_last_for
+from labseg.machine import channels_last_for
 from labseg.synthetic import write_synthetic_dataset
 
 

@@ -4,7 +4,7 @@ import torch
 from labseg.config import RunConfig
 from labseg.models import MODELS, OWN_MODELS, build_model, count_parameters
 from labseg.models.resnet34_unet import SCSE
-from labseg.train import model_kwargs
+from labseg.models import model_kwargs
 
 try:
     import segmentation_models_pytorch as smp

@@ -75,6 +75,16 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return MODELS[name](**kwargs)
 
 
+def model_kwargs(config: RunConfig) -> dict:
+    """The layout options of ``config.arch`` that differ from how the network is built by default.
+
+    One table, ``config.ARCH_OPTIONS``, says which network has which option; RunConfig.validate
+    has refused the others, so the peer (smp's Unet) gets none.
+    """
+    return {name: getattr(config, name) for name, (as_built, archs) in ARCH_OPTIONS.items()
+            if config.arch in archs and getattr(config, name) not in (None, as_built)}
+
+
 def check_installed(name: str) -> None:
     """Raise now, before any data or run folder is made, if network ``name`` needs a library
     that is not installed (only the peer does: segmentation_models_pytorch)."""
