@@ -135,7 +135,9 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     """Evaluate a run on ``split`` ("test" or "valid"); returns and saves the results.
 
     The result holds the plain evaluation (threshold 0.5, no TTA) and, when asked, the flip-TTA,
-    tuned-threshold and post-processed variants separately, so their effects can be read apart.
+    tuned-threshold and post-processed variants separately, so their effects can be read apart: the
+    threshold is tuned on the plain valid probabilities ("threshold_tuned"); with ``tta`` too, a
+    threshold tuned on the flip-TTA ones gives the combination ("tta_threshold_tuned").
     ``postprocess`` (:mod:`labseg.postprocess`) also records the valid Dice without and with the
     step: the check that decides, as in nnU-Net, whether to use it. ``which``: "best", "last" or
     "auto" (last.pt for a run that finished its decaying schedule, else best.pt).
@@ -160,14 +162,13 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     if tune_threshold or postprocess:
         valid = _split_for(config, "valid", data_dir, progress)
         valid_batches = batches_for_model(model, config, valid, batch_size)
-    if tune_threshold:
-        valid_probs = predict_probs(model, valid_batches, tta=tta)
-        sweep = threshold_sweep(valid_probs, valid)
-        best_t = max(sweep, key=sweep.get)
-        tuned = score(probs_tta if tta else probs, cached, threshold=best_t, tta=tta).summary()
-        result["threshold_tuned"] = {"threshold": best_t, "valid_sweep": sweep, **tuned}
-    if postprocess:
         valid_probs = predict_probs(model, valid_batches)
+    if tune_threshold:
+        result["threshold_tuned"] = _tuned(probs, cached, valid_probs, valid)
+        if tta:
+            result["tta_threshold_tuned"] = _tuned(probs_tta, cached, predict_probs(model, valid_batches, tta=True),
+                                                   valid, tta=True)
+    if postprocess:
         checked = {"valid_dice": score(valid_probs, valid).dice.mean().item(),
                    "valid_dice_postprocessed": score(valid_probs, valid, postprocess=True).dice.mean().item()}
         result["postprocess"] = {**checked, **score(probs, cached, postprocess=True).summary()}
@@ -176,6 +177,14 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     if save:
         run.write_json(eval_file(split, which), result)
     return result
+
+
+def _tuned(probs: torch.Tensor, split: CachedSplit, valid_probs: torch.Tensor, valid: CachedSplit,
+           tta: bool = False) -> dict:
+    """Scores on ``split`` at the threshold that does best on valid (never tuned on test)."""
+    sweep = threshold_sweep(valid_probs, valid)
+    best = max(sweep, key=sweep.get)
+    return {"threshold": best, "valid_sweep": sweep, **score(probs, split, threshold=best, tta=tta).summary()}
 
 
 def _split_for(config: RunConfig, split: str, data_dir, progress: bool) -> CachedSplit:
@@ -199,6 +208,10 @@ def format_result(result: dict) -> str:
     if "threshold_tuned" in result:
         t = result["threshold_tuned"]
         lines.append(f"  threshold {t['threshold']:.2f} (tuned on valid): Dice {t['dice']:.4f}  IoU {t['iou']:.4f}")
+    if "tta_threshold_tuned" in result:
+        t = result["tta_threshold_tuned"]
+        lines.append(f"  flip TTA + threshold {t['threshold']:.2f} (tuned on valid with TTA): Dice {t['dice']:.4f}  "
+                     f"IoU {t['iou']:.4f}")
     if "postprocess" in result:
         p = result["postprocess"]
         lines.append(f"  one pet (largest component, holes filled): Dice {p['dice']:.4f}  IoU {p['iou']:.4f}  "

@@ -12,7 +12,6 @@ Everything here is read from the run records (``config.json``, ``summary.json``,
 from __future__ import annotations
 
 import io
-import json
 import time
 from pathlib import Path
 
@@ -143,7 +142,11 @@ def evaluation_breakdown(output_dir: str | Path = "outputs/runs"):
         row = {"run": folder.name, "arch": ev.get("arch"), "checkpoint": ev.get("checkpoint"),
                "images": ev.get("images"), "test_dice": ev.get("dice"), "tta_dice": tta.get("dice"),
                "tta_gain": _minus(tta.get("dice"), ev.get("dice")), "threshold": tuned.get("threshold"),
-               "tuned_dice": tuned.get("dice"), "tuned_gain": _minus(tuned.get("dice"), ev.get("dice")),
+               # the threshold's own gain; an evaluation written before "tta_threshold_tuned" existed
+               # tuned this one with TTA when TTA was on, and its gain is then over TTA's Dice
+               "tuned_dice": tuned.get("dice"),
+               "tuned_gain": _minus(tuned.get("dice"), tta.get("dice") if tuned.get("tta") else ev.get("dice")),
+               "tta_tuned_dice": (ev.get("tta_threshold_tuned") or {}).get("dice"),
                "postprocess_dice": post.get("dice"), "postprocess_gain": _minus(post.get("dice"), ev.get("dice"))}
         row.update({f"{group} dice": v.get("dice") for group, v in (ev.get("per_breed") or {}).items()})
         rows.append(row)

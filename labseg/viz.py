@@ -509,10 +509,11 @@ def variants_table(result: dict):
     rows = [{"variant": "threshold 0.5", "dice": result["dice"], "iou": result["iou"]}]
     if "tta" in result:
         rows.append({"variant": "threshold 0.5 + flip TTA", "dice": result["tta"]["dice"], "iou": result["tta"]["iou"]})
-    if "threshold_tuned" in result:     # the tuned value itself is in the sweep plot's legend
-        t = result["threshold_tuned"]
-        rows.append({"variant": "threshold tuned on valid" + (" + flip TTA" if t.get("tta") else ""),
-                     "dice": t["dice"], "iou": t["iou"]})
+    # the tuned thresholds themselves are in the sweep plot's legend
+    for key, name in (("threshold_tuned", "threshold tuned on valid"),
+                      ("tta_threshold_tuned", "threshold tuned on valid + flip TTA")):
+        if key in result:
+            rows.append({"variant": name, "dice": result[key]["dice"], "iou": result[key]["iou"]})
     for key, name in (("postprocess", "threshold 0.5 + one pet"), ("tta_postprocess", "threshold 0.5 + flip TTA + one pet")):
         if key in result:   # one pet: the largest connected component, holes filled (labseg.postprocess)
             rows.append({"variant": name, "dice": result[key]["dice"], "iou": result[key]["iou"]})

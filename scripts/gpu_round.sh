@@ -132,7 +132,7 @@ record = {"run": run.name, "summary": read("summary.json"), "config": read("conf
 for name in ("eval_test.json", "eval_test_last.json"):
     e = read(name)
     record[name[:-5]] = {k: e.get(k) for k in ("checkpoint", "dice", "iou", "images", "per_breed", "tta",
-                                                "threshold_tuned", "missing") if k in e}
+                                                "threshold_tuned", "tta_threshold_tuned", "missing") if k in e}
 print(json.dumps(record))
 EOF
 }

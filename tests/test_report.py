@@ -154,7 +154,9 @@ def test_breakdown_reads_tta_threshold_and_breeds_apart(tmp_path):
         "arch": "resnet34_unet", "checkpoint": "best", "images": 9, "dice": 0.80,
         "tta": {"dice": 0.83}, "threshold_tuned": {"threshold": 0.4, "dice": 0.81}, "postprocess": {"dice": 0.845},
         "per_breed": {"Abyssinian": {"dice": 0.9}, "american_bulldog": {"dice": 0.7}}})
-    run.write_json("eval_test_last.json", {"arch": "resnet34_unet", "checkpoint": "last", "images": 9, "dice": 0.85})
+    run.write_json("eval_test_last.json", {"arch": "resnet34_unet", "checkpoint": "last", "images": 9, "dice": 0.85,
+                                           # as evaluations before tta_threshold_tuned: tuned on TTA probabilities
+                                           "tta": {"dice": 0.86}, "threshold_tuned": {"tta": True, "dice": 0.87}})
     table = evaluation_breakdown(runs)
     assert list(table["run"]) == ["full", "full"]          # "plain" was never evaluated
     assert list(table["checkpoint"]) == ["best", "last"] and table.iloc[1]["test_dice"] == 0.85
@@ -163,6 +165,7 @@ def test_breakdown_reads_tta_threshold_and_breeds_apart(tmp_path):
     row = table.iloc[0]
     assert (row["test_dice"], row["tta_dice"], row["threshold"], row["tuned_dice"]) == (0.80, 0.83, 0.4, 0.81)
     assert abs(row["tta_gain"] - 0.03) < 1e-9 and abs(row["tuned_gain"] - 0.01) < 1e-9
+    assert abs(table.iloc[1]["tuned_gain"] - 0.01) < 1e-9      # its threshold's gain over TTA, not over plain
     assert row["postprocess_dice"] == 0.845 and abs(row["postprocess_gain"] - 0.045) < 1e-9
     assert (row["Abyssinian dice"], row["american_bulldog dice"]) == (0.9, 0.7)
     text = write_report(runs, tmp_path / "report").read_text()

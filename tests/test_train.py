@@ -798,9 +798,11 @@ def test_cli_train_evaluate_predict(synthetic_root, tmp_path):
     assert "cli last.pt on test (24 images): Dice" in out.stdout
     for breed in ("Blobcat", "Stripecat", "fluffy_dog", "spot_dog", "cat", "dog"):
         assert f"  {breed} " in out.stdout
-    assert "with flip TTA" in out.stdout and "tuned on valid" in out.stdout
+    assert "with flip TTA" in out.stdout and "tuned on valid" in out.stdout and "flip TTA + threshold" in out.stdout
     assert not (run / "eval_test.json").exists()
     result = json.loads((run / "eval_test_last.json").read_text())
+    # the tuned threshold reads apart from TTA; the two together are a variant of their own
+    assert result["threshold_tuned"]["tta"] is False and result["tta_threshold_tuned"]["tta"] is True
     assert set(result["per_breed"]) == {"Blobcat", "Stripecat", "fluffy_dog", "spot_dog"}
     out = _labseg("evaluate", str(run), "--checkpoint", "best")   # kept beside last.pt's, not over it
     assert out.returncode == 0, out.stderr
