@@ -316,7 +316,9 @@ def plot_history(history: list[dict], axes=None, label: str | None = None, fig: 
     ax_loss.plot(epochs, [r["valid_loss"] for r in history], "s--", label=prefix + "valid loss")
     ax_dice.plot(epochs, [r["valid_dice"] for r in history], "o-", label=prefix + "valid Dice")
     ax_dice.plot(epochs, [r["valid_iou"] for r in history], "s--", label=prefix + "valid IoU")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    # the train loss is of augmented batches (and sums the aux heads with deep supervision): it
+    # need not sit below the valid loss
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (train: augmented batches, all heads)")
     ax_dice.set(xlabel="epoch", ylabel="score", title="validation", ylim=(0, 1))
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -330,11 +332,22 @@ CONFIG_FIELDS = ("arch", "data_dir", "img_size", "epochs", "time_budget", "batch
                  "optimizer", "scheduler", "warmup_epochs", "loss", "augment", "norm", "seed", "max_train_images")
 
 
+# where things are and how the run is named: not how it trains
+_NOT_TRAINING = ("run_name", "output_dir", "cache_dir", "device", "num_threads", "log_every", "checkpoint_every")
+
+
 def config_table(config, fields=CONFIG_FIELDS):
-    """A one-column table of a RunConfig's values; a budget run's epochs read "until the budget"."""
+    """A one-column table of a RunConfig's values: ``fields``, then every other field that differs
+    from RunConfig's default (what the recipe turned on, e.g. mosaics or deep supervision), so that
+    the table describes the run that trains. A budget run's epochs read "until the budget"."""
     import pandas as pd
 
-    values = {k: getattr(config, k) for k in fields}
+    from labseg.config import RunConfig
+
+    defaults = RunConfig().to_dict()
+    also = [k for k, v in config.to_dict().items()
+            if k not in fields and k not in _NOT_TRAINING and v != defaults.get(k)]
+    values = {k: getattr(config, k) for k in (*fields, *also)}
     if "epochs" in values and (values["epochs"] or 0) >= UNTIL_BUDGET:
         values["epochs"] = "until the time budget is spent"
     return pd.Series({k: "" if v is None else v for k, v in values.items()}, name="value").to_frame()

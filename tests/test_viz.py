@@ -79,6 +79,21 @@ def test_config_table_says_a_budget_run_trains_until_its_budget():
     assert fixed["epochs"] == 3 and fixed["time_budget"] == "" and fixed["arch"] == "unet"
 
 
+def test_config_table_shows_what_the_recipe_turned_on():
+    from labseg.config import RunConfig
+    from labseg.recipes import recipe_for
+
+    config = RunConfig(arch="resnet34_unet").with_recipe().validate()
+    table = viz.config_table(config)["value"]
+    # every field the recipe sets away from RunConfig's default is in the table, with its value
+    defaults = RunConfig().to_dict()
+    changed = {k: v for k, v in recipe_for("resnet34_unet").items() if v != defaults[k]}
+    assert changed, "the recipe changes nothing: the test would prove nothing"
+    for name, value in changed.items():
+        assert name in table.index and table[name] == value, name
+    assert "run_name" not in table.index and "output_dir" not in table.index
+
+
 def test_notebook_helpers_name_what_is_wrong(split):
     probs = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(len(split), 1, 32, 32).clone()
     assert viz.image_dice(probs, split, -1, 0.5) == viz.image_dice(probs, split, len(split) - 1, 0.5)
