@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -79,8 +79,8 @@ def check_img_size(value, hint: str = "") -> int:
     if value % 32:
         lo = value // 32 * 32
         nearest = f"{lo} or {lo + 32}" if lo else "32"
-        raise ConfigError(f"img_size={value}: must be divisible by 32 (the networks halve the size 5 "
-                          f"times); try {nearest}{hint}")
+        raise ConfigError(f"img_size={value}: must be divisible by 32 (ResNet34-UNet halves the "
+                          f"size 5 times, UNet 4; one rule for both); try {nearest}{hint}")
     return value
 
 

@@ -834,7 +834,7 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys, mon
     assert "labseg: error: 1 of 3 images could not be read:" in out.stderr and "notes.jpg" in out.stderr
     assert sorted(p.name for p in (tmp_path / "pred").glob("*_mask.png")) == ["a_jpg_mask.png", "a_png_mask.png"]
     assert Image.open(tmp_path / "pred" / "a_png_mask.png").size == (20, 10)
-    for args, expected in ((["--img-size", "50"], "img_size=50: must be divisible by 32 (the networks halve the size 5 times); try 32 or 64 (or leave it unset"),
+    for args, expected in ((["--img-size", "50"], "img_size=50: must be divisible by 32 (ResNet34-UNet halves the size 5 times, UNet 4; one rule for both); try 32 or 64 (or leave it unset"),
                            (["--threshold", "2"], "threshold=2.0: expected a probability between 0 and 1")):
         out = _main(capsys, "predict", str(run.path), str(pictures / "a.jpg"), "--out", str(tmp_path / "x"), *args)
         assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr
@@ -854,7 +854,7 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys, mon
 
 def test_cli_other_commands_name_what_is_wrong(tmp_path, capsys):
     out = _main(capsys, "prepare", "--img-size", "50", "--cache-dir", str(tmp_path / "cache"))
-    assert out.returncode == 2 and "img_size=50: must be divisible by 32 (the networks halve the size 5 times); try 32 or 64" in out.stderr
+    assert out.returncode == 2 and "img_size=50: must be divisible by 32 (ResNet34-UNet halves the size 5 times, UNet 4; one rule for both); try 32 or 64" in out.stderr
     out = _main(capsys, "report", "--output-dir", str(tmp_path / "typo"), "--report-dir", str(tmp_path / "rep"))
     assert out.returncode == 2 and f"no runs folder {tmp_path / 'typo'}" in out.stderr
     assert not (tmp_path / "rep").exists()

@@ -77,22 +77,23 @@ class ResNet34Encoder(nn.Module):
     def __init__(self, in_channels: int = 3, drop_path: float = 0.0, output_stride: int = 32):
         super().__init__()
         check_choice("output_stride", output_stride, OUTPUT_STRIDES)
-        total = sum(self.blocks)   # the linear rule of Huang et al.: 0 for the first block
-        rates = iter([drop_path * i / (total - 1) for i in range(total)])
+        # stochastic depth per block, 16 of them: the linear rule of Huang et al., 0 for the first
+        rates = [drop_path * i / (sum(self.blocks) - 1) for i in range(sum(self.blocks))]
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
                                   nn.BatchNorm2d(64), nn.ReLU(inplace=True))
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if output_stride == 32 else nn.Identity()
         self.in_ch = 64
-        self.layer1 = self._make_layer(64, self.blocks[0], rates=rates)
-        self.layer2 = self._make_layer(128, self.blocks[1], stride=2, rates=rates)
-        self.layer3 = self._make_layer(256, self.blocks[2], stride=2, rates=rates)
-        self.layer4 = self._make_layer(512, self.blocks[3], stride=2, rates=rates)
+        self.layer1 = self._make_layer(64, 3, rates=rates[0:3])
+        self.layer2 = self._make_layer(128, 4, stride=2, rates=rates[3:7])
+        self.layer3 = self._make_layer(256, 6, stride=2, rates=rates[7:13])
+        self.layer4 = self._make_layer(512, 3, stride=2, rates=rates[13:16])
 
     def _make_layer(self, out_ch: int, blocks: int, stride: int = 1, rates=None) -> nn.Sequential:
-        rates = rates or iter([0.0] * blocks)
-        layers = [BasicBlock(self.in_ch, out_ch, stride, next(rates))]
+        """``blocks`` BasicBlocks; the first changes the width (and halves the size when stride=2)."""
+        rates = rates if rates is not None else [0.0] * blocks
+        layers = [BasicBlock(self.in_ch, out_ch, stride, rates[0])]
         self.in_ch = out_ch
-        layers += [BasicBlock(out_ch, out_ch, drop_path=next(rates)) for _ in range(blocks - 1)]
+        layers += [BasicBlock(out_ch, out_ch, drop_path=rate) for rate in rates[1:]]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -143,20 +144,27 @@ class DecoderBlock(nn.Module):
         self.attention2 = SCSE(out_ch) if attention else nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")     # to the skip's size
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
         return self.attention2(self.conv2(self.conv1(self.attention1(x))))
 
 
 class UNetDecoder(nn.Module):
-    """UNet decoder over the encoder's stages: one block per skip, coarse to fine."""
+    """UNet decoder over the encoder's stages: one block per skip, coarse to fine.
+
+    From the deepest map (512 × H/32), each block doubles the size and joins the skip of that
+    size, giving 256 × H/16, 128 × H/8, 64 × H/4 and 32 × H/2 with the default channels. It stops at
+    H/2, the stem's size (there is no full-size skip); the head's logits are upsampled ×2. A fifth
+    channel count adds a block at full size with no skip, as segmentation_models_pytorch's Unet
+    has (``labseg bench`` measures that variant).
+    """
 
     def __init__(self, encoder_channels=(64, 64, 128, 256, 512), channels=(256, 128, 64, 32),
                  attention: bool = False):
         super().__init__()
-        skips = list(encoder_channels[:-1][::-1]) + [0]      # 256, 128, 64, 64, then none at full size
-        ins = [encoder_channels[-1], *channels[:-1]]
+        skips = [*encoder_channels[:-1][::-1], 0]           # 256, 128, 64, 64 (then none at full size)
+        ins = [encoder_channels[-1], *channels[:-1]]        # 512, 256, 128, 64
         self.blocks = nn.ModuleList(DecoderBlock(i, s, o, attention) for i, s, o in zip(ins, skips, channels))
 
     def forward(self, features: list[torch.Tensor], all_blocks: bool = False):
@@ -170,7 +178,10 @@ class UNetDecoder(nn.Module):
 
 
 class ResNet34UNet(nn.Module):
-    """With ``output_stride=16`` the stem's output (H/2) is not a skip: layer1 has that size too.
+    """ResNet34 encoder → UNet decoder → 3×3 head: N×3×H×W images to N×1×H×W logits.
+
+    The decoder ends at H/2 and the head's logits are upsampled ×2 (bilinear) to the input size.
+    With ``output_stride=16`` the stem's output (H/2) is not a skip: layer1 has that size too.
     The decoder then has three blocks (H/8, H/4, H/2: 256, 128, 64 channels) and the head reads
     the H/2 map, as with the default layout.
     """
@@ -202,11 +213,13 @@ class ResNet34UNet(nn.Module):
                 m.reset_gates()                   # init would saturate the 1-channel sSE gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        check_input_size(x)
-        features = self.encoder(x)[self.skip_from:]
+        check_input_size(x)                              # 3 × H × W, H and W multiples of 32
+        features = self.encoder(x)[self.skip_from:]      # 64 × H/2, 64 × H/4, … 512 × H/32
         if self.aux_heads is None or not self.training:
-            return to_input_size(self.head(self.decoder(features)), x)      # 1 × H × W
-        # training with deep supervision: also 1 × H × W logits from the H/16, H/8, H/4 blocks
+            decoded = self.decoder(features)             # 32 × H/2
+            return to_input_size(self.head(decoded), x)  # 1 × H/2 → 1 × H × W
+        # training with deep supervision: also 1 × H × W logits from the inner blocks
+        # (H/16, H/8, H/4 with output_stride 32)
         blocks = self.decoder(features, all_blocks=True)
         aux = [to_input_size(head(b), x) for head, b in zip(self.aux_heads, blocks)]
         return to_input_size(self.head(blocks[-1]), x), aux

@@ -102,7 +102,8 @@ def to_input_size(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def check_input_size(x: torch.Tensor, multiple: int = 32) -> None:
-    """Both networks need H and W divisible by 32 so that every skip lines up."""
+    """H and W divisible by 32, so that every skip lines up: ResNet34-UNet halves the size 5 times
+    (UNet 4, which would do with 16; one rule for both keeps a run's size valid for either)."""
     if x.dim() != 4:
         raise ValueError(f"expected a batch N×C×H×W, got a tensor of shape {tuple(x.shape)}")
     h, w = x.shape[-2:]
