@@ -252,8 +252,10 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="labseg", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="labseg", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Binary pet segmentation on Oxford-IIIT Pet with UNet and ResNet34-UNet: data, training,\n"
+                    "evaluation, prediction and reports. `labseg COMMAND --help` gives a command's options.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("download", help="download Oxford-IIIT Pet (images + trimaps) with torchvision")

@@ -878,10 +878,15 @@ def test_cli_bad_values_fail_before_work_without_traceback(args, expected, tmp_p
     assert "Traceback" not in out.stderr
 
 
-def test_cli_help():
-    for cmd in ("download", "prepare", "train", "evaluate", "predict"):
-        out = _labseg(cmd, "--help")
-        assert out.returncode == 0 and "usage: labseg " + cmd in out.stdout
+def test_cli_help(capsys):
+    from labseg.cli import build_parser
+
+    out = _labseg("--help")          # once through the installed entry point
+    assert out.returncode == 0 and "usage: labseg [-h] COMMAND" in out.stdout and "``" not in out.stdout
+    for cmd in ("download", "prepare", "train", "evaluate", "predict", "demo", "sweep", "report", "bench"):
+        with pytest.raises(SystemExit) as exited:      # the rest in this process: each help is its parser's
+            build_parser().parse_args([cmd, "--help"])
+        assert exited.value.code == 0 and "usage: labseg " + cmd in capsys.readouterr().out
 
 
 def test_download_fails_fast_offline(tmp_path, monkeypatch):
