@@ -717,6 +717,26 @@ def test_editing_a_trimap_rebuilds_the_cache(tmp_path):
     np.testing.assert_array_equal(split.labels[1], _expected_labels(1))
 
 
+def test_editing_a_trimap_to_the_same_file_size_rebuilds_the_cache(tmp_path):
+    """An edit that keeps the byte count (uncompressed PNG: the size depends on the shape only) is
+    still seen: the cache key holds each file's modification time beside its size."""
+    root = _blocky_root(tmp_path)
+    cache = tmp_path / "cache"
+    trimap = root / "annotations" / "trimaps" / "Cat_1.png"
+    before = np.asarray(Image.open(trimap))
+    Image.fromarray(before).save(trimap, compress_level=0)
+    size = trimap.stat().st_size
+    first = load_split(root, "trainval", S, cache_dir=cache, progress=False)
+    np.testing.assert_array_equal(first.labels[0], _expected_labels(0))
+    st = trimap.stat()
+    Image.fromarray(np.full((64, 64), 1, np.uint8)).save(trimap, compress_level=0)  # all pet now
+    assert trimap.stat().st_size == size                    # same byte count, other content
+    os.utime(trimap, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    split = load_split(root, "trainval", S, cache_dir=cache, progress=False)
+    np.testing.assert_array_equal(split.labels[0], PET)     # trimap value 1 everywhere → PET
+    np.testing.assert_array_equal(split.labels[1], _expected_labels(1))
+
+
 def test_other_size_gets_its_own_cache(tmp_path):
     root = _blocky_root(tmp_path)
     cache = tmp_path / "cache"

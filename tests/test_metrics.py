@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from labseg.losses import LOSSES, build_loss, deep_supervised
-from labseg.metrics import dice_score, iou_score, per_image_dice, pixel_accuracy, pooled_dice
+from labseg.metrics import dice_score, iou_score, per_image_dice, per_image_iou, pixel_accuracy, pooled_dice
 
 
 def masks(*rows):
@@ -119,3 +119,17 @@ def test_deep_supervised_loss_weighs_the_aux_outputs():
     expected = (loss(good, target, valid) * (1 + 1 / 4 + 1 / 2) + loss(bad, target, valid) / 8) / (15 / 8)
     assert supervised((good, [bad, good, good]), target, valid) == pytest.approx(expected.item())
     assert supervised((good, [good, good, bad]), target, valid) > supervised((good, [bad, good, good]), target, valid)
+
+
+def test_iou_of_empty_vs_empty_is_one_like_dice():
+    # no pet predicted and none there: a perfect image, IoU 1 (as Dice), not 0/0 → 0
+    empty = masks([0, 0, 0], [0, 0, 0])
+    assert per_image_iou(empty, empty).tolist() == [1.0, 1.0]
+    assert iou_score(masks([0, 0, 0]), masks([0, 1, 0])) == 0.0
+
+
+def test_pooled_dice_of_an_all_empty_batch_is_one():
+    # nothing predicted and nothing there in the whole batch: 1, as the per-image Dice says
+    empty = masks([0, 0, 0], [0, 0, 0])
+    assert pooled_dice(empty, empty) == 1.0
+    assert dice_score(empty, empty) == 1.0

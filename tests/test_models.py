@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from labseg.config import RunConfig
-from labseg.models import MODELS, OWN_MODELS, build_model, count_parameters
-from labseg.models.resnet34_unet import SCSE
-from labseg.models import model_kwargs
+from labseg.models import MODELS, OWN_MODELS, build_model, count_parameters, model_kwargs
+from labseg.models.resnet34_unet import BasicBlock, SCSE
+from labseg.models.unet import check_input_size
 
 try:
     import segmentation_models_pytorch as smp
@@ -193,3 +193,44 @@ def test_resnet34_unet_decoder_output_stays_a_tensor_with_deep_supervision():
     model = build_model("resnet34_unet", deep_supervision=True).eval()
     with torch.no_grad():                           # what feature-map hooks see
         assert torch.is_tensor(model.decoder(model.encoder(torch.randn(1, 3, 64, 64))))
+
+
+def test_basic_block_adds_the_shortcut_then_applies_relu():
+    """ResNet's BasicBlock is relu(branch(x) + x). With its last BN scaled to 0 the branch adds
+    nothing, so in eval mode (running mean 0, var 1, shift 0) the block is relu(x): −1 → 0, 2 → 2."""
+    block = BasicBlock(2, 2).eval()
+    torch.nn.init.zeros_(block.bn2.weight)
+    x = torch.tensor([-1.0, 2.0]).view(1, 2, 1, 1).expand(1, 2, 3, 3)
+    with torch.inference_mode():
+        out = block(x)
+    torch.testing.assert_close(out, torch.tensor([0.0, 2.0]).view(1, 2, 1, 1).expand(1, 2, 3, 3))
+
+
+def test_resnet34_unet_starts_with_every_residual_branch_zeroed():
+    """Goyal et al. (2017): the last BN of each of the 16 residual branches starts at scale 0, so a
+    fresh block without a projection is relu(x), i.e. x itself for the non-negative maps it gets."""
+    enc = build_model("resnet34_unet").encoder
+    blocks = [b for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4) for b in layer]
+    assert len(blocks) == 16 and all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)
+    x = torch.rand(1, 64, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(enc.layer1[1].eval()(x), x)
+
+
+def test_resnet_max_pool_is_3x3_stride_2_padding_1():
+    """A lone maximum at pixel (1, 1) of a 4×4 map: 3×3 windows at stride 2, padded by 1, are
+    centred on pixels 0 and 2 of each axis and all four cover pixel 1, so all four outputs are
+    it (a 2×2 pool would give it to output (0, 0) only)."""
+    pool = build_model("resnet34_unet").encoder.maxpool
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 1, 1] = 5.0
+    torch.testing.assert_close(pool(x), torch.full((1, 1, 2, 2), 5.0))
+
+
+def test_input_width_not_divisible_by_32_is_refused_too():
+    # 64 is fine, 100 is not; the nearest multiple of 32 to 100 is round(100/32)·32 = 96
+    with pytest.raises(ValueError, match=r"input size 64×100 is not divisible by 32; resize or pad to e.g. 64×96"):
+        check_input_size(torch.zeros(1, 3, 64, 100))
+    with pytest.raises(ValueError, match=r"100×64 is not divisible by 32"):
+        check_input_size(torch.zeros(1, 3, 100, 64))
+    check_input_size(torch.zeros(1, 3, 64, 96))

@@ -362,3 +362,85 @@ def test_elastic_deformation_bends_images_and_labels_alike():
     assert (out_images[:, 0][background] < 0.5).float().mean() > 0.97
     plain_images, plain_labels = BatchAugment("none", elastic=0.0)(images, labels, generator=gen(8))
     assert torch.equal(plain_images, images) and torch.equal(plain_labels, labels)
+
+
+def test_flip_with_rotation_mirrors_the_rotated_sample():
+    """hflip 1 after the same drawn rotation/zoom/shift is the unflipped output, mirrored.
+
+    The flip negates the x of the output coords (a column of the affine), so the sample must be
+    the left-right mirror image, not a shear, whatever the angle."""
+    images, labels = images_batch(4), labels_batch(4)
+    geometry = dict(degrees=30, scale=(0.9, 1.2), translate=0.1)
+    plain, _ = with_params(AugmentParams(hflip=0.0, **geometry))(images, labels, generator=gen(7))
+    flipped, _ = with_params(AugmentParams(hflip=1.0, **geometry))(images, labels, generator=gen(7))
+    assert (plain - images).abs().max() > 0.1        # the geometry did move the pixels
+    torch.testing.assert_close(flipped, plain.flip(-1), atol=1e-4, rtol=0)
+
+
+def _uniform_images(values, h=H, w=W):
+    """N×3×h×w images, image i uniformly ``values[i]`` in every channel."""
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, h, w).contiguous()
+
+
+def test_contrast_keeps_each_uniform_image_as_it_is():
+    """contrast c: (x − m)·c + m with m the image's own mean; on a uniform image x = m, so x."""
+    images = _uniform_images([0.2, 0.7, 0.4, 0.9])
+    out, _ = with_params(AugmentParams(hflip=0.0, contrast=0.5))(images, labels_batch(4), generator=gen(1))
+    torch.testing.assert_close(out, images, atol=1e-5, rtol=0)
+
+
+def test_contrast_after_brightness_keeps_a_uniform_image_as_brightness_made_it():
+    """brightness b then contrast c on a uniform image v: b·v, then (b·v − b·v)·c + b·v = b·v.
+
+    The same generator draws the same b with and without contrast (c is drawn after b)."""
+    images = _uniform_images([0.2, 0.4, 0.5, 0.6])        # b·v ≤ 1.5·0.6: no clamping at 1
+    labels = labels_batch(4)
+    bright, _ = with_params(AugmentParams(hflip=0.0, brightness=0.5))(images, labels, generator=gen(4))
+    both, _ = with_params(AugmentParams(hflip=0.0, brightness=0.5, contrast=0.5))(images, labels, generator=gen(4))
+    factors = bright[:, :, 0, 0] / images[:, :, 0, 0]
+    assert ((factors > 0.5) & (factors < 1.5)).all() and (factors - 1).abs().max() > 0.05   # b did scale them
+    torch.testing.assert_close(both, bright, atol=1e-5, rtol=0)
+
+
+def test_copy_paste_always_takes_the_pet_of_another_sample():
+    """Two samples: image 0 black with its pet on the left half, image 1 white with its pet on the
+    right half. Pasting the other's pet makes both: black left, white right, pet everywhere. A
+    sample pasted onto itself would stay as it was."""
+    half = W // 2
+    images = torch.zeros(2, 3, H, W)
+    images[1] = 1.0
+    labels = torch.zeros(2, 1, H, W, dtype=torch.uint8)
+    labels[0, :, :, :half] = 1
+    labels[1, :, :, half:] = 1
+    expected_image = torch.zeros(3, H, W)
+    expected_image[:, :, half:] = 1.0
+    paste = BatchAugment("none", copy_paste=1.0)
+    for seed in range(20):
+        out_images, out_labels = paste(images, labels, generator=gen(seed))
+        assert (out_labels == 1).all(), f"seed {seed}: a sample did not get the other's pet"
+        for i in range(2):
+            torch.testing.assert_close(out_images[i], expected_image, atol=1e-6, rtol=0)
+
+
+def test_mosaic_of_an_odd_sized_batch_keeps_its_size_and_the_own_sample_top_left():
+    """7×9 images, four of them: each mosaic quarter is ceil(7/2)×ceil(9/2) = 4×5, the 2×2 tiling
+    8×10 cropped back to 7×9. Image i is uniformly v_i, so its own (top-left) quarter is v_i and
+    the other three are the three other values (distinct samples in a batch of 4)."""
+    values = [0.1, 0.3, 0.6, 0.9]
+    images = _uniform_images(values, 7, 9)
+    labels = torch.zeros(4, 1, 7, 9, dtype=torch.uint8)
+    out, out_labels = BatchAugment("none", mosaic=1.0)(images, labels, generator=gen(0))
+    assert out.shape == (4, 3, 7, 9) and out_labels.shape == (4, 1, 7, 9)
+    for i, v in enumerate(values):
+        torch.testing.assert_close(out[i, :, :4, :5], torch.full((3, 4, 5), v), atol=1e-6, rtol=0)
+        corners = [out[i, 0, 0, 0], out[i, 0, 0, 8], out[i, 0, 6, 0], out[i, 0, 6, 8]]
+        assert sorted(round(c.item(), 4) for c in corners) == values      # all four samples, once each
+
+
+def test_identity_augment_normalized_scales_0_255_to_0_1_then_normalises():
+    # (x/255 − 0.5)/0.25: 0 → −2, 127.5 → 0, 255 → 2
+    images = torch.tensor([0.0, 127.5, 255.0]).view(1, 1, 1, 3).expand(1, 3, 2, 3).contiguous()
+    labels = torch.ones(1, 1, 2, 3, dtype=torch.uint8)
+    out, out_labels = BatchAugment("none").augment_normalized(images, labels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    torch.testing.assert_close(out, torch.tensor([-2.0, 0.0, 2.0]).view(1, 1, 1, 3).expand(1, 3, 2, 3))
+    assert torch.equal(out_labels, labels)

@@ -1,0 +1,136 @@
+"""labseg.evaluate: flip TTA, per-breed scores, and the threshold tuned on valid (never on test)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import labseg.evaluate
+from labseg import config, recipes
+from labseg.data import Batches, CachedSplit, Record, load_split, split_trainval
+from labseg.evaluate import batches_for_model, evaluate_run, load_run_model, predict_probs, score
+from labseg.models import MODELS, register_model
+from labseg.train import fit
+
+
+def _split(labels, breeds, species) -> CachedSplit:
+    """A CachedSplit built by hand: labels N×H×W (0 background, 1 pet), random uint8 images."""
+    labels = np.asarray(labels, np.uint8)
+    n, h, w = labels.shape
+    images = np.random.default_rng(0).integers(0, 256, (n, 3, h, w), dtype=np.uint8)
+    records = [Record(f"{b}_{i}", b, s, 1, Path(f"{b}_{i}.jpg"), Path(f"{b}_{i}.png"))
+               for i, (b, s) in enumerate(zip(breeds, species))]
+    return CachedSplit(images, labels, records, np.full((n, 2), (h, w)))
+
+
+# --------------------------------------------------------------------------- flip TTA
+def test_flip_tta_of_a_mirror_symmetric_network_is_its_plain_prediction():
+    """A 1×1 convolution commutes with mirroring: mirror, predict, mirror back = predict. So flip
+    TTA, the mean of the two, is the plain prediction, on images that are not symmetric."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 1, 1)
+    batches = Batches(_split(np.zeros((3, 4, 6)), ["a", "a", "b"], ["cat", "cat", "dog"]), batch_size=2)
+    plain = predict_probs(model, batches)
+    assert (plain - plain.flip(-1)).abs().max() > 0.01          # the prediction is not symmetric
+    tta = predict_probs(model, batches, tta=True)
+    torch.testing.assert_close(tta.float(), plain.float(), atol=1e-3, rtol=0)   # float16 outputs
+
+
+# --------------------------------------------------------------------------- per breed
+def test_per_breed_and_species_scores_are_means_of_their_images():
+    """Three 1×4 images, breed a (cat) twice and b (dog) once, Dice and IoU by hand:
+    a_0: truth 1100, pred 1000 → Dice 2·1/(1+2) = 2/3, IoU 1/2
+    a_1: truth 1111, pred 1111 → Dice 1, IoU 1
+    b_2: truth 1000, pred 1111 → Dice 2·1/(4+1) = 2/5, IoU 1/4
+    so breed a: Dice (2/3 + 1)/2 = 5/6, IoU (1/2 + 1)/2 = 3/4; breed b: Dice 2/5, IoU 1/4."""
+    split = _split([[[1, 1, 0, 0]], [[1, 1, 1, 1]], [[1, 0, 0, 0]]], ["a", "a", "b"], ["cat", "cat", "dog"])
+    probs = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.float16).view(3, 1, 1, 4) * 0.9
+    summary = score(probs, split).summary()
+    assert summary["per_breed"]["a"] == pytest.approx({"dice": 5 / 6, "iou": 3 / 4, "images": 2})
+    assert summary["per_breed"]["b"] == pytest.approx({"dice": 2 / 5, "iou": 1 / 4, "images": 1})
+    assert summary["per_species"]["cat"] == pytest.approx({"dice": 5 / 6, "iou": 3 / 4, "images": 2})
+    assert summary["per_species"]["dog"] == pytest.approx({"dice": 2 / 5, "iou": 1 / 4, "images": 1})
+    # overall: the mean of the three images
+    assert summary["dice"] == pytest.approx((2 / 3 + 1 + 2 / 5) / 3)
+    assert summary["iou"] == pytest.approx((1 / 2 + 1 + 1 / 4) / 3)
+
+
+# --------------------------------------------------------------------------- tuned threshold
+class SmallNet(nn.Module):
+    """A few thousand weights: a run trains and evaluates in about a second."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2))
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(width, 1, 3, padding=1))
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+@pytest.fixture(scope="module")
+def small_run(synthetic_root, tmp_path_factory):
+    """A one-epoch run of a registered small network (registration undone after the module)."""
+    saved = (dict(MODELS), dict(recipes.RECIPES), list(config.ARCHS), dict(config.ARCH_OPTIONS))
+    register_model("small_net", SmallNet, recipe=dict(lr=3e-3, batch_size=4))
+    tmp = tmp_path_factory.mktemp("evaluate")
+    yield fit(arch="small_net", run_name="small", data_dir=str(synthetic_root), img_size=32, epochs=1, amp=False,
+              max_train_images=8, output_dir=str(tmp / "runs"), cache_dir=str(tmp / "cache"), progress=False).run
+    for live, old in zip((MODELS, recipes.RECIPES, config.ARCHS, config.ARCH_OPTIONS), saved):
+        live.clear()
+        live.update(old) if isinstance(live, dict) else live.extend(old)
+
+
+@pytest.fixture
+def sweeps(monkeypatch):
+    """Every call of labseg.evaluate.threshold_sweep: (probs, split, its result); the real one runs."""
+    calls = []
+    real = labseg.evaluate.threshold_sweep
+
+    def spy(probs, split, *args, **kwargs):
+        result = real(probs, split, *args, **kwargs)
+        calls.append((probs.clone(), split, result))
+        return result
+    monkeypatch.setattr(labseg.evaluate, "threshold_sweep", spy)
+    return calls
+
+
+def _valid_and_test(run):
+    """The run's valid split (its own breed-stratified share of trainval) and its test split."""
+    c = run.read_config()
+    trainval = load_split(c.data_dir, "trainval", c.img_size, c.cache_dir, progress=False)
+    _, valid_idx = split_trainval(trainval.records, c.valid_fraction, c.seed)
+    return trainval.subset(valid_idx), load_split(c.data_dir, "test", c.img_size, c.cache_dir, progress=False)
+
+
+def test_threshold_is_tuned_on_the_valid_split(small_run, sweeps):
+    result = evaluate_run(small_run, "test", tune_threshold=True, device="cpu", progress=False, save=False)
+    valid, test = _valid_and_test(small_run)
+    assert not {r.name for r in valid.records} & {r.name for r in test.records}
+    ((probs, split, sweep),) = sweeps
+    assert [r.name for r in split.records] == [r.name for r in valid.records]
+    model, c = load_run_model(small_run, "auto", "cpu")
+    torch.testing.assert_close(probs, predict_probs(model, batches_for_model(model, c, valid)))
+    tuned = result["threshold_tuned"]
+    assert tuned["valid_sweep"] == sweep and tuned["threshold"] == max(sweep, key=sweep.get)
+    assert tuned["images"] == len(test) and not tuned["tta"]
+
+
+def test_tuned_threshold_is_scored_without_tta(small_run, sweeps):
+    """"threshold_tuned" is the plain network at the threshold tuned on its plain valid
+    probabilities, TTA asked for or not: its effect read apart from the flip's."""
+    result = evaluate_run(small_run, "test", tta=True, tune_threshold=True, device="cpu", progress=False,
+                          save=False)
+    valid, test = _valid_and_test(small_run)
+    model, c = load_run_model(small_run, "auto", "cpu")
+    plain_valid = predict_probs(model, batches_for_model(model, c, valid))
+    plain_test = predict_probs(model, batches_for_model(model, c, test))
+    tuned = result["threshold_tuned"]
+    assert tuned["tta"] is False
+    # its sweep is one made on the plain valid probabilities (a TTA one may be made as well)
+    plain_sweeps = [sweep for probs, split, sweep in sweeps if [r.name for r in split.records] == [
+        r.name for r in valid.records] and torch.allclose(probs.float(), plain_valid.float(), atol=1e-3)]
+    assert tuned["valid_sweep"] in plain_sweeps and tuned["threshold"] == max(tuned["valid_sweep"],
+                                                                               key=tuned["valid_sweep"].get)
+    assert tuned["dice"] == pytest.approx(score(plain_test, test, threshold=tuned["threshold"]).dice.mean())

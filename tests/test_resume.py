@@ -1,0 +1,124 @@
+"""Resume fidelity: a run stopped after an epoch and resumed trains on exactly as if never stopped.
+
+A resume must bring back everything that steers the next step: the weights, the optimizer's state
+(Adam's moments and step count), the global step (the lr schedule), the EMA weights, the
+early-stopping count and the time already spent. The runs here are the tiny synthetic ones of
+tests/test_train.py, two epochs at most per ``fit`` call.
+"""
+import pytest
+import torch
+from torch import nn
+
+from labseg import config, recipes
+from labseg.models import MODELS, register_model
+from labseg.runs import RunDir, load_checkpoint, save_checkpoint
+from labseg.train import fit
+
+
+class SmallNet(nn.Module):
+    """A few thousand weights (labseg's own networks hold 24-31 M): a checkpoint in milliseconds."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2))
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(width, 1, 3, padding=1))
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+@pytest.fixture
+def small_net():
+    """``arch="small_net"`` for this test (registered through the public API, undone after it)."""
+    saved = (dict(MODELS), dict(recipes.RECIPES), list(config.ARCHS), dict(config.ARCH_OPTIONS))
+    register_model("small_net", SmallNet, recipe=dict(lr=3e-3, batch_size=4))
+    yield "small_net"
+    for live, old in zip((MODELS, recipes.RECIPES, config.ARCHS, config.ARCH_OPTIONS), saved):
+        live.clear()
+        live.update(old) if isinstance(live, dict) else live.extend(old)
+
+
+@pytest.fixture
+def tiny(synthetic_root, tmp_path, small_net):
+    """Arguments for a fast run: 32 px, 8 train images, everything written under tmp_path."""
+    return dict(arch=small_net, data_dir=str(synthetic_root), img_size=32, batch_size=4, max_train_images=8,
+                epochs=2, amp=False, output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
+                progress=False)
+
+
+class _Stop(Exception):
+    """Raised from fit's per-epoch callback: the run stops as a killed one does, after epoch 1."""
+
+
+def _stop_after_first_epoch(history):
+    if len(history) == 1:
+        raise _Stop
+
+
+def _assert_same_tensors(a, b, what):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            _assert_same_tensors(a[k], b[k], f"{what}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{what}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), what
+    else:
+        assert a == b, what
+
+
+def test_stopped_and_resumed_run_ends_where_an_unbroken_run_ends(tiny):
+    """Same config, same seed: 2 epochs in one go == 1 epoch, a stop, a resume for the 2nd.
+
+    The augmentation and shuffle are seeded by (seed, epoch), so only the state a resume restores
+    can make the two differ. EMA on, so that its averaged weights are compared too.
+    """
+    args = dict(ema=0.5, **tiny)
+    whole = fit(run_name="whole", **args).run
+    with pytest.raises(_Stop):
+        fit(run_name="broken", callback=_stop_after_first_epoch, **args)
+    broken = RunDir(whole.path.parent / "broken")
+    assert load_checkpoint(broken.checkpoint("last"))["epoch"] == 1
+    fit(run_name="broken", resume=True, **args)
+
+    a, b = load_checkpoint(whole.checkpoint("last")), load_checkpoint(broken.checkpoint("last"))
+    assert a["epoch"] == b["epoch"] == 2
+    # the global step counts every optimizer step since the run began: 2 epochs × 2 batches of 4
+    # (8 train images, batch_size 4, drop_last) = 4, on both sides
+    assert a["step"] == b["step"] == 4
+    # Adam's per-parameter step count: 4 steps over both epochs, not 2 restarted at the resume
+    assert {int(s["step"]) for s in b["optimizer"]["state"].values()} == {4}
+    _assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer state")
+    assert [r["lr"] for r in a["history"]] == pytest.approx([r["lr"] for r in b["history"]])
+    _assert_same_tensors(a["raw_model"], b["raw_model"], "trained weights")
+    _assert_same_tensors(a["model"], b["model"], "EMA weights")
+    _assert_same_tensors(a["ema"], b["ema"], "EMA state")
+
+
+def test_resume_keeps_the_early_stopping_count(tiny):
+    """patience 2, best at epoch 1 and none since: the first resumed epoch without a gain stops it."""
+    args = dict(patience=2, **tiny)
+    run = fit(run_name="p", **args).run               # 2 epochs: patience 2 cannot stop it yet
+    ckpt = load_checkpoint(run.checkpoint("last"))
+    # Make epoch 1 an unbeatable best (Dice 1.0): epoch 2 is then one epoch without a gain.
+    history = [dict(ckpt["history"][0], valid_dice=1.0), *ckpt["history"][1:]]
+    save_checkpoint(run.checkpoint("last"), {**ckpt, "history": history, "best": 1.0})
+    result = fit(run_name="p", resume=True, **{**args, "epochs": 4})
+    # epoch 3 cannot beat 1.0 either: 2 epochs without a gain = patience, so epoch 4 never runs
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert result.summary["stop_reason"] == "early stopping: no valid_dice gain in 2 epochs"
+
+
+def test_resume_counts_the_time_already_spent(tiny):
+    """train_seconds of a resumed run = seconds recorded before the stop + those of the new epochs."""
+    args = {**tiny, "epochs": 1}
+    run = fit(run_name="t", **args).run
+    ckpt = load_checkpoint(run.checkpoint("last"))
+    save_checkpoint(run.checkpoint("last"), {**ckpt, "elapsed": 1000.0})   # as if it had trained 1000 s
+    result = fit(run_name="t", resume=True, **{**args, "epochs": 2})
+    # 1000 s before the resume plus the second or so of epoch 2 (far less than a minute)
+    assert 1000 <= result.summary["train_seconds"] < 1060
+    assert 1000 <= load_checkpoint(run.checkpoint("last"))["elapsed"] < 1060
