@@ -338,15 +338,17 @@ _NOT_TRAINING = ("run_name", "output_dir", "cache_dir", "device", "num_threads",
 
 def config_table(config, fields=CONFIG_FIELDS):
     """A one-column table of a RunConfig's values: ``fields``, then every other field that differs
-    from RunConfig's default (what the recipe turned on, e.g. mosaics or deep supervision), so that
-    the table describes the run that trains. A budget run's epochs read "until the budget"."""
+    from the recipes' common baseline (what the network's recipe or the user turned on, e.g.
+    mosaics or deep supervision), so that the table describes the run that trains. A budget run's
+    epochs read "until the budget"."""
     import pandas as pd
 
     from labseg.config import RunConfig
+    from labseg.recipes import BASE_RECIPE
 
-    defaults = RunConfig().to_dict()
+    baseline = {**RunConfig().to_dict(), **BASE_RECIPE}
     also = [k for k, v in config.to_dict().items()
-            if k not in fields and k not in _NOT_TRAINING and v != defaults.get(k)]
+            if k not in fields and k not in _NOT_TRAINING and v != baseline.get(k)]
     values = {k: getattr(config, k) for k in (*fields, *also)}
     if "epochs" in values and (values["epochs"] or 0) >= UNTIL_BUDGET:
         values["epochs"] = "until the time budget is spent"
