@@ -148,7 +148,7 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     which = run.resolve_checkpoint(which)
     model, config = load_run_model(run, which, device)
     data_dir = data_dir or config.data_dir
-    cached = _split_for(config, split, data_dir, progress)
+    cached = run_split(config, split, data_dir, progress)
     batches = batches_for_model(model, config, cached, batch_size)
     probs = predict_probs(model, batches)
     plain = score(probs, cached)
@@ -160,7 +160,7 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
         probs_tta = predict_probs(model, batches, tta=True)
         result["tta"] = score(probs_tta, cached, tta=True).summary()
     if tune_threshold or postprocess:
-        valid = _split_for(config, "valid", data_dir, progress)
+        valid = run_split(config, "valid", data_dir, progress)
         valid_batches = batches_for_model(model, config, valid, batch_size)
         valid_probs = predict_probs(model, valid_batches)
     if tune_threshold:
@@ -187,7 +187,8 @@ def _tuned(probs: torch.Tensor, split: CachedSplit, valid_probs: torch.Tensor, v
     return {"threshold": best, "valid_sweep": sweep, **score(probs, split, threshold=best, tta=tta).summary()}
 
 
-def _split_for(config: RunConfig, split: str, data_dir, progress: bool) -> CachedSplit:
+def run_split(config: RunConfig, split: str, data_dir, progress: bool) -> CachedSplit:
+    """A run's ``split``: "test", or its own "valid" / "train" part of trainval (the split it trained on)."""
     check_choice("split", split, ("test", "valid", "train"))
     if split == "test":
         return load_split(data_dir, "test", config.img_size, config.cache_dir, progress=progress)
@@ -243,9 +244,9 @@ def predict_image(model, image: np.ndarray, img_size: int, tta: bool = False) ->
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 32), alpha: float = 0.45) -> np.ndarray:
-    """The image with ``mask`` tinted in ``color``."""
+    """``image`` (H×W×3 uint8) with ``mask`` tinted in ``color``."""
     out = image.astype(np.float32).copy()
-    m = mask.astype(bool)
+    m = np.asarray(mask).astype(bool)
     out[m] = out[m] * (1 - alpha) + np.asarray(color, np.float32) * alpha
     return out.astype(np.uint8)
 

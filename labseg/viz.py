@@ -22,19 +22,10 @@ from torch import nn
 
 from labseg.config import UNTIL_BUDGET
 from labseg.data import BACKGROUND, CachedSplit, load_split, read_records
-
-MASK_COLOR = (255, 64, 32)
+from labseg.evaluate import overlay  # one tinting for the notebooks and predict's files
 
 
 # --------------------------------------------------------------------------- small helpers
-def overlay(image: np.ndarray, mask: np.ndarray, color=MASK_COLOR, alpha: float = 0.45) -> np.ndarray:
-    """``image`` (H×W×3 uint8) with ``mask`` tinted in ``color``."""
-    out = image.astype(np.float32).copy()
-    m = np.asarray(mask).astype(bool)
-    out[m] = out[m] * (1 - alpha) + np.asarray(color, np.float32) * alpha
-    return out.astype(np.uint8)
-
-
 def hwc(image) -> np.ndarray:
     """A 3×H×W (uint8 or float in [0, 1]) tensor/array as H×W×3 uint8."""
     a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
@@ -539,8 +530,8 @@ def predict_split(run, split: str = "test", which: str = "auto", tta: bool = Fal
                   output_dir="outputs/runs"):
     """(CachedSplit, probabilities N×1×S×S) of a run on ``split`` ("test" or "valid"); ``run`` as
     :func:`labseg.evaluate.load_run_model` takes it."""
-    from labseg.evaluate import _split_for, batches_for_model, load_run_model, predict_probs
+    from labseg.evaluate import run_split, batches_for_model, load_run_model, predict_probs
 
     model, config = load_run_model(run, which, device, output_dir)
-    data = _split_for(config, split, config.data_dir, progress=False)
+    data = run_split(config, split, config.data_dir, progress=False)
     return data, predict_probs(model, batches_for_model(model, config, data), tta=tta)
