@@ -7,10 +7,8 @@ import torch
 from torch import nn
 
 import labseg.evaluate
-from labseg import config, recipes
 from labseg.data import Batches, CachedSplit, Record, load_split, split_trainval
 from labseg.evaluate import batches_for_model, evaluate_run, load_run_model, predict_probs, score
-from labseg.models import MODELS, register_model
 from labseg.train import fit
 
 
@@ -57,29 +55,13 @@ def test_per_breed_and_species_scores_are_means_of_their_images():
 
 
 # --------------------------------------------------------------------------- tuned threshold
-class SmallNet(nn.Module):
-    """A few thousand weights: a run trains and evaluates in about a second."""
-
-    def __init__(self, width: int = 8):
-        super().__init__()
-        self.down = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2))
-        self.up = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(width, 1, 3, padding=1))
-
-    def forward(self, x):
-        return self.up(self.down(x))
-
-
 @pytest.fixture(scope="module")
-def small_run(synthetic_root, tmp_path_factory):
-    """A one-epoch run of a registered small network (registration undone after the module)."""
-    saved = (dict(MODELS), dict(recipes.RECIPES), list(config.ARCHS), dict(config.ARCH_OPTIONS))
-    register_model("small_net", SmallNet, recipe=dict(lr=3e-3, batch_size=4))
+def small_run(synthetic_root, tmp_path_factory, small_net_for_module):
+    """A one-epoch run of the small registered network (conftest.py)."""
     tmp = tmp_path_factory.mktemp("evaluate")
-    yield fit(arch="small_net", run_name="small", data_dir=str(synthetic_root), img_size=32, epochs=1, amp=False,
-              max_train_images=8, output_dir=str(tmp / "runs"), cache_dir=str(tmp / "cache"), progress=False).run
-    for live, old in zip((MODELS, recipes.RECIPES, config.ARCHS, config.ARCH_OPTIONS), saved):
-        live.clear()
-        live.update(old) if isinstance(live, dict) else live.extend(old)
+    return fit(arch=small_net_for_module, run_name="small", data_dir=str(synthetic_root), img_size=32, epochs=1,
+               amp=False, max_train_images=8, output_dir=str(tmp / "runs"), cache_dir=str(tmp / "cache"),
+               progress=False).run
 
 
 @pytest.fixture

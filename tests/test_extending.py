@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from labseg import config, recipes
+from labseg import config
 from labseg.config import ConfigError, RunConfig
 from labseg.evaluate import evaluate_run
-from labseg.losses import LOSSES, bce, register_loss
+from labseg.losses import bce, register_loss
 from labseg.models import MODELS, register_model
 from labseg.train import fit
 
@@ -36,17 +36,6 @@ class TinyNet(nn.Module):
 class HalfSize(TinyNet):
     def forward(self, x):
         return self.down(x)[:, :1]          # N×1×S/2×S/2: forgot to upsample
-
-
-@pytest.fixture
-def registry():
-    """Registrations made by a test are undone after it (the registry is module state)."""
-    saved = (dict(MODELS), dict(recipes.RECIPES), list(config.ARCHS), dict(config.ARCH_OPTIONS),
-             dict(LOSSES), list(config.LOSSES))
-    yield
-    for live, old in zip((MODELS, recipes.RECIPES, config.ARCHS, config.ARCH_OPTIONS, LOSSES, config.LOSSES), saved):
-        live.clear()
-        live.update(old) if isinstance(live, dict) else live.extend(old)
 
 
 @pytest.fixture

@@ -234,7 +234,7 @@ def test_a_damaged_record_is_named_and_does_not_hide_the_other_runs(tmp_path, ca
 
     from labseg.runs import RunRecordError, best_run
 
-    good = fake_run(tmp_path, "good", "unet", [0.5, 0.6])
+    fake_run(tmp_path, "good", "unet", [0.5, 0.6])
     bad = fake_run(tmp_path, "bad", "unet", [0.9])
     (bad.path / "config.json").write_text('{"arch": "unet", "img_')          # cut off by an editor
     with pytest.raises(RunRecordError, match=f"{bad.path / 'config.json'} is not valid JSON"):

@@ -7,35 +7,9 @@ tests/test_train.py, two epochs at most per ``fit`` call.
 """
 import pytest
 import torch
-from torch import nn
 
-from labseg import config, recipes
-from labseg.models import MODELS, register_model
 from labseg.runs import RunDir, load_checkpoint, save_checkpoint
 from labseg.train import fit
-
-
-class SmallNet(nn.Module):
-    """A few thousand weights (labseg's own networks hold 24-31 M): a checkpoint in milliseconds."""
-
-    def __init__(self, width: int = 8):
-        super().__init__()
-        self.down = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2))
-        self.up = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(width, 1, 3, padding=1))
-
-    def forward(self, x):
-        return self.up(self.down(x))
-
-
-@pytest.fixture
-def small_net():
-    """``arch="small_net"`` for this test (registered through the public API, undone after it)."""
-    saved = (dict(MODELS), dict(recipes.RECIPES), list(config.ARCHS), dict(config.ARCH_OPTIONS))
-    register_model("small_net", SmallNet, recipe=dict(lr=3e-3, batch_size=4))
-    yield "small_net"
-    for live, old in zip((MODELS, recipes.RECIPES, config.ARCHS, config.ARCH_OPTIONS), saved):
-        live.clear()
-        live.update(old) if isinstance(live, dict) else live.extend(old)
 
 
 @pytest.fixture

@@ -735,7 +735,7 @@ def test_killed_mid_epoch_then_resume(synthetic_root, tmp_path, sig):
     assert done and done[-1] < 4
     out = _labseg(*args, "--resume")
     assert out.returncode == 0, out.stderr
-    assert f"resuming" in out.stdout
+    assert "resuming" in out.stdout
     epochs = [r["epoch"] for r in json.loads(metrics.read_text())]
     assert epochs == [1, 2, 3, 4]
 
