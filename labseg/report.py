@@ -233,12 +233,15 @@ def plot_best(table) -> Figure:
     if np.isfinite(test).any():
         bars = ax.bar(x + 0.2, np.nan_to_num(test), 0.4, label="test Dice", color="lightgray", edgecolor="k")
         ax.bar_label(bars, labels=[f"{t:.3f}" if np.isfinite(t) else "" for t in test], fontsize=8)
-    ax.set_xticks(x, [f"{a}\n{_short(r)}" for a, r in zip(best.index, best["run"])], fontsize=8)
+    # valid Dice is best.pt's (the epoch it was kept for); test Dice is of the run's own checkpoint
+    checkpoints = best["checkpoint"] if "checkpoint" in best else [None] * len(best)
+    ax.set_xticks(x, [f"{a}\n{_short(r)}" + (f"\ntest: {c}.pt" if isinstance(c, str) and np.isfinite(t) else "")
+                      for a, r, c, t in zip(best.index, best["run"], checkpoints, test)], fontsize=8)
     ax.set(ylim=(0, 1.05), ylabel="Dice", title="best run per network")
     ax.grid(axis="y", alpha=0.3)
-    handles = [Patch(facecolor="white", edgecolor="k", label="best valid Dice (the network's colour)")]
+    handles = [Patch(facecolor="white", edgecolor="k", label="best valid Dice, best.pt (the network's colour)")]
     if np.isfinite(test).any():
-        handles.append(Patch(facecolor="lightgray", edgecolor="k", label="test Dice"))
+        handles.append(Patch(facecolor="lightgray", edgecolor="k", label="test Dice (the checkpoint named below)"))
     ax.legend(handles=handles, fontsize=8, loc="lower right")
     if not len(best):
         _say_empty(ax, "no finished run yet")

@@ -248,3 +248,20 @@ def test_a_damaged_record_is_named_and_does_not_hide_the_other_runs(tmp_path, ca
     assert table.loc["bad", "status"] == "damaged record" and "config.json is not valid JSON" in table.loc["bad", "error"]
     assert table.loc["good", "status"] == "finished"
     assert "damaged record" in write_report(tmp_path, tmp_path / "report").read_text()
+
+
+def test_the_best_run_chart_names_the_checkpoint_its_test_dice_is_of(tmp_path):
+    """Valid Dice is best.pt's; the test Dice beside it is of the run's own checkpoint (last.pt
+    after a finished cosine schedule), and the chart says so under the bar."""
+    from labseg.report import plot_best
+
+    fake_run(tmp_path, "cos", "unet", [0.6, 0.8], test=0.70, test_last=0.75, scheduler="cosine",
+             stop_reason="completed all epochs")
+    fake_run(tmp_path, "early", "resnet34_unet", [0.9, 0.7], test=0.85, scheduler="cosine",
+             stop_reason="early stopping: no valid_dice gain in 1 epochs")
+    fake_run(tmp_path, "unevaluated", "smp_unet_resnet34", [0.5])
+    labels = [t.get_text() for t in plot_best(collect_runs(tmp_path)).axes[0].get_xticklabels()]
+    last_line = {label.split("\n")[0]: label.split("\n")[-1] for label in labels}     # by network
+    assert last_line == {"unet": "test: last.pt", "resnet34_unet": "test: best.pt",
+                         "smp_unet_resnet34": "unevaluated"}      # no test Dice: no checkpoint named
+
