@@ -272,6 +272,7 @@ class RunDir:
 
     path: Path
 
+    @contextlib.contextmanager
     def lock_for_training(self):
         """Hold the run's ``.training`` lock while this process trains it; a second process that
         tries (the same resume in two terminals, a notebook and the CLI) gets a RunExistsError
@@ -280,22 +281,18 @@ class RunDir:
         try:
             import fcntl
         except ImportError:
-            return contextlib.nullcontext()
+            yield self
+            return
         fd = os.open(self.path / ".training", os.O_CREAT | os.O_RDWR, _FILE_MODE)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunExistsError(f"run {self.path} is being trained by another process now; wait for it "
-                                 "to finish (or stop it) before resuming it here") from None
-
-        @contextlib.contextmanager
-        def held():
             try:
-                yield self
-            finally:
-                os.close(fd)            # closing the file releases the lock
-        return held()
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunExistsError(f"run {self.path} is being trained by another process now; wait for "
+                                     "it to finish (or stop it) before resuming it here") from None
+            yield self
+        finally:
+            os.close(fd)            # closing the file releases the lock
 
     def is_training(self) -> bool | None:
         """Whether a process holds this run's training lock now (None where flock does not exist)."""

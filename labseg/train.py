@@ -21,6 +21,7 @@ import random
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -257,9 +258,10 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
 
     # ---- a resumed run: its recorded config and checkpoint (a new run's folder is made below,
     # once the data and the network are ready, so that a run that cannot start leaves none)
-    run, resumed = None, None
+    run, resumed, resumed_from = None, None, None
     if resume:
-        run, config, resumed = _open_resumed(config, asked, "best" if resume == "best" else "last", dist, held)
+        which = "best" if resume == "best" else "last"
+        run, config, resumed, resumed_from = _open_resumed(config, asked, which, dist, held)
     else:
         check_layout(config.data_dir)
 
@@ -306,12 +308,12 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     history, best, first_epoch = [], None, 1
     if resumed is not None:
-        _restore(resumed, str(run.checkpoint("last")), config, model, optimizer, plateau, ema, swa, scaler)
+        _restore(resumed, str(resumed_from), config, model, optimizer, plateau, ema, swa, scaler)
         base_lrs = list(resumed.get("base_lrs") or [config.lr] * len(base_lrs))
         history, best, first_epoch = list(resumed["history"]), resumed.get("best"), resumed["epoch"] + 1
         if dist.is_main:
             run.write_metrics(history)     # the checkpoint's history is the truth after a kill
-            print(f"labseg: resuming {run.path} after epoch {resumed['epoch']}")
+            print(f"labseg: resuming {run.path} after epoch {resumed['epoch']} (from {resumed_from.name})")
     step_model = dist.wrap(model)
     if config.compile:
         step_model = torch.compile(step_model)
@@ -578,9 +580,9 @@ def _epoch_line(row: dict, improved: bool) -> str:
 
 
 def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distributed",
-                  held: ExitStack) -> tuple[RunDir, RunConfig, dict]:
+                  held: ExitStack) -> tuple[RunDir, RunConfig, dict, Path]:
     """The run to resume, its config (the record, with what a resume may change taken from
-    ``asked``) and the checkpoint to continue from; refuses what cannot be resumed."""
+    ``asked``), the checkpoint to continue from and its file; refuses what cannot be resumed."""
     if not config.run_name:
         raise ConfigError("resume needs run_name: the run to continue")
     run = RunDir.open(config.run_name, config.output_dir)
@@ -605,14 +607,14 @@ def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distribute
     if lacking := [k for k in ("epoch", "history", "optimizer") if k not in resumed]:
         raise CheckpointError(f"checkpoint {run.checkpoint(which)} holds weights but no training state "
                               f"({', '.join(lacking)} missing): it can be evaluated, not resumed")
-    if which == "last":
-        resumed = _newer_best(run, resumed)
+    if which == "last" and (newer := _newer_best(run, resumed)) is not resumed:
+        resumed, which = newer, "best"
     _check_not_finished(run, resumed, config)
     if dist.is_main:
         if config.to_dict() != recorded.to_dict():
             run.write_config(config)    # e.g. more epochs: config.json says what the run trains to
         _clear_stale_files(run, resumed["epoch"])
-    return run, config, resumed
+    return run, config, resumed, run.checkpoint(which)
 
 
 def _restore(resumed: dict, source: str, config: RunConfig, model, optimizer, plateau, ema, swa, scaler) -> None:

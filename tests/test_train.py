@@ -144,7 +144,8 @@ def test_a_kill_between_the_best_and_last_writes_resumes_from_best(tiny, capsys)
     (run.path / "summary.json").unlink()
     capsys.readouterr()
     result = fit(arch="unet", run_name="k", resume=True, **{**tiny, "epochs": 3})
-    assert "best.pt holds epoch 2, later than last.pt's 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "best.pt holds epoch 2, later than last.pt's 1" in out and "after epoch 2 (from best.pt)" in out
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
 
 
