@@ -20,17 +20,18 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
-from labseg.config import UNTIL_BUDGET, resolve_path
+from labseg.config import UNTIL_BUDGET, _is_number, resolve_path
 from labseg.evaluate import eval_file
 from labseg.machine import run_machine_label
-from labseg.runs import (RunDir, RunRecordError, atomic_write_bytes, atomic_write_text, default_checkpoint,
-                         read_record)
+from labseg.runs import (RunDir, RunRecordError, atomic_write_bytes, atomic_write_text, trained_at,
+                         default_checkpoint, read_record)
 
 PARAMS = ("arch", "img_size", "epochs", "time_budget", "batch_size", "lr", "optimizer", "scheduler", "loss",
           "augment", "seed", "max_train_images", "data_dir")
 METRICS = ("best_valid_dice", "best_valid_iou", "best_epoch", "epochs_run", "train_seconds", "parameters")
-TABLE_COLUMNS = ("run", "status", *PARAMS, *METRICS, "checkpoint", "test_dice", "test_iou", "test_dice_tta",
-                 "test_dice_best", "test_dice_last", "machine", "error")
+TABLE_COLUMNS = ("run", "status", "dataset", *PARAMS, *METRICS, "checkpoint", "test_dice", "test_iou", "test_dice_tta",
+                 "test_dice_best", "test_dice_last", "machine", "trained_at", "error")
+MAX_LABELLED_RUNS = 12      # plot_curves names every run in its legend up to this many
 ARCH_COLORS = {"unet": "tab:blue", "resnet34_unet": "tab:orange", "smp_unet_resnet34": "tab:green"}
 
 
@@ -72,6 +73,9 @@ def run_row(folder: Path) -> dict:
         return {**row, "status": "damaged record", "error": str(e)}
     params = {**(failed or {}).get("params", {}), **config}
     row.update({k: params.get(k) for k in PARAMS})
+    # Valid and test Dice on the synthetic sample and on real photos are not comparable: the
+    # dataset (its folder's name) is a column, and best_per_arch compares runs of one dataset.
+    row["dataset"] = Path(str(params["data_dir"])).name if params.get("data_dir") else None
     row.update({k: summary.get(k) for k in METRICS})
     evaluations = {}
     for which in ("best", "last"):
@@ -92,8 +96,13 @@ def run_row(folder: Path) -> dict:
     row["machine"] = run_machine_label(summary)
     if failed is not None:
         row["status"], row["error"] = "failed", failed.get("error", "")
+    elif "best_valid_dice" in summary and not _is_number(summary["best_valid_dice"]):
+        return {**row, "status": "damaged record",
+                "error": f"{folder / 'summary.json'}: best_valid_dice is {summary['best_valid_dice']!r}; "
+                         "expected a number"}
     elif "best_valid_dice" in summary:
         row["status"], row["error"] = "finished", row.get("error")
+        row["trained_at"] = trained_at(RunDir(folder))
     else:
         # No summary yet: still running, or stopped. Its epochs so far are in its records, and a
         # checkpoint makes it resumable (labseg train --run-name RUN --resume).
@@ -157,9 +166,15 @@ def _minus(a, b):
     return None if a is None or b is None else a - b
 
 
-def best_per_arch(table, metric: str = "best_valid_dice"):
-    """The best finished run of each network (rows of ``table``, indexed by arch)."""
+def best_per_arch(table, metric: str = "best_valid_dice", dataset: str | None = None):
+    """The best finished run of each network (rows of ``table``, indexed by arch), among the runs
+    on ``dataset``: by default the dataset of the run that finished last (as ``labseg evaluate``
+    picks its run), since a Dice on 4 synthetic images and one on 30 photos do not compare."""
     done = table[(table["status"] == "finished") & table[metric].notna()]
+    if dataset is None and not done.empty and done["trained_at"].notna().any():
+        dataset = done.loc[done["trained_at"].astype(float).idxmax(), "dataset"]
+    if dataset is not None:
+        done = done[done["dataset"] == dataset]
     if done.empty:
         return done.set_index("arch")
     best = done.loc[done.groupby("arch")[metric].idxmax()]
@@ -190,9 +205,12 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
             continue
         epochs = [h["epoch"] for h in history]
         is_best = row["run"] in best
+        # Markers on every line: a run of one epoch is a single point, which a bare line never draws.
         style = dict(color=ARCH_COLORS.get(row["arch"], "tab:gray"), lw=2.6 if is_best else 1.0,
-                     alpha=1.0 if is_best else 0.45, marker="o" if is_best else None, ms=4)
-        label = f"{row['run']} (best {row['arch']})" if is_best else None
+                     alpha=1.0 if is_best else 0.45, marker="o", ms=4 if is_best else 3)
+        # Every run is named while the legend stays readable; beyond that, the best ones only.
+        label = (f"{row['run']} (best {row['arch']})" if is_best
+                 else row["run"] if len(table) <= MAX_LABELLED_RUNS else None)
         ax_m.plot(epochs, [h[metric] for h in history], label=label, **style)
         ax_l.plot(epochs, [h["valid_loss"] for h in history], **style)
     ax_m.set(xlabel="epoch", ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} of every run",
@@ -208,7 +226,7 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
     # a valid loss within one decade gets minor-tick labels: plain numbers, not 1.35x10^0
     ax_l.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax_l.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    if best:   # run names are long (sweeps): the legend goes under the plots, not over the curves
+    if ax_m.get_legend_handles_labels()[0]:   # long run names (sweeps): under the plots, not over the curves
         fig.legend(*ax_m.get_legend_handles_labels(), loc="outside lower center", fontsize=8)
     if not ax_m.lines:
         _say_empty(ax_m, "no run has finished an epoch yet")
@@ -270,6 +288,12 @@ def _fmt(value, column: str = "") -> str:
         return "budget"                     # trained until its time budget was spent
     if column in COUNT_COLUMNS and isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))
+    if column in ("lr", "weight_decay") and isinstance(value, (int, float, np.number)):
+        return f"{value:g}"                 # 1e-4 and 5e-05, which four decimals both print as 0.0001
+    if column.endswith("_gain") and isinstance(value, (float, np.floating)):
+        return f"{value:+.4f}"              # a gain has a sign: +0.0140, -0.0030
+    if column == "trained_at":
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(float(value)))
     if isinstance(value, (float, np.floating)):
         if column.endswith("seconds"):      # durations: 7.9 and 14.4, not 7.9000 and 14.4
             return f"{value:.1f}"
@@ -312,10 +336,12 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
             (out / name).unlink(missing_ok=True)
     atomic_write_text(out / "runs.csv", table.to_csv(index=False))
 
-    shown = ["run", "status", "arch", "img_size", "epochs", "lr", "loss", "augment", "seed",
+    shown = ["run", "status", "dataset", "arch", "img_size", "epochs", "lr", "loss", "augment", "seed",
              "best_valid_dice", "best_valid_iou", "best_epoch", "checkpoint", "test_dice", "test_dice_tta",
              "test_dice_best", "test_dice_last", "train_seconds", "machine"]
-    finished = table[table["status"] == "finished"]
+    # Best first within each dataset and network, so the table reads as a ranking.
+    finished = table[table["status"] == "finished"].sort_values(["dataset", "arch", "best_valid_dice"],
+                                                                 ascending=[True, True, False], na_position="last")
     others = table[table["status"] != "finished"]
     parts = [
         "# labseg: run report",
@@ -325,7 +351,9 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
         "",
         "## Best run per network",
         "",
-        markdown_table(best.reset_index(), ["arch", "run", "best_valid_dice", "best_valid_iou", "best_epoch",
+        *([f"On `{best['dataset'].iloc[0]}`, the dataset of the run that finished last; runs on other data "
+           "are in the tables below.", ""] if len(best) and finished["dataset"].nunique() > 1 else []),
+        markdown_table(best.reset_index(), ["arch", "run", "dataset", "best_valid_dice", "best_valid_iou", "best_epoch",
                                             "checkpoint", "test_dice", "test_iou", "parameters", "train_seconds"])
         if len(best) else "_No finished run yet._",
         "",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -32,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from labseg.config import BEFORE_OPTION_EXISTED, CHECKPOINTS, UMASK, RunConfig, check_choice, resolve_path
+from labseg.config import (BEFORE_OPTION_EXISTED, CHECKPOINTS, UMASK, RunConfig, _is_number, check_choice,
+                           resolve_path)
 
 CHECKPOINT_FORMAT = 1
 
@@ -326,6 +328,10 @@ class RunDir:
         fresh ``name-2``... (and says so), ``exist="error"`` refuses.
         """
         base = resolve_path(output_dir) / name
+        if overwrite and base.exists() and cls(base).is_training():
+            # Emptying it would delete the lock too, and both processes would then write one folder.
+            raise RunExistsError(f"run {base} is being trained by another process now; stop that process "
+                                 "before replacing the run with --overwrite")
         if overwrite and base.exists():
             if lost := folder_contents(base, keep=".ipynb"):
                 print(f"labseg: --overwrite: deleting {lost} in {base}")
@@ -372,7 +378,12 @@ class RunDir:
         path = self.path / "config.json"
         recorded = read_record(path, dict)
         try:
-            return RunConfig.from_dict({**BEFORE_OPTION_EXISTED, **recorded}).with_recipe()
+            config = RunConfig.from_dict({**BEFORE_OPTION_EXISTED, **recorded}).with_recipe()
+            # Validated: a value edited into the file by hand (say "img_size": "64") is named here as
+            # the file's, not met later as a TypeError deep in the data code. Its device is not
+            # checked: a run trained on a GPU is read on a laptop too.
+            dataclasses.replace(config, device="auto").validate()
+            return config
         except (ValueError, TypeError) as e:
             raise RunRecordError(f"{path}: {e}") from None
 
@@ -442,10 +453,10 @@ def list_runs(output_dir: str | Path = "outputs/runs") -> list[RunDir]:
     root = resolve_path(output_dir)
     if not root.is_dir():
         return []
-    return sorted((RunDir(p) for p in root.iterdir() if (p / "config.json").is_file()), key=_trained_at)
+    return sorted((RunDir(p) for p in root.iterdir() if (p / "config.json").is_file()), key=trained_at)
 
 
-def _trained_at(run: RunDir) -> float:
+def trained_at(run: RunDir) -> float:
     """When the run last trained: its config's or summary's time. Not the folder's, which an
     evaluation or a notebook written into it moves, making an old run look like the latest."""
     return max((run.path / name).stat().st_mtime for name in ("config.json", "summary.json")
@@ -462,6 +473,8 @@ def best_run(output_dir: str | Path = "outputs/runs", arch: str | None = None,
         try:
             s = run.read_summary()
             if metric in s and (arch is None or s.get("arch") == arch):
+                if not _is_number(s[metric]):
+                    raise RunRecordError(f"{run.path / 'summary.json'}: {metric} is {s[metric]!r}; expected a number")
                 finished.append((s[metric], run, resolve_path(run.read_config().data_dir)))
         except RunRecordError as e:             # one damaged folder must not hide every other run
             print(f"labseg: skipped run {run.name}: {e}", file=sys.stderr)

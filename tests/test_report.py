@@ -39,7 +39,7 @@ def test_a_run_that_finished_its_cosine_schedule_is_reported_by_last_pt(tmp_path
     assert pd.isna(table.loc["cos", "test_dice_tta"])                # last.pt was scored without TTA
     assert table.loc["early", ["checkpoint", "test_dice", "test_dice_tta"]].tolist() == ["best", 0.81, 0.81 + 0.01]
     text = write_report(runs, tmp_path / "report").read_text()
-    assert "| resnet34_unet | cos | 0.8000 | 0.6400 | 2 | last | 0.8600 | 0.6880 |" in text
+    assert "| resnet34_unet | cos | sample | 0.8000 | 0.6400 | 2 | last | 0.8600 | 0.6880 |" in text
 
 
 def test_collect_runs_best_and_report(tmp_path):
@@ -68,11 +68,11 @@ def test_collect_runs_best_and_report(tmp_path):
 
     fig = plot_curves(runs, table)
     labels = [t.get_text() for t in fig.legends[0].get_texts()]          # under the plots
-    assert labels == ["r1 (best resnet34_unet)", "u2 (best unet)"]
+    assert labels == ["r1 (best resnet34_unet)", "u1", "u2 (best unet)"]   # every run named, best ones say so
 
     report = write_report(runs, tmp_path / "report")
     text = report.read_text()
-    assert "| unet | u2 | 0.7000 |" in text and "| resnet34_unet | r1 | 0.8000 |" in text
+    assert "| unet | u2 | sample | 0.7000 |" in text and "| resnet34_unet | r1 | sample | 0.8000 |" in text
     assert "arch='nope' is not valid" in text
     for name in ("curves.png", "best_per_network.png", "runs.csv"):
         assert (report.parent / name).stat().st_size > 0
@@ -265,3 +265,58 @@ def test_the_best_run_chart_names_the_checkpoint_its_test_dice_is_of(tmp_path):
     assert last_line == {"unet": "test: last.pt", "resnet34_unet": "test: best.pt",
                          "smp_unet_resnet34": "unevaluated"}      # no test Dice: no checkpoint named
 
+
+
+def test_best_per_network_compares_runs_of_one_dataset(tmp_path):
+    """A higher valid Dice on other data (here 'photos') does not win on the sample's table: the
+    best runs come from the dataset of the run that finished last, and the report says so."""
+    import os
+
+    runs = tmp_path / "runs"
+    photos = fake_run(runs, "photos", "unet", [0.9])
+    config = json.loads((photos.path / "config.json").read_text())
+    photos.write_json("config.json", {**config, "data_dir": "/data/photos"})
+    fake_run(runs, "sample-old", "unet", [0.4])
+    fake_run(runs, "sample-new", "unet", [0.5])
+    for i, name in enumerate(["photos", "sample-old", "sample-new"]):      # finished in this order
+        for record in ("config.json", "summary.json"):
+            os.utime(runs / name / record, (1000 + i, 1000 + i))
+    table = collect_runs(runs)
+    assert dict(zip(table["run"], table["dataset"])) == {"photos": "photos", "sample-old": "sample",
+                                                         "sample-new": "sample"}
+    assert best_per_arch(table).loc["unet", "run"] == "sample-new"
+    assert best_per_arch(table, dataset="photos").loc["unet", "run"] == "photos"
+    text = write_report(runs, tmp_path / "report").read_text()
+    assert "On `sample`, the dataset of the run that finished last" in text
+    ranking = [line.split(" | ")[0].strip("| ") for line in text.split("## All runs")[1].splitlines()
+               if line.startswith("| ") and "finished" in line]
+    assert ranking == ["photos", "sample-new", "sample-old"]       # by dataset, then best valid Dice first
+
+
+def test_a_summary_with_a_non_numeric_dice_is_a_damaged_record_not_a_crash(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "good", "unet", [0.6])
+    bad = fake_run(runs, "edited", "unet", [0.7])
+    bad.write_json("summary.json", {**bad.read_summary(), "best_valid_dice": "0.9"})
+    row = collect_runs(runs).set_index("run").loc["edited"]
+    assert row["status"] == "damaged record" and "best_valid_dice is '0.9'" in row["error"]
+    assert "summary.json" in row["error"]
+    assert best_per_arch(collect_runs(runs)).loc["unet", "run"] == "good"
+    assert "best_valid_dice is '0.9'" in write_report(runs, tmp_path / "report").read_text()
+
+
+def test_learning_rates_and_gains_keep_their_digits():
+    table = pd.DataFrame({"lr": [1e-3, 1e-4, 5e-5, 3e-5], "tuned_gain": [0.014, -0.003, 0.0, 0.5]})
+    text = markdown_table(table)
+    assert [line.split("|")[1].strip() for line in text.splitlines()[2:]] == ["0.001", "0.0001", "5e-05", "3e-05"]
+    assert [line.split("|")[2].strip() for line in text.splitlines()[2:]] == ["+0.0140", "-0.0030", "+0.0000",
+                                                                              "+0.5000"]
+
+
+def test_a_run_of_one_epoch_is_drawn_as_a_point(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "best", "unet", [0.5, 0.7])
+    fake_run(runs, "one", "unet", [0.6])                 # a thin line: not the network's best
+    fig = plot_curves(runs)
+    (line,) = [line for line in fig.axes[0].lines if line.get_label() == "one"]
+    assert list(line.get_ydata()) == [0.6] and line.get_marker() not in (None, "None", "")

@@ -30,3 +30,57 @@ def test_atomic_write_replaces_the_file_and_never_rewrites_it_in_place(tmp_path)
     assert path.read_bytes() == b"new checkpoint, longer"
     assert (tmp_path / "reader").read_bytes() == b"old checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "reader"]     # no temporary file left
+
+
+def _recorded_run(root, name, dice=0.5, **config):
+    from labseg.config import RunConfig
+    from labseg.runs import RunDir
+
+    run = RunDir(root / name)
+    run.path.mkdir(parents=True)
+    run.write_config(RunConfig(arch="unet", img_size=64, epochs=1, **config).with_recipe())
+    run.write_summary({"arch": "unet", "best_valid_dice": dice})
+    return run
+
+
+def test_overwrite_refuses_a_run_another_process_is_training(tmp_path):
+    """--overwrite on a run being trained would delete its lock and records while it writes them:
+    refused, and nothing in the folder is touched."""
+    from labseg.runs import RunDir, RunExistsError
+
+    run = _recorded_run(tmp_path, "busy")
+    with run.lock_for_training():           # as the process training it holds it
+        before = sorted(p.name for p in run.path.iterdir())
+        with pytest.raises(RunExistsError, match="being trained by another process now"):
+            RunDir.create(tmp_path, "busy", overwrite=True)
+    assert sorted(p.name for p in run.path.iterdir()) == before
+    assert RunDir.create(tmp_path, "busy", overwrite=True).path == run.path      # once it is free: replaced
+
+
+def test_a_hand_edited_config_value_is_named_with_its_file(tmp_path):
+    import json
+
+    from labseg.runs import RunRecordError
+
+    run = _recorded_run(tmp_path, "edited")
+    config = json.loads((run.path / "config.json").read_text())
+    (run.path / "config.json").write_text(json.dumps({**config, "img_size": "64"}))
+    with pytest.raises(RunRecordError, match=r"edited/config.json: img_size='64'"):
+        run.read_config()
+
+
+def test_a_gpu_run_is_read_on_a_machine_without_one(tmp_path):
+    run = _recorded_run(tmp_path, "gpu", device="cuda")
+    assert run.read_config().device == "cuda"
+
+
+def test_best_run_skips_a_summary_with_a_non_numeric_metric(tmp_path, capsys):
+    import json
+
+    from labseg.runs import best_run
+
+    _recorded_run(tmp_path, "good", dice=0.5)
+    bad = _recorded_run(tmp_path, "edited", dice=0.9)
+    (bad.path / "summary.json").write_text(json.dumps({"arch": "unet", "best_valid_dice": "0.9"}))
+    assert best_run(tmp_path).name == "good"
+    assert "skipped run edited" in capsys.readouterr().err
