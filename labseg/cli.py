@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "synthetic sample), not `labseg train`'s.")
     p.add_argument("grid", nargs="?", help="YAML file: {arch: [unet, resnet34_unet], lr: [1e-3, 3e-4], epochs: 2}")
     p.add_argument("--set", action="append", metavar="NAME=V1[,V2...]",
-                   help="a parameter and its values (repeatable); overrides the file's")
+                   help="a parameter and its values (repeatable); overrides the file's. null = the "
+                        "recipe's value; none is the value none where it is one (augment=none: no augmentation)")
     p.add_argument("--force", action="store_true",
                    help="redo points that already finished (their folders, evaluations included, are replaced)")
     p.add_argument("--prefix", help="prefix of the run names")

@@ -32,6 +32,10 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "onecycle", "plateau", "none")
 AUGMENTS = ("none", "flip", "light", "strong", "color")
 DECODER_ATTENTIONS = ("none", "scse")
+NORMS = ("batch", "none")
+# Fields for which "none" is a value of its own (no augmentation, a constant lr, no BatchNorm), not
+# "unset": a sweep's augment=none must train without augmentation, not with the recipe's.
+NONE_IS_A_CHOICE = ("augment", "scheduler", "norm", "decoder_attention")
 OUTPUT_STRIDES = (32, 16)       # ResNet34 encoder: with or without its max-pool
 MONITORS = ("valid_dice", "valid_iou", "valid_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -201,7 +205,7 @@ class RunConfig:
             if value is not None:
                 check_choice(name, value, choices)
         if c.norm is not None:
-            check_choice("norm", c.norm, ("batch", "none"))
+            check_choice("norm", c.norm, NORMS)
         if c.decoder_attention is not None:
             check_choice("decoder_attention", c.decoder_attention, DECODER_ATTENTIONS)
         if c.output_stride is not None:

@@ -15,7 +15,7 @@ import itertools
 import re
 from pathlib import Path
 
-from labseg.config import resolve_path
+from labseg.config import NONE_IS_A_CHOICE, resolve_path
 from labseg.runs import RunDir
 
 
@@ -23,13 +23,20 @@ class SweepError(ValueError):
     """The grid is malformed (not a mapping, an empty list, a --set without '=')."""
 
 
-def coerce(value):
-    """'1e-3' -> 0.001, '64' -> 64, 'none'/'null' -> None, 'true' -> True; other text stays."""
+def coerce(value, key: str | None = None):
+    """'1e-3' -> 0.001, '64' -> 64, 'null'/'~' -> None (the recipe's value), 'true' -> True; other
+    text stays. 'none' is the value "none" for a field that has it (augment=none: no augmentation,
+    ``config.NONE_IS_A_CHOICE``), else None. An empty value is an error (``lr=1e-3,,3e-4``)."""
     if not isinstance(value, str):
         return value
     text = value.strip()
     low = text.lower()
-    if low in ("none", "null", "~", ""):
+    if not text:
+        raise SweepError(f"{key or 'a parameter'}: an empty value (two commas in a row, or one at the end); "
+                         "write null for the recipe's value")
+    if low == "none" and key in NONE_IS_A_CHOICE:
+        return "none"
+    if low in ("none", "null", "~"):
         return None
     if low in ("true", "false"):
         return low == "true"
@@ -45,7 +52,7 @@ def _as_list(key, value) -> list:
     values = value if isinstance(value, (list, tuple)) else [value]
     if not values:
         raise SweepError(f"{key}: empty list of values")
-    return [coerce(v) for v in values]
+    return [coerce(v, str(key).strip()) for v in values]
 
 
 def load_grid(path: str | Path) -> dict[str, list]:

@@ -21,6 +21,22 @@ def test_parse_sets_and_yaml(tmp_path):
         parse_sets(["arch"])
 
 
+def test_none_is_a_value_where_a_field_has_it_and_an_empty_item_is_refused(tmp_path):
+    """augment=none means no augmentation, not the recipe's augmentation: the two points of
+    augment=none,flip must differ (they trained the same run before). null is the recipe's value."""
+    from labseg.sweep import check_points
+
+    grid = parse_sets(["augment=none,flip", "scheduler=None", "norm=none", "decoder_attention=none",
+                       "time_budget=none", "lr=null"])
+    assert grid == {"augment": ["none", "flip"], "scheduler": ["none"], "norm": ["none"],
+                    "decoder_attention": ["none"], "time_budget": [None], "lr": [None]}
+    (tmp_path / "grid.yaml").write_text("augment: [none, flip]\nscheduler: null\n")
+    assert load_grid(tmp_path / "grid.yaml") == {"augment": ["none", "flip"], "scheduler": [None]}
+    check_points(expand(parse_sets(["arch=unet", "augment=none,flip", "norm=none"])))    # valid values
+    with pytest.raises(SweepError, match="lr: an empty value"):
+        parse_sets(["lr=1e-3,,3e-4"])
+
+
 def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root):
     missing = tmp_path / "no-such-dataset"          # valid config; only training finds it missing
     grid = {"data_dir": [str(synthetic_root), str(missing)], "arch": ["unet"], "epochs": [1], "img_size": [32],
