@@ -262,6 +262,17 @@ class RunConfig:
                               "0.75 (0 = train at img_size throughout)")
         if c.low_res_until is not None and not (_is_number(c.low_res_until) and 0 <= c.low_res_until <= 1):
             raise ConfigError(f"low_res_until={c.low_res_until!r}: expected a fraction of training in [0, 1]")
+        # A size without its phase length trained as if it were not given: said, not ignored.
+        if c.crop_size and not c.crop_until:
+            raise ConfigError(f"crop_size={c.crop_size} does nothing while crop_until={c.crop_until!r}: give crop_until, "
+                              "the fraction of training on crops (e.g. 0.5), or crop_size 0 for no crops")
+        if c.crop_size and _is_int(c.img_size) and c.crop_size > c.img_size:
+            raise ConfigError(f"crop_size={c.crop_size} is larger than img_size={c.img_size}; expected a crop "
+                              "of at most the image")
+        if c.low_res_scale and not c.low_res_until:
+            raise ConfigError(f"low_res_scale={c.low_res_scale} does nothing while low_res_until={c.low_res_until!r}: "
+                              "give low_res_until, the fraction of training at the lower size (e.g. 0.5), or "
+                              "low_res_scale 0 for none")
         if not (_is_number(c.valid_fraction) and 0 < c.valid_fraction < 1):
             raise ConfigError(f"valid_fraction={c.valid_fraction!r}: expected a number in (0, 1)")
         if not (_is_number(c.checkpoint_every) and c.checkpoint_every >= 0):

@@ -242,6 +242,9 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
 
 def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **overrides) -> FitResult:
     """:func:`fit`'s body; ``held`` keeps what must be released when it returns or raises."""
+    if resume and overwrite:    # which one was meant cannot be guessed, and one of them loses the run
+        raise ConfigError("resume and overwrite contradict each other: --resume continues the run, "
+                          "--overwrite deletes it and starts over; give one")
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)   # fit({"arch": "unet", ...}) as well as fit(RunConfig(...))
     asked = _asked_fields(config, overrides)   # what the caller set; a resume checks it against the record
@@ -278,7 +281,13 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
         breeds = len({r.breed for r in trainval.records})
         raise ConfigError(f"no validation image: {len(trainval.records)} trainval image(s) of {breeds} breed(s) in "
                           f"{config.data_dir} leave none at valid_fraction={config.valid_fraction}; the split "
-                          "takes valid images from breeds with 2 or more, so add images or raise valid_fraction")
+                          "takes valid images from breeds with 2 or more, so that each breed also keeps one "
+                          "to train on: add images")
+    if len(train_idx) == 0:     # an untrained network would otherwise be recorded as a finished run
+        raise ConfigError(f"no training image: valid_fraction={config.valid_fraction} puts all "
+                          f"{len(trainval.records)} trainval image(s) in {config.data_dir} in the valid split "
+                          "(a breed with a single image gives it to one split only); lower valid_fraction or "
+                          "add images")
     if config.max_train_images:
         train_idx = balanced_subset(trainval.records, train_idx, config.max_train_images)
     augment = BatchAugment.from_config(vars(config))

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,25 @@ def test_paths_and_numpy_numbers_become_plain_values_a_checkpoint_can_hold():
     torch.save({"config": c.to_dict()}, buffer)
     buffer.seek(0)
     assert torch.load(buffer, weights_only=True)["config"] == c.to_dict()
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(arch="unet", crop_size=64), "crop_size=64 does nothing while crop_until=0.0: give crop_until"),
+    (dict(arch="unet", crop_size=96, crop_until=0.5, img_size=64), "crop_size=96 is larger than img_size=64"),
+    (dict(arch="unet", low_res_scale=0.5), "low_res_scale=0.5 does nothing while low_res_until=0.0"),
+    (dict(arch="resnet34_unet", low_res_until=0.0), "low_res_scale=0.75 does nothing while low_res_until=0.0"),
+])
+def test_a_size_without_its_phase_is_refused_not_ignored(fields, message):
+    """Crops and the low-resolution phase only happen before their *_until fraction: a size given
+    without it trained exactly as if it were not given."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunConfig(**fields).with_recipe().validate()
+    RunConfig(arch="unet", crop_size=64, crop_until=0.5, low_res_scale=0.5, low_res_until=0.5).with_recipe().validate()
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    from labseg.train import fit
+
+    with pytest.raises(ConfigError, match="resume and overwrite contradict each other"):
+        fit(arch="unet", run_name="x", output_dir=str(tmp_path), resume=True, overwrite=True)
+    assert not any(tmp_path.iterdir())

@@ -988,3 +988,9 @@ def test_a_dataset_with_no_validation_image_is_refused_before_training(synthetic
                                           "breed\\(s\\)"):
         fit(arch="unet", run_name="one", **{**tiny, "data_dir": str(one), "max_train_images": None})
     assert not (tmp_path / "runs" / "one").exists()
+    # valid_fraction 0.6 rounds each breed's single image to valid: nothing to train on, which
+    # trained nothing and was recorded as a finished run before
+    with pytest.raises(ConfigError, match=f"no training image: valid_fraction=0.6 puts all {len(lines)} "):
+        fit(arch="unet", run_name="one", **{**tiny, "data_dir": str(one), "max_train_images": None,
+                                           "valid_fraction": 0.6})
+    assert not (tmp_path / "runs" / "one").exists()
