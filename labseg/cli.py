@@ -377,18 +377,25 @@ def main(argv=None) -> int:
             DownloadError, SweepError, NotebookFailed, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"labseg: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if terminated:
             print("labseg: stopped by SIGTERM", file=sys.stderr)
         if args.command == "train" and getattr(args, "phase", None) == "evaluate":
             print(f"labseg: training finished and is recorded; its evaluation was interrupted (run it with "
                   f"`labseg evaluate {args.run_folder} --tta --tune-threshold --postprocess`)", file=sys.stderr)
-        elif args.command == "train":
-            again = f"labseg train --run-name {getattr(args, 'run_name', None) or 'RUN'}" + (
+        elif args.command == "train" and getattr(e, "run_folder", None):
+            # fit says where the run is and which epoch its checkpoint holds (train._fit)
+            folder = Path(e.run_folder)
+            again = f"labseg train --run-name {folder.name}" + (
                 f" --output-dir {args.output_dir}" if getattr(args, "output_dir", None) else "") + " --resume"
-            print("labseg: interrupted; last.pt holds the run up to its latest checkpoint, at most "
-                  f"--checkpoint-every seconds old (continue with `{again}`, RUN as named at the start; a "
-                  "run stopped in its first epoch has no checkpoint yet: start it again)", file=sys.stderr)
+            print(f"labseg: interrupted; {folder} holds the run up to epoch {e.saved_epoch} (continue with "
+                  f"`{again}`)", file=sys.stderr)
+        elif args.command == "train" and args.resume:
+            print(f"labseg: interrupted before the resumed run trained an epoch; run {args.run_name} is as it was "
+                  "(continue it with the same command)", file=sys.stderr)
+        elif args.command == "train":
+            print("labseg: interrupted before the run's first checkpoint: nothing was kept (no run folder is "
+                  "left); run the same command again to start it", file=sys.stderr)
         elif args.command == "sweep":
             print("labseg: sweep interrupted; run the same command again: finished points are skipped and "
                   "an interrupted one resumes from its last.pt", file=sys.stderr)

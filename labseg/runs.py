@@ -130,6 +130,7 @@ class CheckpointWriter:
 
     def __init__(self):
         self._thread: threading.Thread | None = None
+        self._done = threading.Event()       # set by the writer thread when its write is over
         self._error: BaseException | None = None
 
     def submit(self, checkpoint: dict, *paths: str | Path, then=None) -> None:
@@ -137,6 +138,7 @@ class CheckpointWriter:
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         self.wait()
+        self._done.clear()
         self._thread = threading.Thread(target=self._write, args=(buffer.getbuffer(), paths, then),
                                         name="labseg-checkpoint-writer")
         self._thread.start()
@@ -149,12 +151,30 @@ class CheckpointWriter:
                 then()
         except BaseException as e:          # handed to the training thread by wait()
             self._error = e
+        finally:
+            self._done.set()
 
     def join(self) -> None:
-        """Wait for the write in flight, without raising its error (for cleanup paths)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Wait for the write in flight, without raising its error (for cleanup paths).
+
+        A Ctrl-C (or SIGTERM) while waiting does not cut the write short: a checkpoint cut off at
+        exit loses the epoch it holds and leaves a checkpoint-sized temporary file. The wait goes
+        on, and the interrupt is raised once the file is on disk."""
+        interrupted = False
+        while self._thread is not None:
+            try:
+                # An Event, not Thread.join: a join that a KeyboardInterrupt cuts into can mark the
+                # thread finished while it still runs (CPython 3.11), and a second join then returns.
+                self._done.wait()
+                self._thread.join()
+                self._thread = None
+            except KeyboardInterrupt:
+                if not interrupted:
+                    print("labseg: finishing the checkpoint being written first (a few seconds)", file=sys.stderr,
+                          flush=True)
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
 
     def wait(self) -> None:
         self.join()

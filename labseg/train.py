@@ -440,10 +440,14 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                 break
         if history and saved_epoch != history[-1]["epoch"]:
             save(history[-1]["epoch"])      # the final epoch is always in last.pt
-    except BaseException:
+    except BaseException as e:
         writer.join()
-        if not resume and dist.is_main and not any(run.checkpoint(w).exists() for w in ("best", "last")):
+        kept = any(run.checkpoint(w).exists() for w in ("best", "last")) if dist.is_main else True
+        if not resume and not kept:
             run.release()   # died before its first checkpoint (a network's first step, Ctrl-C): nothing to keep
+        if isinstance(e, KeyboardInterrupt) and dist.is_main:
+            # for the message that says what to do next (cli.main): resume, or simply run it again
+            e.run_folder, e.saved_epoch = (run.path, saved_epoch) if kept else (None, None)
         raise
     finally:
         writer.join()       # the last submitted checkpoint is on disk before any error propagates
@@ -609,8 +613,13 @@ def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distribute
     except CheckpointError as e:
         other = "best" if which == "last" else "last"
         if not any(run.checkpoint(w).exists() for w in ("best", "last")):
-            raise CheckpointError(f"run {run.path.name} has no checkpoint yet (it stopped before its first "
-                                  "epoch ended): start it over with --overwrite") from None
+            unfinished = sorted(run.path.glob(".*.tmp"))
+            for path in unfinished:         # checkpoint-sized: not left to pile up
+                path.unlink(missing_ok=True)
+            why = ("its first checkpoint was being written when the process was killed; the unfinished file "
+                   "is removed" if unfinished else "it stopped before its first epoch ended")
+            raise CheckpointError(f"run {run.path.name} has no complete checkpoint ({why}): start it over with "
+                                  "--overwrite") from None
         raise CheckpointError(f"{e}.\nResume from the {other} checkpoint with --resume {other}, "
                               "or start over with --overwrite (deletes the run).") from None
     if lacking := [k for k in ("epoch", "history", "optimizer") if k not in resumed]:

@@ -84,3 +84,31 @@ def test_best_run_skips_a_summary_with_a_non_numeric_metric(tmp_path, capsys):
     (bad.path / "summary.json").write_text(json.dumps({"arch": "unet", "best_valid_dice": "0.9"}))
     assert best_run(tmp_path).name == "good"
     assert "skipped run edited" in capsys.readouterr().err
+
+
+def test_ctrl_c_twice_while_a_checkpoint_is_written_still_finishes_it(tmp_path, capsys):
+    """An impatient second Ctrl-C used to cut the write off at exit: the epoch was lost and a
+    checkpoint-sized temporary file stayed. join() now waits the write out, then raises."""
+    import signal
+    import threading
+    import time
+
+    from labseg.runs import CheckpointWriter, load_checkpoint
+
+    records_written = threading.Event()
+
+    def slow_records():                 # the records after the checkpoint: a slow disk
+        time.sleep(1.5)
+        records_written.set()
+
+    writer = CheckpointWriter()
+    writer.submit({"arch": "unet", "model": {"w": torch.ones(3)}, "epoch": 1}, tmp_path / "last.pt",
+                  then=slow_records)
+    for delay in (0.2, 0.5):            # two Ctrl-Cs while it writes
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        writer.join()
+    assert records_written.is_set()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert "finishing the checkpoint being written first" in capsys.readouterr().err

@@ -732,6 +732,10 @@ def test_killed_mid_epoch_then_resume(synthetic_root, tmp_path, sig):
     if sig == signal.SIGTERM:
         assert proc.returncode == 143 and "stopped by SIGTERM" in stderr and "Traceback" not in stderr, stderr
         assert not list(metrics.parent.glob("*.tmp"))
+        # the message names the run and the epoch its checkpoint holds, and the command to go on
+        saved = torch.load(metrics.parent / "last.pt", weights_only=True)["epoch"]
+        assert (f"{metrics.parent} holds the run up to epoch {saved} (continue with `labseg train --run-name "
+                f"killed --output-dir {tmp_path / 'runs'} --resume`)") in stderr, stderr
     done = [r["epoch"] for r in json.loads(metrics.read_text())]
     assert done and done[-1] < 4
     out = _labseg(*args, "--resume")
@@ -764,7 +768,13 @@ def test_cli_resume_takes_what_is_not_given_from_the_run(synthetic_root, tmp_pat
     for name in ("best.pt", "last.pt"):       # as if killed in its first epoch
         (tmp_path / "runs" / "again" / name).unlink()
     out = _main(capsys, "train", "--run-name", "again", "--resume", "--epochs", "3", *where)
-    assert out.returncode == 2 and "run again has no checkpoint yet" in out.stderr and "--overwrite" in out.stderr
+    assert out.returncode == 2 and "--overwrite" in out.stderr
+    assert "run again has no complete checkpoint (it stopped before its first epoch ended)" in out.stderr
+    # killed while its first checkpoint was being written: said so, and the unfinished file goes
+    (tmp_path / "runs" / "again" / ".best.pt.x1y2z3.tmp").write_bytes(b"\0" * 1000)
+    out = _main(capsys, "train", "--run-name", "again", "--resume", "--epochs", "3", *where)
+    assert out.returncode == 2 and "its first checkpoint was being written when the process was killed" in out.stderr
+    assert not list((tmp_path / "runs" / "again").glob("*.tmp"))
 
 
 def test_a_run_that_cannot_start_leaves_no_folder(tmp_path):
