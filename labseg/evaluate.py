@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from labseg.metrics import per_image_accuracy, per_image_dice, per_image_iou
 from labseg.machine import channels_last_for
 from labseg.models import build_model, model_kwargs
 from labseg.postprocess import clean_mask, clean_masks
-from labseg.runs import RunDir, load_checkpoint, load_weights
+from labseg.runs import RunDir, RunRecordError, load_checkpoint, load_weights
 
 THRESHOLDS = tuple(np.round(np.arange(0.2, 0.81, 0.05), 2).tolist())
 
@@ -175,8 +176,32 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
         if tta:
             result["tta_postprocess"] = score(probs_tta, cached, tta=True, postprocess=True).summary()
     if save:
-        run.write_json(eval_file(split, which), result)
+        run.write_json(eval_file(split, which), _merged_with_recorded(run, eval_file(split, which), result))
     return result
+
+
+VARIANTS = ("tta", "threshold_tuned", "tta_threshold_tuned", "postprocess", "tta_postprocess")
+
+
+def _merged_with_recorded(run: RunDir, name: str, result: dict) -> dict:
+    """``result`` plus the variants the recorded evaluation has and this one did not compute.
+
+    A plain ``labseg evaluate`` after one with ``--tta --tune-threshold`` used to erase those
+    figures, and the report's columns went blank. The recorded file is of the same weights (a
+    resume moves a run's evaluations aside) and, when its data_dir is the same, of the same images,
+    so its variants still hold. On other data it is replaced, and that is said.
+    """
+    try:
+        recorded = run.read_json(name) or {}
+    except RunRecordError:
+        return result
+    if not recorded.get("data_dir") or resolve_path(recorded["data_dir"]) != resolve_path(result["data_dir"]):
+        if recorded:
+            print(f"labseg: {run.path / name} held the evaluation on {recorded.get('data_dir')}; it now holds the "
+                  f"one on {result['data_dir']}", file=sys.stderr)
+        return result
+    kept = {k: recorded[k] for k in VARIANTS if k in recorded and k not in result}
+    return {**result, **kept}
 
 
 def _tuned(probs: torch.Tensor, split: CachedSplit, valid_probs: torch.Tensor, valid: CachedSplit,

@@ -116,3 +116,24 @@ def test_tuned_threshold_is_scored_without_tta(small_run, sweeps):
     assert tuned["valid_sweep"] in plain_sweeps and tuned["threshold"] == max(tuned["valid_sweep"],
                                                                                key=tuned["valid_sweep"].get)
     assert tuned["dice"] == pytest.approx(score(plain_test, test, threshold=tuned["threshold"]).dice.mean())
+
+
+def test_a_plainer_evaluation_keeps_the_recorded_variants_of_the_same_data(small_run, tmp_path, capsys):
+    """A plain `labseg evaluate` after one with TTA and a tuned threshold used to erase those
+    figures from eval_*.json (and the report's columns); on other data the file is replaced."""
+    from labseg.evaluate import eval_file
+
+    name = eval_file("test", small_run.resolve_checkpoint())
+    full = evaluate_run(small_run, "test", tta=True, tune_threshold=True, device="cpu", progress=False)
+    plain = evaluate_run(small_run, "test", device="cpu", progress=False)
+    assert "tta" not in plain                                     # what the call returns: what it computed
+    recorded = small_run.read_json(name)
+    assert recorded["tta"]["dice"] == pytest.approx(full["tta"]["dice"])
+    assert recorded["threshold_tuned"]["threshold"] == full["threshold_tuned"]["threshold"]
+    assert recorded["threshold_tuned"]["dice"] == pytest.approx(full["threshold_tuned"]["dice"])
+    assert recorded["dice"] == plain["dice"]
+    # a recorded evaluation on another dataset is not merged into this one
+    small_run.write_json(name, {**recorded, "data_dir": str(tmp_path / "elsewhere")})
+    evaluate_run(small_run, "test", device="cpu", progress=False)
+    assert "tta" not in small_run.read_json(name)
+    assert f"held the evaluation on {tmp_path / 'elsewhere'}" in capsys.readouterr().err
