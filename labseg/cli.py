@@ -186,6 +186,10 @@ def cmd_evaluate(args) -> int:
     from labseg.runs import RunDir, best_run
 
     run = RunDir.open(args.run, args.output_dir) if args.run else best_run(args.output_dir)
+    if not args.run:                    # say which run, and why that one
+        print(f"labseg: no run named: {run.name}, the best valid Dice "
+              f"({run.read_summary()['best_valid_dice']:.4f}) among the finished runs on "
+              f"{Path(run.read_config().data_dir).name} (the latest run's data)")
     result = evaluate_run(run, args.split, which=args.checkpoint, tta=args.tta, tune_threshold=args.tune_threshold,
                           postprocess=args.postprocess, data_dir=str(Path(args.data).resolve()) if args.data else None,
                           device=args.device)

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import io
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from labseg.metrics import per_image_accuracy, per_image_dice, per_image_iou
 from labseg.machine import channels_last_for
 from labseg.models import build_model, model_kwargs
 from labseg.postprocess import clean_mask, clean_masks
-from labseg.runs import RunDir, RunRecordError, load_checkpoint, load_weights
+from labseg.runs import (CheckpointError, RunDir, RunRecordError, atomic_write_bytes, load_checkpoint,
+                         load_weights)
 
 THRESHOLDS = tuple(np.round(np.arange(0.2, 0.81, 0.05), 2).tolist())
 
@@ -40,7 +42,18 @@ def load_run_model(run: RunDir | str | Path, which: str = "auto", device="auto",
     run = run if isinstance(run, RunDir) else RunDir.open(run, output_dir)
     config = run.read_config()
     path = run.checkpoint(which)
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:        # say what to do next: the other checkpoint, or train again
+        other = run.path / ("last.pt" if path.name == "best.pt" else "best.pt")
+        if other.is_file():
+            raise CheckpointError(f"{e}; {other.name} is there: use it with --checkpoint "
+                                  f"{other.stem}") from None
+        if not path.exists():
+            raise CheckpointError(f"run {run.name} has no checkpoint: it stopped before its first epoch ended; "
+                                  f"train it again with `labseg train --run-name {run.name} --overwrite` (and its "
+                                  "options)") from None
+        raise
 
     model = build_model(config.arch, **model_kwargs(config))
     load_weights(model, ckpt, config.arch, source=str(path))
@@ -284,6 +297,9 @@ class Predictions:
     skipped: list[str]          # one line per unreadable file, naming it and why
 
 
+PREDICTION_SUFFIXES = ("_mask", "_overlay")    # the files predict_images writes: <name>_mask.png, ...
+
+
 def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | Path, *, img_size: int | None = None,
                    threshold: float = 0.5, tta: bool = False, postprocess: bool = False, which: str = "auto",
                    device="auto", progress: bool = True, output_dir: str | Path = "outputs/runs") -> Predictions:
@@ -298,8 +314,13 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
     if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
         raise ConfigError(f"threshold={threshold!r}: expected a probability between 0 and 1, e.g. 0.5")
     source = resolve_path(source)     # relative: from the project root, as every path of the API
+    out_dir = resolve_path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file; expected a folder for the masks and overlays")
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        # what an earlier prediction wrote here is not predicted again (masks of masks)
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                       and not p.stem.endswith(PREDICTION_SUFFIXES))
         if not files:
             raise FileNotFoundError(f"{source} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
     elif source.is_file():
@@ -310,7 +331,6 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
     model, config = load_run_model(run, which, device)
     img_size = img_size or config.img_size
     stems = Counter(p.stem for p in files)
-    out_dir = resolve_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
     for path in tqdm(files, desc="predicting", disable=not progress):
@@ -324,7 +344,14 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
         if postprocess:
             mask = clean_mask(mask)
         name = path.stem if stems[path.stem] == 1 else f"{path.stem}_{path.suffix.lstrip('.').lower()}"
-        Image.fromarray((mask * 255).astype(np.uint8)).save(out_dir / f"{name}_mask.png")
-        Image.fromarray(overlay(image, mask)).save(out_dir / f"{name}_overlay.png")
+        # written whole or not at all, as every record: a Ctrl-C leaves no truncated PNG
+        atomic_write_bytes(out_dir / f"{name}_mask.png", _png(Image.fromarray((mask * 255).astype(np.uint8))))
+        atomic_write_bytes(out_dir / f"{name}_overlay.png", _png(Image.fromarray(overlay(image, mask))))
         written.append(out_dir / f"{name}_mask.png")
     return Predictions(written, skipped)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

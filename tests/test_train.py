@@ -845,6 +845,13 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys, mon
     assert "labseg: error: 1 of 3 images could not be read:" in out.stderr and "notes.jpg" in out.stderr
     assert sorted(p.name for p in (tmp_path / "pred").glob("*_mask.png")) == ["a_jpg_mask.png", "a_png_mask.png"]
     assert Image.open(tmp_path / "pred" / "a_png_mask.png").size == (20, 10)
+    # predicting into the source folder, twice: its own masks and overlays are not predicted again
+    for _ in range(2):
+        out = _main(capsys, "predict", "p", str(pictures), "--out", str(pictures), *runs)
+        assert "2 masks and overlays written" in out.stdout
+    assert sorted(p.name for p in pictures.glob("*_mask*.png")) == ["a_jpg_mask.png", "a_png_mask.png"]
+    out = _main(capsys, "predict", "p", str(pictures), "--out", str(pictures / "a.jpg"), *runs)
+    assert out.returncode == 2 and f"--out {pictures / 'a.jpg'} is a file; expected a folder" in out.stderr
     for args, expected in ((["--img-size", "50"], "img_size=50: must be divisible by 32 (ResNet34-UNet halves the size 5 times, UNet 4; one rule for both); try 32 or 64 (or leave it unset"),
                            (["--threshold", "2"], "threshold=2.0: expected a probability between 0 and 1")):
         out = _main(capsys, "predict", str(run.path), str(pictures / "a.jpg"), "--out", str(tmp_path / "x"), *args)
@@ -852,6 +859,17 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys, mon
     out = _main(capsys, "evaluate", "p", *runs)
     assert out.returncode == 0, out.stderr
     assert "p last.pt on test" in out.stdout
+    out = _main(capsys, "evaluate", *runs)                  # no run named: which one, and why
+    dice = run.read_summary()["best_valid_dice"]
+    assert f"labseg: no run named: p, the best valid Dice ({dice:.4f}) among the finished runs on " in out.stdout
+    (run.path / "last.pt").rename(run.path / "kept.pt")     # a missing checkpoint: what to do next
+    out = _main(capsys, "evaluate", "p", *runs)
+    assert out.returncode == 2 and "last.pt does not exist; best.pt is there: use it with --checkpoint best" in out.stderr
+    (run.path / "best.pt").rename(run.path / "kept-best.pt")
+    out = _main(capsys, "evaluate", "p", *runs)
+    assert out.returncode == 2 and "run p has no checkpoint: it stopped before its first epoch ended" in out.stderr
+    (run.path / "kept.pt").rename(run.path / "last.pt")
+    (run.path / "kept-best.pt").rename(run.path / "best.pt")
     # paths typed in a shell start where it is; the API's relative paths start at the project root
     monkeypatch.chdir(tmp_path)
     out = _main(capsys, "predict", "p", "pictures/a.png", "--out", "typed", *runs)
