@@ -99,6 +99,23 @@ def resolve_path(path: str | Path) -> Path:
     return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
 
 
+def parse_extra(extra) -> dict:
+    """04_train's ``extra`` parameter as a dict: a dict, or the JSON text ``papermill -p extra
+    '{"ema": 0.99}'`` passes (``-p`` gives every value as text; ``-y 'extra: {ema: 0.99}'`` a dict)."""
+    if extra is None:
+        return {}
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra) if extra.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"extra={extra!r} is not JSON ({e.msg}); expected a mapping such as "
+                              "'{\"weight_decay\": 0.0, \"ema\": 0.99}'") from None
+    if not isinstance(extra, dict):
+        raise ConfigError(f"extra={extra!r}: expected a mapping of RunConfig fields to values, "
+                          "e.g. {\"weight_decay\": 0.0, \"ema\": 0.99}")
+    return extra
+
+
 def parse_duration(value) -> float | None:
     """'25m', '1h30m', '90s', '1.5h' or a number of seconds -> seconds (None for no budget)."""
     if value is None or value == "" or value == 0:

@@ -182,3 +182,15 @@ def test_resume_and_overwrite_together_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="resume and overwrite contradict each other"):
         fit(arch="unet", run_name="x", output_dir=str(tmp_path), resume=True, overwrite=True)
     assert not any(tmp_path.iterdir())
+
+
+def test_extra_is_taken_as_a_dict_or_as_the_json_text_papermill_p_gives():
+    from labseg.config import parse_extra
+
+    assert parse_extra({"ema": 0.99}) == {"ema": 0.99}
+    assert parse_extra('{"ema": 0.99, "weight_decay": 0.0}') == {"ema": 0.99, "weight_decay": 0.0}
+    assert parse_extra("") == {} and parse_extra(None) == {}
+    with pytest.raises(ConfigError, match=re.escape("extra='{ema: 0.99}' is not JSON")):
+        parse_extra("{ema: 0.99}")
+    with pytest.raises(ConfigError, match=r"extra=\[1, 2\]: expected a mapping of RunConfig fields"):
+        parse_extra("[1, 2]")
