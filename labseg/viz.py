@@ -22,7 +22,7 @@ from torch import nn
 
 from labseg.config import UNTIL_BUDGET
 from labseg.data import BACKGROUND, CachedSplit, load_split, read_records
-from labseg.evaluate import overlay  # one tinting for the notebooks and predict's files
+from labseg.evaluate import ERROR_COLORS, error_overlay, overlay  # one tinting for the notebooks and predict's files
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -419,18 +419,28 @@ def plot_threshold_sweep(sweep: dict[float, float], title: str = "threshold swee
 
 def gallery(split: CachedSplit, probs: torch.Tensor, indices, dice, threshold: float = 0.5,
             title: str = "", ncols: int = 4) -> Figure:
-    """Each image twice: ground truth tinted, prediction tinted, with the image's Dice."""
+    """Each image twice: the true mask outlined, then the prediction against it (correct, false
+    and missed pet pixels in three colours), with the image's Dice."""
     indices = list(indices)
     fig, axes = _grid(2 * len(indices), ncols)
     for k, i in enumerate(indices):
         image = hwc(split.images[i])
         pred = probs[i, 0].float().numpy() >= threshold
-        axes[2 * k].imshow(overlay(image, split.labels[i] != BACKGROUND, color=(32, 200, 64)))
+        truth = split.labels[i] != BACKGROUND
+        axes[2 * k].imshow(overlay(image, truth))
         axes[2 * k].set_title(f"{split.records[i].name}\ntruth", fontsize=7)
-        axes[2 * k + 1].imshow(overlay(image, pred))
+        axes[2 * k + 1].imshow(error_overlay(image, pred, truth))
         axes[2 * k + 1].set_title(f"prediction, Dice {dice[i]:.2f}", fontsize=7)
     fig.suptitle(title, fontsize=10)
+    _error_legend(fig)
     return fig
+
+
+def _error_legend(fig: Figure) -> None:
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color=np.asarray(c) / 255, label=name) for name, c in ERROR_COLORS.items()],
+               loc="outside lower center", ncols=3, fontsize=8, frameon=False)
 
 
 def best_and_worst(dice, n: int = 4) -> tuple[list[int], list[int]]:
@@ -453,16 +463,18 @@ def show_prediction(split: CachedSplit, probs: torch.Tensor, index: int, thresho
     axes = fig.subplots(1, 3)
     image = hwc(split.images[index])
     p = probs[index, 0].float().numpy()
-    axes[0].imshow(overlay(image, split.labels[index] != BACKGROUND, color=(32, 200, 64)))
+    truth = split.labels[index] != BACKGROUND
+    axes[0].imshow(overlay(image, truth))
     axes[0].set_title("truth", fontsize=9)
     im = axes[1].imshow(p, vmin=0, vmax=1, cmap="magma")
     fig.colorbar(im, ax=axes[1], fraction=0.046)
     axes[1].set_title("pet probability", fontsize=9)
-    axes[2].imshow(overlay(image, p >= threshold))
+    axes[2].imshow(error_overlay(image, p >= threshold, truth))
     axes[2].set_title(f"threshold {threshold:.2f}: Dice {image_dice(probs, split, index, threshold):.3f}",
                       fontsize=9)
     for ax in axes:
         ax.set_axis_off()
+    _error_legend(fig)
     fig.suptitle(split.records[index].name, fontsize=10)
     return fig
 

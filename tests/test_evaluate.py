@@ -137,3 +137,24 @@ def test_a_plainer_evaluation_keeps_the_recorded_variants_of_the_same_data(small
     evaluate_run(small_run, "test", device="cpu", progress=False)
     assert "tta" not in small_run.read_json(name)
     assert f"held the evaluation on {tmp_path / 'elsewhere'}" in capsys.readouterr().err
+
+
+def test_overlay_outlines_the_mask_and_error_overlay_tells_the_three_verdicts_apart():
+    import numpy as np
+
+    from labseg.evaluate import ERROR_COLORS, PET_COLOR, error_overlay, overlay
+
+    image = np.full((20, 20, 3), 100, np.uint8)
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    out = overlay(image, mask)
+    assert (out[5, 5:15] == PET_COLOR).all() and (out[5:15, 14] == PET_COLOR).all()    # the outline, 1 px at 20 px
+    assert not (out[6, 6] == PET_COLOR).all() and (out[6, 6] != 100).any()            # inside: tinted, not painted
+    assert (out[~mask] == 100).all()                                                  # outside untouched
+    truth = np.zeros((20, 20), bool)
+    truth[5:15, 10:20] = True
+    verdict = error_overlay(image, mask, truth, alpha=1.0)
+    assert (verdict[10, 12] == ERROR_COLORS["correct pet"]).all()
+    assert (verdict[10, 6] == ERROR_COLORS["false pet"]).all()
+    assert (verdict[10, 17] == ERROR_COLORS["missed pet"]).all()
+    assert (verdict[2, 2] == 100).all()                                                # true background: as is
