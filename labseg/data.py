@@ -63,11 +63,16 @@ class BadSampleError(ValueError):
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Write to whatever sys.stderr is now (Jupyter and pytest replace it)."""
+    """Write to whatever sys.stderr is now (Jupyter and pytest replace it), through tqdm.write:
+    a note printed while a progress bar runs (caching, predicting) goes above the bar, not into it."""
 
     def emit(self, record):
-        self.stream = sys.stderr
-        super().emit(record)
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
 
 log = logging.getLogger("labseg")
