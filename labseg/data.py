@@ -311,6 +311,19 @@ def load_trimap(path: str | Path) -> np.ndarray:
     return a.astype(np.uint8)
 
 
+MAX_SKIP_LINES = 20     # skipped pairs named one per line on stderr; the rest counted
+
+
+def _skipped_hint(skipped: list[tuple[str, str]], n: int) -> str:
+    """One cause behind most skipped pairs, said once: trimaps saved 0-based (0/1/2), as some
+    re-exports of the dataset are, fail every one of them with the same values."""
+    bad_values = [r for _, r in skipped if "trimap holds values [0" in r]
+    if len(bad_values) < max(3, n // 2):
+        return ""
+    return (f"; {len(bad_values)} of {n} trimaps hold a 0: they look 0-based (0 = pet, 1 = background, "
+            "2 = border), while Oxford-IIIT Pet's are 1, 2, 3; add 1 to every trimap pixel and run again")
+
+
 def trimap_to_mask(trimap: np.ndarray) -> np.ndarray:
     """The lab's binary mask: pet = trimap ∈ {1, 3} (the border counts as pet)."""
     return np.isin(trimap, (1, 3)).astype(np.uint8)
@@ -418,7 +431,8 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
         for i, result in enumerate(tqdm(results, total=n, desc=f"caching {root.name}/{split} @{img_size}px",
                                         disable=not progress, leave=False)):
             if isinstance(result, BadSampleError):
-                log.warning(f"skipped {result}")
+                if len(skipped) < MAX_SKIP_LINES:    # the full dataset could print thousands
+                    log.warning(f"skipped {result}")
                 skipped.append((str(records[i].image_path), str(result)))
                 continue
             image, lab, sizes[i], notes = result
@@ -430,8 +444,14 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
             labels[i] = lab
             keep[i] = True
     kept = [r for r, k in zip(records, keep) if k]
+    if len(skipped) > MAX_SKIP_LINES:
+        log.warning(f"skipped {len(skipped) - MAX_SKIP_LINES} more of {split} (each is named in the cache's "
+                    "meta.json and in CachedSplit.skipped)")
+    hint = _skipped_hint(skipped, n)
     if not kept:
-        raise DatasetLayoutError(f"no usable image in split {split} of {root} (all {n} skipped)")
+        raise DatasetLayoutError(f"no usable image in split {split} of {root} (all {n} skipped){hint}")
+    if hint:
+        log.warning(hint.strip())
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))

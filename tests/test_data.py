@@ -601,6 +601,26 @@ def test_trimap_with_other_values_is_skipped(tmp_path, capsys, bad):
     assert len(lines) == 1 and str(trimap_path) in lines[0] and str(list(bad)) in lines[0]
 
 
+def test_zero_based_trimaps_get_one_hint_and_the_lines_are_capped(tmp_path, capsys, monkeypatch):
+    """Trimaps re-exported 0-based fail one by one, each line true but the cause unsaid; on the
+    full dataset that was 3,680 lines. One hint names the cause, and the per-file lines stop."""
+    import labseg.data
+
+    monkeypatch.setattr(labseg.data, "MAX_SKIP_LINES", 3)
+    root = make_layout(tmp_path / "pets")
+    names = [f"Cat_{i}" for i in range(1, 6)]
+    for name in names:
+        add_pair(root, name, trimap=trimap_array() - 1)         # 0 pet, 1 background, 2 border
+    write_split(root, names)
+    capsys.readouterr()
+    with pytest.raises(labseg.data.DatasetLayoutError, match=r"all 5 skipped\); 5 of 5 trimaps hold a 0: they "
+                                                            r"look 0-based .* add 1 to every trimap pixel"):
+        load_split(root, "trainval", S, cache_dir=tmp_path / "cache", progress=False)
+    lines = stderr_lines(capsys)
+    assert len([line for line in lines if "trimap holds values [0" in line]) == 3
+    assert "skipped 2 more of trainval" in lines[-1]
+
+
 def test_cache_labels_are_resized_without_mixing_values(tmp_path):
     """Border (2) next to background (0), at a non-integer scale: no pet (1) may appear between."""
     root = make_layout(tmp_path / "pets")
