@@ -24,7 +24,7 @@ from labseg.config import UNTIL_BUDGET, _is_number, resolve_path
 from labseg.evaluate import eval_file
 from labseg.machine import run_machine_label
 from labseg.runs import (RunDir, RunRecordError, atomic_write_bytes, atomic_write_text, trained_at,
-                         default_checkpoint, read_record)
+                         default_checkpoint, lr_left, read_record)
 
 PARAMS = ("arch", "img_size", "epochs", "time_budget", "batch_size", "lr", "optimizer", "scheduler", "loss",
           "augment", "seed", "max_train_images", "data_dir")
@@ -84,7 +84,8 @@ def run_row(folder: Path) -> dict:
         except RunRecordError as e:
             evaluations[which] = {}
             row["error"] = str(e)
-    row["checkpoint"] = default_checkpoint(params.get("scheduler"), summary.get("stop_reason")) if summary else None
+    row["checkpoint"] = (default_checkpoint(params.get("scheduler"), summary.get("stop_reason"),
+                                            lr_left(summary, params.get("lr"))) if summary else None)
     evaluation = evaluations.get(row["checkpoint"], {})
     row["test_dice"] = evaluation.get("dice")
     row["test_iou"] = evaluation.get("iou")

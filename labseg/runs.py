@@ -251,7 +251,10 @@ def load_weights(model: torch.nn.Module, ckpt: dict, arch: str, source: str = "c
 DECAYING_SCHEDULES = ("cosine", "onecycle")
 
 
-def default_checkpoint(scheduler: str | None, stop_reason: str | None) -> str:
+DECAYED = 0.1     # a schedule counts as run through once the lr is down to this share of its peak
+
+
+def default_checkpoint(scheduler: str | None, stop_reason: str | None, lr_left: float | None = None) -> str:
     """The checkpoint that stands for a run when none is named: ``"last"`` or ``"best"``.
 
     last.pt when the run finished a schedule that decays the learning rate to ~0 (all its epochs,
@@ -259,9 +262,21 @@ def default_checkpoint(scheduler: str | None, stop_reason: str | None) -> str:
     images picked in 75 of 107 budget runs and below it in 9 (docs/results.md, round 21). best.pt when it
     stopped early, was interrupted, or kept a constant or plateau lr: then the last epoch is
     just the latest, and the best by valid Dice is the better guess.
+
+    ``lr_left``, the last epoch's lr as a share of the peak (:func:`lr_left`; None for runs from
+    before it was recorded): a short time budget can stop with its lr still high (1 minute of
+    35 s epochs stopped at 54% of the peak), and that schedule did not finish: best.pt then.
     """
     finished = str(stop_reason or "").startswith(("completed all epochs", "time budget"))
-    return "last" if finished and scheduler in DECAYING_SCHEDULES else "best"
+    # all epochs run is the whole schedule; a budget stop is judged by the lr it stopped at
+    decayed = lr_left is None or lr_left <= DECAYED or not str(stop_reason).startswith("time budget")
+    return "last" if finished and decayed and scheduler in DECAYING_SCHEDULES else "best"
+
+
+def lr_left(summary: dict, lr) -> float | None:
+    """The last epoch's lr as a share of the peak ``lr``, from a summary (None where unrecorded)."""
+    final = summary.get("final_lr")
+    return final / lr if _is_number(final) and _is_number(lr) and lr > 0 else None
 
 
 # --------------------------------------------------------------------------- run folders
@@ -442,7 +457,8 @@ class RunDir:
         check_choice("checkpoint", which, CHECKPOINTS)
         if which != "auto":
             return which
-        return default_checkpoint(self.read_config().scheduler, self.read_summary().get("stop_reason"))
+        config, summary = self.read_config(), self.read_summary()
+        return default_checkpoint(config.scheduler, summary.get("stop_reason"), lr_left(summary, config.lr))
 
     def checkpoint(self, which: str = "auto") -> Path:
         return self.path / f"{self.resolve_checkpoint(which)}.pt"

@@ -676,6 +676,8 @@ def _summary(config, history, stop_reason, seconds, n_params, trainval, n_train,
         "best_valid_dice": best_row.get("valid_dice"), "best_valid_iou": best_row.get("valid_iou"),
         "best_valid_loss": best_row.get("valid_loss"),
         "final_valid_dice": history[-1]["valid_dice"] if history else None,
+        # how far the lr schedule got: runs.default_checkpoint takes last.pt only once it decayed
+        "final_lr": history[-1]["lr"] if history else None,
         "stop_reason": stop_reason, "train_seconds": round(seconds, 1), "parameters": n_params,
         "train_images": n_train, "valid_images": n_valid,
         "skipped_pairs": len(trainval.skipped), "skipped": trainval.skipped,

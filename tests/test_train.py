@@ -321,6 +321,16 @@ def test_default_checkpoint_is_last_only_after_a_finished_decaying_schedule(sche
     assert default_checkpoint(scheduler, stop_reason) == expected
 
 
+def test_a_budget_that_stopped_with_the_lr_still_high_is_judged_by_best_pt():
+    """A 1-minute budget of 35 s epochs stopped at 54% of the peak lr: its schedule did not finish."""
+    from labseg.runs import lr_left
+
+    stop = "time budget of 1m spent (no time for another epoch)"
+    assert default_checkpoint("cosine", stop, lr_left({"final_lr": 0.00054}, 1e-3)) == "best"
+    assert default_checkpoint("cosine", stop, lr_left({"final_lr": 0.00001}, 1e-3)) == "last"
+    assert default_checkpoint("cosine", stop, lr_left({}, 1e-3)) == "last"      # a run from before final_lr
+
+
 def test_evaluation_defaults_to_the_runs_own_checkpoint(tiny):
     """A finished cosine run is evaluated on last.pt, a constant-lr one on best.pt, unless one is named."""
     finished = fit(arch="resnet34_unet", run_name="cos", **tiny).run
