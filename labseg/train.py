@@ -15,6 +15,7 @@ each rank trains on its shard of every batch (DistributedDataParallel); rank 0 a
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -277,6 +278,10 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     # ---- data: cached arrays, breed-stratified valid split of trainval
     trainval = load_split(config.data_dir, "trainval", config.img_size, config.cache_dir, progress=progress)
     train_idx, valid_idx = split_trainval(trainval.records, config.valid_fraction, config.seed)
+    if resumed is not None:
+        _check_same_images(resumed, trainval, config, run)
+        if dist.is_main:
+            _update_resumed_folder(run, config, resumed)
     if len(valid_idx) == 0:     # found now, not by torch.cat after a whole epoch
         breeds = len({r.breed for r in trainval.records})
         raise ConfigError(f"no validation image: {len(trainval.records)} trainval image(s) of {breeds} breed(s) in "
@@ -367,6 +372,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "ema": ema.state_dict() if ema is not None else None,
                 "swa": swa.state_dict() if swa is not None else None, "machines": sessions,
+                "trainval": _images_digest(trainval),
                 "base_lrs": list(base_lrs)}
         if deployed is not None:    # evaluate and deploy the averaged weights
             ckpt["model"] = deployed.state_dict()
@@ -628,11 +634,34 @@ def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distribute
     if which == "last" and (newer := _newer_best(run, resumed)) is not resumed:
         resumed, which = newer, "best"
     _check_not_finished(run, resumed, config)
-    if dist.is_main:
-        if config.to_dict() != recorded.to_dict():
-            run.write_config(config)    # e.g. more epochs: config.json says what the run trains to
-        _clear_stale_files(run, resumed["epoch"])
     return run, config, resumed, run.checkpoint(which)
+
+
+def _update_resumed_folder(run: RunDir, config: RunConfig, resumed: dict) -> None:
+    """Once a resume is sure to go on: config.json says what the run now trains to (e.g. more
+    epochs, or its moved dataset), and what the stopped session left half done is cleared."""
+    if config.to_dict() != run.read_config().to_dict():
+        run.write_config(config)
+    _clear_stale_files(run, resumed["epoch"])
+
+
+def _images_digest(trainval) -> dict:
+    """Which images a run trains and validates on, in a few bytes: their count and a hash of their names."""
+    names = "\n".join(sorted(r.name for r in trainval.records))
+    return {"images": len(trainval.records), "names_sha1": hashlib.sha1(names.encode()).hexdigest()}
+
+
+def _check_same_images(resumed: dict, trainval, config: RunConfig, run: RunDir) -> None:
+    """A resume goes on with the images the run started on: a moved dataset is fine, another one
+    is not (its valid Dice would be compared with the old epochs' to pick best.pt and stop early)."""
+    recorded = resumed.get("trainval")
+    if recorded is None:                # a checkpoint from before this record: not checked
+        return
+    now = _images_digest(trainval)
+    if now["names_sha1"] != recorded["names_sha1"]:
+        raise ConfigError(f"run {run.name} trained on {recorded['images']} trainval images, and {config.data_dir} "
+                          f"holds {now['images']} with other names: a resume goes on with the same images (a moved "
+                          "dataset is fine); train a new run on this data instead")
 
 
 def _restore(resumed: dict, source: str, config: RunConfig, model, optimizer, plateau, ema, swa, scaler) -> None:

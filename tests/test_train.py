@@ -321,6 +321,27 @@ def test_default_checkpoint_is_last_only_after_a_finished_decaying_schedule(sche
     assert default_checkpoint(scheduler, stop_reason) == expected
 
 
+def test_a_resume_goes_on_with_the_images_it_started_on(tiny, tmp_path):
+    """A moved dataset resumes; another one (here one image fewer) is refused before anything in
+    the run folder changes: its valid Dice would have been compared with the old epochs'."""
+    import shutil
+
+    run = fit(arch="unet", run_name="same", **{**tiny, "epochs": 1}).run
+    config_before = (run.path / "config.json").read_bytes()
+    other = tmp_path / "other"
+    shutil.copytree(tiny["data_dir"], other)
+    listed = (other / "annotations" / "trainval.txt").read_text().splitlines()
+    (other / "annotations" / "trainval.txt").write_text("\n".join(listed[1:]) + "\n")
+    with pytest.raises(ConfigError, match=f"run same trained on {len(listed)} trainval images, and {other} holds "
+                                          f"{len(listed) - 1} with other names"):
+        fit(arch="unet", run_name="same", resume=True, **{**tiny, "epochs": 2, "data_dir": str(other)})
+    assert (run.path / "config.json").read_bytes() == config_before
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny["data_dir"], moved)
+    result = fit(arch="unet", run_name="same", resume=True, **{**tiny, "epochs": 2, "data_dir": str(moved)})
+    assert [r["epoch"] for r in result.history] == [1, 2] and run.read_config().data_dir == str(moved)
+
+
 def test_a_budget_that_stopped_with_the_lr_still_high_is_judged_by_best_pt():
     """A 1-minute budget of 35 s epochs stopped at 54% of the peak lr: its schedule did not finish."""
     from labseg.runs import lr_left
