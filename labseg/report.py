@@ -258,10 +258,17 @@ def plot_best(table) -> Figure:
                       for a, r, c, t in zip(best.index, best["run"], checkpoints, test)], fontsize=8)
     ax.set(ylim=(0, 1.05), ylabel="Dice", title="best run per network")
     ax.grid(axis="y", alpha=0.3)
-    handles = [Patch(facecolor="white", edgecolor="k", label="best valid Dice, best.pt (the network's colour)")]
+    colours = [ARCH_COLORS.get(a, "tab:gray") for a in best.index] or ["tab:gray"]
+    handles = [tuple(Patch(facecolor=c) for c in colours)]      # one swatch per network's colour
+    labels = ["best valid Dice (best.pt)"]
     if np.isfinite(test).any():
-        handles.append(Patch(facecolor="lightgray", edgecolor="k", label="test Dice (the checkpoint named below)"))
-    ax.legend(handles=handles, fontsize=8, loc="lower right")
+        handles.append(Patch(facecolor="lightgray", edgecolor="k"))
+        labels.append("test Dice (the checkpoint named below)")
+    # under the axes: inside, the legend covered the bars' feet
+    from matplotlib.legend_handler import HandlerTuple
+
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=2,
+               handler_map={tuple: HandlerTuple(ndivide=None, pad=0)})
     if not len(best):
         _say_empty(ax, "no finished run yet")
     return fig
@@ -287,6 +294,10 @@ def _fmt(value, column: str = "") -> str:
         return ""
     if column == "epochs" and isinstance(value, (int, float, np.number)) and value >= UNTIL_BUDGET:
         return "budget"                     # trained until its time budget was spent
+    if column == "parameters" and isinstance(value, (int, float, np.number)) and float(value).is_integer():
+        return f"{int(value):,}"            # 31,038,532
+    if column == "threshold" and isinstance(value, (float, np.floating)):
+        return f"{value:.2f}"
     if column in COUNT_COLUMNS and isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))
     if column in ("lr", "weight_decay") and isinstance(value, (int, float, np.number)):
@@ -300,6 +311,26 @@ def _fmt(value, column: str = "") -> str:
             return f"{value:.1f}"
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def ranked(table):
+    """``table`` as a ranking: finished runs by dataset and network, best valid Dice first; then the rest."""
+    import pandas as pd
+
+    done = table["status"] == "finished"
+    return pd.concat([table[done].sort_values(["dataset", "arch", "best_valid_dice"], ascending=[True, True, False],
+                                              na_position="last"), table[~done]])
+
+
+def formatted(df, columns=None):
+    """``df`` (or its ``columns``) as text, each value as report.md prints it: 1e-4 and 5e-05 for
+    learning rates, "budget" for a run trained until its time budget, 0.8123 for a Dice, blanks
+    for values a run lacks. For the notebooks, where raw pandas shows 100000 and 0.754928."""
+    import pandas as pd
+
+    columns = list(columns or df.columns)
+    return pd.DataFrame({c: [_fmt(None if _isna(v) else v, c) for v in df[c]] for c in columns},
+                        index=pd.RangeIndex(1, len(df) + 1), columns=columns)
 
 
 def markdown_table(df, columns=None) -> str:
@@ -341,8 +372,7 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
              "best_valid_dice", "best_valid_iou", "best_epoch", "checkpoint", "test_dice", "test_dice_tta",
              "test_dice_best", "test_dice_last", "train_seconds", "machine"]
     # Best first within each dataset and network, so the table reads as a ranking.
-    finished = table[table["status"] == "finished"].sort_values(["dataset", "arch", "best_valid_dice"],
-                                                                 ascending=[True, True, False], na_position="last")
+    finished = ranked(table[table["status"] == "finished"])
     others = table[table["status"] != "finished"]
     parts = [
         "# labseg: run report",

@@ -178,7 +178,20 @@ def test_breakdown_reads_tta_threshold_and_breeds_apart(tmp_path):
 def test_counts_read_as_integers_and_budget_runs_as_budget():
     df = pd.DataFrame({"best_epoch": [3.0, float("nan")], "parameters": [31038532.0, 10.0],
                        "epochs": [100000, 40], "best_valid_dice": [0.5, 0.25]})
-    assert markdown_table(df).splitlines()[2:] == ["| 3 | 31038532 | budget | 0.5000 |", "|  | 10 | 40 | 0.2500 |"]
+    assert markdown_table(df).splitlines()[2:] == ["| 3 | 31,038,532 | budget | 0.5000 |", "|  | 10 | 40 | 0.2500 |"]
+
+
+def test_the_notebook_tables_print_values_as_the_report_does():
+    from labseg.report import formatted, ranked
+
+    df = pd.DataFrame({"run": ["a", "b", "c"], "status": ["finished", "finished", "failed"],
+                       "dataset": ["sample"] * 3, "arch": ["unet"] * 3, "lr": [5e-5, 1e-4, 1e-3],
+                       "epochs": [3.0, 100000, None], "best_valid_dice": [0.5, 0.754928, None]})
+    shown = formatted(ranked(df))
+    assert shown["run"].tolist() == ["b", "a", "c"]                    # best first, the failed run last
+    assert shown["lr"].tolist() == ["0.0001", "5e-05", "0.001"]
+    assert shown["epochs"].tolist() == ["budget", "3", ""]
+    assert shown["best_valid_dice"].tolist() == ["0.7549", "0.5000", ""]
 
 
 def test_best_run_compares_runs_on_the_dataset_of_the_latest_one(tmp_path):
