@@ -103,12 +103,17 @@ class Evaluation:
         return {"dice": float(self.dice.mean()), "iou": float(self.iou.mean()),
                 "accuracy": float(self.accuracy.mean()), "images": len(self.names),
                 "threshold": self.threshold, "tta": self.tta,
-                "per_species": self._group(self.species), "per_breed": self._group(self.breeds), **self.extra}
+                "per_species": self._group(self.species),
+                "per_breed": {breed: {"species": self._species_of(breed), **scores}
+                              for breed, scores in self._group(self.breeds).items()}, **self.extra}
 
     def _group(self, keys) -> dict:
         keys = np.asarray(keys)
         return {k: {"dice": float(self.dice[keys == k].mean()), "iou": float(self.iou[keys == k].mean()),
-                    "images": int((keys == k).sum())} for k in sorted(set(keys.tolist()))}
+                    "images": int((keys == k).sum())} for k in sorted(set(keys.tolist()), key=str.lower)}
+
+    def _species_of(self, breed: str) -> str:
+        return next(s for b, s in zip(self.breeds, self.species) if b == breed)
 
     def table(self):
         """A pandas DataFrame with one row per image."""

@@ -393,7 +393,10 @@ def plot_group_scores(table, title: str = "test scores") -> Figure:
     x = np.arange(len(table))
     ax.bar(x - 0.2, table["dice"], 0.4, label="Dice")
     ax.bar(x + 0.2, table["iou"], 0.4, label="IoU")
-    ax.set_xticks(x, [str(i) for i in table.index], rotation=20, ha="right")
+    # n per bar: a breed of 4 test images swings far more than one of 60
+    counts = table["images"] if "images" in table else [None] * len(table)
+    ax.set_xticks(x, [f"{i}\n(n={int(n)})" if n == n and n is not None else str(i) for i, n in zip(table.index, counts)],
+                  rotation=20, ha="right")
     ax.set(ylim=(0, 1), ylabel="score", title=title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
@@ -511,12 +514,17 @@ def group_tables(result: dict):
     """(per species, per breed) DataFrames of an :func:`labseg.evaluate.evaluate_run` result."""
     import pandas as pd
 
-    def table(key, name):
-        df = pd.DataFrame.from_dict(result[key], orient="index")[["images", "dice", "iou"]]
+    def table(key, name, columns=("images", "dice", "iou")):
+        df = pd.DataFrame.from_dict(result[key], orient="index").reindex(columns=list(columns))
         df.index.name = name
         return df
 
-    return table("per_species", "species"), table("per_breed", "breed")
+    # breeds by species, then by name whatever its case (the dataset capitalises cat breeds)
+    breeds = table("per_breed", "breed", ("species", "images", "dice", "iou"))
+    breeds["species"] = breeds["species"].astype(object).where(breeds["species"].notna(), "")   # older records: none
+    breeds = breeds.iloc[sorted(range(len(breeds)), key=lambda i: (breeds["species"].iloc[i],
+                                                                    breeds.index[i].lower()))]
+    return table("per_species", "species"), breeds
 
 
 def variants_table(result: dict):

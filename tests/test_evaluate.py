@@ -45,6 +45,7 @@ def test_per_breed_and_species_scores_are_means_of_their_images():
     split = _split([[[1, 1, 0, 0]], [[1, 1, 1, 1]], [[1, 0, 0, 0]]], ["a", "a", "b"], ["cat", "cat", "dog"])
     probs = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.float16).view(3, 1, 1, 4) * 0.9
     summary = score(probs, split).summary()
+    assert [summary["per_breed"][b].pop("species") for b in ("a", "b")] == ["cat", "dog"]
     assert summary["per_breed"]["a"] == pytest.approx({"dice": 5 / 6, "iou": 3 / 4, "images": 2})
     assert summary["per_breed"]["b"] == pytest.approx({"dice": 2 / 5, "iou": 1 / 4, "images": 1})
     assert summary["per_species"]["cat"] == pytest.approx({"dice": 5 / 6, "iou": 3 / 4, "images": 2})

@@ -104,3 +104,16 @@ def test_notebook_helpers_name_what_is_wrong(split):
         viz.plot_threshold_sweep({})
     with pytest.raises(TypeError, match=r"unknown override\(s\) \['mosiac'\]; it takes augment, copy_paste, mosaic"):
         viz.training_batch(split, arch="unet", mosiac=1.0)
+
+
+def test_breed_table_is_grouped_by_species_and_sorted_whatever_the_case():
+    result = {"per_species": {"cat": {"images": 3, "dice": 0.8, "iou": 0.7}, "dog": {"images": 2, "dice": 0.6, "iou": 0.5}},
+              "per_breed": {"Bengal": {"species": "cat", "images": 1, "dice": 0.8, "iou": 0.7},
+                            "american_bulldog": {"species": "dog", "images": 2, "dice": 0.6, "iou": 0.5},
+                            "abyssinian": {"species": "cat", "images": 2, "dice": 0.8, "iou": 0.7}}}
+    species, breeds = viz.group_tables(result)
+    assert list(breeds.index) == ["abyssinian", "Bengal", "american_bulldog"]
+    assert list(breeds.columns) == ["species", "images", "dice", "iou"] and list(species.index) == ["cat", "dog"]
+    for scores in result["per_breed"].values():          # an evaluation from before species was recorded
+        del scores["species"]
+    assert list(viz.group_tables(result)[1].index) == ["abyssinian", "american_bulldog", "Bengal"]
