@@ -395,8 +395,9 @@ def plot_group_scores(table, title: str = "test scores") -> Figure:
     ax.bar(x + 0.2, table["iou"], 0.4, label="IoU")
     # n per bar: a breed of 4 test images swings far more than one of 60
     counts = table["images"] if "images" in table else [None] * len(table)
+    few = len(table) <= 8       # level labels while they fit; the full dataset's 37 breeds slant
     ax.set_xticks(x, [f"{i}\n(n={int(n)})" if n == n and n is not None else str(i) for i, n in zip(table.index, counts)],
-                  rotation=20, ha="right")
+                  rotation=0 if few else 30, ha="center" if few else "right")
     ax.set(ylim=(0, 1), ylabel="score", title=title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
@@ -517,7 +518,7 @@ def group_tables(result: dict):
     def table(key, name, columns=("images", "dice", "iou")):
         df = pd.DataFrame.from_dict(result[key], orient="index").reindex(columns=list(columns))
         df.index.name = name
-        return df
+        return df.round({"dice": 4, "iou": 4})     # 4 decimals, as the report prints them
 
     # breeds by species, then by name whatever its case (the dataset capitalises cat breeds)
     breeds = table("per_breed", "breed", ("species", "images", "dice", "iou"))
@@ -543,7 +544,7 @@ def variants_table(result: dict):
     for key, name in (("postprocess", "threshold 0.5 + one pet"), ("tta_postprocess", "threshold 0.5 + flip TTA + one pet")):
         if key in result:   # one pet: the largest connected component, holes filled (labseg.postprocess)
             rows.append({"variant": name, "dice": result[key]["dice"], "iou": result[key]["iou"]})
-    return pd.DataFrame(rows).set_index("variant")
+    return pd.DataFrame(rows).set_index("variant").round(4)
 
 
 def predict_split(run, split: str = "test", which: str = "auto", tta: bool = False, device="auto",
