@@ -165,6 +165,9 @@ def read_records(root: str | Path, split: str) -> tuple[list[Record], list[tuple
             records.append(Record(name, breed_of(name), species, class_id, image_path, trimap_path))
     for path, reason in skipped:
         log.warning(f"skipped {path}: {reason}")
+    if not records and not skipped:     # nothing to skip: the file names no image at all
+        raise DatasetLayoutError(f"split {split_path} is empty: it lists no image (expected one line per image, "
+                                 "'Name CLASS-ID SPECIES BREED-ID' or the name alone).\n" + LAYOUT_HELP.format(root=root))
     if not records:
         raise DatasetLayoutError(f"split {split_path} lists no usable image (skipped {len(skipped)}).\n"
                                  + LAYOUT_HELP.format(root=root))

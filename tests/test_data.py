@@ -263,9 +263,8 @@ def test_split_file_name_only_lines_are_accepted(small_root):
 @pytest.mark.parametrize("content", ["", "\n\n", "#only a header\r\n# and a comment\r\n"])
 def test_empty_split_is_a_layout_error(small_root, content):
     (small_root / "annotations" / "test.txt").write_text(content)
-    with pytest.raises(DatasetLayoutError, match="lists no usable image") as info:
+    with pytest.raises(DatasetLayoutError, match="test.txt is empty: it lists no image"):
         load_split(small_root, "test", S, cache_dir=small_root.parent / "cache", progress=False)
-    assert "test.txt" in str(info.value)
 
 
 def test_split_whose_entries_all_miss_is_a_layout_error(small_root, capsys):
