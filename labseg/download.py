@@ -39,6 +39,8 @@ def download(root: str | Path, timeout: float = CONNECT_TIMEOUT_S) -> Path:
     from torchvision.datasets import OxfordIIITPet
 
     root = Path(root).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise DownloadError(f"{root} is a file; expected the folder to download the dataset into")
     target = root / "oxford-iiit-pet"
     for ready in (root, target):    # already there: in DIR itself (as --data takes it) or where torchvision puts it
         if (ready / "images").is_dir() and (ready / "annotations" / "trimaps").is_dir():

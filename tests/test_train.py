@@ -959,6 +959,9 @@ def test_download_fails_fast_offline(tmp_path, monkeypatch):
     with pytest.raises(DownloadError, match=r"cannot reach 127.0.0.1[\s\S]*by hand[\s\S]*images.tar.gz"):
         download(tmp_path)
     assert not (tmp_path / "oxford-iiit-pet" / "images").exists()
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    with pytest.raises(DownloadError, match="notes.txt is a file; expected the folder to download the dataset into"):
+        download(tmp_path / "notes.txt")
 
 
 def test_download_finds_a_dataset_already_in_its_folder(synthetic_root, tmp_path, monkeypatch):
