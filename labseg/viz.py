@@ -413,7 +413,9 @@ def plot_threshold_sweep(sweep: dict[float, float], title: str = "threshold swee
     ts, ds = list(sweep), list(sweep.values())
     ax.plot(ts, ds, "o-")
     best = max(sweep, key=sweep.get)
-    ax.axvline(best, color="tab:red", ls="--", label=f"best {best:.2f}")
+    # at an end of the grid the optimum may lie beyond it (few valid images push it there too)
+    edge = " (the grid's end: it may lie beyond)" if best in (min(ts), max(ts)) else ""
+    ax.axvline(best, color="tab:red", ls="--", label=f"best {best:.2f}{edge}")
     ax.axvline(0.5, color="gray", ls=":", label="default 0.5")
     ax.set(xlabel="threshold", ylabel="mean Dice", title=title)
     ax.grid(alpha=0.3)

@@ -117,3 +117,12 @@ def test_breed_table_is_grouped_by_species_and_sorted_whatever_the_case():
     for scores in result["per_breed"].values():          # an evaluation from before species was recorded
         del scores["species"]
     assert list(viz.group_tables(result)[1].index) == ["abyssinian", "american_bulldog", "Bengal"]
+
+
+def test_a_threshold_tuned_to_the_end_of_the_grid_says_so():
+    def best_label(sweep):
+        fig = viz.plot_threshold_sweep(sweep)
+        return fig.axes[0].get_legend_handles_labels()[1][0]
+
+    assert best_label({0.2: 0.7, 0.5: 0.6, 0.8: 0.5}) == "best 0.20 (the grid's end: it may lie beyond)"
+    assert best_label({0.2: 0.5, 0.5: 0.7, 0.8: 0.6}) == "best 0.50"
