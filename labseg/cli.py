@@ -206,7 +206,7 @@ def cmd_predict(args) -> int:
                           output_dir=args.output_dir)
     n = len(done.written)
     print(f"labseg: {n} mask{'s' if n != 1 else ''} and overlay{'s' if n != 1 else ''} written to "
-          f"{Path(args.out).resolve()}")
+          f"{Path(args.out).resolve()} (predicted by {done.checkpoint})")
     if done.skipped:
         print(f"labseg: error: {len(done.skipped)} of {len(done.skipped) + len(done.written)} images could not "
               "be read:\n  " + "\n  ".join(done.skipped), file=sys.stderr)

@@ -73,11 +73,15 @@ def batches_for_model(model, config: RunConfig, data: CachedSplit, batch_size: i
 
 
 @torch.inference_mode()
-def predict_probs(model, batches: Batches, tta: bool = False) -> torch.Tensor:
+def predict_probs(model, batches: Batches, tta: bool = False, progress: bool = False,
+                  desc: str = "predicting") -> torch.Tensor:
     """Pet probabilities N×1×S×S (CPU, float16 to keep memory small) for every batch."""
+    from tqdm.auto import tqdm
+
     model.eval()
     out = []
-    for batch in batches:
+    # a bar: the test split at 256 px takes minutes on 2 cores, and silence reads as a hang
+    for batch in tqdm(batches, total=len(batches), desc=desc, disable=not progress, leave=False):
         logits = model(batch.image).float()
         if tta:      # average with the prediction on the mirrored image, mirrored back
             logits = (logits + model(batch.image.flip(-1)).float().flip(-1)) / 2
@@ -169,19 +173,19 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     data_dir = data_dir or config.data_dir
     cached = run_split(config, split, data_dir, progress)
     batches = batches_for_model(model, config, cached, batch_size)
-    probs = predict_probs(model, batches)
+    probs = predict_probs(model, batches, progress=progress, desc=f"{split}")
     plain = score(probs, cached)
     # "tta" names the flip-TTA variant below; the plain scores carry no flag of that name.
     plain_scores = {k: v for k, v in plain.summary().items() if k != "tta"}
     result = {"run": run.name, "arch": config.arch, "split": split, "checkpoint": which,
               "data_dir": str(data_dir), "skipped_pairs": len(cached.skipped), **plain_scores}
     if tta:
-        probs_tta = predict_probs(model, batches, tta=True)
+        probs_tta = predict_probs(model, batches, tta=True, progress=progress, desc=f"{split}, flip TTA")
         result["tta"] = score(probs_tta, cached, tta=True).summary()
     if tune_threshold or postprocess:
         valid = run_split(config, "valid", data_dir, progress)
         valid_batches = batches_for_model(model, config, valid, batch_size)
-        valid_probs = predict_probs(model, valid_batches)
+        valid_probs = predict_probs(model, valid_batches, progress=progress, desc="valid")
     if tune_threshold:
         result["threshold_tuned"] = _tuned(probs, cached, valid_probs, valid)
         if tta:
@@ -246,23 +250,24 @@ def format_result(result: dict) -> str:
              f"Dice {result['dice']:.4f}  IoU {result['iou']:.4f}  accuracy {result['accuracy']:.4f}"]
     for key in ("per_species", "per_breed"):
         for name, m in result[key].items():
-            lines.append(f"  {name:<28} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  ({m['images']} images)")
+            lines.append(f"  {name:<46} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  ({m['images']} images)")
+    def variant(label: str, m: dict, note: str = "") -> str:     # one column of figures for every variant
+        return f"  {label + ':':<46} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}{note}"
+
     if "tta" in result:
-        lines.append(f"  with flip TTA:               Dice {result['tta']['dice']:.4f}  IoU {result['tta']['iou']:.4f}")
+        lines.append(variant("with flip TTA", result["tta"]))
     if "threshold_tuned" in result:
         t = result["threshold_tuned"]
-        lines.append(f"  threshold {t['threshold']:.2f} (tuned on valid): Dice {t['dice']:.4f}  IoU {t['iou']:.4f}")
+        lines.append(variant(f"threshold {t['threshold']:.2f} (tuned on valid)", t))
     if "tta_threshold_tuned" in result:
         t = result["tta_threshold_tuned"]
-        lines.append(f"  flip TTA + threshold {t['threshold']:.2f} (tuned on valid with TTA): Dice {t['dice']:.4f}  "
-                     f"IoU {t['iou']:.4f}")
+        lines.append(variant(f"flip TTA + threshold {t['threshold']:.2f} (tuned with TTA)", t))
     if "postprocess" in result:
         p = result["postprocess"]
-        lines.append(f"  one pet (largest component, holes filled): Dice {p['dice']:.4f}  IoU {p['iou']:.4f}  "
-                     f"(valid Dice {p['valid_dice']:.4f} → {p['valid_dice_postprocessed']:.4f})")
+        lines.append(variant("one pet (largest component, holes filled)", p,
+                             f"  (valid Dice {p['valid_dice']:.4f} → {p['valid_dice_postprocessed']:.4f})"))
     if "tta_postprocess" in result:
-        p = result["tta_postprocess"]
-        lines.append(f"  flip TTA + one pet:          Dice {p['dice']:.4f}  IoU {p['iou']:.4f}")
+        lines.append(variant("flip TTA + one pet", result["tta_postprocess"]))
     if result.get("skipped_pairs"):
         lines.append(f"  skipped {result['skipped_pairs']} unusable pairs")
     return "\n".join(lines)
@@ -330,6 +335,7 @@ class Predictions:
 
     written: list[Path]
     skipped: list[str]          # one line per unreadable file, naming it and why
+    checkpoint: Path | None = None      # the weights that predicted them
 
 
 PREDICTION_SUFFIXES = ("_mask", "_overlay")    # the files predict_images writes: <name>_mask.png, ...
@@ -383,7 +389,7 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
         atomic_write_bytes(out_dir / f"{name}_mask.png", _png(Image.fromarray((mask * 255).astype(np.uint8))))
         atomic_write_bytes(out_dir / f"{name}_overlay.png", _png(Image.fromarray(overlay(image, mask))))
         written.append(out_dir / f"{name}_mask.png")
-    return Predictions(written, skipped)
+    return Predictions(written, skipped, run.checkpoint(which))
 
 
 def _png(image: Image.Image) -> bytes:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -281,7 +282,7 @@ def test_deep_supervision_trains_resumes_and_evaluates(tiny, arch):
     assert evaluation["tta_postprocess"]["tta"] is True
     assert list(variants_table(evaluation).index) == [
         "threshold 0.5", "threshold 0.5 + flip TTA", "threshold 0.5 + one pet", "threshold 0.5 + flip TTA + one pet"]
-    assert f"one pet (largest component, holes filled): Dice {post['dice']:.4f}" in format_result(evaluation)
+    assert re.search(rf"one pet \(largest component, holes filled\): +Dice {post['dice']:.4f}", format_result(evaluation))
     with pytest.raises(ValueError, match="split='holdout' is not valid; choose one of: test, valid, train"):
         evaluate_run(result.run.path, "holdout", progress=False, save=False)
 
@@ -872,7 +873,7 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys, mon
     (pictures / "notes.jpg").write_text("not a picture")
     out = _main(capsys, "predict", "p", str(pictures), "--out", str(tmp_path / "pred"), *runs)   # a run by name
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert "2 masks and overlays written" in out.stdout
+    assert "2 masks and overlays written" in out.stdout and f"(predicted by {run.path / 'last.pt'})" in out.stdout
     assert "labseg: error: 1 of 3 images could not be read:" in out.stderr and "notes.jpg" in out.stderr
     assert sorted(p.name for p in (tmp_path / "pred").glob("*_mask.png")) == ["a_jpg_mask.png", "a_png_mask.png"]
     assert Image.open(tmp_path / "pred" / "a_png_mask.png").size == (20, 10)
