@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import signal
 import sys
 import threading
@@ -354,6 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _joined_negative_budget(argv: list[str]) -> list[str]:
+    """``--time-budget -5m`` as ``--time-budget=-5m``: argparse takes "-5m" for an option and says
+    "expected one argument"; joined, the value reaches the check that says what a duration is."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--time-budget" and i + 1 < len(argv) and re.match(r"-\d", argv[i + 1]):
+            out.append(f"--time-budget={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv=None) -> int:
     from labseg.config import ConfigError
     from labseg.data import DatasetLayoutError
@@ -363,7 +378,7 @@ def main(argv=None) -> int:
     from labseg.train import TrainingDiverged
     from labseg.workbook import NotebookFailed
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_joined_negative_budget(list(sys.argv[1:] if argv is None else argv)))
     # SIGTERM (kill, a batch system's time limit, docker stop) stops like Ctrl-C: the checkpoint
     # being written is finished and the records are consistent; otherwise the epoch was lost and
     # a checkpoint-sized temporary file left behind.

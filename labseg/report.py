@@ -104,6 +104,8 @@ def run_row(folder: Path) -> dict:
     elif "best_valid_dice" in summary:
         row["status"], row["error"] = "finished", row.get("error")
         row["trained_at"] = trained_at(RunDir(folder))
+        if not (folder / f"{row['checkpoint']}.pt").is_file():     # finished, but nothing left to evaluate
+            row["error"] = f"its checkpoint {row['checkpoint']}.pt is missing: it cannot be evaluated again"
     else:
         # No summary yet: still running, or stopped. Its epochs so far are in its records, and a
         # checkpoint makes it resumable (labseg train --run-name RUN --resume).
@@ -404,6 +406,9 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
         markdown_table(finished, shown) if len(finished) else "_None._",
         "",
     ]
+    noted = finished[finished["error"].notna() & (finished["error"].astype(str) != "")]
+    if len(noted):      # e.g. a deleted checkpoint: the figures stand, the run cannot be evaluated again
+        parts += ["Notes:", "", *[f"- `{r.run}`: {r.error}" for r in noted.itertuples()], ""]
     breakdown = evaluation_breakdown(output_dir)
     parts += ["## Test: flip TTA, tuned threshold, post-processing and per breed", "",
               "Plain = threshold 0.5, no TTA; the threshold is tuned on the valid images, never on test; "

@@ -489,9 +489,9 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     if dist.is_main:
         run.write_summary(summary)
         if progress:
+            skipped = f"skipped {summary['skipped_pairs']} unusable pairs; " if summary["skipped_pairs"] else ""
             print(f"labseg: {stop_reason}; best {config.monitor} {summary['best_' + config.monitor]:.4f} "
-                  f"at epoch {summary['best_epoch']}; skipped {summary['skipped_pairs']} unusable pairs; "
-                  f"records in {run.path}")
+                  f"at epoch {summary['best_epoch']}; {skipped}records in {run.path}")
     dist.close()
     return FitResult(run, history, summary, final_model.eval())
 

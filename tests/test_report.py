@@ -333,3 +333,15 @@ def test_a_run_of_one_epoch_is_drawn_as_a_point(tmp_path):
     fig = plot_curves(runs)
     (line,) = [line for line in fig.axes[0].lines if line.get_label() == "one"]
     assert list(line.get_ydata()) == [0.6] and line.get_marker() not in (None, "None", "")
+
+
+def test_a_finished_run_whose_checkpoint_is_gone_is_noted(tmp_path):
+    runs = tmp_path / "runs"
+    for name in ("kept", "deleted"):
+        fake_run(runs, name, "unet", [0.6], scheduler="cosine", stop_reason="completed all epochs")
+    (runs / "kept" / "last.pt").write_bytes(b"a checkpoint")
+    table = collect_runs(runs).set_index("run")
+    assert pd.isna(table.loc["kept", "error"])
+    assert table.loc["deleted", "error"] == "its checkpoint last.pt is missing: it cannot be evaluated again"
+    text = write_report(runs, tmp_path / "report").read_text()
+    assert "- `deleted`: its checkpoint last.pt is missing" in text and "- `kept`" not in text

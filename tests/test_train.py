@@ -918,6 +918,9 @@ def test_cli_other_commands_name_what_is_wrong(tmp_path, capsys):
     assert out.returncode == 2 and "img_size=50: must be divisible by 32 (ResNet34-UNet halves the size 5 times, UNet 4; one rule for both); try 32 or 64" in out.stderr
     out = _main(capsys, "report", "--output-dir", str(tmp_path / "typo"), "--report-dir", str(tmp_path / "rep"))
     assert out.returncode == 2 and f"no runs folder {tmp_path / 'typo'}" in out.stderr
+    # a negative budget reaches the check that says what a duration is (argparse took it for an option)
+    out = _main(capsys, "train", "--time-budget", "-5m", "--output-dir", str(tmp_path / "runs"))
+    assert out.returncode == 2 and "time_budget='-5m': expected a duration such as '25m'" in out.stderr
     assert not (tmp_path / "rep").exists()
     out = _main(capsys, "demo", "--epochs", "0")
     assert out.returncode == 2 and "epochs=0: expected a positive integer" in out.stderr
