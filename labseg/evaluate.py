@@ -251,6 +251,7 @@ def format_result(result: dict) -> str:
     for key in ("per_species", "per_breed"):
         for name, m in result[key].items():
             lines.append(f"  {name:<46} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  ({m['images']} images)")
+
     def variant(label: str, m: dict, note: str = "") -> str:     # one column of figures for every variant
         return f"  {label + ':':<46} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}{note}"
 
@@ -295,7 +296,7 @@ def predict_image(model, image: np.ndarray, img_size: int, tta: bool = False) ->
 # blankets, where the red tint used before vanished; with vermillion and yellow it tells correct,
 # false and missed pet pixels apart for red-green colour-blind eyes too.
 PET_COLOR = (0, 114, 178)
-ERROR_COLORS = {"correct pet": (0, 114, 178), "false pet": (213, 94, 0), "missed pet": (240, 228, 66)}
+ERROR_COLORS = {"correct pet": PET_COLOR, "false pet": (213, 94, 0), "missed pet": (240, 228, 66)}
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color=PET_COLOR, alpha: float = 0.35) -> np.ndarray:
@@ -303,8 +304,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, color=PET_COLOR, alpha: float =
     mask's edge shows on any photo (the outline is ~1/160 of the image side, at least 1 px)."""
     out = image.astype(np.float32).copy()
     m = np.asarray(mask).astype(bool)
-    color = np.asarray(color, np.float32)
-    out[m] = out[m] * (1 - alpha) + color * alpha
+    _tint(out, m, color, alpha)
     out[_edge(m, max(1, round(min(m.shape) / 160)))] = color
     return out.astype(np.uint8)
 
@@ -315,8 +315,13 @@ def error_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, alpha:
     pred, truth = np.asarray(pred).astype(bool), np.asarray(truth).astype(bool)
     out = image.astype(np.float32).copy()
     for m, color in zip((pred & truth, pred & ~truth, ~pred & truth), ERROR_COLORS.values()):
-        out[m] = out[m] * (1 - alpha) + np.asarray(color, np.float32) * alpha
+        _tint(out, m, color, alpha)
     return out.astype(np.uint8)
+
+
+def _tint(out: np.ndarray, mask: np.ndarray, color, alpha: float) -> None:
+    """Blend ``color`` into the float image ``out`` where ``mask`` is set, in place."""
+    out[mask] = out[mask] * (1 - alpha) + np.asarray(color, np.float32) * alpha
 
 
 def _edge(mask: np.ndarray, width: int) -> np.ndarray:

@@ -23,8 +23,8 @@ from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 from labseg.config import UNTIL_BUDGET, _is_number, resolve_path
 from labseg.evaluate import eval_file
 from labseg.machine import run_machine_label
-from labseg.runs import (RunDir, RunRecordError, atomic_write_bytes, atomic_write_text, trained_at,
-                         default_checkpoint, lr_left, read_record)
+from labseg.runs import (RunDir, RunRecordError, atomic_write_bytes, atomic_write_text, default_checkpoint,
+                         lr_left, read_record, trained_at)
 
 PARAMS = ("arch", "img_size", "epochs", "time_budget", "batch_size", "lr", "optimizer", "scheduler", "loss",
           "augment", "seed", "max_train_images", "data_dir")

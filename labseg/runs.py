@@ -267,10 +267,14 @@ def default_checkpoint(scheduler: str | None, stop_reason: str | None, lr_left: 
     before it was recorded): a short time budget can stop with its lr still high (1 minute of
     35 s epochs stopped at 54% of the peak), and that schedule did not finish: best.pt then.
     """
-    finished = str(stop_reason or "").startswith(("completed all epochs", "time budget"))
-    # all epochs run is the whole schedule; a budget stop is judged by the lr it stopped at
-    decayed = lr_left is None or lr_left <= DECAYED or not str(stop_reason).startswith("time budget")
-    return "last" if finished and decayed and scheduler in DECAYING_SCHEDULES else "best"
+    reason = str(stop_reason or "")
+    if scheduler not in DECAYING_SCHEDULES:
+        return "best"
+    if reason.startswith("completed all epochs"):     # all its epochs: the whole schedule
+        return "last"
+    if reason.startswith("time budget"):              # judged by the lr it stopped at
+        return "last" if lr_left is None or lr_left <= DECAYED else "best"
+    return "best"
 
 
 def lr_left(summary: dict, lr) -> float | None:
