@@ -10,6 +10,7 @@ Where runs and the report go: the notebooks' ``output_dir`` / ``report_dir`` par
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -48,10 +49,27 @@ def notebook_path(name: str) -> Path:
     return path
 
 
-# The kernel's own log stays quiet below errors: ipykernel >= 7 warns about unencrypted TCP on
-# every start, though the kernel listens on 127.0.0.1 for this process alone. (Local "ipc"
-# sockets would avoid it, but leave socket files in the working folder that concurrent runs share.)
-KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]
+# The kernel's own log is silenced: ipykernel >= 7 warns about unencrypted TCP on every start,
+# though the kernel listens on 127.0.0.1 for this process alone (local "ipc" sockets would avoid
+# it, but leave socket files in the working folder that concurrent runs share), and when Ctrl-C
+# or SIGTERM stops a run, nbclient closes the kernel's sockets while it is still replying, which
+# it logs as a zmq traceback. What a notebook's cells raise reaches us in the notebook itself.
+KERNEL_ARGS = ["--IPKernelApp.log_level=CRITICAL"]
+
+
+class _NoDeadKernelNoise(logging.Filter):
+    """Drop asyncio's "Task exception was never retrieved: DeadKernelError", which follows every
+    interrupted notebook: nbclient kills the kernel it owns on Ctrl-C and leaves the cell's task
+    to fail unobserved. The interrupt itself is reported (labseg.cli)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else getattr(record, "exception", None)
+        return type(error).__name__ != "DeadKernelError" and "DeadKernelError" not in record.getMessage()
+
+
+_asyncio_log = logging.getLogger("asyncio")
+if not any(isinstance(f, _NoDeadKernelNoise) for f in _asyncio_log.filters):
+    _asyncio_log.addFilter(_NoDeadKernelNoise())
 
 
 def run_notebook(name: str, output: str | Path, params: dict | None = None, *, progress: bool = True,

@@ -134,3 +134,36 @@ def test_redoing_a_finished_point_says_what_it_deletes(tmp_path, capsys):
     said = capsys.readouterr().out
     assert f"replacing {folder}: deleting its 4 file(s) (2 evaluation(s): eval_test.json, eval_test_last.json)" in said
     assert not (folder / "eval_test.json").exists() and (folder / "failed.json").is_file()
+
+
+def test_ctrl_c_stops_a_sweep_with_one_line_and_the_point_resumable(tmp_path, synthetic_root):
+    """Ctrl-C during a point: the sweep says what to do next, with no traceback from the kernel
+    (zmq) or from asyncio (DeadKernelError), and the point keeps its epochs for the rerun."""
+    import signal
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    sets = {"arch": "unet", "img_size": 32, "epochs": 500, "max_train_images": 4, "batch_size": 4,
+            "data_dir": str(synthetic_root), "cache_dir": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "labseg.cli", "sweep", "--output-dir", str(runs)]
+    for key, value in sets.items():
+        command += ["--set", f"{key}={value}"]
+    # SIGINT as a terminal's Ctrl-C delivers it, also where the test runner ignores it
+    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 300
+        while not list(runs.glob("*/last.pt")) and time.monotonic() < deadline and sweep.poll() is None:
+            time.sleep(0.5)
+        assert list(runs.glob("*/last.pt")), "no epoch finished"
+        sweep.send_signal(signal.SIGINT)
+        output, _ = sweep.communicate(timeout=120)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 130, output
+    assert "labseg: sweep interrupted; run the same command again" in output
+    assert "Traceback" not in output and "DeadKernelError" not in output and "zmq" not in output, output
+    (point,) = [p for p in runs.iterdir() if p.is_dir()]
+    assert (point / "last.pt").is_file() and not (point / "summary.json").exists()
+    assert json.loads((point / "metrics.json").read_text())        # its epochs are kept for the rerun
