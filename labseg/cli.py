@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import signal
 import sys
@@ -70,7 +71,7 @@ HELP = {
     "ignore_border": "leave the trimap's border band out of the loss",
     "max_train_images": "train on N of the training images only, taken from each breed in turn (quick checks)",
     "run_name": "run folder name under --output-dir (default: made from the parameters)",
-    "output_dir": "where run folders go",
+    "output_dir": "where run folders go (default: outputs/runs, or $LABSEG_RUNS_DIR when set)",
     "cache_dir": "where decoded, resized arrays are cached",
     "num_threads": "CPU threads for torch",
     "log_every": "steps between progress-bar updates (each one syncs with the device)",
@@ -125,6 +126,15 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
     return RunConfig.from_dict({**base.to_dict(), **given_options(args)})
 
 
+def runs_folder(typed: str | None) -> Path:
+    """Where runs are: ``--output-dir`` as typed (from the cwd), else ``$LABSEG_RUNS_DIR``, else
+    outputs/runs (labseg.workbook.runs_dir: the notebooks' rule, so every command finds the same runs)."""
+    from labseg.config import resolve_path
+    from labseg.workbook import runs_dir
+
+    return Path(typed).expanduser().resolve() if typed else resolve_path(runs_dir())
+
+
 # --------------------------------------------------------------------------- commands
 def cmd_download(args) -> int:
     from labseg.download import download
@@ -165,6 +175,8 @@ def cmd_train(args) -> int:
         # Imported now, with the code training runs on: an edit made during a long run must not
         # break its evaluation at the end.
         from labseg.evaluate import evaluate_run, format_result
+    if "output_dir" not in given and os.environ.get("LABSEG_RUNS_DIR"):
+        given["output_dir"] = str(runs_folder(None))
     # Only the options given: a resume takes every other one from the run's config.json.
     result = fit(resume=args.resume or False, overwrite=args.overwrite, progress=not args.quiet, **given)
     if result.run is None:          # a torchrun rank other than 0: rank 0 reports
@@ -186,7 +198,8 @@ def cmd_evaluate(args) -> int:
     from labseg.evaluate import evaluate_run, format_result
     from labseg.runs import RunDir, best_run
 
-    run = RunDir.open(args.run, args.output_dir) if args.run else best_run(args.output_dir)
+    runs = runs_folder(args.output_dir)
+    run = RunDir.open(args.run, runs) if args.run else best_run(runs)
     if not args.run:                    # say which run, and why that one
         print(f"labseg: no run named: {run.name}, the best valid Dice "
               f"({run.read_summary()['best_valid_dice']:.4f}) among the finished runs on "
@@ -204,7 +217,7 @@ def cmd_predict(args) -> int:
     # paths typed in a shell are taken from the cwd; the API takes relative ones from the project root
     done = predict_images(args.run, Path(args.source).resolve(), Path(args.out).resolve(), img_size=args.img_size, threshold=args.threshold,
                           tta=args.tta, postprocess=args.postprocess, which=args.checkpoint, device=args.device,
-                          output_dir=args.output_dir)
+                          output_dir=runs_folder(args.output_dir))
     n = len(done.written)
     print(f"labseg: {n} mask{'s' if n != 1 else ''} and overlay{'s' if n != 1 else ''} written to "
           f"{Path(args.out).resolve()} (predicted by {done.checkpoint})")
@@ -220,7 +233,7 @@ def cmd_demo(args) -> int:
     from labseg.workbook import run_workbook
 
     report = run_workbook(epochs=args.epochs, img_size=args.img_size)
-    print(f"labseg: demo finished. Report: {report}\n  run folders: {report.parent.parent / 'runs'}")
+    print(f"labseg: demo finished. Report: {report}\n  run folders: {runs_folder(None)}")
     return 0
 
 
@@ -235,8 +248,7 @@ def cmd_sweep(args) -> int:
     for key in ("data_dir", "output_dir"):        # paths typed in a shell are taken from the cwd
         if key in grid:
             grid[key] = [str(Path(v).expanduser().resolve()) if isinstance(v, str) else v for v in grid[key]]
-    output_dir = str(Path(args.output_dir).expanduser().resolve()) if args.output_dir else None
-    results = run_sweep(grid, output_dir=output_dir, force=args.force, prefix=args.prefix,
+    results = run_sweep(grid, output_dir=str(runs_folder(args.output_dir)), force=args.force, prefix=args.prefix,
                         progress=not args.quiet)
     print(format_results(results))
     return 1 if any(r["status"] == "failed" for r in results) else 0
@@ -245,10 +257,9 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     """Collect every run into outputs/report/ (report.md, runs.csv, figures)."""
     from labseg.report import write_report
-    from labseg.config import resolve_path
-    from labseg.workbook import report_dir, runs_dir
+    from labseg.workbook import report_dir
 
-    out = Path(args.output_dir).expanduser().resolve() if args.output_dir else resolve_path(runs_dir())
+    out = runs_folder(args.output_dir)
     rep = Path(args.report_dir).expanduser().resolve() if args.report_dir else report_dir()
     if not out.is_dir():
         raise FileNotFoundError(f"no runs folder {out}; train a run first (labseg train) or give --output-dir")
@@ -296,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess", action="store_true",
                    help="also report one pet per image (largest connected component, holes filled)")
     p.add_argument("--data", help="dataset folder (default: the run's)")
-    p.add_argument("--output-dir", default="outputs/runs", help="where runs are (default: outputs/runs)")
+    p.add_argument("--output-dir", help="where runs are (default: outputs/runs, or $LABSEG_RUNS_DIR when set)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=cmd_evaluate)
 
@@ -310,8 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess", action="store_true",
                    help="keep one pet per image (largest connected component, holes filled)")
     p.add_argument("--checkpoint", default="auto", choices=CHECKPOINTS, help=CHECKPOINT_HELP)
-    p.add_argument("--output-dir", default="outputs/runs",
-                   help="where to find RUN by name (default: outputs/runs); the masks go to --out")
+    p.add_argument("--output-dir", help="where to find RUN by name (default: outputs/runs, or $LABSEG_RUNS_DIR when set); the masks go to --out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=cmd_predict)
 
@@ -334,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="redo points that already finished (their folders, evaluations included, are replaced)")
     p.add_argument("--prefix", help="prefix of the run names")
-    p.add_argument("--output-dir", help="where run folders go (default: outputs/runs)")
+    p.add_argument("--output-dir", help="where run folders go (default: outputs/runs, or $LABSEG_RUNS_DIR when set)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_sweep)
 
@@ -342,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Collect every run folder under --output-dir into a report: report.md (a "
                                    "table of every run, the best per network, test Dice with and without "
                                    "TTA), runs.csv and the figures curves.png and best_per_network.png.")
-    p.add_argument("--output-dir", help="where the runs are (default: outputs/runs)")
+    p.add_argument("--output-dir", help="where the runs are (default: outputs/runs, or $LABSEG_RUNS_DIR when set)")
     p.add_argument("--report-dir", help="where the report goes (default: outputs/report)")
     p.set_defaults(func=cmd_report)
 

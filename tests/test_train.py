@@ -913,6 +913,31 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys, mon
         predict_images(run, "pictures/a.png", tmp_path / "api", progress=False)
 
 
+def test_cli_finds_runs_through_labseg_runs_dir_as_the_notebooks_do(tiny, tmp_path, capsys, monkeypatch):
+    """$LABSEG_RUNS_DIR moves the runs of every command, not only the notebooks': a run trained
+    there is evaluated, predicted with and reported by name, without --output-dir."""
+    from labseg.runs import RunDir
+
+    runs = tmp_path / "elsewhere"
+    monkeypatch.setenv("LABSEG_RUNS_DIR", str(runs))
+    monkeypatch.setenv("LABSEG_REPORT_DIR", str(tmp_path / "report"))
+    options = ["--data", tiny["data_dir"], "--img-size", "32", "--batch-size", "4", "--max-train-images", "8",
+               "--epochs", "1", "--cache-dir", tiny["cache_dir"], "--quiet"]
+    out = _main(capsys, "train", *options, "--run-name", "env-run")
+    assert out.returncode == 0, out.stderr
+    assert RunDir(runs / "env-run").read_summary()["epochs_run"] == 1
+    assert not (Path(tiny["output_dir"]) / "env-run").exists()
+    out = _main(capsys, "evaluate", "env-run")
+    assert out.returncode == 0 and "env-run last.pt on test" in out.stdout, out.stderr
+    out = _main(capsys, "evaluate")                         # no run named: the best of those there
+    assert out.returncode == 0 and "labseg: no run named: env-run" in out.stdout, out.stderr
+    image = sorted((Path(tiny["data_dir"]) / "images").glob("*.jpg"))[0]
+    out = _main(capsys, "predict", "env-run", str(image), "--out", str(tmp_path / "pred"))
+    assert out.returncode == 0 and f"(predicted by {runs / 'env-run' / 'last.pt'})" in out.stdout, out.stderr
+    out = _main(capsys, "report")
+    assert out.returncode == 0 and "env-run" in (tmp_path / "report" / "report.md").read_text(), out.stderr
+
+
 def test_cli_other_commands_name_what_is_wrong(tmp_path, capsys):
     out = _main(capsys, "prepare", "--img-size", "50", "--cache-dir", str(tmp_path / "cache"))
     assert out.returncode == 2 and "img_size=50: must be divisible by 32 (ResNet34-UNet halves the size 5 times, UNet 4; one rule for both); try 32 or 64" in out.stderr
