@@ -30,7 +30,7 @@ PARAMS = ("arch", "img_size", "epochs", "time_budget", "batch_size", "lr", "opti
           "augment", "seed", "max_train_images", "data_dir")
 METRICS = ("best_valid_dice", "best_valid_iou", "best_epoch", "epochs_run", "train_seconds", "parameters")
 TABLE_COLUMNS = ("run", "status", "dataset", *PARAMS, *METRICS, "checkpoint", "test_dice", "test_iou", "test_dice_tta",
-                 "test_dice_best", "test_dice_last", "machine", "trained_at", "error")
+                 "test_dice_best", "test_dice_last", "machine", "trained_at", "data_path", "error")
 MAX_LABELLED_RUNS = 12      # plot_curves names every run in its legend up to this many
 ARCH_COLORS = {"unet": "tab:blue", "resnet34_unet": "tab:orange", "smp_unet_resnet34": "tab:green"}
 
@@ -76,6 +76,9 @@ def run_row(folder: Path) -> dict:
     # Valid and test Dice on the synthetic sample and on real photos are not comparable: the
     # dataset (its folder's name) is a column, and best_per_arch compares runs of one dataset.
     row["dataset"] = Path(str(params["data_dir"])).name if params.get("data_dir") else None
+    # The folder itself, resolved as training resolved it: two datasets in folders of the same
+    # name are told apart, as runs.best_run tells them apart.
+    row["data_path"] = str(resolve_path(params["data_dir"])) if params.get("data_dir") else None
     row.update({k: summary.get(k) for k in METRICS})
     evaluations = {}
     for which in ("best", "last"):
@@ -171,13 +174,14 @@ def _minus(a, b):
 
 def best_per_arch(table, metric: str = "best_valid_dice", dataset: str | None = None):
     """The best finished run of each network (rows of ``table``, indexed by arch), among the runs
-    on ``dataset``: by default the dataset of the run that finished last (as ``labseg evaluate``
-    picks its run), since a Dice on 4 synthetic images and one on 30 photos do not compare."""
+    on ``dataset`` (a data folder's name): by default the data folder of the run that finished
+    last, the rule of :func:`labseg.runs.best_run` (which ``labseg evaluate`` uses), since a Dice
+    on 4 synthetic images and one on 30 photos do not compare."""
     done = table[(table["status"] == "finished") & table[metric].notna()]
-    if dataset is None and not done.empty and done["trained_at"].notna().any():
-        dataset = done.loc[done["trained_at"].astype(float).idxmax(), "dataset"]
     if dataset is not None:
         done = done[done["dataset"] == dataset]
+    elif not done.empty and done["trained_at"].notna().any():
+        done = done[done["data_path"] == done.loc[done["trained_at"].astype(float).idxmax(), "data_path"]]
     if done.empty:
         return done.set_index("arch")
     best = done.loc[done.groupby("arch")[metric].idxmax()]
@@ -385,7 +389,7 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
         "## Best run per network",
         "",
         *([f"On `{best['dataset'].iloc[0]}`, the dataset of the run that finished last; runs on other data "
-           "are in the tables below.", ""] if len(best) and finished["dataset"].nunique() > 1 else []),
+           "are in the tables below.", ""] if len(best) and finished["data_path"].nunique() > 1 else []),
         markdown_table(best.reset_index(), ["arch", "run", "dataset", "best_valid_dice", "best_valid_iou", "best_epoch",
                                             "checkpoint", "test_dice", "test_iou", "parameters", "train_seconds"])
         if len(best) else "_No finished run yet._",

@@ -280,6 +280,26 @@ def test_the_best_run_chart_names_the_checkpoint_its_test_dice_is_of(tmp_path):
 
 
 
+def test_best_per_network_tells_apart_two_data_folders_of_one_name(tmp_path):
+    """Two datasets in folders both named 'photos': the report's best run comes from the folder of
+    the run that finished last, as runs.best_run (and so `labseg evaluate`) picks it."""
+    import os
+
+    from labseg.runs import best_run
+
+    runs = tmp_path / "runs"
+    for i, (name, data, dice) in enumerate([("a-high", "/a/photos", 0.9), ("b-low", "/b/photos", 0.5)]):
+        run = fake_run(runs, name, "unet", [dice])
+        config = json.loads((run.path / "config.json").read_text())
+        run.write_json("config.json", {**config, "data_dir": data})
+        for record in ("config.json", "summary.json"):
+            os.utime(run.path / record, (1000 + i, 1000 + i))
+    table = collect_runs(runs)
+    assert set(table["dataset"]) == {"photos"}
+    assert best_per_arch(table).loc["unet", "run"] == "b-low" == best_run(runs, "unet").name
+    assert "the dataset of the run that finished last" in write_report(runs, tmp_path / "report").read_text()
+
+
 def test_best_per_network_compares_runs_of_one_dataset(tmp_path):
     """A higher valid Dice on other data (here 'photos') does not win on the sample's table: the
     best runs come from the dataset of the run that finished last, and the report says so."""
