@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from labseg.config import UNTIL_BUDGET
-from labseg.data import BACKGROUND, CachedSplit, load_split, read_records
+from labseg.data import BACKGROUND, CachedSplit, balanced_subset, load_split, read_records
 from labseg.evaluate import ERROR_COLORS, error_overlay, overlay  # one tinting for the notebooks and predict's files
 
 
@@ -101,9 +101,9 @@ def plot_foreground(fractions: np.ndarray, title: str = "pet share of the image"
 
 
 def sample_grid(split: CachedSplit, n: int = 8, seed: int = 0, ncols: int = 4, show_mask: bool = True) -> Figure:
-    """``n`` random images of a cached split, the pet mask tinted on top."""
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(len(split), size=min(n, len(split)), replace=False))
+    """``n`` random images of a cached split, the pet mask tinted on top: every breed in turn,
+    so that 8 of 300 photos show all three breeds (random ones could miss one), grouped by breed."""
+    idx = balanced_subset(split.records, np.random.default_rng(seed).permutation(len(split)), n)
     fig, axes = _grid(len(idx), ncols)
     for ax, i in zip(axes, idx):
         image = hwc(split.images[i])
@@ -265,7 +265,8 @@ def compare_models(names=("unet", "resnet34_unet"), img_size: int = 64):
 
 
 def feature_maps(model: nn.Module, image: torch.Tensor, layers: list[str], n_channels: int = 6) -> Figure:
-    """The first ``n_channels`` channels of each named layer's output for one normalised image."""
+    """The first ``n_channels`` channels of each named layer's output for one normalised image,
+    the image itself on the left so that the maps can be read against it."""
     captured, hooks = {}, []
     modules = dict(model.named_modules())
     if missing := [name for name in layers if name not in modules]:
@@ -282,9 +283,16 @@ def feature_maps(model: nn.Module, image: torch.Tensor, layers: list[str], n_cha
     finally:
         for h in hooks:
             h.remove()
-    fig = Figure(figsize=(1.6 * n_channels, 1.8 * len(layers)), layout="constrained")
-    axes = fig.subplots(len(layers), n_channels, squeeze=False)
-    for row, name in zip(axes, layers):
+    from labseg.data import denormalize
+
+    fig = Figure(figsize=(1.6 * (n_channels + 1), 1.8 * len(layers)), layout="constrained")
+    axes = fig.subplots(len(layers), n_channels + 1, squeeze=False)
+    for ax in axes[:, 0]:
+        ax.set_axis_off()
+    picture = image if image.dim() == 3 else image[0]
+    axes[0, 0].imshow(hwc(denormalize(picture.float().unsqueeze(0))[0]))
+    axes[0, 0].set_title(f"input: {tuple(picture.shape)}", fontsize=8, loc="left")
+    for row, name in zip(axes[:, 1:], layers):
         fmap = captured[name][0]
         for c, ax in enumerate(row):
             ax.set_axis_off()

@@ -30,6 +30,16 @@ def test_dataset_figures(split):
         assert isinstance(fig, Figure)
 
 
+def test_sample_grid_shows_every_breed_at_random(split):
+    breeds = {r.breed for r in split.records}
+    for seed in range(3):
+        titles = [ax.get_title() for ax in viz.sample_grid(split, n=len(breeds), seed=seed).axes if ax.get_images()]
+        assert {t.split(" (")[0] for t in titles} == breeds        # one of each, whatever the draw
+    shown = {tuple(ax.get_images()[0].get_array().ravel()[:64].tolist())
+             for seed in range(3) for ax in viz.sample_grid(split, n=len(breeds), seed=seed).axes if ax.get_images()}
+    assert len(shown) > len(breeds)                                 # other images on other seeds
+
+
 def test_training_batch_shows_what_the_batch_augmentation_makes(split):
     def panels(**overrides):
         fig = viz.training_batch(split, n=4, seed=3, **overrides)
@@ -92,6 +102,19 @@ def test_config_table_shows_what_the_recipe_turned_on():
         assert name in table.index and table[name] == value, name
     # and nothing else beyond the main fields: the baseline's zeros would only hide what matters
     assert set(table.index) == set(viz.CONFIG_FIELDS) | set(changed)
+
+
+def test_feature_maps_show_the_input_beside_each_layers_channels(split):
+    model = build_model("resnet34_unet")
+    image = viz.normalized_image(split, 0)
+    fig = viz.feature_maps(model, image, ["encoder.stem", "encoder.layer4"], n_channels=3)
+    drawn = [ax for ax in fig.axes if ax.get_images()]
+    assert len(drawn) == 1 + 2 * 3                          # the input, then 3 channels per layer
+    shown = drawn[0].get_images()[0].get_array()
+    assert drawn[0].get_title(loc="left") == "input: (3, 32, 32)"
+    assert np.abs(shown.astype(int) - viz.hwc(split.images[0]).astype(int)).max() <= 1   # denormalised back
+    titles = [ax.get_title(loc="left") for ax in fig.axes if ax.get_title(loc="left")]
+    assert titles[1:] == ["encoder.stem: (64, 16, 16)", "encoder.layer4: (512, 1, 1)"]
 
 
 def test_notebook_helpers_name_what_is_wrong(split):
