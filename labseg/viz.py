@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from labseg.config import UNTIL_BUDGET
-from labseg.data import BACKGROUND, CachedSplit, balanced_subset, load_split, read_records
+from labseg.data import BACKGROUND, CachedSplit, balanced_subset, denormalize, load_split, read_records
 from labseg.evaluate import ERROR_COLORS, error_overlay, overlay  # one tinting for the notebooks and predict's files
 
 
@@ -283,8 +283,6 @@ def feature_maps(model: nn.Module, image: torch.Tensor, layers: list[str], n_cha
     finally:
         for h in hooks:
             h.remove()
-    from labseg.data import denormalize
-
     fig = Figure(figsize=(1.6 * (n_channels + 1), 1.8 * len(layers)), layout="constrained")
     axes = fig.subplots(len(layers), n_channels + 1, squeeze=False)
     for ax in axes[:, 0]:

@@ -63,8 +63,8 @@ class _NoDeadKernelNoise(logging.Filter):
     to fail unobserved. The interrupt itself is reported (labseg.cli)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else getattr(record, "exception", None)
-        return type(error).__name__ != "DeadKernelError" and "DeadKernelError" not in record.getMessage()
+        return "DeadKernelError" not in record.getMessage() and not (
+            record.exc_info and type(record.exc_info[1]).__name__ == "DeadKernelError")
 
 
 _asyncio_log = logging.getLogger("asyncio")
