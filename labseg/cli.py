@@ -174,7 +174,7 @@ def cmd_train(args) -> int:
     if args.evaluate:
         # Imported now, with the code training runs on: an edit made during a long run must not
         # break its evaluation at the end.
-        from labseg.evaluate import evaluate_run, format_result
+        from labseg.evaluate import evaluate_checkpoints, format_result
     if "output_dir" not in given and os.environ.get("LABSEG_RUNS_DIR"):
         given["output_dir"] = str(runs_folder(None))
     # Only the options given: a resume takes every other one from the run's config.json.
@@ -186,9 +186,9 @@ def cmd_train(args) -> int:
     if args.evaluate:
         # Both checkpoints, so that each run records how far apart they are; the run's own
         # figure is the default checkpoint's (runs.default_checkpoint).
-        for which in ("best", "last"):
-            print(format_result(evaluate_run(result.run, "test", which=which, tta=True, tune_threshold=True,
-                                             postprocess=True, progress=not args.quiet)))
+        for evaluated in evaluate_checkpoints(result.run, "test", ("best", "last"), tta=True, tune_threshold=True,
+                                              postprocess=True, progress=not args.quiet):
+            print(format_result(evaluated))
         print(f"labseg: this run's checkpoint is {result.run.resolve_checkpoint()}.pt "
               f"(stop: {result.summary['stop_reason']}; scheduler {result.run.read_config().scheduler})")
     return 0

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import filecmp
 import io
 import sys
 from collections import Counter
@@ -202,6 +203,30 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     return result
 
 
+def evaluate_checkpoints(run: RunDir | str | Path, split: str = "test", which=("best", "last"), *,
+                         output_dir: str | Path = "outputs/runs", **options) -> list[dict]:
+    """:func:`evaluate_run` for each checkpoint in ``which``, with the same ``options``.
+
+    A checkpoint whose file holds the same bytes as one evaluated before (best.pt and last.pt
+    written by one save, when the last epoch was the best) takes that evaluation, marked
+    ``"same_weights_as"``, instead of computing it again: ~30 s per budget run at 128 px on 2 cores.
+    """
+    run = run if isinstance(run, RunDir) else RunDir.open(run, output_dir)
+    results: dict[str, dict] = {}
+    for name in dict.fromkeys(run.resolve_checkpoint(w) for w in which):
+        path = run.checkpoint(name)
+        twin = next((done for done in results if path.is_file()
+                     and filecmp.cmp(run.checkpoint(done), path, shallow=False)), None)
+        if twin is None:
+            results[name] = evaluate_run(run, split, which=name, **options)
+            continue
+        results[name] = {**results[twin], "checkpoint": name, "same_weights_as": twin}
+        if options.get("save", True):
+            file = eval_file(split, name)
+            run.write_json(file, _merged_with_recorded(run, file, results[name]))
+    return list(results.values())
+
+
 VARIANTS = ("tta", "threshold_tuned", "tta_threshold_tuned", "postprocess", "tta_postprocess")
 
 
@@ -247,7 +272,9 @@ def run_split(config: RunConfig, split: str, data_dir, progress: bool) -> Cached
 def format_result(result: dict) -> str:
     """A few readable lines: overall, per species, per breed (and TTA / tuned threshold)."""
     lines = [f"{result['run']} {result['checkpoint']}.pt on {result['split']} ({result['images']} images): "
-             f"Dice {result['dice']:.4f}  IoU {result['iou']:.4f}  accuracy {result['accuracy']:.4f}"]
+             f"Dice {result['dice']:.4f}  IoU {result['iou']:.4f}  accuracy {result['accuracy']:.4f}"
+             + (f"  (the same file as {result['same_weights_as']}.pt: its evaluation)"
+                if result.get("same_weights_as") else "")]
     for key in ("per_species", "per_breed"):
         for name, m in result[key].items():
             lines.append(f"  {name:<46} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  ({m['images']} images)")

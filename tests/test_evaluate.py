@@ -140,6 +140,29 @@ def test_a_plainer_evaluation_keeps_the_recorded_variants_of_the_same_data(small
     assert f"held the evaluation on {tmp_path / 'elsewhere'}" in capsys.readouterr().err
 
 
+def test_checkpoints_of_other_bytes_are_each_evaluated(small_run, tmp_path):
+    """evaluate_checkpoints takes best.pt's evaluation for last.pt only when the two files hold the
+    same bytes; a last.pt with other weights is evaluated on its own."""
+    import shutil
+
+    from labseg.evaluate import evaluate_checkpoints
+    from labseg.runs import RunDir, load_checkpoint
+
+    run = RunDir(shutil.copytree(small_run.path, tmp_path / "small"))
+    same = evaluate_checkpoints(run, "test", ("best", "last"), device="cpu", progress=False, save=False)
+    assert [r["checkpoint"] for r in same] == ["best", "last"] and same[1]["same_weights_as"] == "best"
+    ckpt = load_checkpoint(run.checkpoint("last"))
+    ckpt["model"] = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, run.checkpoint("last"))      # zero weights: a constant prediction, another Dice
+    best, last = evaluate_checkpoints(run, "test", ("best", "last"), device="cpu", progress=False)
+    assert "same_weights_as" not in last and last["checkpoint"] == "last"
+    assert last["dice"] != best["dice"] and best["dice"] == same[0]["dice"]
+    assert run.read_json("eval_test_last.json")["dice"] == last["dice"]
+    # "auto" is one of the two (last.pt: the cosine schedule finished), evaluated once
+    assert [r["checkpoint"] for r in evaluate_checkpoints(run, "test", ("auto", "last"), device="cpu",
+                                                          progress=False, save=False)] == ["last"]
+
+
 def test_overlay_outlines_the_mask_and_error_overlay_tells_the_three_verdicts_apart():
     import numpy as np
 

@@ -835,8 +835,14 @@ def test_cli_train_evaluate_predict(synthetic_root, tmp_path):
     run = tmp_path / "runs" / "cli"
     assert "cli best.pt on test (24 images): Dice" in out.stdout and "cli last.pt on test (24 images)" in out.stdout
     assert "this run's checkpoint is last.pt (stop: completed all epochs; scheduler cosine)" in out.stdout
-    for which, name in (("best", "eval_test.json"), ("last", "eval_test_last.json")):
-        assert json.loads((run / name).read_text())["checkpoint"] == which
+    # one epoch: best.pt and last.pt are one save's bytes, evaluated once and recorded for both
+    assert "cli last.pt on test (24 images): Dice" in out.stdout and "(the same file as best.pt" in out.stdout
+    evaluated = {which: json.loads((run / name).read_text())
+                 for which, name in (("best", "eval_test.json"), ("last", "eval_test_last.json"))}
+    assert evaluated["last"].pop("same_weights_as") == "best" and "same_weights_as" not in evaluated["best"]
+    assert {which: e.pop("checkpoint") for which, e in evaluated.items()} == {"best": "best", "last": "last"}
+    assert evaluated["best"] == evaluated["last"] and "tta" in evaluated["last"]
+    for name in ("eval_test.json", "eval_test_last.json"):
         (run / name).unlink()                         # the evaluate commands below write them again
     out = _labseg("evaluate", str(run), "--tta", "--tune-threshold")  # the run's own: its cosine schedule finished
     assert out.returncode == 0, out.stderr
