@@ -93,12 +93,17 @@ def _field_type(f: dataclasses.Field):
     return str
 
 
+# Shorter or plainer names beside a field's own flag. --runs-dir: every command's --output-dir is
+# where run folders are, which predict's --out (where masks go) made easy to misread.
+OPTION_ALIASES = {"data_dir": ["--data"], "output_dir": ["--runs-dir"]}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per RunConfig field; defaults stay None so the config's own defaults apply."""
     for f in dataclasses.fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f)
-        aliases = [flag] + (["--data"] if f.name == "data_dir" else [])
+        aliases = [flag] + OPTION_ALIASES.get(f.name, [])
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = HELP.get(f.name, "")
         if default is not None and "(default:" not in help_text:
@@ -293,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue --run-name from last.pt (or best.pt)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder of that name first")
     p.add_argument("--evaluate", action="store_true",
-                   help="evaluate best.pt and last.pt on test (plain, flip TTA, tuned threshold, one pet) after")
+                   help="evaluate best.pt and last.pt on test (plain, flip TTA, tuned threshold, one pet) after; "
+                        "once when they are the same file")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(func=cmd_train)
 
@@ -307,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess", action="store_true",
                    help="also report one pet per image (largest connected component, holes filled)")
     p.add_argument("--data", help="dataset folder (default: the run's)")
-    p.add_argument("--output-dir", help="where runs are (default: outputs/runs, or $LABSEG_RUNS_DIR when set)")
+    p.add_argument("--output-dir", *OPTION_ALIASES["output_dir"], help="where runs are (default: outputs/runs, or $LABSEG_RUNS_DIR when set)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=cmd_evaluate)
 
@@ -321,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess", action="store_true",
                    help="keep one pet per image (largest connected component, holes filled)")
     p.add_argument("--checkpoint", default="auto", choices=CHECKPOINTS, help=CHECKPOINT_HELP)
-    p.add_argument("--output-dir", help="where to find RUN by name (default: outputs/runs, or $LABSEG_RUNS_DIR when set); the masks go to --out")
+    p.add_argument("--output-dir", *OPTION_ALIASES["output_dir"], help="where to find RUN by name (default: outputs/runs, or $LABSEG_RUNS_DIR when set); the masks go to --out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(func=cmd_predict)
 
@@ -344,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="redo points that already finished (their folders, evaluations included, are replaced)")
     p.add_argument("--prefix", help="prefix of the run names")
-    p.add_argument("--output-dir", help="where run folders go (default: outputs/runs, or $LABSEG_RUNS_DIR when set)")
+    p.add_argument("--output-dir", *OPTION_ALIASES["output_dir"], help="where run folders go (default: outputs/runs, or $LABSEG_RUNS_DIR when set)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_sweep)
 
@@ -352,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Collect every run folder under --output-dir into a report: report.md (a "
                                    "table of every run, the best per network, test Dice with and without "
                                    "TTA), runs.csv and the figures curves.png and best_per_network.png.")
-    p.add_argument("--output-dir", help="where the runs are (default: outputs/runs, or $LABSEG_RUNS_DIR when set)")
+    p.add_argument("--output-dir", *OPTION_ALIASES["output_dir"], help="where the runs are (default: outputs/runs, or $LABSEG_RUNS_DIR when set)")
     p.add_argument("--report-dir", help="where the report goes (default: outputs/report)")
     p.set_defaults(func=cmd_report)
 

@@ -896,7 +896,7 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys, mon
                            (["--threshold", "2"], "threshold=2.0: expected a probability between 0 and 1")):
         out = _main(capsys, "predict", str(run.path), str(pictures / "a.jpg"), "--out", str(tmp_path / "x"), *args)
         assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr
-    out = _main(capsys, "evaluate", "p", *runs)
+    out = _main(capsys, "evaluate", "p", "--runs-dir", tiny["output_dir"])      # --output-dir's other name
     assert out.returncode == 0, out.stderr
     assert "p last.pt on test" in out.stdout
     out = _main(capsys, "evaluate", *runs)                  # no run named: which one, and why
@@ -984,6 +984,25 @@ def test_cli_help(capsys):
         with pytest.raises(SystemExit) as exited:      # the rest in this process: each help is its parser's
             build_parser().parse_args([cmd, "--help"])
         assert exited.value.code == 0 and "usage: labseg " + cmd in capsys.readouterr().out
+
+
+def test_every_runs_folder_option_is_also_runs_dir():
+    """--runs-dir names the same option as --output-dir on every command that has it (train's
+    comes from RunConfig), so it reads apart from predict's --out, where masks go."""
+    from labseg.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    having = {}
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if "--output-dir" in action.option_strings:
+                having[name] = action
+    assert {"train", "evaluate", "predict", "sweep", "report"} <= set(having)
+    positional = {"predict": ["RUN", "IMAGES"]}       # the others' are optional
+    for name, action in having.items():
+        assert "--runs-dir" in action.option_strings and action.dest == "output_dir", name
+        args = build_parser().parse_args([name, *positional.get(name, []), "--runs-dir", "elsewhere"])
+        assert args.output_dir == "elsewhere", name
 
 
 def test_download_fails_fast_offline(tmp_path, monkeypatch):
