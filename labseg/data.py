@@ -49,9 +49,17 @@ Expected the official Oxford-IIIT Pet layout:
   {root}/images/<Name>_<n>.jpg
   {root}/annotations/trimaps/<Name>_<n>.png   (1 = pet, 2 = background, 3 = border)
   {root}/annotations/trainval.txt, test.txt, list.txt
-Get it with `labseg download {root}` (needs internet), or by hand: download images.tar.gz and
-annotations.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/ and unpack both into {root}.
+Get it with `labseg download {parent}` (needs internet), which unpacks it into
+{parent}/oxford-iiit-pet, or by hand: download images.tar.gz and annotations.tar.gz from
+https://www.robots.ox.ac.uk/~vgg/data/pets/ and unpack both into {root}.
 For the embedded synthetic sample instead, run `labseg prepare --synthetic`."""
+
+
+def layout_help(root: Path) -> str:
+    """LAYOUT_HELP for ``root``: `labseg download DIR` unpacks into DIR/oxford-iiit-pet, so it is
+    given the folder that puts the dataset at ``root`` when root has that name."""
+    parent = root.parent if root.name == "oxford-iiit-pet" else root
+    return LAYOUT_HELP.format(root=root, parent=parent)
 
 
 class DatasetLayoutError(RuntimeError):
@@ -112,7 +120,7 @@ def check_layout(root: str | Path) -> Path:
                if not ((root / p).is_file() if p.endswith(".txt") else (root / p).is_dir())]
     if missing:
         what = "does not exist" if not root.exists() else "is missing " + ", ".join(missing)
-        raise DatasetLayoutError(f"dataset folder {root} {what}.\n" + LAYOUT_HELP.format(root=root))
+        raise DatasetLayoutError(f"dataset folder {root} {what}.\n" + layout_help(root))
     return root
 
 
@@ -150,7 +158,7 @@ def read_records(root: str | Path, split: str) -> tuple[list[Record], list[tuple
     root = check_layout(root)
     split_path = root / "annotations" / f"{split}.txt"
     if not split_path.exists():
-        raise DatasetLayoutError(f"split file {split_path} does not exist.\n" + LAYOUT_HELP.format(root=root))
+        raise DatasetLayoutError(f"split file {split_path} does not exist.\n" + layout_help(root))
     records, skipped = [], []
     for name, class_id, species_id in read_split_file(split_path):
         image_path = root / "images" / f"{name}.jpg"
@@ -167,10 +175,10 @@ def read_records(root: str | Path, split: str) -> tuple[list[Record], list[tuple
         log.warning(f"skipped {path}: {reason}")
     if not records and not skipped:     # nothing to skip: the file names no image at all
         raise DatasetLayoutError(f"split {split_path} is empty: it lists no image (expected one line per image, "
-                                 "'Name CLASS-ID SPECIES BREED-ID' or the name alone).\n" + LAYOUT_HELP.format(root=root))
+                                 "'Name CLASS-ID SPECIES BREED-ID' or the name alone).\n" + layout_help(root))
     if not records:
         raise DatasetLayoutError(f"split {split_path} lists no usable image (skipped {len(skipped)}).\n"
-                                 + LAYOUT_HELP.format(root=root))
+                                 + layout_help(root))
     return records, skipped
 
 
@@ -216,7 +224,9 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         # 16-bit or 32-bit grayscale: scale the value range down to 8 bits, don't clip it.
         a = np.asarray(im, dtype=np.float64)
         # I;16* is 16-bit by definition; for 32-bit "I"/"F" guess the range from the values.
-        top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        # A float image at most 1.0 is on the 0-1 scale (a float TIFF), not a nearly black 0-255 one.
+        top = (65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255
+               else 1.0 if im.mode == "F" and a.max(initial=0) <= 1.0 else 255.0)
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(a[..., None], 3, axis=2)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -412,6 +422,14 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
         except _CacheDamaged as e:      # rebuilt from the images, which are the truth
             log.warning(f"cache {folder} is damaged ({e}); rebuilding it")
             shutil.rmtree(folder)
+    elif folder.exists() or folder.is_symlink():
+        # load_split renames a finished cache into place with its meta.json, so this is something
+        # else (a partial delete, a sync tool's leftovers); in the way, it would fail every build.
+        log.warning(f"cache {folder} has no meta.json (not a cache labseg wrote); rebuilding it")
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+        else:
+            folder.unlink()
 
     from tqdm.auto import tqdm
 
@@ -429,13 +447,15 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
     sizes = np.zeros((n, 2), np.int64)
     keep = np.zeros(n, bool)
     quirky: dict[str, list[str]] = {}
+    unreadable = 0      # pairs that failed to decode (read_records named the missing ones already)
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         results = pool.map(decode, records)
         for i, result in enumerate(tqdm(results, total=n, desc=f"caching {root.name}/{split} @{img_size}px",
                                         disable=not progress, leave=False)):
             if isinstance(result, BadSampleError):
-                if len(skipped) < MAX_SKIP_LINES:    # the full dataset could print thousands
+                if unreadable < MAX_SKIP_LINES:    # the full dataset could print thousands
                     log.warning(f"skipped {result}")
+                unreadable += 1
                 skipped.append((str(records[i].image_path), str(result)))
                 continue
             image, lab, sizes[i], notes = result
@@ -447,8 +467,8 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
             labels[i] = lab
             keep[i] = True
     kept = [r for r, k in zip(records, keep) if k]
-    if len(skipped) > MAX_SKIP_LINES:
-        log.warning(f"skipped {len(skipped) - MAX_SKIP_LINES} more of {split} (each is named in the cache's "
+    if unreadable > MAX_SKIP_LINES:
+        log.warning(f"skipped {unreadable - MAX_SKIP_LINES} more of {split} (each is named in the cache's "
                     "meta.json and in CachedSplit.skipped)")
     hint = _skipped_hint(skipped, n)
     if not kept:

@@ -281,6 +281,17 @@ def _assert_layout_help(message: str, root: Path):
         assert part in message, part
 
 
+def test_the_layout_help_names_the_download_that_fills_the_folder(tmp_path):
+    """`labseg download DIR` unpacks into DIR/oxford-iiit-pet: for a missing .../oxford-iiit-pet
+    the help names its parent, for any other folder it says where the download will land."""
+    from labseg.data import layout_help
+
+    named = tmp_path / "oxford-iiit-pet"
+    assert f"`labseg download {tmp_path}`" in layout_help(named)
+    other = tmp_path / "pets"
+    assert f"`labseg download {other}`" in layout_help(other) and f"{other}/oxford-iiit-pet" in layout_help(other)
+
+
 def test_missing_dataset_folder(tmp_path):
     root = tmp_path / "nowhere"
     with pytest.raises(DatasetLayoutError) as info:
@@ -371,6 +382,18 @@ def _sixteen_bit():
     return im, expected
 
 
+def _float_zero_to_one():
+    """A 32-bit float TIFF on the 0-1 scale: 0.5 is mid grey, not 0.5 of 255 (nearly black)."""
+    a = np.full((24, 32), 1.0, np.float32)
+    a[:, :16] = 0.5
+    im = Image.fromarray(a)
+    assert im.mode == "F"
+    expected = np.empty((24, 32, 3), np.uint8)
+    expected[:, :16] = 128
+    expected[:, 16:] = 255
+    return im, expected
+
+
 def _with_format(pair, fmt):
     image, expected = pair
     return image, fmt, {}, expected
@@ -381,6 +404,7 @@ LOADED_CASES = {
     "gif_named_jpg": lambda: (_palette(COLOURS), "GIF", {}, _bands(), 0),
     "rgba_png_named_jpg": lambda: (*_with_format(_rgba_png(), "PNG"), 0),
     "png16_named_jpg": lambda: (*_with_format(_sixteen_bit(), "PNG"), 0),
+    "float_tiff_zero_to_one": lambda: (*_with_format(_float_zero_to_one(), "TIFF"), 0),
     "cmyk_jpeg": lambda: (Image.fromarray(_bands()).convert("CMYK"), "JPEG", {"quality": 95}, _bands(), 12),
     "grayscale_jpeg": lambda: (Image.fromarray(np.full((24, 32), 77, np.uint8)), "JPEG", {"quality": 95},
                                np.full((24, 32, 3), 77, np.uint8), 2),
@@ -618,6 +642,48 @@ def test_zero_based_trimaps_get_one_hint_and_the_lines_are_capped(tmp_path, caps
     lines = stderr_lines(capsys)
     assert len([line for line in lines if "trimap holds values [0" in line]) == 3
     assert "skipped 2 more of trainval" in lines[-1]
+
+
+def test_the_capped_lines_name_unreadable_pairs_after_the_missing_ones(tmp_path, capsys, monkeypatch):
+    """read_records names every listed-but-missing file; the cap counts only the pairs that fail
+    to decode, so those are named too and "N more" is the number left unnamed."""
+    import labseg.data
+
+    monkeypatch.setattr(labseg.data, "MAX_SKIP_LINES", 2)
+    root = make_layout(tmp_path / "pets")
+    good, broken, missing = ["Cat_1"], [f"Cat_{i}" for i in (2, 3, 4)], [f"Ghost_{i}" for i in (1, 2, 3)]
+    for name in good + broken:
+        add_pair(root, name)
+    for name in broken:
+        (root / "images" / f"{name}.jpg").write_bytes(b"not a picture")
+    write_split(root, good + broken + missing)
+    capsys.readouterr()
+    split = load_split(root, "trainval", S, cache_dir=tmp_path / "cache", progress=False)
+    assert [r.name for r in split.records] == good and len(split.skipped) == 6
+    err = capsys.readouterr().err
+    assert all(f"{name}.jpg" in err for name in missing)
+    assert sum(f"{name}.jpg" in err for name in broken) == 2
+    assert "skipped 1 more of trainval" in err
+
+
+@pytest.mark.parametrize("leftover", ["folder-without-meta", "file"])
+def test_a_cache_folder_without_meta_json_is_rebuilt(synthetic_root, tmp_path, leftover, caplog):
+    """A finished cache always has its meta.json (renamed into place with it): a folder without one
+    (a partial delete) or a file at its path is in the way, and used to fail every build."""
+    good = data.load_split(synthetic_root, "test", 32, tmp_path / "cache", progress=False)
+    names, images = [r.name for r in good.records], np.array(good.images)
+    folder = Path(good.images.filename).parent
+    del good
+    if leftover == "file":
+        import shutil
+
+        shutil.rmtree(folder)
+        folder.write_text("not a cache")
+    else:
+        (folder / "meta.json").unlink()
+    again = data.load_split(synthetic_root, "test", 32, tmp_path / "cache", progress=False)
+    assert [r.name for r in again.records] == names and np.array_equal(np.array(again.images), images)
+    assert f"cache {folder} has no meta.json" in caplog.text and "rebuilding it" in caplog.text
 
 
 def test_cache_labels_are_resized_without_mixing_values(tmp_path):
