@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -336,7 +337,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     # ---- the clock starts: the lr schedule and the time budget follow it (over all sessions of a run)
     done = resumed or {}
     clock = _Clock(total_steps=len(train_batches) * config.epochs, budget=config.time_budget_s,
-                   step=done.get("step", 0), elapsed_before=done.get("elapsed", 0.0))
+                   step=done.get("step", 0), elapsed_before=done.get("elapsed", 0.0), agree_max=dist.agree_max)
 
     # ---- the run folder, claimed only now that the network is known to give the right output
     check_logits(model, config.arch, config.img_size, device, channels_last)
@@ -401,6 +402,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     try:
         for epoch in range(first_epoch, config.epochs + 1):
             train_batches.set_epoch(epoch)
+            clock.tick()
             _set_augment_phase(augment, config, clock.progress())
             epoch_start = time.perf_counter()
             try:
@@ -416,8 +418,10 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
             if swa is not None and clock.progress() >= config.swa:
                 swa.update_parameters(model)
 
+            # Under torchrun every rank takes rank 0's scores: the ranks' copies differ in their
+            # BatchNorm statistics after the last step, and early stopping must stop them all.
             row = {"epoch": epoch, "train_loss": train_loss,
-                   **validate(eval_model, valid_batches, loss_fn, amp_dtype),
+                   **dist.from_main(validate(eval_model, valid_batches, loss_fn, amp_dtype)),
                    "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
                    "images_per_s": round(images * dist.world / max(seconds, 1e-9), 2)}
             history.append(row)
@@ -438,7 +442,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
             if out_of_time:
                 stop_reason = f"time budget of {config.time_budget} spent"
                 break
-            if clock.budget and clock.spent() + seconds > clock.budget:
+            if clock.budget and clock.tick() + dist.agree_max(seconds) > clock.budget:
                 stop_reason = f"time budget of {config.time_budget} spent (no time for another epoch)"
                 break
             if config.patience and since_best >= config.patience:
@@ -532,9 +536,10 @@ def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, o
         loss_sum += loss.detach()
         steps, images = steps + 1, images + len(batch.index)
         clock.step += 1
+        clock.tick()
         if steps % config.log_every == 0 or steps == len(batches):
             mean = (loss_sum / steps).item()       # the only host sync of the step loop
-            if not math.isfinite(mean):
+            if clock.agree_max(float(not math.isfinite(mean))):     # on any rank: all stop
                 raise TrainingDiverged(f"loss became {mean} at epoch {epoch}, step {steps}")
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if clock.out_of_time():
@@ -547,23 +552,36 @@ def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, o
 @dataclass
 class _Clock:
     """Where training stands: optimizer steps taken, and seconds spent, earlier sessions of a
-    resumed run included. The lr schedule and the augmentation phases follow its progress."""
+    resumed run included. The lr schedule and the augmentation phases follow its progress.
+
+    The decisions read the time as of the last :meth:`tick` (each step, each epoch), not each its
+    own: under torchrun ``agree_max`` makes that every rank's largest, so that all ranks take the
+    same lr and stop at the same step (each rank's own clock let one start a step the others
+    never joined, and their lrs drift apart).
+    """
 
     total_steps: int
     budget: float | None = None                # seconds, or None: no time budget
     step: int = 0
     elapsed_before: float = 0.0                # seconds spent by the sessions before this one
+    agree_max: Callable[[float], float] = float     # _Distributed.agree_max; one process: as is
     started: float = field(default_factory=time.perf_counter)
+    seen: float = 0.0                          # spent() as of the last tick, agreed by the ranks
 
     def spent(self) -> float:
         return time.perf_counter() - self.started + self.elapsed_before
 
+    def tick(self) -> float:
+        """Read the time for the decisions up to the next tick; every rank must call it alike."""
+        self.seen = self.agree_max(self.spent())
+        return self.seen
+
     def progress(self) -> float:
         """Fraction of training done: by steps, or by time when a budget is set, whichever is further."""
-        return max(self.step / max(self.total_steps, 1), self.spent() / self.budget if self.budget else 0.0)
+        return max(self.step / max(self.total_steps, 1), self.seen / self.budget if self.budget else 0.0)
 
     def out_of_time(self) -> bool:
-        return bool(self.budget) and self.spent() > self.budget
+        return bool(self.budget) and self.seen > self.budget
 
 
 def _sam_second_pass(step_model, model, batch, loss_fn, optimizer, scaler, rho: float, amp_dtype) -> None:
@@ -814,6 +832,7 @@ class _Distributed:
     rank: int = 0
     world: int = 1
     device: torch.device | None = None
+    cpu_group: object = None        # for the ranks' agreements: gloo, on the host, no GPU sync
 
     @classmethod
     def from_env(cls) -> "_Distributed":
@@ -827,10 +846,9 @@ class _Distributed:
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
             td.init_process_group("nccl")
-        else:
-            device = torch.device("cpu")
-            td.init_process_group("gloo")
-        return cls(rank, world, device)
+            return cls(rank, world, device, td.new_group(backend="gloo"))
+        td.init_process_group("gloo")
+        return cls(rank, world, torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -842,6 +860,27 @@ class _Distributed:
             return indices
         n = len(indices) // self.world * self.world
         return indices[:n][self.rank::self.world]
+
+    def agree_max(self, value: float) -> float:
+        """The largest ``value`` over the ranks (in one process: ``value``), for a decision that
+        every rank must take alike."""
+        if self.world == 1:
+            return float(value)
+        import torch.distributed as td
+
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        td.all_reduce(t, td.ReduceOp.MAX, group=self.cpu_group)
+        return t.item()
+
+    def from_main(self, value):
+        """Rank 0's ``value`` on every rank (in one process: ``value``)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as td
+
+        box = [value]
+        td.broadcast_object_list(box, src=0, group=self.cpu_group)
+        return box[0]
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.world == 1:

@@ -1038,18 +1038,52 @@ def test_a_failed_point_says_it_failed_rather_than_missing(tmp_path):
 
 
 def test_distributed_two_processes_on_cpu(synthetic_root, tmp_path):
+    """Two ranks under a time budget: they stop together (each rank's own clock once let one
+    start an epoch the other never joined, a crash under gloo and a hang under NCCL)."""
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-         "-m", "labseg.train", "--data", str(synthetic_root), "--img-size", "32", "--epochs", "2",
+         "-m", "labseg.train", "--data", str(synthetic_root), "--img-size", "32", "--time-budget", "8s",
          "--batch-size", "4", "--max-train-images", "8", "--run-name", "ddp", "--output-dir",
          str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--device", "cpu"],
         capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == ["ddp"], f"only rank 0 writes one run folder, got {runs}"
-    assert [r["epoch"] for r in json.loads((tmp_path / "runs" / "ddp" / "metrics.json").read_text())] == [1, 2]
+    epochs = [r["epoch"] for r in json.loads((tmp_path / "runs" / "ddp" / "metrics.json").read_text())]
+    assert len(epochs) >= 2 and epochs == list(range(1, len(epochs) + 1))
+    assert RunDir(tmp_path / "runs" / "ddp").read_summary()["stop_reason"].startswith("time budget of 8s spent")
     model, config = load_run_model(tmp_path / "runs" / "ddp", "best", device="cpu")   # in this one process
     assert config.deep_supervision and any(k.startswith("aux_heads.") for k in model.state_dict())
+
+
+def _clock_agreement(rank: int, port: int, results) -> None:
+    """One of two gloo ranks whose clocks read apart (rank 1 has spent 100 s more)."""
+    import torch.distributed as td
+
+    from labseg.train import _Clock, _Distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        dist = _Distributed(rank, 2, torch.device("cpu"))
+        clock = _Clock(total_steps=1000, budget=50.0, elapsed_before=100.0 * rank, agree_max=dist.agree_max)
+        clock.tick()
+        results[rank] = (clock.seen, clock.out_of_time(), clock.progress(), dist.from_main({"rank": rank}))
+    finally:
+        td.destroy_process_group()
+
+
+def test_torchrun_ranks_read_one_clock_and_rank_0s_scores():
+    """Under torchrun each rank's own clock let one rank stop (or start a step) where another did
+    not, and their lrs drift apart: every decision reads the ranks' largest time, and the valid
+    scores that decide early stopping are rank 0's."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_clock_agreement, args=(29531, results), nprocs=2, join=True)
+    (seen0, stop0, progress0, main0), (seen1, stop1, progress1, main1) = results[0], results[1]
+    assert seen0 == seen1 >= 100.0 and stop0 and stop1 and progress0 == progress1
+    assert main0 == main1 == {"rank": 0}
 
 
 @pytest.mark.realdata
