@@ -764,7 +764,7 @@ def _same_value(name: str, asked, recorded) -> bool:
 def _check_not_finished(run: RunDir, start: dict, config: RunConfig) -> None:
     """Refuse to resume a run that has nothing left to train, saying how to train it further."""
     done, budget = start["epoch"], config.time_budget_s
-    recorded, summary = run.read_config(), run.read_summary()
+    recorded, summary = _stopped_under(run, start), run.read_summary()
     # why the run stopped, if its summary is of the checkpoint resumed from (not of an older session)
     stopped = (summary.get("stop_reason") or "") if summary.get("epochs_run") == done else ""
     if config.epochs < UNTIL_BUDGET and done >= config.epochs:
@@ -777,6 +777,20 @@ def _check_not_finished(run: RunDir, start: dict, config: RunConfig) -> None:
     if stopped.startswith("early stopping") and config.patience and config.patience <= recorded.patience:
         raise ConfigError(f"run {run.path.name} stopped early ({stopped}); to train it further, resume with a "
                           f"larger --patience (now {config.patience}) or --patience 0, or evaluate it")
+
+
+def _stopped_under(run: RunDir, start: dict) -> RunConfig:
+    """The config with the patience and time budget that the session which saved ``start`` trained
+    under (its checkpoint's): config.json already holds what a later resume asked for when that
+    resume was killed before its first checkpoint, and would refuse the same request again."""
+    recorded = run.read_config()
+    saved = start.get("config") if isinstance(start.get("config"), dict) else {}
+    try:
+        then = replace(recorded, **{k: saved[k] for k in ("patience", "time_budget") if k in saved})
+        then.time_budget_s          # a budget that does not parse: config.json's, as before
+        return then
+    except (TypeError, ValueError):
+        return recorded
 
 
 def _newer_best(run: RunDir, last: dict) -> dict:

@@ -96,3 +96,46 @@ def test_resume_counts_the_time_already_spent(tiny):
     # 1000 s before the resume plus the second or so of epoch 2 (far less than a minute)
     assert 1000 <= result.summary["train_seconds"] < 1060
     assert 1000 <= load_checkpoint(run.checkpoint("last"))["elapsed"] < 1060
+
+
+def _stop_after_epoch_3(history):
+    if len(history) == 3:
+        raise _Stop
+
+
+def test_a_resumed_run_stopped_again_is_judged_unfinished_not_by_its_old_summary(tiny):
+    """summary.json is written when a session ends: after a resume that saved epoch 3 and was
+    killed, the first session's "completed all epochs" no longer describes last.pt (trained part
+    way into a longer schedule), so the run's own checkpoint is best.pt, as for any stopped run."""
+    from labseg.report import run_row
+
+    run = fit(run_name="r", **tiny).run
+    assert run.resolve_checkpoint() == "last" and run_row(run.path)["status"] == "finished"
+    with pytest.raises(_Stop):
+        fit(run_name="r", resume=True, callback=_stop_after_epoch_3, **{**tiny, "epochs": 6, "checkpoint_every": 0})
+    assert load_checkpoint(run.checkpoint("last"))["epoch"] == 3
+    assert (run.path / "summary.json").is_file() and run.read_summary() == {}
+    assert run.resolve_checkpoint() == "best"
+    row = run_row(run.path)
+    assert row["status"] != "finished" and row["epochs_run"] == 3
+    result = fit(run_name="r", resume=True, **{**tiny, "epochs": 6})         # it finishes: current again
+    assert run.read_summary()["epochs_run"] == 6 == len(result.history) and run.resolve_checkpoint() == "last"
+
+
+def test_a_resume_killed_before_its_first_checkpoint_can_be_asked_again(tiny):
+    """A resume with a larger patience writes it into config.json before it trains; killed before
+    its first checkpoint, the same request again was refused as if that patience had stopped the run."""
+    args = dict(patience=1, **tiny)
+    run = fit(run_name="p", **args).run
+    ckpt = load_checkpoint(run.checkpoint("last"))
+    # epoch 1 an unbeatable best: no later epoch saves best.pt, and the run stopped early at epoch 2
+    history = [dict(ckpt["history"][0], valid_dice=1.0), *ckpt["history"][1:]]
+    save_checkpoint(run.checkpoint("last"), {**ckpt, "history": history, "best": 1.0})
+    run.write_summary({**run.read_summary(), "stop_reason": "early stopping: no valid_dice gain in 1 epochs"})
+    with pytest.raises(ValueError, match="stopped early .* resume with a larger --patience"):
+        fit(run_name="p", resume=True, **{**args, "epochs": 6})                # nothing changed: refused
+    with pytest.raises(_Stop):                  # patience 4, killed in epoch 3 before any checkpoint
+        fit(run_name="p", resume=True, callback=_stop_after_epoch_3, **{**args, "epochs": 6, "patience": 4})
+    assert run.read_config().patience == 4 and load_checkpoint(run.checkpoint("last"))["epoch"] == 2
+    result = fit(run_name="p", resume=True, **{**args, "epochs": 6, "patience": 4})
+    assert [r["epoch"] for r in result.history][:3] == [1, 2, 3]
