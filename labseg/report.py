@@ -67,7 +67,7 @@ def run_row(folder: Path) -> dict:
     row = {"run": folder.name}
     try:
         config = _read_json(folder / "config.json", {}) or {}
-        summary = _read_json(folder / "summary.json", {}) or {}
+        summary = RunDir(folder).read_summary()      # {} for a resumed run's stale one: unfinished
         failed = _read_json(folder / "failed.json")
     except RunRecordError as e:         # shown as damaged, not as a finished run with empty columns
         return {**row, "status": "damaged record", "error": str(e)}

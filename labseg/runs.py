@@ -458,8 +458,18 @@ class RunDir:
         self.write_json("summary.json", summary)
 
     def read_summary(self) -> dict:
+        """summary.json; {} when there is none, or when it is an earlier session's: a resume has
+        since saved other epochs (metrics.json, written with each checkpoint, counts otherwise),
+        so the run is unfinished, and its stop reason no longer says which checkpoint stands for it."""
         p = self.path / "summary.json"
-        return read_record(p, dict) if p.is_file() else {}
+        if not p.is_file():
+            return {}
+        summary = read_record(p, dict)
+        try:
+            saved = len(self.read_metrics())
+        except RunRecordError:          # the summary still holds; the damaged record is reported where read
+            saved = 0
+        return {} if saved and summary.get("epochs_run") not in (None, saved) else summary
 
     def resolve_checkpoint(self, which: str = "auto") -> str:
         """``"best"`` or ``"last"``; ``"auto"`` is this run's :func:`default_checkpoint`."""
