@@ -214,6 +214,12 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a labseg checkpoint (expected a dict with "
                               "'arch', 'model', 'config' and 'format_version')")
+    for key in ("model", "raw_model"):
+        weights = ckpt.get(key, {})
+        if not (isinstance(weights, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in weights.items())):
+            raise CheckpointError(f"checkpoint {path} is not a labseg checkpoint: its {key!r} is a "
+                                  f"{type(weights).__name__}, not a dict of named tensors (a state_dict)")
     if not isinstance(ckpt.get("format_version", 0), int):
         raise CheckpointError(f"checkpoint {path} has format_version {ckpt['format_version']!r}; expected an "
                               "integer (it was not written by labseg)")

@@ -649,6 +649,12 @@ def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distribute
     if lacking := [k for k in ("epoch", "history", "optimizer") if k not in resumed]:
         raise CheckpointError(f"checkpoint {run.checkpoint(which)} holds weights but no training state "
                               f"({', '.join(lacking)} missing): it can be evaluated, not resumed")
+    kinds = {"epoch": int, "history": list, "optimizer": dict}
+    if wrong := [f"{k} is a {type(resumed[k]).__name__}" for k, kind in kinds.items()
+                 if not isinstance(resumed[k], kind) or isinstance(resumed[k], bool)]:
+        raise CheckpointError(f"checkpoint {run.checkpoint(which)} holds a damaged training state ("
+                              f"{', '.join(wrong)}; expected an int epoch, a list history and a dict optimizer "
+                              "state): it cannot be resumed")
     if which == "last" and (newer := _newer_best(run, resumed)) is not resumed:
         resumed, which = newer, "best"
     _check_not_finished(run, resumed, config)

@@ -130,6 +130,9 @@ def test_a_checkpoint_slimmed_to_its_weights_evaluates_but_does_not_resume(tiny)
     save_checkpoint(run.checkpoint("last"), {**ckpt, "format_version": "1"})
     with pytest.raises(CheckpointError, match="has format_version '1'; expected an integer"):
         load_checkpoint(run.checkpoint("last"))
+    save_checkpoint(run.checkpoint("last"), {**ckpt, "epoch": "1", "history": None})
+    with pytest.raises(CheckpointError, match=r"damaged training state \(epoch is a str, history is a NoneType;"):
+        fit(arch="unet", run_name="slim", resume=True, **{**tiny, "epochs": 2})
 
 
 def test_a_kill_between_the_best_and_last_writes_resumes_from_best(tiny, capsys):
@@ -724,6 +727,11 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
+    # safe to unpickle, but its weights are not a state_dict: named, not an AttributeError later
+    for weights, kind in (({"w": 1}, "dict"), (torch.zeros(2), "Tensor"), (None, "NoneType")):
+        torch.save({"arch": "unet", "model": weights, "format_version": 1}, path)
+        with pytest.raises(CheckpointError, match=rf"{path}.*'model' is a {kind}, not a dict of named tensors"):
+            load_checkpoint(path)
 
 
 # --------------------------------------------------------------------------- processes
