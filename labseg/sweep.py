@@ -110,10 +110,11 @@ def check_points(points: list[dict]) -> None:
     that only training finds (a missing dataset, a diverging run) still fail their point alone.
     """
     from labseg.config import RunConfig
+    from labseg.workbook import train_notebook_defaults
 
-    bad = []
+    bad, defaults = [], train_notebook_defaults()      # what 04_train runs a point with where it says nothing
     for params in points:
-        fields = {**{k: v for k, v in params.items() if k != "extra"}, **(params.get("extra") or {})}
+        fields = {**defaults, **{k: v for k, v in params.items() if k != "extra"}, **(params.get("extra") or {})}
         try:
             RunConfig.from_dict(fields).with_recipe().validate()
         except (ValueError, TypeError) as e:

@@ -10,6 +10,7 @@ Where runs and the report go: the notebooks' ``output_dir`` / ``report_dir`` par
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -94,6 +95,25 @@ def run_notebook(name: str, output: str | Path, params: dict | None = None, *, p
     return output
 
 
+@functools.lru_cache(maxsize=None)
+def _train_notebook_parameters() -> tuple:
+    import ast
+
+    import papermill as pm
+
+    found = pm.inspect_notebook(str(notebook_path("04_train")))
+    return tuple((k, ast.literal_eval(v["default"])) for k, v in found.items())
+
+
+def train_notebook_defaults() -> dict:
+    """The RunConfig values of 04_train's parameters cell (papermill reads it): what a run through
+    the notebook (a sweep point) has where it says nothing. They differ from ``labseg train``'s
+    (unet at 64 px for 2 epochs, not the recipe's resnet34_unet at 128 px), and a None there is
+    the recipe's value."""
+    return {k: v for k, v in _train_notebook_parameters()
+            if v is not None and k not in ("extra", "output_dir", "run_name", "resume")}
+
+
 def _clean_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", text)
 
@@ -103,8 +123,8 @@ def default_run_name(params: dict) -> str:
     from labseg.config import RunConfig
     from labseg.runs import run_name_for
 
-    known = {k: v for k, v in params.items()
-             if k in TRAIN_PARAMS and k not in ("extra", "output_dir", "run_name", "resume")}
+    known = {**train_notebook_defaults(), **{k: v for k, v in params.items()
+                                             if k in TRAIN_PARAMS and k not in ("extra", "output_dir", "run_name", "resume")}}
     try:
         return run_name_for(RunConfig(**known, **(params.get("extra") or {})).with_recipe())
     except Exception:                      # an invalid value: the notebook will say which

@@ -77,6 +77,19 @@ def test_invalid_points_stop_the_sweep_before_any_run(tmp_path):
         run_sweep({"arch": ["unet"], "ephocs": [1]}, output_dir=tmp_path / "runs", progress=False)
 
 
+def test_points_are_checked_with_the_values_04_train_runs_them_with():
+    """A point that leaves arch out trains 04_train's unet, not labseg train's resnet34_unet: a unet
+    option passes, a resnet34_unet one is refused before any run, naming unet."""
+    from labseg.sweep import check_points
+    from labseg.workbook import default_run_name, train_notebook_defaults
+
+    assert train_notebook_defaults()["arch"] == "unet" and train_notebook_defaults()["img_size"] == 64
+    check_points(expand(parse_sets(["norm=none", "epochs=1"])))
+    with pytest.raises(SweepError, match=r"decoder_attention='scse' is for resnet34_unet; unet has no such option"):
+        check_points(expand(parse_sets(["decoder_attention=scse", "epochs=1"])))
+    assert default_run_name({"epochs": 1}).startswith("sample-unet-64px")
+
+
 def test_a_key_set_twice_is_refused():
     with pytest.raises(SweepError, match="--set img_size is given twice; give its values once"):
         parse_sets(["img_size=32", "img_size=64"])
