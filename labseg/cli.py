@@ -162,10 +162,13 @@ def cmd_prepare(args) -> int:
         t = time.perf_counter()
         write_synthetic_dataset(data, seed=args.seed)
         print(f"labseg: synthetic sample in {data} ({time.perf_counter() - t:.1f} s)")
+    # a folder typed in a shell starts where it is, as train's --cache-dir does; the default is the project's
+    cache_dir = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else "data/cache"
     for size in args.img_size:
         for split in ("trainval", "test"):
-            cached = load_split(data, split, size, args.cache_dir)
-            print(f"labseg: {split} @{size}px: {len(cached)} images cached, {len(cached.skipped)} skipped")
+            cached = load_split(data, split, size, cache_dir)
+            print(f"labseg: {split} @{size}px: {len(cached)} images cached in {Path(cached.images.filename).parent}, "
+                  f"{len(cached.skipped)} skipped")
     return 0
 
 
@@ -287,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder (default: the synthetic sample in data/sample)")
     p.add_argument("--synthetic", action="store_true", help="(re)write the synthetic sample into --data")
     p.add_argument("--img-size", type=int, nargs="+", default=[128], help="sizes to cache (default: 128)")
-    p.add_argument("--cache-dir", default="data/cache", help="cache folder (default: data/cache)")
+    p.add_argument("--cache-dir", help="cache folder (default: data/cache in the project)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sample")
     p.set_defaults(func=cmd_prepare)
 

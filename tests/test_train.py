@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import labseg.cli
 import labseg.data
 import labseg.runs
 from labseg.config import PROJECT_ROOT, UNTIL_BUDGET, ConfigError, RunConfig
@@ -952,6 +953,22 @@ def test_cli_finds_runs_through_labseg_runs_dir_as_the_notebooks_do(tiny, tmp_pa
     assert out.returncode == 0 and f"(predicted by {runs / 'env-run' / 'last.pt'})" in out.stdout, out.stderr
     out = _main(capsys, "report")
     assert out.returncode == 0 and "env-run" in (tmp_path / "report" / "report.md").read_text(), out.stderr
+
+
+def test_prepare_takes_a_typed_cache_dir_from_the_shell_as_train_does(synthetic_root, tmp_path, capsys,
+                                                                     monkeypatch):
+    """prepare once read --cache-dir from the project root and train from the shell's folder, so
+    train decoded the whole dataset again into a second cache."""
+    monkeypatch.chdir(tmp_path)
+    out = _main(capsys, "prepare", "--data", str(synthetic_root), "--img-size", "32", "--cache-dir", "mycache")
+    assert out.returncode == 0, out.stderr
+    folders = sorted(p.name for p in (tmp_path / "mycache").iterdir())
+    assert len(folders) == 2 and all(f"in {tmp_path / 'mycache' / name}" in out.stdout for name in folders)
+    config = labseg.cli.config_from_args(labseg.cli.build_parser().parse_args(
+        ["train", "--data", str(synthetic_root), "--cache-dir", "mycache", "--img-size", "32"]))
+    trainval = load_split(config.data_dir, "trainval", 32, config.cache_dir, progress=False)
+    assert Path(trainval.images.filename).parent.parent == tmp_path / "mycache"     # the same cache, not rebuilt
+    assert sorted(p.name for p in (tmp_path / "mycache").iterdir()) == folders
 
 
 def test_cli_other_commands_name_what_is_wrong(tmp_path, capsys):
