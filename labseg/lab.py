@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     browser.add_argument("--no-browser", dest="browser", action="store_false")
     args, extra = parser.parse_known_args(argv)
     try:
+        root = Path(args.root).expanduser()
+        if not root.is_dir():       # JupyterLab would say so only after the login URL was printed
+            raise LabError(f"--root {root.resolve()} is not a folder; give the folder to serve "
+                           "(default: the project's notebooks/)")
         check_kernel()
         port = free_port(args.port)
     except LabError as e:

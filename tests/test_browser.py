@@ -480,6 +480,15 @@ def test_make_lab_prints_its_url_and_serves_the_labseg_kernel_on_loopback(tmp_pa
         _stop_server(proc, tmp_path / "rt")
 
 
+def test_lab_with_a_root_that_is_not_a_folder_says_so_before_any_url(tmp_path):
+    from labseg.lab import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--root", str(tmp_path / "nowhere"), "--port", "0", "--no-browser"])
+    assert str(exited.value) == (f"labseg lab: --root {tmp_path / 'nowhere'} is not a folder; give the folder "
+                                 "to serve (default: the project's notebooks/)")
+
+
 @pytest.mark.browser
 def test_01_data_dataset_browser_in_jupyterlab(browser, lab, screenshots):
     result = check_dataset_browser(browser, lab, "01_data.ipynb", screenshots)
