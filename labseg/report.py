@@ -5,7 +5,7 @@ Everything here is read from the run records (``config.json``, ``summary.json``,
 
     collect_runs(output_dir)      one row per run: parameters × metrics × status
     best_per_arch(table)          the best finished run of each network
-    plot_curves(output_dir)       validation curves of every run, the best per network bold
+    plot_curves(output_dir)       validation curves of the runs on one dataset, the best per network bold
     plot_best(table)              best validation/test Dice per network
     write_report(output_dir, report_dir)  report.md + PNGs, each written atomically
 """
@@ -199,11 +199,19 @@ def load_histories(output_dir: str | Path = "outputs/runs") -> dict[str, list[di
     return histories
 
 
-def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str = "valid_dice") -> Figure:
-    """Validation ``metric`` and valid loss per epoch of every run; the best run of each network bold."""
+def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str = "valid_dice",
+                dataset: str | None = None) -> Figure:
+    """Validation ``metric`` and valid loss per epoch of the runs on one dataset, the best run of
+    each network bold: ``dataset`` (a data folder's name), by default :func:`best_per_arch`'s, the
+    data of the run that finished last. Curves on other data do not compare, and a Dice on the
+    synthetic sample drawn bold over real-photo runs read as the best of them."""
     table = collect_runs(output_dir) if table is None else table
     histories = load_histories(output_dir)
-    best = set(best_per_arch(table)["run"]) if len(table) else set()
+    best_rows = best_per_arch(table, dataset=dataset) if len(table) else None
+    best = set(best_rows["run"]) if best_rows is not None else set()
+    on = curves_dataset(table, dataset)
+    if on is not None:
+        table = table[table["data_path"] == on[1]] if dataset is None else table[table["dataset"] == dataset]
     fig = Figure(figsize=(11, 3.8), layout="constrained")
     ax_m, ax_l = fig.subplots(1, 2)
     for _, row in table.iterrows():
@@ -220,12 +228,16 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
                  else row["run"] if len(table) <= MAX_LABELLED_RUNS else None)
         ax_m.plot(epochs, [h[metric] for h in history], label=label, **style)
         ax_l.plot(epochs, [h["valid_loss"] for h in history], **style)
-    ax_m.set(xlabel="epoch", ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} of every run",
+    where = f" on {on[0]}" if on is not None else ""
+    ax_m.set(xlabel="epoch", ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} of every run{where}",
              ylim=(0, 1))
     # Log scale: a from-scratch run's first epochs can have a valid loss 100x the final one.
+    losses = [y for line in ax_l.lines for y in line.get_ydata() if y > 0]
+    if losses and min(losses) == max(losses):    # one value (one run, one epoch): a decade around it
+        ax_l.set_ylim(min(losses) / 3, min(losses) * 3)
     ax_l.set(xlabel="epoch", ylabel="valid loss (log scale)", title="valid loss (thin: other runs)",
              yscale="log")
-    last_epoch = max((h["epoch"] for hs in histories.values() for h in hs), default=1)
+    last_epoch = max((h["epoch"] for run in table["run"] for h in histories.get(run) or []), default=1)
     for ax in (ax_m, ax_l):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -238,6 +250,17 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
     if not ax_m.lines:
         _say_empty(ax_m, "no run has finished an epoch yet")
     return fig
+
+
+def curves_dataset(table, dataset: str | None = None) -> tuple[str, str] | None:
+    """(name, folder) of the data :func:`plot_curves` draws when the runs are on more than one
+    dataset: ``dataset``, or that of the best runs (the latest run's); None when there is one."""
+    if not len(table) or table["data_path"].nunique(dropna=True) <= 1:
+        return None
+    if dataset is not None:
+        return dataset, dataset
+    best = best_per_arch(table)
+    return (best["dataset"].iloc[0], best["data_path"].iloc[0]) if len(best) else None
 
 
 def _say_empty(ax, text: str) -> None:
@@ -365,6 +388,8 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
     best = best_per_arch(table)
     curves = plot_curves(output_dir, table)
     has_curves = bool(curves.axes[0].lines)
+    on = curves_dataset(table)
+    curves_on = f" on `{on[0]}` (runs on other data are left out: their curves do not compare)" if on else ""
     # A chart with nothing to show is not written, and one left from an earlier report removed.
     for name, fig, drawn in (("curves.png", curves, has_curves),
                              ("best_per_network.png", plot_best(table) if len(best) else None, len(best))):
@@ -397,7 +422,7 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
         *(["![best run per network](best_per_network.png)", ""] if len(best) else []),
         "## Learning curves",
         "",
-        "Validation Dice and loss per epoch of every run; the best run of each network is drawn bold."
+        (f"Validation Dice and loss per epoch of every run{curves_on}; the best run of each network is drawn bold.")
         if has_curves else "_No run has finished an epoch yet._",
         "",
         *(["![learning curves](curves.png)", ""] if has_curves else []),

@@ -321,6 +321,12 @@ def test_best_per_network_compares_runs_of_one_dataset(tmp_path):
     assert best_per_arch(table, dataset="photos").loc["unet", "run"] == "photos"
     text = write_report(runs, tmp_path / "report").read_text()
     assert "On `sample`, the dataset of the run that finished last" in text
+    # the curves too: only the sample's runs, the latest data's best bold, and both say so
+    assert "of every run on `sample` (runs on other data are left out" in text
+    fig = plot_curves(runs)
+    assert sorted(line.get_label() for line in fig.axes[0].lines) == ["sample-new (best unet)", "sample-old"]
+    assert fig.axes[0].get_title() == "valid dice of every run on sample"
+    assert {line.get_label() for line in plot_curves(runs, dataset="photos").axes[0].lines} == {"photos (best unet)"}
     ranking = [line.split(" | ")[0].strip("| ") for line in text.split("## All runs")[1].splitlines()
                if line.startswith("| ") and "finished" in line]
     assert ranking == ["photos", "sample-new", "sample-old"]       # by dataset, then best valid Dice first
