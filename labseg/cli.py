@@ -209,7 +209,7 @@ def cmd_evaluate(args) -> int:
     runs = runs_folder(args.output_dir)
     run = RunDir.open(args.run, runs) if args.run else best_run(runs)
     if not args.run:                    # say which run, and why that one
-        print(f"labseg: no run named: {run.name}, the best valid Dice "
+        print(f"labseg: no RUN given; evaluating {run.name}, the best valid Dice "
               f"({run.read_summary()['best_valid_dice']:.4f}) among the finished runs on "
               f"{Path(run.read_config().data_dir).name} (the latest run's data)")
     result = evaluate_run(run, args.split, which=args.checkpoint, tta=args.tta, tune_threshold=args.tune_threshold,

@@ -387,8 +387,8 @@ class RunDir:
                 print(f"labseg: --overwrite: deleting {lost} in {base}")
             _empty_folder(base)
         if exist == "error" and (base / ".claimed").exists():
-            raise RunExistsError(f"run folder {base} exists; resume it with --resume, start over "
-                                 "with --overwrite, or pick another run name")
+            raise RunExistsError(f"run folder {base} exists; resume it (--resume; resume=True in fit and "
+                                 "04_train), start over (--overwrite; overwrite=True), or pick another run name")
         path = _unique_folder(base)
         if path != base:
             print(f"labseg: run folder {base} exists; this run writes to {path} "

@@ -26,7 +26,8 @@ NOTEBOOKS = ("01_data", "02_unet", "03_resnet34_unet", "04_train", "05_evaluate"
 # Parameters of 04_train's `parameters` cell; any other RunConfig field goes through `extra`.
 TRAIN_PARAMS = ("arch", "data_dir", "img_size", "epochs", "batch_size", "lr", "optimizer", "scheduler", "loss",
                 "augment", "seed", "run_name", "device", "time_budget", "max_train_images", "output_dir", "extra",
-                "resume")
+                "resume", "overwrite")
+NOT_CONFIG = ("extra", "output_dir", "run_name", "resume", "overwrite")     # the rest are RunConfig fields
 
 
 class NotebookFailed(RuntimeError):
@@ -111,7 +112,7 @@ def train_notebook_defaults() -> dict:
     (unet at 64 px for 2 epochs, not the recipe's resnet34_unet at 128 px), and a None there is
     the recipe's value."""
     return {k: v for k, v in _train_notebook_parameters()
-            if v is not None and k not in ("extra", "output_dir", "run_name", "resume")}
+            if v is not None and k not in NOT_CONFIG}
 
 
 def _clean_name(text: str) -> str:
@@ -124,7 +125,7 @@ def default_run_name(params: dict) -> str:
     from labseg.runs import run_name_for
 
     known = {**train_notebook_defaults(), **{k: v for k, v in params.items()
-                                             if k in TRAIN_PARAMS and k not in ("extra", "output_dir", "run_name", "resume")}}
+                                             if k in TRAIN_PARAMS and k not in NOT_CONFIG}}
     try:
         return run_name_for(RunConfig(**known, **(params.get("extra") or {})).with_recipe())
     except Exception:                      # an invalid value: the notebook will say which

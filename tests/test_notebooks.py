@@ -56,3 +56,18 @@ def test_train_notebook_rejects_a_bad_config_in_its_first_cells(tmp_path, params
     failing = [i for i, c in enumerate(code) if any(o.output_type == "error" for o in c.outputs)]
     assert failing and "config = RunConfig.from_dict(" in code[failing[0]].source   # the config cell, before training
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_notebook_overwrites_a_run_of_its_name_when_asked(tmp_path, synthetic_root):
+    """The error for a name in use says overwrite=True; 04_train has that parameter, and it replaces
+    the run while the executed notebooks in its folder stay."""
+    runs = tmp_path / "runs"
+    params = {"data_dir": str(synthetic_root), "img_size": 32, "epochs": 1, "max_train_images": 4,
+              "run_name": "same", "output_dir": str(runs), "extra": {"cache_dir": str(tmp_path / "cache")}}
+    run_notebook("04_train", runs / "same" / "04_train.ipynb", params, progress=False)
+    first = (runs / "same" / "summary.json").stat().st_mtime_ns
+    with pytest.raises(NotebookFailed, match=r"RunExistsError.*overwrite=True"):
+        run_notebook("04_train", runs / "same" / "04_train-again.ipynb", params, progress=False)
+    run_notebook("04_train", runs / "same" / "04_train-over.ipynb", {**params, "overwrite": True}, progress=False)
+    assert (runs / "same" / "summary.json").stat().st_mtime_ns != first
+    assert (runs / "same" / "04_train.ipynb").is_file() and (runs / "same" / "04_train-over.ipynb").is_file()

@@ -226,7 +226,7 @@ def test_same_run_name_never_shares_a_folder(tiny, capsys):
     # A name given is that run's: refused rather than moved to NAME-2, where a notebook written
     # into NAME (papermill) would describe another run.
     fit(arch="resnet34_unet", run_name="same", **tiny)
-    with pytest.raises(labseg.runs.RunExistsError, match="same exists; resume it with --resume, start over"):
+    with pytest.raises(labseg.runs.RunExistsError, match=r"same exists; resume it \(--resume; resume=True in fit and 04_train\), start over \(--overwrite; overwrite=True\)"):
         fit(arch="resnet34_unet", run_name="same", **tiny)
     (a.path.parent / "same" / "eval_test.json").write_text("{}")
     capsys.readouterr()
@@ -910,7 +910,7 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys, mon
     assert "p last.pt on test" in out.stdout
     out = _main(capsys, "evaluate", *runs)                  # no run named: which one, and why
     dice = run.read_summary()["best_valid_dice"]
-    assert f"labseg: no run named: p, the best valid Dice ({dice:.4f}) among the finished runs on " in out.stdout
+    assert f"labseg: no RUN given; evaluating p, the best valid Dice ({dice:.4f}) among the finished runs on " in out.stdout
     (run.path / "last.pt").rename(run.path / "kept.pt")     # a missing checkpoint: what to do next
     out = _main(capsys, "evaluate", "p", *runs)
     assert out.returncode == 2 and "last.pt does not exist; best.pt is there: use it with --checkpoint best" in out.stderr
@@ -947,7 +947,7 @@ def test_cli_finds_runs_through_labseg_runs_dir_as_the_notebooks_do(tiny, tmp_pa
     out = _main(capsys, "evaluate", "env-run")
     assert out.returncode == 0 and "env-run last.pt on test" in out.stdout, out.stderr
     out = _main(capsys, "evaluate")                         # no run named: the best of those there
-    assert out.returncode == 0 and "labseg: no run named: env-run" in out.stdout, out.stderr
+    assert out.returncode == 0 and "labseg: no RUN given; evaluating env-run" in out.stdout, out.stderr
     image = sorted((Path(tiny["data_dir"]) / "images").glob("*.jpg"))[0]
     out = _main(capsys, "predict", "env-run", str(image), "--out", str(tmp_path / "pred"))
     assert out.returncode == 0 and f"(predicted by {runs / 'env-run' / 'last.pt'})" in out.stdout, out.stderr
