@@ -199,11 +199,23 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
+        # The CPU's own bf16 instructions, not oneDNN's "can run bf16" (torch.ops.mkldnn.
+        # _is_mkldnn_bf16_supported), which says yes on any AVX512 CPU: there bf16 is emulated,
+        # a resnet34_unet step 1.83 s against fp32's 1.45 s (oneDNN capped at AVX512_CORE).
         try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        except (AttributeError, RuntimeError):         # private torch API gone: ask the kernel
+            return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
     return False
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux); empty where /proc/cpuinfo cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
 def _amp_dtype(config: RunConfig, device: torch.device):

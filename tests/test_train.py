@@ -1030,6 +1030,28 @@ def test_every_runs_folder_option_is_also_runs_dir():
         assert args.output_dir == "elsewhere", name
 
 
+@pytest.mark.parametrize("avx512_bf16,amx,expected", [(False, False, False), (True, False, True), (False, True, True)])
+def test_cpu_bf16_is_on_only_with_the_cpus_own_bf16_instructions(monkeypatch, avx512_bf16, amx, expected):
+    """oneDNN says it can run bf16 on any AVX512 CPU, where it is emulated and slower than fp32:
+    the default turns autocast on only with AVX512-BF16 or AMX, whatever oneDNN says."""
+    import labseg.train
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert labseg.train.native_bf16(torch.device("cpu")) is expected
+    assert (labseg.train._amp_dtype(RunConfig(), torch.device("cpu")) is torch.bfloat16) is expected
+
+
+def test_cpu_flags_fall_back_to_proc_cpuinfo(monkeypatch):
+    import labseg.train
+
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    flags = labseg.train._cpu_flags()
+    assert labseg.train.native_bf16(torch.device("cpu")) is bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert "fpu" in flags or not Path("/proc/cpuinfo").is_file()
+
+
 def test_download_fails_fast_offline(tmp_path, monkeypatch):
     from torchvision.datasets import OxfordIIITPet
 
