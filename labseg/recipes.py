@@ -12,11 +12,12 @@ _COMMON = dict(
     warmup_epochs=1.0,    # avoids the early BatchNorm/Adam blow-ups of from-scratch training
     weight_decay=1e-4,    # 0.05: best.pt -0.011 at batch 16, +0.003 at batch 8; last.pt the other way round
     loss="bce_dice",      # BCE for stable gradients + Dice for the metric; BCE+Lovász 0.836/0.857 vs 0.839/0.858
-    augment="light",      # flips, affine, scale-crop, jitter; r34: "flip" 0.811, "strong" 0.813-0.842, "color" 0.831
+    augment="light",      # flips, affine, scale-crop, jitter; r34: "flip" 0.811, "color" 0.831, "strong" 0.813-0.842
+                          # (rounds 1-2), 0.861/0.859 vs 0.857/0.859 (round 12), 0.850/0.863 vs 0.865/0.867 (round 13)
     ema=0.0,              # EMA 0.995 (+ strong aug.) did not raise test Dice under the budget (0.842)
     swa=0.0,              # from 0.75: test 0.851, its own raw last epoch 0.851, the default's 0.858 (1 seed)
     sam=0.0,              # r34 rho 0.05: best.pt 0.830 vs 0.857, last.pt 0.843 vs 0.859 (2 passes, half the epochs)
-    copy_paste=0.0,       # p = 0.5 lowered test Dice (0.830 vs 0.838) on the 3-breed budget runs
+    copy_paste=0.0,       # p = 0.5 (round 2): best.pt 0.830 vs 0.846, last.pt 0.833 vs 0.848
     mosaic=0.0,           # 2x2 mosaics of half-size samples; on for resnet34_unet (below), unmeasured for unet
     mosaic_until=1.0,     # mosaics to the end of training; resnet34_unet closes them at 0.8 (below)
     mosaic_background=0.0,  # r34 P 0.5: last.pt 0.859/0.856 (seeds 0/1), P 1.0: 0.855, vs 0.856 (round 17)
@@ -48,7 +49,7 @@ RECIPES = {
     ),
     "unet": dict(
         _COMMON,
-        lr=1e-3,
+        lr=1e-3,                # 2e-3 (round 8, seed 0): best.pt 0.811, last.pt 0.814 vs 0.842, 0.839
         batch_size=4,           # ~4 img/s at any batch on a CPU, so 4x batch 16's steps: 0.832/0.811 vs 0.774
         augment="flip",         # unet underfits ~22 epochs: flips 0.842/0.827/0.847 vs light's 0.832/0.811 (rounds 7-8)
         deep_supervision=True,  # best.pt 0.848/0.846/0.845 vs 0.842/0.827/0.847 (seeds 0-2, round 9), same img/s
