@@ -440,11 +440,13 @@ def _prepare_data(data_dir, sizes, tmp: Path, log):
 
 # --------------------------------------------------------------------------- the run
 def _amp_dtype(amp, device: torch.device, note):
+    from labseg.machine import native_bf16
+
     use = amp if amp is not None else device.type == "cuda"
     if not use:
         return None
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if native_bf16(device):
             return torch.bfloat16
         note("amp: bf16 is not supported on this GPU; measuring in fp32")
         return None
@@ -487,9 +489,8 @@ def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="aut
     what the lean decoder saves.
     """
     from labseg.config import pick_device
-    from labseg.machine import cpu_capability, device_name
+    from labseg.machine import channels_last_for, cpu_capability, device_name
     from labseg.models import build_model
-    from labseg.machine import channels_last_for
 
     t_start = time.perf_counter()
     log = log or (lambda msg: None)

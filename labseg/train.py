@@ -32,7 +32,7 @@ from torch import nn
 from labseg.config import PATH_FIELDS, UNTIL_BUDGET, ConfigError, RunConfig, pick_device, resolve_path
 from labseg.data import Batches, balanced_subset, check_layout, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
-from labseg.machine import channels_last_for, describe as describe_machine
+from labseg.machine import channels_last_for, describe as describe_machine, native_bf16
 from labseg.metrics import per_image_dice, per_image_iou
 from labseg.models import build_model, check_installed, count_parameters, model_kwargs
 from labseg.runs import (CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, RunDir, load_checkpoint,
@@ -191,33 +191,6 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 convolutions natively (CUDA with bf16; a CPU with AVX512-BF16 or AMX).
-
-    Without native support, CPU autocast emulates bf16 and is slower than fp32, so it stays off.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        # The CPU's own bf16 instructions, not oneDNN's "can run bf16" (torch.ops.mkldnn.
-        # _is_mkldnn_bf16_supported), which says yes on any AVX512 CPU: there bf16 is emulated,
-        # a resnet34_unet step 1.83 s against fp32's 1.45 s (oneDNN capped at AVX512_CORE).
-        try:
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        except (AttributeError, RuntimeError):         # private torch API gone: ask the kernel
-            return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
-    return False
-
-
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux); empty where /proc/cpuinfo cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-
-
 def _amp_dtype(config: RunConfig, device: torch.device):
     # Default (amp=None): on for CUDA, and on a CPU with native bf16, where it trains ~1.8x faster
     # (resnet34_unet 15.8 -> 28 img/s, unet 2.2 -> 4.5 img/s at 128 px, batch 16; docs/benchmarks.md).
@@ -225,7 +198,7 @@ def _amp_dtype(config: RunConfig, device: torch.device):
     if not use:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return torch.bfloat16
 
 

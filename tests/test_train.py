@@ -1043,11 +1043,24 @@ def test_cpu_bf16_is_on_only_with_the_cpus_own_bf16_instructions(monkeypatch, av
     assert (labseg.train._amp_dtype(RunConfig(), torch.device("cpu")) is torch.bfloat16) is expected
 
 
+@pytest.mark.parametrize("native,expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_a_gpu_without_native_bf16_trains_in_fp16(monkeypatch, native, expected):
+    """torch counts emulated bf16 by default (a T4, a V100): there fp16 with a GradScaler is the
+    faster autocast, so only native bf16 counts."""
+    import labseg.train
+
+    def is_bf16_supported(including_emulation=True):
+        return native or including_emulation
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert labseg.train._amp_dtype(RunConfig(), torch.device("cuda")) is expected
+
+
 def test_cpu_flags_fall_back_to_proc_cpuinfo(monkeypatch):
+    import labseg.machine
     import labseg.train
 
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
-    flags = labseg.train._cpu_flags()
+    flags = labseg.machine._cpu_flags()
     assert labseg.train.native_bf16(torch.device("cpu")) is bool(flags & {"avx512_bf16", "amx_bf16"})
     assert "fpu" in flags or not Path("/proc/cpuinfo").is_file()
 
