@@ -134,9 +134,13 @@ def _sam_ascent(params: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
     """Move the weights by rho along their gradient (SAM, Foret et al. 2021); returns the steps.
 
     The step is rho·g/‖g‖ over all parameters, so a scaled (fp16) gradient gives the same step.
-    Computed on the device: no host sync."""
+    A scaled gradient that overflowed (inf: GradScaler then skips the step) gives no step at all;
+    inf/inf would have put NaN into the weights for good. Computed on the device: no host sync."""
     grads = [p.grad for p in params]
-    steps = torch._foreach_mul(grads, rho / (torch.nn.utils.get_total_norm(grads) + 1e-12))
+    norm = torch.nn.utils.get_total_norm(grads)
+    steps = torch._foreach_mul(grads, rho / (norm + 1e-12))
+    finite = torch.isfinite(norm)
+    steps = [torch.where(finite, s, torch.zeros_like(s)) for s in steps]
     torch._foreach_add_(params, steps)
     return steps
 

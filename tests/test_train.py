@@ -436,6 +436,16 @@ def test_sam_ascent_moves_the_weights_rho_along_the_gradient():
         assert torch.allclose(s, p - b)
 
 
+def test_an_overflowed_scaled_gradient_makes_no_sam_step():
+    """fp16 scaling overflows now and then (GradScaler skips that step); SAM's ascent on it was
+    inf/inf = NaN added to the weights, which the step back could not take out."""
+    params = [torch.tensor([1.0, 2.0, 3.0])]
+    params[0].grad = torch.tensor([1.0, float("inf"), 2.0])
+    steps = _sam_ascent(params, 0.05)
+    torch._foreach_sub_(params, steps)              # as _sam_second_pass steps back
+    assert torch.equal(params[0], torch.tensor([1.0, 2.0, 3.0]))
+
+
 def test_frozen_batchnorm_stats_keep_the_running_statistics():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
     bn = net[1]
