@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageOps
 
 from labseg.config import UMASK, check_choice, resolve_path
+from labseg.transforms import channel_constant
 
 SPLITS = ("trainval", "test", "list")
 SPECIES = {1: "cat", 2: "dog"}
@@ -537,15 +538,11 @@ def read_records_quiet(root: Path, split: str) -> list[Record]:
 # --------------------------------------------------------------------------- batches
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] RGB batch -> ImageNet-normalised batch."""
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - channel_constant(MEAN, x.device, x.dtype)) / channel_constant(STD, x.device, x.dtype)
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * std + mean).clamp(0, 1)
+    return (x * channel_constant(STD, x.device, x.dtype) + channel_constant(MEAN, x.device, x.dtype)).clamp(0, 1)
 
 
 @dataclass

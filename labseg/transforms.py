@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 
@@ -36,6 +38,14 @@ def to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None =
     if x.device.type == "cpu" and torch.device(device).type == "cuda":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def channel_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``values`` as a 1×C×1×1 tensor on ``device``, made once per device and dtype: made from
+    Python numbers for every batch, it was a blocking host→GPU copy (a sync) each time. Shared:
+    never modify it in place."""
+    return to_device(torch.tensor(values, dtype=dtype).view(1, -1, 1, 1), device)
 
 
 @dataclass(frozen=True)
@@ -170,8 +180,8 @@ class BatchAugment:
                            generator: torch.Generator | None = None):
         """Images N×3×H×W float in 0..255 → augmented and normalised by ``mean``/``std``."""
         if self.is_identity:
-            m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-            s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+            m = channel_constant(tuple(mean), images.device, images.dtype)
+            s = channel_constant(tuple(std), images.device, images.dtype)
             return (images / 255 - m) / s, labels
         return self._augment(images, labels, generator, scale=1 / 255, mean=mean, std=std)
 

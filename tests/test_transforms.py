@@ -444,3 +444,18 @@ def test_identity_augment_normalized_scales_0_255_to_0_1_then_normalises():
     out, out_labels = BatchAugment("none").augment_normalized(images, labels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     torch.testing.assert_close(out, torch.tensor([-2.0, 0.0, 2.0]).view(1, 1, 1, 3).expand(1, 3, 2, 3))
     assert torch.equal(out_labels, labels)
+
+
+def test_normalize_constants_are_made_once_per_device_and_dtype():
+    """Made from Python numbers for every batch, the mean and std were a blocking host→GPU copy
+    each time (a sync per valid batch); now each is one tensor per device and dtype, same values."""
+    from labseg.data import MEAN, STD, denormalize, normalize
+    from labseg.transforms import channel_constant
+
+    x = torch.rand(2, 3, 4, 4)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize(x), (x - mean) / std)
+    torch.testing.assert_close(denormalize(normalize(x)), x)
+    cpu = torch.device("cpu")
+    assert channel_constant(MEAN, cpu, torch.float32) is channel_constant(MEAN, cpu, torch.float32)
+    assert channel_constant(MEAN, cpu, torch.float64).dtype == torch.float64
