@@ -3,6 +3,9 @@
 #
 #   scripts/gpu_round.sh OUT_DIR [DATA_DIR]
 #
+# DATA_DIR: a dataset in the Oxford-IIIT Pet layout; without it, the synthetic sample, written
+# into the round's scratch folder.
+#
 # Runs, most important first, each stage under a time limit and on to the next if one fails:
 #   env            the GPU, driver, Python and package versions
 #   bench-b32      labseg bench at 256 px, batch 32, bf16 autocast, with the 60-epoch estimate
@@ -33,6 +36,7 @@
 set -uo pipefail
 
 OUT=${1:?usage: scripts/gpu_round.sh OUT_DIR [DATA_DIR]}
+SYNTHETIC=
 DATA=${2:-}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
@@ -66,7 +70,13 @@ if [ "$QUICK" = 1 ]; then   # a rehearsal of every command, in seconds (tests/te
 else
     SIZE=256; EPOCHS=200; TRAIN_BUDGET=150s; SMALL=32; LARGE=64; BENCH_MODE=(--rounds 3); EXTRA_TRAIN=()
 fi
-DATA_ARGS=(); [ -n "$DATA" ] && DATA_ARGS=(--data "$DATA")
+if [ -z "$DATA" ]; then     # none given: the synthetic sample, written here (data/ is not in a checkout)
+    DATA="$RUNS_DIR/sample"
+    "$PYTHON" -c "import sys; from labseg.synthetic import write_synthetic_dataset as w; w(sys.argv[1])" "$DATA" \
+        || { say "error: could not write the synthetic sample to $DATA"; exit 2; }
+    SYNTHETIC=" (the synthetic sample)"
+fi
+DATA_ARGS=(--data "$DATA")
 
 # stage NAME MIN_SECONDS LIMIT_SECONDS FUNCTION ARGS...: run the stage unless less than
 # MIN_SECONDS are left of the deadline; its labseg command runs under `timeout LIMIT` (cut to what
@@ -190,7 +200,7 @@ EOF
     cat "$OUT/env.txt" >>"$LOG"
 }
 
-say "round of ${DEADLINE}s on $DEVICE, ${SIZE} px, data: ${DATA:-synthetic}; stages: $STAGES"
+say "round of ${DEADLINE}s on $DEVICE, ${SIZE} px, data: $DATA${SYNTHETIC:-}; stages: $STAGES"
 stage env            5  60 environment
 stage bench-b32     60 200 bench bench-b32 --batch-size "$SMALL" --epoch-estimate
 stage syncs         30  60 syncs

@@ -88,3 +88,17 @@ def test_a_missing_data_folder_is_refused_by_name(tmp_path):
     proc = run_round(tmp_path / "out", str(tmp_path / "no-such-pets"))
     assert proc.returncode == 2
     assert "no-such-pets is not a folder" in proc.stdout
+
+
+def test_without_a_data_folder_the_round_trains_on_a_synthetic_sample_of_its_own(tmp_path):
+    """DATA_DIR is optional: the round writes the synthetic sample into its scratch folder (a
+    fresh checkout has no data/sample, and `labseg train` fell back to it and failed there)."""
+    out = tmp_path / "out"
+    proc = run_round(out, GPU_ROUND_STAGES="train-r34", GPU_ROUND_DEADLINE="600")
+    log = (out / "log.txt").read_text()
+    assert proc.returncode == 0 and "gpu_round: train-r34: rc 0 after" in log, log[-3000:]
+    assert "/sample (the synthetic sample)" in log
+    (record,) = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    data = Path(record["config"]["data_dir"])
+    assert data.name == "sample" and data.parent.name.startswith("labseg-gpu-round-")
+    assert not list(tmp_path.glob("labseg-gpu-round-*"))       # gone with the round's scratch folder
