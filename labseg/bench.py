@@ -163,9 +163,12 @@ class Candidate:
         _sync(self.device)              # the only sync: after the whole chunk
         return (time.perf_counter() - t0) / k
 
-    def warm_up(self, chunk_s: float, warm2_below_s: float) -> float:
+    def warm_up(self, chunk_s: float, warm2_below_s: float, always_twice: bool = False) -> float:
         t = self.chunk(1)
-        if t < warm2_below_s:           # the first call pays for kernel selection, caches, compiles
+        # The first call pays for kernel selection, caches, compiles: a second one calibrates, unless
+        # the first was long on a CPU. On a GPU, or compiled, the first is long for those very
+        # reasons, and calibrating on it gave 1 iteration a round: a latency, not a throughput.
+        if t < warm2_below_s or always_twice:
             t = min(t, self.chunk(1))   # the faster call: a stall of a busy machine is not the cost
         self.iters = max(1, min(500, int(round(chunk_s / max(t, 1e-6)))))
         return t
@@ -475,14 +478,15 @@ def _paired_ratio(a: Candidate, b: Candidate) -> float:
 
 def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="auto", quick=False,
               amp=None, compile=False, channels_last=None, data_dir=None, include_smp=True, emit=print,
-              *, epoch_estimate=False, decoder_ablation=False, rounds=None, threads=None,
+              *, epoch_estimate=False, decoder_ablation=False, rounds=None, budget_s=None, threads=None,
               log=None) -> list[dict]:
     """Run the benchmark; ``emit`` gets one JSON line per record as it is made. Returns the records.
 
     quick: few rounds and, on a CPU, the models only at the largest size (no ``unet`` above
     128 px, whose train step takes ~20 s there, and no smp channels_last line), under a ~1 minute
     budget. Otherwise: warm-up, up to 5 interleaved rounds (as many as fit ~7.5 minutes, at least
-    2; ``rounds`` insists on a number), medians. ``log`` (e.g. a stderr writer) gets
+    2; ``rounds`` insists on a number; ``budget_s`` sets the time they are cut to fit, warm-up and
+    the steps after the rounds included), medians. ``log`` (e.g. a stderr writer) gets
     progress lines. ``epoch_estimate`` (CUDA only) times one epoch of 3680 images per model/size.
     ``threads`` sets torch's CPU threads for the run (restored afterwards). ``decoder_ablation``
     adds resnet34_unet with a full-resolution fifth decoder block (as smp's Unet has), to measure
@@ -498,6 +502,10 @@ def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="aut
     mode = dict(QUICK if quick else CAREFUL)
     if rounds is not None:      # asked for explicitly: exactly this many rounds, no budget cut
         mode.update(rounds=int(rounds), min_rounds=int(rounds))
+    if budget_s is not None:    # e.g. the time limit a script runs it under: results before the cut
+        if not (isinstance(budget_s, (int, float)) and budget_s > 0):
+            raise ValueError(f"budget_s={budget_s!r}: expected a positive number of seconds")
+        mode["budget_s"] = float(budget_s)
 
     def out(rec: dict) -> dict:
         records.append(rec)
@@ -595,13 +603,17 @@ def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="aut
         log(f"warm-up of {len(cands)} candidates on {dev}")
         warm = {}
         for c in cands:
-            warm[c.key] = t = c.warm_up(mode["chunk_s"], mode["warm2_below_s"])
+            warm[c.key] = t = c.warm_up(mode["chunk_s"], mode["warm2_below_s"],
+                                        always_twice=dev.type == "cuda" or compile)
             log(f"  {c.kind:5s} {c.name:22s} {c.size:4d} px: {t * 1000:9.1f} ms/iter, {c.iters} iter/round")
 
         # ---- as many interleaved rounds as fit the budget (at least min_rounds)
         round_est = sum(c.iters * warm[c.key] for c in cands)
-        memory_est = sum(1.5 * warm[c.key] + 0.5 for c in trains.values())
-        left = mode["budget_s"] - (time.perf_counter() - t_start) - memory_est
+        after_est = sum(1.5 * warm[c.key] + 0.5 for c in trains.values())      # the memory steps
+        if epoch_estimate and dev.type == "cuda":     # and one epoch of each network
+            after_est += sum(EPOCH_IMAGES / batch_size * warm[c.key] for (name, _), c in trains.items()
+                             if name not in REFERENCES)
+        left = mode["budget_s"] - (time.perf_counter() - t_start) - after_est
         n_rounds = max(mode["min_rounds"], min(mode["rounds"], int(left // max(round_est, 1e-9))))
         if n_rounds < mode["rounds"]:
             note(f"{n_rounds} of {mode['rounds']} rounds: one round takes ~{round_est:.0f} s here, and this "
@@ -853,6 +865,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's default, usually the number of cores)")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved timing rounds (default: 5, or 2 with --quick)")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="seconds the whole bench should take: the rounds are cut to fit, at least 2 "
+                        "(default: ~450, ~50 with --quick; a script's time limit, so that it ends with results)")
     p.add_argument("--decoder-ablation", action="store_true",
                    help=f"also measure {FULL}: resnet34_unet with a fifth decoder block at full "
                         "resolution (as smp's Unet has), to show what the lean decoder saves")
@@ -906,7 +921,7 @@ def cmd_bench(args) -> int:
                             compile=args.compile, channels_last=args.channels_last,
                             data_dir=str(data_dir) if data_dir else None, include_smp=args.smp, emit=emit,
                             epoch_estimate=args.epoch_estimate, decoder_ablation=args.decoder_ablation,
-                            rounds=args.rounds,
+                            rounds=args.rounds, budget_s=args.budget,
                             threads=args.threads, log=log)
     except (ValueError, ConfigError) as e:
         print(f"labseg bench: error: {e}", file=sys.stderr)

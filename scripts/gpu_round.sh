@@ -68,7 +68,7 @@ if [ "$QUICK" = 1 ]; then   # a rehearsal of every command, in seconds (tests/te
     SIZE=32; EPOCHS=1; TRAIN_BUDGET=60s; SMALL=2; LARGE=4; BENCH_MODE=(--quick --rounds 1)
     EXTRA_TRAIN=(--max-train-images 8)
 else
-    SIZE=256; EPOCHS=200; TRAIN_BUDGET=150s; SMALL=32; LARGE=64; BENCH_MODE=(--rounds 3); EXTRA_TRAIN=()
+    SIZE=256; EPOCHS=200; TRAIN_BUDGET=150s; SMALL=32; LARGE=64; BENCH_MODE=(); EXTRA_TRAIN=()
 fi
 if [ -z "$DATA" ]; then     # none given: the synthetic sample, written here (data/ is not in a checkout)
     DATA="$RUNS_DIR/sample"
@@ -103,7 +103,10 @@ limited() { timeout --signal=INT --kill-after=20 "$LIMIT" "$@"; }
 
 bench() {   # bench STAGE_NAME ARGS...: JSON records to bench.jsonl, tagged with the stage; the table to the log
     local tag=$1; shift
-    limited "$PYTHON" -m labseg.cli bench --device "$DEVICE" --sizes "$SIZE" "${BENCH_MODE[@]}" "${DATA_ARGS[@]}" "$@" \
+    # --budget: two thirds of the stage's limit, so that the bench cuts its rounds (up to 5, at
+    # least 2) and writes its records before `timeout` would stop it with none
+    limited "$PYTHON" -m labseg.cli bench --device "$DEVICE" --sizes "$SIZE" --budget $((LIMIT * 2 / 3)) \
+        "${BENCH_MODE[@]}" "${DATA_ARGS[@]}" "$@" \
         | "$PYTHON" -c 'import json, sys
 out = open(sys.argv[2], "a")
 for line in sys.stdin:

@@ -135,13 +135,14 @@ def test_cli_parser_accepts_the_flags():
         "bench", "--quick", "--device", "cpu", "--batch-size", "4", "--sizes", "128,256", "--models",
         "resnet34_unet", "unet", "--amp", "--compile", "--no-channels-last", "--epoch-estimate",
         "--json-only", "--data", "some/dir", "--rounds", "3", "--threads", "1", "--no-smp",
-        "--decoder-ablation"])
+        "--decoder-ablation", "--budget", "90"])
     assert args.func is bench.cmd_bench
     assert args.quick and args.amp is True and args.compile and args.channels_last is False
     assert args.epoch_estimate and args.json_only and not args.smp and args.decoder_ablation
     assert bench._flat(args.sizes) == [128, 256]
     assert bench._flat(args.models) == ["resnet34_unet", "unet"]
     assert (args.batch_size, args.rounds, args.threads, args.data, args.device) == (4, 3, 1, "some/dir", "cpu")
+    assert args.budget == 90
 
     defaults = parser.parse_args(["bench"])
     assert defaults.amp is None and defaults.channels_last is None and defaults.smp is True
@@ -172,3 +173,43 @@ def test_module_parser_has_help(capsys):
         bench.build_parser().parse_args(["--help"])
     assert e.value.code == 0
     assert "--epoch-estimate" in capsys.readouterr().out
+
+
+class _SlowFirstCall(bench.Candidate):
+    """A candidate whose first call is slow (a GPU's kernel selection, a compile), the rest fast."""
+
+    kind = "test"
+
+    def __init__(self):
+        super().__init__("slow-first", 32, torch.device("cpu"))
+        self.calls = 0
+
+    def run(self, k):
+        import time
+
+        for _ in range(k):
+            time.sleep(0.6 if self.calls == 0 else 0.01)
+            self.calls += 1
+
+
+def test_a_slow_first_call_on_a_gpu_or_compiled_is_not_what_calibrates_the_rounds():
+    once = _SlowFirstCall()
+    once.warm_up(chunk_s=0.5, warm2_below_s=0.1)                      # a CPU: the long call stands
+    assert once.iters == 1 and once.calls == 1
+    twice = _SlowFirstCall()
+    twice.warm_up(chunk_s=0.5, warm2_below_s=0.1, always_twice=True)  # GPU or compile: calibrated on the 2nd
+    assert twice.calls == 2 and twice.iters >= 10
+
+
+def test_a_budget_cuts_the_rounds_to_fit_and_still_ends_with_results(tiny_data, monkeypatch):
+    monkeypatch.setitem(bench.CAREFUL, "chunk_s", 0.02)        # short chunks: the rule, not the timing
+    lines = []
+    records = bench.run_bench(models=("resnet34_unet",), sizes=(64,), batch_size=2, device="cpu",
+                              budget_s=0.5, data_dir=str(tiny_data), include_smp=False, emit=lines.append,
+                              threads=1)
+    trains = [r for r in records if r["kind"] == "train"]
+    assert trains and all(r["rounds"] == bench.CAREFUL["min_rounds"] for r in trains)
+    assert any(r["kind"] == "note" and "2 of 5 rounds" in r["message"] for r in records)
+    assert records[-1]["kind"] == "done"
+    with pytest.raises(ValueError, match="budget_s=0: expected a positive number of seconds"):
+        bench.run_bench(budget_s=0, emit=lambda line: None)
