@@ -35,6 +35,21 @@ def test_flip_tta_of_a_mirror_symmetric_network_is_its_plain_prediction():
     torch.testing.assert_close(tta.float(), plain.float(), atol=1e-3, rtol=0)   # float16 outputs
 
 
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror_mirrored_back():
+    """A 1×3 kernel that is not mirror-symmetric: TTA must differ from the plain prediction, and be
+    the mean of the two logits (the mirrored one mirrored back) through the sigmoid."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 1, (1, 3), padding=(0, 1))
+    batches = Batches(_split(np.zeros((3, 4, 6)), ["a", "a", "b"], ["cat", "cat", "dog"]), batch_size=2)
+    x = torch.cat([b.image for b in batches])
+    with torch.no_grad():
+        expected = torch.sigmoid((model(x) + model(x.flip(-1)).flip(-1)) / 2)
+        plain = torch.sigmoid(model(x))
+    tta = predict_probs(model, batches, tta=True).float()
+    torch.testing.assert_close(tta, expected, atol=1e-3, rtol=0)       # float16 outputs
+    assert (tta - plain).abs().max() > 0.01
+
+
 # --------------------------------------------------------------------------- per breed
 def test_per_breed_and_species_scores_are_means_of_their_images():
     """Three 1×4 images, breed a (cat) twice and b (dog) once, Dice and IoU by hand:

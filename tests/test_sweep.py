@@ -42,7 +42,6 @@ def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root
     grid = {"data_dir": [str(synthetic_root), str(missing)], "arch": ["unet"], "epochs": [1], "img_size": [32],
             "max_train_images": [4], "batch_size": [4], "cache_dir": [str(tmp_path / "cache")]}
     runs = tmp_path / "runs"
-    t = time.perf_counter()
     results = run_sweep(grid, output_dir=runs, progress=False)
     by_data = {r["data_dir"]: r for r in results}
     good, failed = by_data[str(synthetic_root)], by_data[str(missing)]
@@ -60,7 +59,6 @@ def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root
     again = run_sweep({**grid, "arch": ["unet"]}, output_dir=runs, progress=False)
     assert again[0]["status"].startswith("done before")
     assert (ok / "summary.json").stat().st_mtime_ns == mtime
-    assert time.perf_counter() - t < 120
 
 
 def test_invalid_points_stop_the_sweep_before_any_run(tmp_path):

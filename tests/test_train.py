@@ -1065,14 +1065,18 @@ def test_a_gpu_without_native_bf16_trains_in_fp16(monkeypatch, native, expected)
     assert labseg.train._amp_dtype(RunConfig(), torch.device("cuda")) is expected
 
 
-def test_cpu_flags_fall_back_to_proc_cpuinfo(monkeypatch):
+@pytest.mark.parametrize("flags,expected", [("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True),
+                                            ("fpu amx_tile amx_bf16", True)])
+def test_without_torchs_cpu_probes_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path, flags, expected):
     import labseg.machine
-    import labseg.train
 
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
-    flags = labseg.machine._cpu_flags()
-    assert labseg.train.native_bf16(torch.device("cpu")) is bool(flags & {"avx512_bf16", "amx_bf16"})
-    assert "fpu" in flags or not Path("/proc/cpuinfo").is_file()
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    read = labseg.machine._cpu_flags
+    assert read(cpuinfo) == set(flags.split()) and read(tmp_path / "missing") == set()
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")        # a torch without the probe
+    monkeypatch.setattr(labseg.machine, "_cpu_flags", lambda: read(cpuinfo))    # "this CPU": the file above
+    assert labseg.machine.native_bf16(torch.device("cpu")) is expected
 
 
 def test_download_fails_fast_offline(tmp_path, monkeypatch):

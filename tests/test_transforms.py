@@ -389,6 +389,20 @@ def test_contrast_keeps_each_uniform_image_as_it_is():
     torch.testing.assert_close(out, images, atol=1e-5, rtol=0)
 
 
+def test_contrast_scales_each_image_about_its_own_mean():
+    """Two-tone gray images: contrast c gives (x − m)·c + m, one c per image drawn in [0.5, 1.5]:
+    the mean stays, the distance of every pixel from it scales by that c, and the c differ."""
+    images = torch.full((4, 3, H, W), 0.4)
+    images[..., W // 2:] = 0.6                             # m = 0.5; (x − m)·1.5 stays in [0, 1]
+    out, _ = with_params(AugmentParams(hflip=0.0, contrast=0.5))(images, labels_batch(4), generator=gen(3))
+    m = images.mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(out.mean(dim=(1, 2, 3), keepdim=True), m, atol=1e-4, rtol=0)
+    c = (out - m) / (images - m)                           # the factor at every pixel
+    per_image = c.flatten(1).median(dim=1).values
+    torch.testing.assert_close(c, per_image.view(4, 1, 1, 1).expand_as(c), atol=1e-3, rtol=0)
+    assert ((per_image >= 0.5) & (per_image <= 1.5)).all() and (per_image - 1).abs().max() > 0.05
+
+
 def test_contrast_after_brightness_keeps_a_uniform_image_as_brightness_made_it():
     """brightness b then contrast c on a uniform image v: b·v, then (b·v − b·v)·c + b·v = b·v.
 
