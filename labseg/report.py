@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+from matplotlib.ticker import FixedLocator, FormatStrFormatter, MaxNLocator
 
 from labseg.config import UNTIL_BUDGET, _is_number, resolve_path
 from labseg.evaluate import eval_file
@@ -240,8 +240,10 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
     last_epoch = max((h["epoch"] for run in table["run"] for h in histories.get(run) or []), default=1)
     for ax in (ax_m, ax_l):
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlim(0.5, last_epoch + 0.5)      # whole epochs, also for a run of one epoch
+        # whole epochs: MaxNLocator(integer=True) falls back to 0.5, 0.6... when fewer than two
+        # whole numbers fit (runs of one epoch), so short runs get their epochs as the ticks
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True) if last_epoch > 5 else FixedLocator(range(1, last_epoch + 1)))
+        ax.set_xlim(0.5, last_epoch + 0.5)
     # a valid loss within one decade gets minor-tick labels: plain numbers, not 1.35x10^0
     ax_l.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax_l.yaxis.set_minor_formatter(FormatStrFormatter("%g"))

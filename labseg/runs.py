@@ -477,6 +477,25 @@ class RunDir:
             saved = 0
         return {} if saved and summary.get("epochs_run") not in (None, saved) else summary
 
+    def describe_checkpoint(self, which: str = "auto") -> str:
+        """``"last.pt (epoch 40, valid Dice 0.8512)"``: the checkpoint ``which`` resolves to, with
+        the epoch it holds and that epoch's valid Dice, from the records. A run picked by its best
+        valid Dice may be evaluated on last.pt, whose own figure is another."""
+        name = self.resolve_checkpoint(which)
+        summary, history = self.read_summary(), self.read_metrics()
+        if summary.get("swa_epochs") and (name == "last" or summary.get("best_is_swa")):
+            return (f"{name}.pt (weights averaged over its last {summary['swa_epochs']} epochs, valid Dice "
+                    f"{summary['swa_valid_dice']:.4f})")
+        if name == "best":
+            epoch = summary.get("best_epoch") or max(history, key=lambda r: r.get("valid_dice", -1.0),
+                                                     default={}).get("epoch")
+        else:
+            epoch = history[-1].get("epoch") if history else None
+        row = next((r for r in history if r.get("epoch") == epoch), None)
+        if row is None or "valid_dice" not in row:
+            return f"{name}.pt"
+        return f"{name}.pt (epoch {epoch}, valid Dice {row['valid_dice']:.4f})"
+
     def resolve_checkpoint(self, which: str = "auto") -> str:
         """``"best"`` or ``"last"``; ``"auto"`` is this run's :func:`default_checkpoint`."""
         check_choice("checkpoint", which, CHECKPOINTS)

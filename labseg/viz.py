@@ -544,11 +544,12 @@ def variants_table(result: dict):
     rows = [{"variant": "threshold 0.5", "dice": result["dice"], "iou": result["iou"]}]
     if "tta" in result:
         rows.append({"variant": "threshold 0.5 + flip TTA", "dice": result["tta"]["dice"], "iou": result["tta"]["iou"]})
-    # the tuned thresholds themselves are in the sweep plot's legend
-    for key, name in (("threshold_tuned", "threshold tuned on valid"),
-                      ("tta_threshold_tuned", "threshold tuned on valid + flip TTA")):
+    # each with its own threshold: the one tuned with TTA differs from the plain one (0.45 and 0.30)
+    for key, name in (("threshold_tuned", "threshold {:.2f} (tuned on valid)"),
+                      ("tta_threshold_tuned", "flip TTA + threshold {:.2f} (tuned on valid, with TTA)")):
         if key in result:
-            rows.append({"variant": name, "dice": result[key]["dice"], "iou": result[key]["iou"]})
+            rows.append({"variant": name.format(result[key]["threshold"]), "dice": result[key]["dice"],
+                         "iou": result[key]["iou"]})
     for key, name in (("postprocess", "threshold 0.5 + one pet"), ("tta_postprocess", "threshold 0.5 + flip TTA + one pet")):
         if key in result:   # one pet: the largest connected component, holes filled (labseg.postprocess)
             rows.append({"variant": name, "dice": result[key]["dice"], "iou": result[key]["iou"]})

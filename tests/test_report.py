@@ -359,6 +359,10 @@ def test_a_run_of_one_epoch_is_drawn_as_a_point(tmp_path):
     fig = plot_curves(runs)
     (line,) = [line for line in fig.axes[0].lines if line.get_label() == "one"]
     assert list(line.get_ydata()) == [0.6] and line.get_marker() not in (None, "None", "")
+    fig = plot_curves(runs, collect_runs(runs).query("run == 'one'"))     # only runs of one epoch
+    for ax in fig.axes[:2]:
+        fig.canvas.draw()
+        assert list(ax.get_xticks()) == [1], ax.get_xticks()             # epoch 1, not 0.5, 0.6, ...
 
 
 def test_a_finished_run_whose_checkpoint_is_gone_is_noted(tmp_path):
@@ -371,3 +375,15 @@ def test_a_finished_run_whose_checkpoint_is_gone_is_noted(tmp_path):
     assert table.loc["deleted", "error"] == "its checkpoint last.pt is missing: it cannot be evaluated again"
     text = write_report(runs, tmp_path / "report").read_text()
     assert "- `deleted`: its checkpoint last.pt is missing" in text and "- `kept`" not in text
+
+
+def test_a_checkpoint_is_described_by_its_own_epoch_and_valid_dice(tmp_path):
+    """A run picked by its best valid Dice is evaluated on last.pt once its cosine schedule
+    finished: 05_evaluate says which checkpoint and its own figure, not the best epoch's."""
+    run = fake_run(tmp_path / "runs", "r", "unet", [0.6, 0.8, 0.7], scheduler="cosine",
+                   stop_reason="completed all epochs")
+    assert run.describe_checkpoint() == "last.pt (epoch 3, valid Dice 0.7000)"
+    assert run.describe_checkpoint("best") == "best.pt (epoch 2, valid Dice 0.8000)"
+    run.write_summary({**run.read_summary(), "swa_epochs": 2, "swa_valid_dice": 0.75, "best_is_swa": False})
+    assert run.describe_checkpoint("last") == "last.pt (weights averaged over its last 2 epochs, valid Dice 0.7500)"
+    assert run.describe_checkpoint("best") == "best.pt (epoch 2, valid Dice 0.8000)"

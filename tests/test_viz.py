@@ -149,3 +149,17 @@ def test_a_threshold_tuned_to_the_end_of_the_grid_says_so():
 
     assert best_label({0.2: 0.7, 0.5: 0.6, 0.8: 0.5}) == "best 0.20 (the grid's end: it may lie beyond)"
     assert best_label({0.2: 0.5, 0.5: 0.7, 0.8: 0.6}) == "best 0.50"
+
+
+def test_the_variants_table_names_each_tuned_threshold():
+    """The plain-tuned and the TTA-tuned thresholds differ (0.30 and 0.45 on a real run): each row
+    says its own, rather than leave the reader to take the one in the sweep plot for both."""
+    from labseg.viz import variants_table
+
+    result = {"dice": 0.80, "iou": 0.70, "tta": {"dice": 0.81, "iou": 0.71},
+              "threshold_tuned": {"dice": 0.82, "iou": 0.72, "threshold": 0.30},
+              "tta_threshold_tuned": {"dice": 0.83, "iou": 0.73, "threshold": 0.45}}
+    table = variants_table(result)
+    assert list(table.index) == ["threshold 0.5", "threshold 0.5 + flip TTA", "threshold 0.30 (tuned on valid)",
+                                 "flip TTA + threshold 0.45 (tuned on valid, with TTA)"]
+    assert table.loc["flip TTA + threshold 0.45 (tuned on valid, with TTA)", "dice"] == 0.83
