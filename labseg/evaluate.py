@@ -391,9 +391,7 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--out {out_dir} is a file; expected a folder for the masks and overlays")
     if source.is_dir():
-        # what an earlier prediction wrote here is not predicted again (masks of masks)
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                       and not p.stem.endswith(PREDICTION_SUFFIXES))
+        files = _sources_in(source)
         if not files:
             raise FileNotFoundError(f"{source} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
     elif source.is_file():
@@ -403,7 +401,7 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
     run = run if isinstance(run, RunDir) else RunDir.open(run, output_dir)
     model, config = load_run_model(run, which, device)
     img_size = img_size or config.img_size
-    stems = Counter(p.stem for p in files)
+    names = output_names(files)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
     for path in tqdm(files, desc="predicting", disable=not progress):
@@ -416,12 +414,47 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
         mask = predict_image(model, image, img_size, tta) >= threshold
         if postprocess:
             mask = clean_mask(mask)
-        name = path.stem if stems[path.stem] == 1 else f"{path.stem}_{path.suffix.lstrip('.').lower()}"
+        name = names[path]
         # written whole or not at all, as every record: a Ctrl-C leaves no truncated PNG
         atomic_write_bytes(out_dir / f"{name}_mask.png", _png(Image.fromarray((mask * 255).astype(np.uint8))))
         atomic_write_bytes(out_dir / f"{name}_overlay.png", _png(Image.fromarray(overlay(image, mask))))
         written.append(out_dir / f"{name}_mask.png")
     return Predictions(written, skipped, run.checkpoint(which))
+
+
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """Each source's output name (``<name>_mask.png``, ``<name>_overlay.png``), one per source,
+    unique as a case-insensitive file system sees it: the stem; ``<stem>_<ext>`` where stems
+    clash (``a.jpg``, ``a.png``, ``dup.JPG``); ``-2``, ``-3``... where that is taken too (``a.jpg``
+    beside ``a_jpg.png``). Unique stems are served first, so a file keeps its own name."""
+    stems = Counter(p.stem.lower() for p in files)
+    names: dict[Path, str] = {}
+    used: set[str] = set()
+    for unique_stems in (True, False):
+        for p in files:
+            if (stems[p.stem.lower()] == 1) != unique_stems:
+                continue
+            base = p.stem if unique_stems else f"{p.stem}_{p.suffix.lstrip('.').lower()}"
+            name, i = base, 2
+            while name.lower() in used:
+                name, i = f"{base}-{i}", i + 1
+            used.add(name.lower())
+            names[p] = name
+    return names
+
+
+def _sources_in(folder: Path) -> list[Path]:
+    """The images in ``folder`` to predict: all but the masks and overlays that a prediction of
+    the others wrote here before (a photo of one's own named ``x_mask.png`` is predicted).
+    Subfolders are not searched, and that is said."""
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    looks_written = [p for p in images if p.suffix.lower() == ".png" and p.stem.endswith(PREDICTION_SUFFIXES)]
+    others = [p for p in images if p not in looks_written]
+    ours = {f"{name}{suffix}.png".lower() for name in output_names(others).values() for suffix in PREDICTION_SUFFIXES}
+    if subfolders := sorted(p.name for p in folder.iterdir() if p.is_dir()):
+        log.warning(f"not searched: the subfolder(s) {', '.join(subfolders)} of {folder} (predict takes the "
+                    "images in the folder itself; give a subfolder to predict its images)")
+    return sorted(others + [p for p in looks_written if p.name.lower() not in ours])
 
 
 def _png(image: Image.Image) -> bytes:

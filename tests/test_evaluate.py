@@ -197,3 +197,27 @@ def test_overlay_outlines_the_mask_and_error_overlay_tells_the_three_verdicts_ap
     assert (verdict[10, 6] == ERROR_COLORS["false pet"]).all()
     assert (verdict[10, 17] == ERROR_COLORS["missed pet"]).all()
     assert (verdict[2, 2] == 100).all()                                                # true background: as is
+
+
+def test_every_source_gets_an_output_name_of_its_own():
+    """a.jpg once became a_jpg, as a_jpg.png did, and dup.jpg and dup.JPG one dup_jpg: the later
+    mask overwrote the earlier while both were counted as written."""
+    from labseg.evaluate import output_names
+
+    files = [Path(n) for n in sorted(["a.jpg", "a.png", "a_jpg.png", "dup.jpg", "dup.JPG", "solo.jpeg"])]
+    names = output_names(files)
+    assert names[Path("a_jpg.png")] == "a_jpg" and names[Path("solo.jpeg")] == "solo"    # unique stems kept
+    assert names[Path("a.jpg")] == "a_jpg-2" and names[Path("a.png")] == "a_png"
+    assert {names[Path("dup.jpg")], names[Path("dup.JPG")]} == {"dup_jpg", "dup_jpg-2"}
+    assert len({n.lower() for n in names.values()}) == len(files)
+
+
+def test_a_folder_is_predicted_without_its_earlier_outputs_but_with_photos_named_like_them(tmp_path, caplog):
+    from labseg.evaluate import _sources_in
+
+    for name in ("photo.jpg", "photo_mask.png", "photo_overlay.png", "my_mask.jpg", "lone_mask.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "inner.jpg").write_bytes(b"")
+    assert [p.name for p in _sources_in(tmp_path)] == ["lone_mask.png", "my_mask.jpg", "photo.jpg"]
+    assert "not searched: the subfolder(s) sub of" in caplog.text
