@@ -118,10 +118,12 @@ def parse_extra(extra) -> dict:
 
 def parse_duration(value) -> float | None:
     """'25m', '1h30m', '90s', '1.5h' or a number of seconds -> seconds (None for no budget)."""
+    if isinstance(value, bool):         # True is 1 to Python: one second, not "a budget"
+        raise ConfigError(f"time_budget={value!r}: expected a duration such as '25m', '1h30m', '90s' or seconds")
     if value is None or value == "" or value == 0:
         return None
     if isinstance(value, (int, float)):
-        if value < 0:
+        if not _is_number(value) or value < 0:      # nan never runs out, inf never stops
             raise ConfigError(f"time_budget={value!r}: expected a positive duration such as '25m'")
         return float(value)
     text = str(value).strip().lower()
@@ -302,6 +304,15 @@ class RunConfig:
                               "(leave it unset for torch's default)")
         if not _is_int(c.log_every) or c.log_every <= 0:
             raise ConfigError(f"log_every={c.log_every!r}: expected a positive number of steps, e.g. 20")
+        for name in ("data_dir", "output_dir", "cache_dir"):
+            if not isinstance(getattr(c, name), (str, os.PathLike)):
+                raise ConfigError(f"{name}={getattr(c, name)!r}: expected a folder path")
+        for f in dataclasses.fields(c):     # "no" or 0 for a switch would read as on, or pass unnoticed
+            if "bool" in str(f.type) and not (isinstance(getattr(c, f.name), bool)
+                                             or (getattr(c, f.name) is None and "None" in str(f.type))):
+                raise ConfigError(f"{f.name}={getattr(c, f.name)!r}: expected True or False")
+        if not _is_int(c.seed) or c.seed < 0:
+            raise ConfigError(f"seed={c.seed!r}: expected an integer >= 0")
         for name in ("output_dir", "cache_dir"):
             path = resolve_path(getattr(c, name))
             if path.exists() and not path.is_dir():

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from labseg.config import ConfigError
+
 CAT, DOG = 1, 2  # SPECIES codes used by the official list files
 STAMP_NAME = "labseg_synthetic.json"
 FORMAT_VERSION = 1  # bump when the drawing changes, so old stamps no longer match
@@ -275,6 +277,12 @@ def write_synthetic_dataset(root, *, n_trainval_per_breed=12, n_test_per_breed=6
     """
     if n_trainval_per_breed < 1 or n_test_per_breed < 0:
         raise ValueError("need n_trainval_per_breed >= 1 and n_test_per_breed >= 0")
+    # checked before anything is written: a bad seed used to fail half-way, leaving a stamped,
+    # incomplete folder; below 16×12 px the drawn pet can vanish
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+        raise ConfigError(f"seed={seed!r}: expected an integer >= 0")
+    if not (len(image_size) == 2 and int(image_size[0]) >= 16 and int(image_size[1]) >= 12):
+        raise ConfigError(f"image_size={tuple(image_size)!r}: expected (width, height) of at least (16, 12)")
     root = Path(root)
     params = {"n_trainval_per_breed": int(n_trainval_per_breed), "n_test_per_breed": int(n_test_per_breed),
               "image_size": [int(image_size[0]), int(image_size[1])], "seed": int(seed)}

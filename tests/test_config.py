@@ -46,6 +46,16 @@ def test_recipe_fills_only_missing_fields():
     ("log_every", 0, "log_every=0: expected a positive number of steps"),
     ("output_dir", "README.md", "output_dir='README.md': "),
     ("cache_dir", "pyproject.toml", "pyproject.toml is a file; expected a folder"),
+    # once accepted, and met later as a numpy traceback, a bare TypeError, or a switch read as on
+    ("seed", -1, "seed=-1: expected an integer >= 0"),
+    ("seed", "x", "seed='x': expected an integer >= 0"),
+    ("time_budget", float("nan"), "time_budget=nan: expected a positive duration"),
+    ("time_budget", float("inf"), "time_budget=inf: expected a positive duration"),
+    ("time_budget", True, "time_budget=True: expected a duration"),
+    ("output_dir", None, "output_dir=None: expected a folder path"),
+    ("data_dir", 3, "data_dir=3: expected a folder path"),
+    ("amp", "no", "amp='no': expected True or False"),
+    ("compile", 1, "compile=1: expected True or False"),
 ])
 def test_bad_values_name_the_value_and_choices(field, value, expected):
     with pytest.raises(ConfigError) as e:

@@ -1,5 +1,6 @@
 """The synthetic dataset must look, on disk, exactly like the official Oxford-IIIT Pet layout."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -156,3 +157,13 @@ def test_ensure_sample_uses_the_defaults(tmp_path):
     root = ensure_sample(tmp_path / "sample")
     assert len(entries(root / "annotations" / "trainval.txt")) == 12 * len(BREEDS)
     assert len(entries(root / "annotations" / "test.txt")) == 6 * len(BREEDS)
+
+
+@pytest.mark.parametrize("kwargs,message", [({"seed": -1}, "seed=-1: expected an integer >= 0"),
+                                            ({"image_size": (8, 6)}, "image_size=(8, 6): expected (width, height)")])
+def test_bad_parameters_are_refused_before_anything_is_written(tmp_path, kwargs, message):
+    """A negative seed failed half-way (numpy), leaving a stamped, incomplete folder; 8×6 px
+    crashed on an empty pet. Both now stop before the folder is made."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        write_synthetic_dataset(tmp_path / "sample", **kwargs)
+    assert not (tmp_path / "sample").exists()
