@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -244,7 +245,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 _WARNINGS_LOCK = threading.Lock()
 
 
-def _open_checked(path: Path) -> Image.Image:
+def _open_checked(path: Path, check_size: bool = True) -> Image.Image:
     try:
         with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -253,7 +254,7 @@ def _open_checked(path: Path) -> Image.Image:
         # Pillow's own limit (above MAX_PIXELS) tripped while reading the header: nothing decoded.
         raise BadSampleError(f"{path}: refused by the decompression-bomb guard, not decoded ({e})") from None
     w, h = im.size
-    if w * h > MAX_PIXELS:
+    if check_size and w * h > MAX_PIXELS:
         im.close()
         raise BadSampleError(f"{path}: {w}×{h} px exceeds the {MAX_PIXELS:,} px limit "
                              "(a guard against decompression bombs); resize the file or raise "
@@ -263,15 +264,26 @@ def _open_checked(path: Path) -> Image.Image:
     return im
 
 
-def load_image(path: str | Path, upright: bool = False) -> np.ndarray:
+def load_image(path: str | Path, upright: bool = False, reduce: bool = False) -> np.ndarray:
     """Decode any image file to an RGB uint8 array (H×W×3), or raise :class:`BadSampleError`.
 
     ``upright``: turn it as its EXIF orientation says, as viewers show it (a phone photo given
-    to predict). The dataset's trimaps match the stored pixels, so training reads those."""
+    to predict). The dataset's trimaps match the stored pixels, so training reads those.
+    ``reduce``: a JPEG of more than MAX_PIXELS is decoded at 1/2, 1/4 or 1/8 of its side (JPEG's
+    own scaled decoding, cheap) to at most that many, rather than refused: a 48 MP phone photo
+    given to predict. Other formats above MAX_PIXELS are refused as before."""
     path = Path(path)
     try:
-        im = _open_checked(path)
+        im = _open_checked(path, check_size=not reduce)
         with im:
+            w, h = im.size
+            if reduce and w * h > MAX_PIXELS:
+                k = next((k for k in (2, 4, 8) if w * h / k ** 2 <= MAX_PIXELS), None)
+                if im.format != "JPEG" or k is None:
+                    raise BadSampleError(f"{path}: {w}×{h} px exceeds the {MAX_PIXELS:,} px limit (a guard "
+                                         "against decompression bombs); resize the file (a JPEG is read at a "
+                                         "reduced size up to 8 times that)")
+                im.draft("RGB", (math.ceil(w / k), math.ceil(h / k)))
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)                      # an animated GIF: its first frame
             im.load()
@@ -280,6 +292,14 @@ def load_image(path: str | Path, upright: bool = False) -> np.ndarray:
         raise
     except Exception as e:  # PIL raises many types for broken files; all mean "unusable"
         raise BadSampleError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def upright_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of the image as viewers show it (EXIF orientation applied), from its header."""
+    with Image.open(path) as im:
+        w, h = im.size
+        turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # the orientations that swap the sides
+    return (w, h) if turned else (h, w)
 
 
 _SUFFIX_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from labseg.config import ConfigError, RunConfig, check_choice, check_img_size, pick_device, resolve_path
-from labseg.data import BadSampleError, Batches, CachedSplit, load_image, load_split, log, normalize, split_trainval
+from labseg.data import (BadSampleError, Batches, CachedSplit, load_image, load_split, log, normalize,
+                         split_trainval, upright_size)
 from labseg.metrics import per_image_accuracy, per_image_dice, per_image_iou
 from labseg.machine import channels_last_for
 from labseg.models import build_model, model_kwargs
@@ -306,8 +307,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".we
 
 
 @torch.inference_mode()
-def predict_image(model, image: np.ndarray, img_size: int, tta: bool = False) -> np.ndarray:
-    """Pet probability H×W (float32) at the image's own resolution."""
+def predict_image(model, image: np.ndarray, img_size: int, tta: bool = False,
+                  size: tuple[int, int] | None = None) -> np.ndarray:
+    """Pet probability H×W (float32) at the image's own resolution, or at ``size`` (H, W): the
+    original's, for an image decoded at a reduced size."""
     dev = next(model.parameters()).device
     x = torch.tensor(image).permute(2, 0, 1).unsqueeze(0).float().div(255).to(dev)   # a copy: PIL's arrays are read-only
     x = normalize(F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True,
@@ -315,7 +318,7 @@ def predict_image(model, image: np.ndarray, img_size: int, tta: bool = False) ->
     logits = model(x)
     if tta:
         logits = (logits + model(x.flip(-1)).flip(-1)) / 2
-    logits = F.interpolate(logits.float(), size=image.shape[:2], mode="bilinear", align_corners=False)
+    logits = F.interpolate(logits.float(), size=size or image.shape[:2], mode="bilinear", align_corners=False)
     return torch.sigmoid(logits)[0, 0].cpu().numpy()
 
 
@@ -406,18 +409,25 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
     written, skipped = [], []
     for path in tqdm(files, desc="predicting", disable=not progress):
         try:
-            image = load_image(path, upright=True)    # as a viewer shows it (EXIF orientation)
+            # as a viewer shows it (EXIF orientation); a photo above MAX_PIXELS decoded smaller
+            image = load_image(path, upright=True, reduce=True)
+            full = upright_size(path)
         except BadSampleError as e:
             log.warning(f"skipped {e}")
             skipped.append(str(e))
             continue
-        mask = predict_image(model, image, img_size, tta) >= threshold
+        mask = predict_image(model, image, img_size, tta, size=full) >= threshold
         if postprocess:
             mask = clean_mask(mask)
         name = names[path]
+        shown = mask
+        if image.shape[:2] != full:     # the mask at the photo's size, the overlay at the decoded one
+            log.warning(f"{path}: {full[1]}×{full[0]} px read at {image.shape[1]}×{image.shape[0]}; its mask is "
+                        "written at the full size, its overlay at the reduced one")
+            shown = np.asarray(Image.fromarray(mask).resize(image.shape[1::-1], Image.Resampling.NEAREST))
         # written whole or not at all, as every record: a Ctrl-C leaves no truncated PNG
         atomic_write_bytes(out_dir / f"{name}_mask.png", _png(Image.fromarray((mask * 255).astype(np.uint8))))
-        atomic_write_bytes(out_dir / f"{name}_overlay.png", _png(Image.fromarray(overlay(image, mask))))
+        atomic_write_bytes(out_dir / f"{name}_overlay.png", _png(Image.fromarray(overlay(image, shown))))
         written.append(out_dir / f"{name}_mask.png")
     return Predictions(written, skipped, run.checkpoint(which))
 

@@ -553,6 +553,21 @@ def test_image_over_our_own_limit_is_refused(tmp_path):
     assert f"{side}×{side}" in str(info.value) and "MAX_PIXELS" in str(info.value)
 
 
+def test_a_jpeg_over_the_limit_is_read_reduced_when_asked_and_refused_otherwise(tmp_path, monkeypatch):
+    """predict reads a photo above MAX_PIXELS (a 48 MP phone photo) at 1/2, 1/4 or 1/8 of its side
+    by JPEG's own scaled decoding; training, and other formats, still refuse it."""
+    monkeypatch.setattr(data, "MAX_PIXELS", 100 * 80)
+    Image.fromarray(rgb_array(h=240, w=400)).save(tmp_path / "big.jpg", quality=95)      # 12x the limit
+    with pytest.raises(BadSampleError, match="exceeds the 8,000 px limit"):
+        load_image(tmp_path / "big.jpg")
+    small = load_image(tmp_path / "big.jpg", reduce=True)
+    assert small.shape == (60, 100, 3)                               # 1/4 of the side: 6,000 px
+    assert data.upright_size(tmp_path / "big.jpg") == (240, 400)
+    Image.fromarray(rgb_array(h=240, w=400)).save(tmp_path / "big.png")
+    with pytest.raises(BadSampleError, match="resize the file"):
+        load_image(tmp_path / "big.png", reduce=True)
+
+
 def test_decompression_bomb_is_skipped_by_load_split(tmp_path, capsys):
     root = make_layout(tmp_path / "pets")
     add_pair(root, "Cat_1")

@@ -221,3 +221,27 @@ def test_a_folder_is_predicted_without_its_earlier_outputs_but_with_photos_named
     (tmp_path / "sub" / "inner.jpg").write_bytes(b"")
     assert [p.name for p in _sources_in(tmp_path)] == ["lone_mask.png", "my_mask.jpg", "photo.jpg"]
     assert "not searched: the subfolder(s) sub of" in caplog.text
+
+
+def test_a_photo_over_the_pixel_limit_is_predicted_at_its_full_size(small_run, tmp_path, monkeypatch, caplog):
+    """Read at a reduced size (JPEG's scaled decoding), its mask is written at the photo's own size,
+    the overlay at the reduced one; an EXIF-turned photo gets the upright size."""
+    from PIL import Image
+
+    import labseg.data
+    from labseg.evaluate import predict_images
+
+    monkeypatch.setattr(labseg.data, "MAX_PIXELS", 100 * 80)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (240, 400, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(photos / "wide.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                    # "rotate 90°": shown 240 wide, 400 high
+    Image.fromarray(pixels).save(photos / "turned.jpg", quality=90, exif=exif)
+    result = predict_images(small_run, photos, tmp_path / "out", device="cpu", progress=False)
+    assert len(result.written) == 2 and not result.skipped
+    assert Image.open(tmp_path / "out" / "wide_mask.png").size == (400, 240)
+    assert Image.open(tmp_path / "out" / "wide_overlay.png").size == (100, 60)
+    assert Image.open(tmp_path / "out" / "turned_mask.png").size == (240, 400)
+    assert "400×240 px read at 100×60" in caplog.text
