@@ -471,11 +471,22 @@ class RunDir:
         if not p.is_file():
             return {}
         summary = read_record(p, dict)
+        return {} if self._outdated(summary) else summary
+
+    def summary_outdated(self) -> bool:
+        """Whether summary.json is there but of an earlier session (:meth:`read_summary` reads {})."""
+        p = self.path / "summary.json"
+        try:
+            return p.is_file() and self._outdated(read_record(p, dict))
+        except RunRecordError:          # damaged, not outdated: said where it is read
+            return False
+
+    def _outdated(self, summary: dict) -> bool:
         try:
             saved = len(self.read_metrics())
         except RunRecordError:          # the summary still holds; the damaged record is reported where read
             saved = 0
-        return {} if saved and summary.get("epochs_run") not in (None, saved) else summary
+        return bool(saved) and summary.get("epochs_run") not in (None, saved)
 
     def describe_checkpoint(self, which: str = "auto") -> str:
         """``"last.pt (epoch 40, valid Dice 0.8512)"``: the checkpoint ``which`` resolves to, with

@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from labseg.config import PROJECT_ROOT, resolve_path
-from labseg.runs import atomic_write_json, folder_contents
+from labseg.runs import RunDir, atomic_write_json, folder_contents
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS = ("01_data", "02_unet", "03_resnet34_unet", "04_train", "05_evaluate", "06_report")
@@ -162,7 +162,10 @@ def run_training_notebook(params: dict, *, output_dir: str | Path | None = None,
     root = resolve_path(runs_dir(output_dir or params.get("output_dir")))
     name = _clean_name(str(name or params.get("run_name") or default_run_name(params)))
     folder = root / name if exact else free_run_folder(root, name)
-    interrupted = (exact and not (folder / "summary.json").exists() and not (folder / "failed.json").exists()
+    # unfinished as the sweep judges it (sweep.is_finished): no summary, or one that a resume has
+    # since outdated (extended, then stopped): resumed, never deleted
+    interrupted = (exact and (not (folder / "summary.json").exists() or RunDir(folder).summary_outdated())
+                   and not (folder / "failed.json").exists()
                    and any((folder / f).is_file() for f in ("last.pt", "best.pt")))
     if interrupted:
         params["resume"] = True         # nothing lost: the epochs it had are kept

@@ -178,3 +178,24 @@ def test_ctrl_c_stops_a_sweep_with_one_line_and_the_point_resumable(tmp_path, sy
     (point,) = [p for p in runs.iterdir() if p.is_dir()]
     assert (point / "last.pt").is_file() and not (point / "summary.json").exists()
     assert json.loads((point / "metrics.json").read_text())        # its epochs are kept for the rerun
+
+
+def test_a_point_extended_and_stopped_is_resumed_not_deleted(tmp_path):
+    """A finished point that the user resumed for more epochs, stopped after a checkpoint: its
+    summary.json is an earlier session's. The sweep counts it unfinished, and so must the rerun,
+    which used to take it for finished and delete it (checkpoints included) to run it afresh."""
+    from labseg.runs import RunDir
+    from labseg.sweep import is_finished
+    from labseg.workbook import run_training_notebook
+
+    folder = tmp_path / "runs" / "point"
+    folder.mkdir(parents=True)
+    run = RunDir(folder)
+    run.write_summary({"best_valid_dice": 0.5, "epochs_run": 2})
+    run.write_metrics([{"epoch": e, "valid_dice": 0.5} for e in (1, 2, 3)])
+    (folder / "last.pt").write_bytes(b"the extended run's weights")
+    assert run.summary_outdated() and not is_finished(folder)
+    run_training_notebook({"arch": "unet", "epochs": 4, "img_size": 32, "data_dir": str(tmp_path / "none")},
+                          output_dir=tmp_path / "runs", name="point", exact=True, raise_on_error=False,
+                          progress=False)
+    assert (folder / "last.pt").read_bytes() == b"the extended run's weights"      # resumed (and failed), kept
