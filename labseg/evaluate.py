@@ -460,11 +460,17 @@ def _sources_in(folder: Path) -> list[Path]:
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     looks_written = [p for p in images if p.suffix.lower() == ".png" and p.stem.endswith(PREDICTION_SUFFIXES)]
     others = [p for p in images if p not in looks_written]
-    ours = {f"{name}{suffix}.png".lower() for name in output_names(others).values() for suffix in PREDICTION_SUFFIXES}
+    sources = others
+    for _ in range(len(looks_written) + 1):     # to a fixed point: a kept x_mask.png has outputs of its own
+        ours = {f"{name}{suffix}.png".lower() for name in output_names(sources).values() for suffix in PREDICTION_SUFFIXES}
+        kept = sorted(others + [p for p in looks_written if p.name.lower() not in ours])
+        if kept == sources:
+            break
+        sources = kept
     if subfolders := sorted(p.name for p in folder.iterdir() if p.is_dir()):
         log.warning(f"not searched: the subfolder(s) {', '.join(subfolders)} of {folder} (predict takes the "
                     "images in the folder itself; give a subfolder to predict its images)")
-    return sorted(others + [p for p in looks_written if p.name.lower() not in ours])
+    return sources
 
 
 def _png(image: Image.Image) -> bytes:

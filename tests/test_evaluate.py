@@ -221,6 +221,10 @@ def test_a_folder_is_predicted_without_its_earlier_outputs_but_with_photos_named
     (tmp_path / "sub" / "inner.jpg").write_bytes(b"")
     assert [p.name for p in _sources_in(tmp_path)] == ["lone_mask.png", "my_mask.jpg", "photo.jpg"]
     assert "not searched: the subfolder(s) sub of" in caplog.text
+    # a kept photo's own outputs, from an earlier prediction into this folder, are left out too
+    for name in ("lone_mask_mask.png", "lone_mask_overlay.png", "my_mask_mask.png", "my_mask_overlay.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in _sources_in(tmp_path)] == ["lone_mask.png", "my_mask.jpg", "photo.jpg"]
 
 
 def test_a_photo_over_the_pixel_limit_is_predicted_at_its_full_size(small_run, tmp_path, monkeypatch, caplog):
