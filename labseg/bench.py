@@ -503,7 +503,7 @@ def run_bench(models=DEFAULT_MODELS, sizes=(128, 256), batch_size=8, device="aut
     if rounds is not None:      # asked for explicitly: exactly this many rounds, no budget cut
         mode.update(rounds=int(rounds), min_rounds=int(rounds))
     if budget_s is not None:    # e.g. the time limit a script runs it under: results before the cut
-        if not (isinstance(budget_s, (int, float)) and budget_s > 0):
+        if not (isinstance(budget_s, (int, float)) and math.isfinite(budget_s) and budget_s > 0):
             raise ValueError(f"budget_s={budget_s!r}: expected a positive number of seconds")
         mode["budget_s"] = float(budget_s)
 

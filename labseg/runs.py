@@ -493,13 +493,19 @@ class RunDir:
         the epoch it holds and that epoch's valid Dice, from the records. A run picked by its best
         valid Dice may be evaluated on last.pt, whose own figure is another."""
         name = self.resolve_checkpoint(which)
-        summary, history = self.read_summary(), self.read_metrics()
+        summary = self.read_summary()
+        try:
+            history = self.read_metrics()
+        except RunRecordError:          # a damaged record: the name alone (the record says so where read)
+            return f"{name}.pt"
         if summary.get("swa_epochs") and (name == "last" or summary.get("best_is_swa")):
             return (f"{name}.pt (weights averaged over its last {summary['swa_epochs']} epochs, valid Dice "
                     f"{summary['swa_valid_dice']:.4f})")
-        if name == "best":
-            epoch = summary.get("best_epoch") or max(history, key=lambda r: r.get("valid_dice", -1.0),
-                                                     default={}).get("epoch")
+        if name == "best":      # best.pt is kept by the run's monitor (lowest for a loss)
+            monitor = self.read_config().monitor
+            sign = -1.0 if monitor.endswith("loss") else 1.0
+            scored = [r for r in history if isinstance(r.get(monitor), (int, float))]
+            epoch = summary.get("best_epoch") or max(scored, key=lambda r: sign * r[monitor], default={}).get("epoch")
         else:
             epoch = history[-1].get("epoch") if history else None
         row = next((r for r in history if r.get("epoch") == epoch), None)

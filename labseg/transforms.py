@@ -44,8 +44,10 @@ def to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None =
 def channel_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``values`` as a 1×C×1×1 tensor on ``device``, made once per device and dtype: made from
     Python numbers for every batch, it was a blocking host→GPU copy (a sync) each time. Shared:
-    never modify it in place."""
-    return to_device(torch.tensor(values, dtype=dtype).view(1, -1, 1, 1), device)
+    never modify it in place. Made outside inference mode, whatever the first caller's: an inference
+    tensor, once cached, would fail every later use in training (autograd refuses to save it)."""
+    with torch.inference_mode(False):
+        return to_device(torch.tensor(values, dtype=dtype).view(1, -1, 1, 1), device)
 
 
 @dataclass(frozen=True)

@@ -214,5 +214,6 @@ def test_a_budget_cuts_the_rounds_to_fit_and_still_ends_with_results(tiny_data, 
     assert trains and all(r["rounds"] == bench.CAREFUL["min_rounds"] for r in trains)
     assert any(r["kind"] == "note" and "2 of 5 rounds" in r["message"] for r in records)
     assert records[-1]["kind"] == "done"
-    with pytest.raises(ValueError, match="budget_s=0: expected a positive number of seconds"):
-        bench.run_bench(budget_s=0, emit=lambda line: None)
+    for bad in (0, float("inf")):
+        with pytest.raises(ValueError, match=f"budget_s={bad!r}: expected a positive number of seconds"):
+            bench.run_bench(budget_s=bad, emit=lambda line: None)

@@ -387,3 +387,11 @@ def test_a_checkpoint_is_described_by_its_own_epoch_and_valid_dice(tmp_path):
     run.write_summary({**run.read_summary(), "swa_epochs": 2, "swa_valid_dice": 0.75, "best_is_swa": False})
     assert run.describe_checkpoint("last") == "last.pt (weights averaged over its last 2 epochs, valid Dice 0.7500)"
     assert run.describe_checkpoint("best") == "best.pt (epoch 2, valid Dice 0.8000)"
+    # unfinished (no summary), kept by valid_loss: best.pt is the lowest loss's epoch, not the best Dice's
+    (run.path / "summary.json").unlink()
+    run.write_json("config.json", {**run.read_json("config.json"), "monitor": "valid_loss"})
+    run.write_metrics([{"epoch": 1, "valid_dice": 0.6, "valid_loss": 0.3}, {"epoch": 2, "valid_dice": 0.8,
+                                                                            "valid_loss": 0.5}])
+    assert run.describe_checkpoint("best") == "best.pt (epoch 1, valid Dice 0.6000)"
+    (run.path / "metrics.json").write_text("[{")                        # damaged: the name, no crash
+    assert run.describe_checkpoint("best") == "best.pt"

@@ -473,3 +473,9 @@ def test_normalize_constants_are_made_once_per_device_and_dtype():
     cpu = torch.device("cpu")
     assert channel_constant(MEAN, cpu, torch.float32) is channel_constant(MEAN, cpu, torch.float32)
     assert channel_constant(MEAN, cpu, torch.float64).dtype == torch.float64
+    channel_constant.cache_clear()
+    with torch.inference_mode():                    # made first by evaluation (predict_image)...
+        normalize(torch.rand(1, 3, 2, 2))
+    x = torch.rand(1, 3, 2, 2, requires_grad=True)  # ...then used in training
+    normalize(x).sum().backward()
+    assert x.grad is not None
