@@ -308,9 +308,9 @@ class RunConfig:
             if not isinstance(getattr(c, name), (str, os.PathLike)):
                 raise ConfigError(f"{name}={getattr(c, name)!r}: expected a folder path")
         for f in dataclasses.fields(c):     # "no" or 0 for a switch would read as on, or pass unnoticed
-            if "bool" in str(f.type) and not (isinstance(getattr(c, f.name), bool)
-                                             or (getattr(c, f.name) is None and "None" in str(f.type))):
-                raise ConfigError(f"{f.name}={getattr(c, f.name)!r}: expected True or False")
+            value, optional = getattr(c, f.name), "None" in str(f.type)
+            if "bool" in str(f.type) and not (isinstance(value, bool) or (value is None and optional)):
+                raise ConfigError(f"{f.name}={value!r}: expected True or False")
         if not _is_int(c.seed) or c.seed < 0:
             raise ConfigError(f"seed={c.seed!r}: expected an integer >= 0")
         for name in ("output_dir", "cache_dir"):

@@ -207,8 +207,7 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
     synthetic sample drawn bold over real-photo runs read as the best of them."""
     table = collect_runs(output_dir) if table is None else table
     histories = load_histories(output_dir)
-    best_rows = best_per_arch(table, dataset=dataset) if len(table) else None
-    best = set(best_rows["run"]) if best_rows is not None else set()
+    best = set(best_per_arch(table, dataset=dataset)["run"]) if len(table) else set()
     on = curves_dataset(table, dataset)
     if on is not None:
         table = table[table["data_path"] == on[1]] if dataset is None else table[table["dataset"] == dataset]

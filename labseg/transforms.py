@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import dataclass
 

@@ -154,18 +154,17 @@ syncs() {   # host-device syncs in 2 epochs of training, by the line of code tha
     limited "$PYTHON" - "$DEVICE" "$SIZE" "$RUNS_DIR" "${DATA_ARGS[@]}" <<'EOF'
 import collections, sys, warnings
 import torch
-device, size, runs, data = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[5:6]
+device, size, runs, data = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[5]    # argv[4]: --data
 from labseg.train import fit
 cuda = device == "cuda" and torch.cuda.is_available()
 if not cuda:    # a rehearsal: the same run, nothing to count
     print("syncs: torch.cuda.set_sync_debug_mode needs CUDA; the run below only rehearses the stage")
-extra = {"data_dir": data[0]} if data else {}
 if cuda:
     torch.cuda.set_sync_debug_mode("warn")      # a warning at every operation that waits for the GPU
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     result = fit(arch="resnet34_unet", img_size=size, epochs=2, log_every=10**6, output_dir=runs, device=device,
-                 run_name="syncs", cache_dir=f"{runs}/cache", progress=False, **extra)
+                 run_name="syncs", cache_dir=f"{runs}/cache", progress=False, data_dir=data)
 if cuda:
     torch.cuda.set_sync_debug_mode(0)
 steps = 2 * (result.summary["train_images"] // result.run.read_config().batch_size)

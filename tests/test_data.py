@@ -370,28 +370,25 @@ def _rgba_png():
     return Image.fromarray(a), expected
 
 
-def _sixteen_bit():
-    g = np.zeros((24, 32), np.uint16)
-    g[:, :16] = 65535 // 2 + 1      # mid gray, well above 255: clipping would give white
-    g[:, 16:] = 65535
+def _gray_halves(mid, top, dtype, mode):
+    """A gray image, left half ``mid`` and right half ``top`` on its mode's own scale, and the RGB it
+    must give: mid gray (128) and white, whatever the scale."""
+    g = np.full((24, 32), top, dtype)
+    g[:, :16] = mid
     im = Image.fromarray(g)
-    assert im.mode == "I;16"
+    assert im.mode == mode
     expected = np.empty((24, 32, 3), np.uint8)
     expected[:, :16] = 128
     expected[:, 16:] = 255
     return im, expected
 
 
-def _float_zero_to_one():
-    """A 32-bit float TIFF on the 0-1 scale: 0.5 is mid grey, not 0.5 of 255 (nearly black)."""
-    a = np.full((24, 32), 1.0, np.float32)
-    a[:, :16] = 0.5
-    im = Image.fromarray(a)
-    assert im.mode == "F"
-    expected = np.empty((24, 32, 3), np.uint8)
-    expected[:, :16] = 128
-    expected[:, 16:] = 255
-    return im, expected
+def _sixteen_bit():             # mid gray well above 255: clipping would give white
+    return _gray_halves(65535 // 2 + 1, 65535, np.uint16, "I;16")
+
+
+def _float_zero_to_one():       # a float TIFF on the 0-1 scale: 0.5 is mid gray, not 0.5 of 255 (near black)
+    return _gray_halves(0.5, 1.0, np.float32, "F")
 
 
 def _with_format(pair, fmt):
