@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,7 +116,9 @@ def workdir(tmp_path_factory):
         path = settings / "@jupyterlab" / f"{plugin}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
-    return root
+    yield root
+    # the run's checkpoints (~0.6 GB) would otherwise sit in pytest's temp folder to the session's end
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
