@@ -122,11 +122,36 @@ def lr_factor(schedule: str, progress: float, step: int = 0, warmup_steps: int =
     return warm                    # "plateau" (ReduceLROnPlateau scales on top) and "none"
 
 
-def _ema_model(model: nn.Module, decay: float):
-    if not decay:
-        return None
-    return torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+class WeightEMA(torch.optim.swa_utils.AveragedModel):
+    """The exponential moving average of the weights and BatchNorm statistics that AveragedModel with
+    get_ema_multi_avg_fn keeps, updated without a host-device sync. torch's update compares and
+    copies its step counter, a CPU tensor, to the GPU at every step (a blocking copy, so the host
+    waits for the step to finish); here the counter is only read on the CPU. The state_dict is
+    AveragedModel's, so checkpoints of either load in the other."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()],
+                         [t.detach() for t in (*model.parameters(), *model.buffers())], strict=True))
+        weights = [(mine, theirs) for mine, theirs in pairs if mine.is_floating_point()]
+        if self.n_averaged.item() == 0:        # on the CPU: the first update copies the model
+            for mine, theirs in pairs:
+                mine.copy_(theirs)
+        else:
+            # the call torch's EMA makes: mine += (1 - decay) * (theirs - mine), one kernel per group
+            torch._foreach_lerp_([m for m, _ in weights], [t for _, t in weights], 1 - self.decay)
+            for mine, theirs in pairs:         # counts (num_batches_tracked) are copied, not averaged
+                if not mine.is_floating_point():
+                    mine.copy_(theirs)
+        self.n_averaged += 1
+
+
+def _ema_model(model: nn.Module, decay: float) -> WeightEMA | None:
+    return WeightEMA(model, decay) if decay else None
 
 
 @torch.no_grad()

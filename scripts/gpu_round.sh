@@ -163,8 +163,9 @@ if cuda:
     torch.cuda.set_sync_debug_mode("warn")      # a warning at every operation that waits for the GPU
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
+    # EMA (off by default) is on so that its per-step update is counted too
     result = fit(arch="resnet34_unet", img_size=size, epochs=2, log_every=10**6, output_dir=runs, device=device,
-                 run_name="syncs", cache_dir=f"{runs}/cache", progress=False, data_dir=data)
+                 run_name="syncs", cache_dir=f"{runs}/cache", progress=False, data_dir=data, ema=0.999)
 if cuda:
     torch.cuda.set_sync_debug_mode(0)
 steps = 2 * (result.summary["train_images"] // result.run.read_config().batch_size)

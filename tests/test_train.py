@@ -27,7 +27,7 @@ from labseg.models.resnet34_unet import ResNet34UNet
 from labseg.recipes import recipe_for
 from labseg.runs import (CheckpointError, CheckpointWriter, RunDir, default_checkpoint, load_checkpoint, load_weights,
                          save_checkpoint)
-from labseg.train import (TrainingDiverged, _amp_dtype, _epochs_since_best, _frozen_batchnorm_stats, _merge_resumed,
+from labseg.train import (TrainingDiverged, WeightEMA, _amp_dtype, _epochs_since_best, _frozen_batchnorm_stats, _merge_resumed,
                           _sam_ascent, fit, load_optimizer_state, lr_factor)
 from labseg.machine import channels_last_for
 from labseg.transforms import BatchAugment
@@ -420,6 +420,34 @@ def test_resume_of_an_ema_run_continues_the_raw_weights(tiny, monkeypatch):
     monkeypatch.setattr(labseg.train, "load_weights", spy)
     fit(arch="resnet34_unet", ema=0.5, run_name="ema", resume=True, **{**tiny, "epochs": 3})
     assert torch.equal(started_from[name], ckpt["raw_model"][name])
+
+
+def test_weight_ema_averages_as_torchs_ema_does_and_keeps_its_state_dict():
+    """WeightEMA is AveragedModel + get_ema_multi_avg_fn without the per-step host-device sync:
+    the same weights and BatchNorm statistics after each update, and checkpoints that load either way."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    ours = WeightEMA(model, 0.9)
+    theirs = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=True)
+    first = model[0].weight.detach().clone()
+    for step in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(2, 3, 8, 8))          # moves BatchNorm's running statistics
+        ours.update_parameters(model)
+        theirs.update_parameters(model)
+        for name, value in theirs.state_dict().items():
+            if value.is_floating_point():
+                assert torch.allclose(ours.state_dict()[name], value, rtol=0, atol=1e-6), (step, name)
+    assert ours.state_dict().keys() == theirs.state_dict().keys() and ours.n_averaged.item() == 4
+    # an average, not a copy of the last weights nor the first
+    assert not torch.allclose(ours.module[0].weight, model[0].weight)
+    assert not torch.allclose(ours.module[0].weight, first)
+    # the step count is copied (torch's blend truncates it), the counter stays on the CPU
+    assert ours.module[1].num_batches_tracked.item() == 4 and ours.n_averaged.device.type == "cpu"
+    theirs.load_state_dict(ours.state_dict())
 
 
 def test_sam_ascent_moves_the_weights_rho_along_the_gradient():
