@@ -23,29 +23,37 @@ def _binary(pred: torch.Tensor, threshold: float, from_logits: bool) -> torch.Te
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1) if x.dim() > 2 else x.reshape(1, -1) if x.dim() == 1 else x
+    """Images × pixels: N×H×W or N×1×H×W are N images; one H×W mask (2-D, or 1-D) is one image."""
+    return x.reshape(x.shape[0], -1) if x.dim() > 2 else x.reshape(1, -1)
+
+
+def _pair(pred: torch.Tensor, target: torch.Tensor, threshold: float, from_logits: bool):
+    p, g = _flat(_binary(pred, threshold, from_logits)), _flat(target > 0.5)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction of shape {tuple(pred.shape)} and target of shape {tuple(target.shape)} "
+                         f"differ in images or pixels ({tuple(p.shape)} against {tuple(g.shape)} as images × "
+                         "pixels): expected masks of the same size, N×H×W or N×1×H×W, or one H×W mask each")
+    return p, g
 
 
 def per_image_dice(pred, target, threshold: float = 0.5, from_logits: bool = False) -> torch.Tensor:
-    """Dice of each image (N values). ``pred`` holds probabilities, logits or booleans; N×... shapes."""
-    p = _flat(_binary(pred, threshold, from_logits)).float()
-    g = _flat(target > 0.5).float()
+    """Dice of each image (N values). ``pred`` holds probabilities, logits or booleans, N×H×W or
+    N×1×H×W; a 2-D H×W mask is one image."""
+    p, g = (m.float() for m in _pair(pred, target, threshold, from_logits))
     inter = (p * g).sum(1)
     total = p.sum(1) + g.sum(1)
     return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
 
 
 def per_image_iou(pred, target, threshold: float = 0.5, from_logits: bool = False) -> torch.Tensor:
-    p = _flat(_binary(pred, threshold, from_logits)).float()
-    g = _flat(target > 0.5).float()
+    p, g = (m.float() for m in _pair(pred, target, threshold, from_logits))
     inter = (p * g).sum(1)
     union = p.sum(1) + g.sum(1) - inter
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
 def per_image_accuracy(pred, target, threshold: float = 0.5, from_logits: bool = False) -> torch.Tensor:
-    p = _flat(_binary(pred, threshold, from_logits))
-    g = _flat(target > 0.5)
+    p, g = _pair(pred, target, threshold, from_logits)
     return (p == g).float().mean(1)
 
 
@@ -64,7 +72,6 @@ def pixel_accuracy(pred, target, threshold: float = 0.5, from_logits: bool = Fal
 
 def pooled_dice(pred, target, threshold: float = 0.5, from_logits: bool = False) -> float:
     """Dice over all pixels of the batch at once (shown only to contrast with ``dice_score``)."""
-    p = _binary(pred, threshold, from_logits).float()
-    g = (target > 0.5).float()
+    p, g = (m.float() for m in _pair(pred, target, threshold, from_logits))
     total = p.sum() + g.sum()
     return 1.0 if total == 0 else (2 * (p * g).sum() / total).item()

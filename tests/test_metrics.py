@@ -32,6 +32,19 @@ def test_threshold_at_half_and_logits():
     assert dice_score(probs, target, threshold=0.95) == 0.0
 
 
+def test_one_hxw_mask_is_one_image_and_mismatched_sizes_are_refused():
+    # a student's single mask: 2·2 / (3 + 3) over the whole image, not one Dice per row
+    pred = torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 0]])
+    target = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 0]])
+    assert dice_score(pred, target) == pytest.approx(2 / 3)
+    assert iou_score(pred, target) == pytest.approx(2 / 4)
+    assert dice_score(pred, target) == dice_score(pred[None, None], target[None, None])
+    with pytest.raises(ValueError, match=r"prediction of shape \(2, 1, 4, 4\) and target of shape \(2, 1, 8, 8\)"):
+        dice_score(torch.ones(2, 1, 4, 4), torch.ones(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="differ in images or pixels"):
+        pooled_dice(torch.ones(2, 16), torch.ones(4, 4, 2))
+
+
 def test_per_image_mean_differs_from_pooled():
     # one big pet found perfectly, one small pet missed completely
     big = [1] * 90 + [0] * 10
