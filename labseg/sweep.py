@@ -15,7 +15,7 @@ import itertools
 import re
 from pathlib import Path
 
-from labseg.config import NONE_IS_A_CHOICE, resolve_path
+from labseg.config import NONE_IS_A_CHOICE, PATH_FIELDS, resolve_path
 from labseg.runs import RunDir
 
 
@@ -93,11 +93,15 @@ def expand(grid: dict[str, list]) -> list[dict]:
 
 
 def point_name(params: dict, prefix: str | None = None) -> str:
-    """A run name from the parameters: ``arch=unet+epochs=2+lr=0.001`` (keys sorted)."""
-    def fmt(v):
+    """A run name from the parameters: ``arch=unet+epochs=2+lr=0.001`` (keys sorted). A folder
+    is named by its last part (``data_dir=oxford-pets-3breed``), not its whole path: two folders
+    of one name in one sweep's output are told apart by :func:`recorded_differs`."""
+    def fmt(k, v):
+        if k in PATH_FIELDS and isinstance(v, (str, Path)) and Path(str(v)).name:
+            return Path(str(v)).name
         return f"{v:g}" if isinstance(v, float) else str(v)
 
-    name = "+".join(f"{k}={fmt(v)}" for k, v in sorted(params.items()) if k not in ("run_name",))
+    name = "+".join(f"{k}={fmt(k, v)}" for k, v in sorted(params.items()) if k not in ("run_name",))
     # the folder's own name, prefix included: a rerun finds the point it finished
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{prefix}+{name}" if prefix else name)
 
@@ -127,6 +131,30 @@ def is_finished(folder: Path) -> bool:
     return "best_valid_dice" in (RunDir(folder).read_summary() or {}) and not (folder / "failed.json").exists()
 
 
+# Settings that change where a run reads and writes or how fast it goes, not what it learns; a
+# run records the device it resolved ("cpu" for "auto"), so these are not compared.
+WHERE_AND_HOW_FAST = ("device", "num_threads", "log_every", "compile", "checkpoint_every", "output_dir", "cache_dir")
+
+
+def recorded_differs(folder: Path, params: dict) -> str | None:
+    """What the run recorded in ``folder`` set otherwise than ``params`` asks, or None: a point's
+    name does not hold every digit of a value or the whole path of a folder, so a finished run of
+    that name may be of another point (``data_dir=/a/pets`` against ``/b/pets``)."""
+    try:
+        recorded = RunDir(folder).read_config().to_dict()
+    except (OSError, ValueError) as e:      # RunRecordError, ConfigError: say so rather than skip
+        return f"its config.json cannot be read ({e})"
+    for key, asked in params.items():
+        if key not in recorded or key in WHERE_AND_HOW_FAST or asked is None:
+            continue
+        theirs = recorded[key]
+        if key in PATH_FIELDS and theirs is not None:
+            asked, theirs = resolve_path(asked), resolve_path(theirs)
+        if asked != theirs:
+            return f"it was trained with {key}={recorded[key]!r}, this point asks for {params[key]!r}"
+    return None
+
+
 def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, force: bool = False,
               prefix: str | None = None, progress: bool = True) -> list[dict]:
     """Run every point of ``grid`` through 04_train; return one result dict per point."""
@@ -139,6 +167,14 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
     for i, params in enumerate(points, 1):
         name = point_name(params, prefix)
         folder = root / name
+        other = recorded_differs(folder, params) if not force and is_finished(folder) else None
+        if other:
+            results.append({"run": name, "status": "failed", "best_valid_dice": None, "folder": str(folder),
+                            "error": f"{folder} holds another run: {other}; give the sweep a --prefix of its "
+                                     "own (or --output-dir) to keep the two apart", **params})
+            if progress:
+                print(f"labseg sweep: {name}: failed; {results[-1]['error']}", flush=True)
+            continue
         if not force and is_finished(folder):
             status = "done before (skipped; --force redoes it)"
         else:

@@ -59,6 +59,14 @@ def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root
     again = run_sweep({**grid, "arch": ["unet"]}, output_dir=runs, progress=False)
     assert again[0]["status"].startswith("done before")
     assert (ok / "summary.json").stat().st_mtime_ns == mtime
+    # a folder is named by its last part; another folder of that name is another point, not skipped
+    assert f"data_dir={synthetic_root.name}+" in good["run"] and str(tmp_path) not in good["run"]
+    elsewhere = tmp_path / "elsewhere" / synthetic_root.name
+    (other,) = run_sweep({**grid, "data_dir": [str(elsewhere)]}, output_dir=runs, progress=False)
+    assert other["run"] == good["run"] and other["status"] == "failed"
+    assert f"holds another run: it was trained with data_dir={str(synthetic_root)!r}" in other["error"]
+    assert f"this point asks for {str(elsewhere)!r}; give the sweep a --prefix" in other["error"]
+    assert (ok / "summary.json").stat().st_mtime_ns == mtime
 
 
 def test_invalid_points_stop_the_sweep_before_any_run(tmp_path):
