@@ -11,6 +11,7 @@ while training leaves ``failed.json`` in its folder and the sweep goes on.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 from pathlib import Path
@@ -92,18 +93,24 @@ def expand(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def point_name(params: dict, prefix: str | None = None) -> str:
+MAX_NAME = 200      # characters of a point's folder name, below the 255 bytes of most file systems
+
+
+def point_name(params: dict, prefix: str | None = None, whole_paths: bool = False) -> str:
     """A run name from the parameters: ``arch=unet+epochs=2+lr=0.001`` (keys sorted). A folder
     is named by its last part (``data_dir=oxford-pets-3breed``), not its whole path: two folders
     of one name in one sweep's output are told apart by :func:`recorded_differs`."""
     def fmt(k, v):
-        if k in PATH_FIELDS and isinstance(v, (str, Path)) and Path(str(v)).name:
+        if k in PATH_FIELDS and isinstance(v, (str, Path)) and Path(str(v)).name and not whole_paths:
             return Path(str(v)).name
         return f"{v:g}" if isinstance(v, float) else str(v)
 
     name = "+".join(f"{k}={fmt(k, v)}" for k, v in sorted(params.items()) if k not in ("run_name",))
     # the folder's own name, prefix included: a rerun finds the point it finished
-    return re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{prefix}+{name}" if prefix else name)
+    name = re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{prefix}+{name}" if prefix else name)
+    if len(name) > MAX_NAME:    # file systems stop at 255 bytes: the start, and a digest of the whole
+        name = f"{name[:MAX_NAME - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
 
 
 def check_points(points: list[dict]) -> None:
@@ -167,6 +174,10 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
     for i, params in enumerate(points, 1):
         name = point_name(params, prefix)
         folder = root / name
+        # a folder named as sweeps named them before session 35 (whole paths) is found again too
+        before = root / point_name(params, prefix, whole_paths=True)
+        if not folder.exists() and before.exists():
+            name, folder = before.name, before
         other = recorded_differs(folder, params) if not force and is_finished(folder) else None
         if other:
             results.append({"run": name, "status": "failed", "best_valid_dice": None, "folder": str(folder),

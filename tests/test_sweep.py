@@ -17,6 +17,9 @@ def test_parse_sets_and_yaml(tmp_path):
     points = expand(grid)
     assert len(points) == 4 and points[1] == {"arch": "unet", "lr": 0.0003, "epochs": 2}
     assert point_name(points[1]) == "arch=unet+epochs=2+lr=0.0003"
+    # a name longer than a file system takes keeps its start and a digest of the whole
+    long_a, long_b = (point_name({"arch": "unet", "run_note": "x" * 300 + end}) for end in "ab")
+    assert len(long_a) == 200 and long_a.startswith("arch=unet+run_note=xxx") and long_a != long_b
     with pytest.raises(SweepError):
         parse_sets(["arch"])
 
@@ -59,6 +62,13 @@ def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root
     again = run_sweep({**grid, "arch": ["unet"]}, output_dir=runs, progress=False)
     assert again[0]["status"].startswith("done before")
     assert (ok / "summary.json").stat().st_mtime_ns == mtime
+    # a point finished under the name sweeps gave before (the whole path) is found, not trained again
+    old_name = point_name({k: v[0] for k, v in grid.items()}, whole_paths=True)
+    assert old_name != good["run"] and str(synthetic_root).replace("/", "_") in old_name
+    (ok).rename(runs / old_name)
+    (found,) = run_sweep(grid, output_dir=runs, progress=False)
+    assert found["status"].startswith("done before") and found["run"] == old_name
+    (runs / old_name).rename(ok)
     # a folder is named by its last part; another folder of that name is another point, not skipped
     assert f"data_dir={synthetic_root.name}+" in good["run"] and str(tmp_path) not in good["run"]
     elsewhere = tmp_path / "elsewhere" / synthetic_root.name
