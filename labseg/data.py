@@ -117,13 +117,22 @@ def check_layout(root: str | Path) -> Path:
     if root.exists() and not root.is_dir():
         raise DatasetLayoutError(f"{root} is a file; expected the dataset's folder, with images/ and "
                                  "annotations/ (trimaps/, trainval.txt, test.txt) inside")
-    # folders must be folders and split files files (a folder named trainval.txt is missing it)
-    missing = [p for p in ("images", "annotations/trimaps", "annotations/trainval.txt", "annotations/test.txt")
-               if not ((root / p).is_file() if p.endswith(".txt") else (root / p).is_dir())]
+    missing = _missing_parts(root)
     if missing:
         what = "does not exist" if not root.exists() else "is missing " + ", ".join(missing)
+        # a folder inside the dataset (images/, annotations/trimaps/) given for the dataset's own
+        above = next((up for up in root.parents[:2] if not _missing_parts(up)), None) if root.exists() else None
+        if above is not None:
+            raise DatasetLayoutError(f"dataset folder {root} is {root.relative_to(above)}/ inside the dataset "
+                                     f"at {above}, not the dataset's own folder; give {above} instead")
         raise DatasetLayoutError(f"dataset folder {root} {what}.\n" + layout_help(root))
     return root
+
+
+def _missing_parts(root: Path) -> list[str]:
+    # folders must be folders and split files files (a folder named trainval.txt is missing it)
+    return [p for p in ("images", "annotations/trimaps", "annotations/trainval.txt", "annotations/test.txt")
+            if not ((root / p).is_file() if p.endswith(".txt") else (root / p).is_dir())]
 
 
 def read_split_file(path: str | Path) -> list[tuple[str, int, int]]:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from labseg import data
-from labseg.data import (BORDER, PET, BadSampleError, Batches, CachedSplit, DatasetLayoutError,
+from labseg.data import (BORDER, PET, BadSampleError, Batches, CachedSplit, DatasetLayoutError, check_layout,
                          Record, balanced_subset, denormalize, load_image, load_split, load_trimap, read_records,
                          read_split_file, split_trainval, trimap_to_labels, trimap_to_mask)
 from labseg.transforms import BatchAugment
@@ -310,6 +310,16 @@ def test_wrongly_laid_out_folder(tmp_path):
     message = str(info.value)
     assert "is missing" in message and "annotations/trimaps" in message.split("\n")[0]
     _assert_layout_help(message, root)
+
+
+@pytest.mark.parametrize("inside", ["images", "annotations", "annotations/trimaps"])
+def test_a_folder_inside_the_dataset_is_pointed_to_the_dataset(synthetic_root, inside):
+    """--data .../images (a likely slip) names the dataset's own folder, not a download into images/."""
+    with pytest.raises(DatasetLayoutError) as info:
+        check_layout(synthetic_root / inside)
+    assert str(info.value) == (f"dataset folder {synthetic_root / inside} is {inside}/ inside the dataset at "
+                               f"{synthetic_root}, not the dataset's own folder; give {synthetic_root} instead")
+    assert "labseg download" not in str(info.value)
 
 
 def test_missing_list_file_and_bad_split_name(small_root):
