@@ -390,7 +390,7 @@ def _joined_negative_budget(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     from labseg.config import ConfigError
-    from labseg.data import DatasetLayoutError
+    from labseg.data import BadSampleError, DatasetLayoutError
     from labseg.runs import CheckpointError, RunExistsError, RunRecordError
     from labseg.download import DownloadError
     from labseg.sweep import SweepError
@@ -411,7 +411,7 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         return args.func(args) or 0
-    except (ConfigError, DatasetLayoutError, CheckpointError, RunExistsError, RunRecordError, TrainingDiverged,
+    except (ConfigError, DatasetLayoutError, BadSampleError, CheckpointError, RunExistsError, RunRecordError, TrainingDiverged,
             DownloadError, SweepError, NotebookFailed, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"labseg: error: {e}", file=sys.stderr)
         return 2

@@ -306,6 +306,8 @@ def load_image(path: str | Path, upright: bool = False, reduce: bool = False) ->
     except BadSampleError:
         raise
     except Exception as e:  # PIL raises many types for broken files; all mean "unusable"
+        if path.is_file() and path.stat().st_size == 0:
+            raise BadSampleError(f"{path}: empty file (0 bytes); expected an image") from None
         raise BadSampleError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 

@@ -179,7 +179,7 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     plain = score(probs, cached)
     # "tta" names the flip-TTA variant below; the plain scores carry no flag of that name.
     plain_scores = {k: v for k, v in plain.summary().items() if k != "tta"}
-    result = {"run": run.name, "arch": config.arch, "split": split, "checkpoint": which,
+    result = {"run": run.name, "arch": config.arch, "split": split, "checkpoint": which, "img_size": config.img_size,
               "data_dir": str(data_dir), "skipped_pairs": len(cached.skipped), **plain_scores}
     if tta:
         probs_tta = predict_probs(model, batches, tta=True, progress=progress, desc=f"{split}, flip TTA")
@@ -272,7 +272,9 @@ def run_split(config: RunConfig, split: str, data_dir, progress: bool) -> Cached
 
 def format_result(result: dict) -> str:
     """A few readable lines: overall, per species, per breed (and TTA / tuned threshold)."""
-    lines = [f"{result['run']} {result['checkpoint']}.pt on {result['split']} ({result['images']} images): "
+    # scored at the run's img_size, against the trimaps resized to it (docs/results.md)
+    at = f" at {result['img_size']} px" if result.get("img_size") else ""
+    lines = [f"{result['run']} {result['checkpoint']}.pt on {result['split']} ({result['images']} images{at}): "
              f"Dice {result['dice']:.4f}  IoU {result['iou']:.4f}  accuracy {result['accuracy']:.4f}"
              + (f"  (the same file as {result['same_weights_as']}.pt: its evaluation)"
                 if result.get("same_weights_as") else "")]
@@ -381,7 +383,8 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
                    device="auto", progress: bool = True, output_dir: str | Path = "outputs/runs") -> Predictions:
     """Predict masks for one image or every image in a folder; save ``<name>_mask.png`` (0/255)
     and ``<name>_overlay.png`` at the original resolution (``<name>_<ext>_...`` where two files
-    share a name, e.g. ``a.jpg`` and ``a.png``). Unreadable files are skipped and reported.
+    share a name, e.g. ``a.jpg`` and ``a.png``). Unreadable files in a folder are skipped and
+    reported; one unreadable image given alone raises :class:`~labseg.data.BadSampleError`.
     ``postprocess`` keeps one pet per image (:func:`labseg.postprocess.clean_mask`)."""
     from tqdm.auto import tqdm
 
@@ -413,6 +416,8 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
             image = load_image(path, upright=True, reduce=True)
             full = upright_size(path)
         except BadSampleError as e:
+            if not source.is_dir():     # the one image asked for: an error, not a note and a repeat
+                raise
             log.warning(f"skipped {e}")
             skipped.append(str(e))
             continue

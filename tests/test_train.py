@@ -880,10 +880,11 @@ def test_cli_train_evaluate_predict(synthetic_root, tmp_path):
                   *common)
     assert out.returncode == 0, out.stderr
     run = tmp_path / "runs" / "cli"
-    assert "cli best.pt on test (24 images): Dice" in out.stdout and "cli last.pt on test (24 images)" in out.stdout
+    assert "cli best.pt on test (24 images at 32 px): Dice" in out.stdout
+    assert "cli last.pt on test (24 images at 32 px)" in out.stdout
     assert "this run's checkpoint is last.pt (stop: completed all epochs; scheduler cosine)" in out.stdout
     # one epoch: best.pt and last.pt are one save's bytes, evaluated once and recorded for both
-    assert "cli last.pt on test (24 images): Dice" in out.stdout and "(the same file as best.pt" in out.stdout
+    assert "cli last.pt on test (24 images at 32 px): Dice" in out.stdout and "(the same file as best.pt" in out.stdout
     evaluated = {which: json.loads((run / name).read_text())
                  for which, name in (("best", "eval_test.json"), ("last", "eval_test_last.json"))}
     assert evaluated["last"].pop("same_weights_as") == "best" and "same_weights_as" not in evaluated["best"]
@@ -893,7 +894,7 @@ def test_cli_train_evaluate_predict(synthetic_root, tmp_path):
         (run / name).unlink()                         # the evaluate commands below write them again
     out = _labseg("evaluate", str(run), "--tta", "--tune-threshold")  # the run's own: its cosine schedule finished
     assert out.returncode == 0, out.stderr
-    assert "cli last.pt on test (24 images): Dice" in out.stdout
+    assert "cli last.pt on test (24 images at 32 px): Dice" in out.stdout
     for breed in ("Blobcat", "Stripecat", "fluffy_dog", "spot_dog", "cat", "dog"):
         assert f"  {breed} " in out.stdout
     assert "with flip TTA" in out.stdout and "tuned on valid" in out.stdout and "flip TTA + threshold" in out.stdout
@@ -939,6 +940,15 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys, mon
     assert sorted(p.name for p in pictures.glob("*_mask*.png")) == ["a_jpg_mask.png", "a_png_mask.png"]
     out = _main(capsys, "predict", "p", str(pictures), "--out", str(pictures / "a.jpg"), *runs)
     assert out.returncode == 2 and f"--out {pictures / 'a.jpg'} is a file; expected a folder" in out.stderr
+    # one unreadable image given alone: one error line, no "0 masks written" and no repeat
+    (pictures / "empty.jpg").write_bytes(b"")
+    for name, reason in (("notes.jpg", "cannot decode image (UnidentifiedImageError"),
+                         ("empty.jpg", "empty file (0 bytes); expected an image")):
+        out = _main(capsys, "predict", "p", str(pictures / name), "--out", str(tmp_path / "one"), *runs)
+        assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
+        assert f"labseg: error: {pictures / name}: {reason}" in out.stderr
+        assert "skipped" not in out.stderr and "could not be read" not in out.stderr
+    (pictures / "empty.jpg").unlink()
     for args, expected in ((["--img-size", "50"], "img_size=50: must be divisible by 32 (ResNet34-UNet halves the size 5 times, UNet 4; one rule for both); try 32 or 64 (or leave it unset"),
                            (["--threshold", "2"], "threshold=2.0: expected a probability between 0 and 1")):
         out = _main(capsys, "predict", str(run.path), str(pictures / "a.jpg"), "--out", str(tmp_path / "x"), *args)
