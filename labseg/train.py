@@ -643,9 +643,6 @@ def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distribute
     # the run started is no reason to refuse (or alter) the resume
     recorded = run.read_config()
     config = _merge_resumed(recorded, asked).validate()
-    if dist.is_main and not _same_value("data_dir", config.data_dir, recorded.data_dir):
-        print(f"labseg: the dataset is now read from {config.data_dir} (the run started on {recorded.data_dir}); "
-              "its valid split is the same for the same images")
     try:
         resumed = load_checkpoint(run.checkpoint(which))
     except CheckpointError as e:
@@ -672,6 +669,11 @@ def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distribute
     if which == "last" and (newer := _newer_best(run, resumed)) is not resumed:
         resumed, which = newer, "best"
     _check_not_finished(run, resumed, config)
+    if not _same_value("data_dir", config.data_dir, recorded.data_dir):
+        check_layout(config.data_dir)      # announced once the resume can go on, and the folder is a dataset
+        if dist.is_main:
+            print(f"labseg: the dataset is now read from {config.data_dir} (the run started on "
+                  f"{recorded.data_dir}); its valid split is the same for the same images")
     return run, config, resumed, run.checkpoint(which)
 
 

@@ -326,13 +326,22 @@ def test_default_checkpoint_is_last_only_after_a_finished_decaying_schedule(sche
     assert default_checkpoint(scheduler, stop_reason) == expected
 
 
-def test_a_resume_goes_on_with_the_images_it_started_on(tiny, tmp_path):
+def test_a_resume_goes_on_with_the_images_it_started_on(tiny, tmp_path, capsys):
     """A moved dataset resumes; another one (here one image fewer) is refused before anything in
     the run folder changes: its valid Dice would have been compared with the old epochs'."""
     import shutil
 
     run = fit(arch="unet", run_name="same", **{**tiny, "epochs": 1}).run
     config_before = (run.path / "config.json").read_bytes()
+    capsys.readouterr()
+    # a folder that is no dataset is refused without first being announced as the new one
+    with pytest.raises(labseg.data.DatasetLayoutError, match="does not exist"):
+        fit(arch="unet", run_name="same", resume=True, **{**tiny, "epochs": 2, "data_dir": str(tmp_path / "nope")})
+    assert "is now read from" not in capsys.readouterr().out
+    # a run with nothing left to train says only that
+    with pytest.raises(ConfigError, match="already trained all its 1 epochs"):
+        fit(arch="unet", run_name="same", resume=True, **{**tiny, "epochs": 1, "data_dir": str(tmp_path / "nope")})
+    assert "is now read from" not in capsys.readouterr().out
     other = tmp_path / "other"
     shutil.copytree(tiny["data_dir"], other)
     listed = (other / "annotations" / "trainval.txt").read_text().splitlines()
@@ -345,6 +354,7 @@ def test_a_resume_goes_on_with_the_images_it_started_on(tiny, tmp_path):
     shutil.copytree(tiny["data_dir"], moved)
     result = fit(arch="unet", run_name="same", resume=True, **{**tiny, "epochs": 2, "data_dir": str(moved)})
     assert [r["epoch"] for r in result.history] == [1, 2] and run.read_config().data_dir == str(moved)
+    assert f"labseg: the dataset is now read from {moved} (the run started on " in capsys.readouterr().out
 
 
 def test_a_budget_that_stopped_with_the_lr_still_high_is_judged_by_best_pt():
