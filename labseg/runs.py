@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from labseg.config import (BEFORE_OPTION_EXISTED, CHECKPOINTS, UMASK, RunConfig, _is_number, check_choice,
-                           resolve_path)
+from labseg.config import (BEFORE_OPTION_EXISTED, CHECKPOINTS, UMASK, ConfigError, RunConfig, _is_number,
+                           check_choice, resolve_path)
 
 CHECKPOINT_FORMAT = 1
 
@@ -301,9 +301,13 @@ def _claim(folder: Path) -> bool:
     A folder that exists but was never claimed (papermill creates it to hold the executed
     notebook before the notebook starts the run) can still be claimed, once.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     try:
-        os.close(os.open(folder / ".claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:    # a parent that cannot hold folders (/proc, a file, read-only, no permission)
+        raise ConfigError(f"output_dir={str(folder.parent)!r}: cannot create the run folder {folder} there "
+                          f"({e.strerror or e}); expected a folder this user can write to") from None
+    try:
+        os.close(os.open(folder / ".claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))    # umask applies
         return True
     except FileExistsError:
         return False

@@ -112,3 +112,22 @@ def test_ctrl_c_twice_while_a_checkpoint_is_written_still_finishes_it(tmp_path, 
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
     assert not list(tmp_path.glob(".*.tmp"))
     assert "finishing the checkpoint being written first" in capsys.readouterr().err
+
+
+def test_a_run_folder_that_cannot_be_made_names_the_output_dir(tmp_path):
+    """--output-dir under a file (or /proc, a read-only disk): what cannot be made, and why; the
+    claim marker is an ordinary file (0644 under umask 022), not an executable."""
+    from labseg.config import ConfigError
+    from labseg.runs import RunDir
+
+    (tmp_path / "afile").write_text("")
+    runs = tmp_path / "afile" / "runs"
+    with pytest.raises(ConfigError, match=rf"output_dir='{runs}': cannot create the run folder {runs / 'r'} there "
+                                          r"\(Not a directory\); expected a folder this user can write to"):
+        RunDir.create(runs, "r")
+    previous = os.umask(0o022)
+    try:
+        run = RunDir.create(tmp_path / "runs", "r")
+    finally:
+        os.umask(previous)
+    assert (run.path / ".claimed").stat().st_mode & 0o777 == 0o644
