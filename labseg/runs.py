@@ -448,7 +448,7 @@ class RunDir:
         for row in history:
             keys += [k for k in row if k not in keys]
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=keys)
+        writer = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")    # Unix line ends (csv's own are \r\n)
         writer.writeheader()
         writer.writerows(history)
         atomic_write_text(self.path / "metrics.csv", out.getvalue())

@@ -65,6 +65,7 @@ def test_run_folder_records(tiny):
         assert (run.path / name).is_file(), name
     assert [r["epoch"] for r in run.read_metrics()] == [1, 2]
     assert len((run.path / "metrics.csv").read_text().strip().splitlines()) == 3
+    assert b"\r" not in (run.path / "metrics.csv").read_bytes()          # plain \n line ends
     assert run.read_config().arch == "unet"
     summary = run.read_summary()
     assert summary["epochs_run"] == 2 and summary["best_epoch"] in (1, 2)
