@@ -117,7 +117,7 @@ def parse_extra(extra) -> dict:
 
 
 def parse_duration(value) -> float | None:
-    """'25m', '1h30m', '90s', '1.5h' or a number of seconds -> seconds (None for no budget)."""
+    """'25m', '1h30m' (or '1h30'), '90s', '1.5h' or a number of seconds -> seconds (None for no budget)."""
     if isinstance(value, bool):         # True is 1 to Python: one second, not "a budget"
         raise ConfigError(f"time_budget={value!r}: expected a duration such as '25m', '1h30m', '90s' or seconds")
     if value is None or value == "" or value == 0:
@@ -129,8 +129,12 @@ def parse_duration(value) -> float | None:
     text = str(value).strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return float(text)
+    # a bare number after hours is minutes, after minutes seconds, as a clock reads: 1h30, 25m30
+    text = re.sub(r"([hm])\s*(\d+(?:\.\d+)?)$", lambda m: f"{m[1]}{m[2]}{'m' if m[1] == 'h' else 's'}", text)
     parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text)
-    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+    units = [u for _, u in parts]
+    if (not parts or "".join(n + u for n, u in parts) != text.replace(" ", "")
+            or units != sorted(set(units), key="hms".index)):      # each unit once, hours first
         raise ConfigError(
             f"time_budget={value!r}: expected a duration such as '25m', '1h30m', '90s' or seconds")
     scale = {"h": 3600.0, "m": 60.0, "s": 1.0}

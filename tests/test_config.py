@@ -83,8 +83,12 @@ def test_durations():
     assert parse_duration("90s") == 90
     assert parse_duration(12) == 12
     assert parse_duration(None) is None
-    with pytest.raises(ConfigError):
-        parse_duration("25 minutes")
+    # as a clock reads: a bare number after hours is minutes, after minutes seconds
+    assert parse_duration("1h30") == parse_duration("1h 30") == 5400
+    assert parse_duration("25m30") == 1530 and parse_duration("1h5m10") == 3910
+    for bad in ("25 minutes", "30h1h", "1h30x", "h30", "1s30"):
+        with pytest.raises(ConfigError):
+            parse_duration(bad)
 
 
 def test_unknown_keys_are_refused():
