@@ -1,4 +1,5 @@
-"""The training loop, read top to bottom in :func:`fit` (and its step loop, :func:`train_one_epoch`).
+"""The training loop, read top to bottom in :func:`_fit` (the loop proper starts at "the loop:"),
+and its step loop, :func:`train_one_epoch`; :func:`fit` checks the arguments and calls it.
 
     config → data (cached arrays, breed-stratified valid split) → model → optimizer → loop:
         for each epoch: train_one_epoch (augmented batches) → validate → records → checkpoints
@@ -531,12 +532,16 @@ def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, o
     loss_sum, steps, images, out_of_time = torch.zeros((), device=batches.device), 0, 0, False
     bar = tqdm(batches, desc=desc, leave=False, disable=not show_progress)
     for batch in bar:
-        factor = lr_factor(config.scheduler, clock.progress(), clock.step, warmup_steps, config.swa)
+        # this step's lr = base lr (ReduceLROnPlateau may have lowered it) × warm-up × schedule(progress)
+        factor = lr_factor(config.scheduler, clock.progress(), step=clock.step, warmup_steps=warmup_steps,
+                           swa_start=config.swa)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
 
         with _autocast(batches.device, amp_dtype):
-            out = step_model(batch.image)
+            out = step_model(batch.image)   # logits, or (logits, [aux logits]) with deep supervision
+        # loss_fn is the training loss (deep_supervised when the model has aux heads); outside
+        # autocast on purpose: each loss computes in fp32 (labseg.losses)
         loss = loss_fn(out, batch.target, batch.valid)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

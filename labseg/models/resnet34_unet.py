@@ -77,20 +77,23 @@ class ResNet34Encoder(nn.Module):
     def __init__(self, in_channels: int = 3, drop_path: float = 0.0, output_stride: int = 32):
         super().__init__()
         check_choice("output_stride", output_stride, OUTPUT_STRIDES)
-        # stochastic depth per block, 16 of them: the linear rule of Huang et al., 0 for the first
-        rates = [drop_path * i / (sum(self.blocks) - 1) for i in range(sum(self.blocks))]
+        # stochastic depth per block, 16 of them: the linear rule of Huang et al., 0 for the first;
+        # each layer takes the next ones, in order
+        n = sum(self.blocks)
+        rates = iter([drop_path * i / (n - 1) for i in range(n)])
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
                                   nn.BatchNorm2d(64), nn.ReLU(inplace=True))
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if output_stride == 32 else nn.Identity()
         self.in_ch = 64
-        self.layer1 = self._make_layer(64, 3, rates=rates[0:3])
-        self.layer2 = self._make_layer(128, 4, stride=2, rates=rates[3:7])
-        self.layer3 = self._make_layer(256, 6, stride=2, rates=rates[7:13])
-        self.layer4 = self._make_layer(512, 3, stride=2, rates=rates[13:16])
+        self.layer1 = self._make_layer(64, self.blocks[0], rates=rates)
+        self.layer2 = self._make_layer(128, self.blocks[1], stride=2, rates=rates)
+        self.layer3 = self._make_layer(256, self.blocks[2], stride=2, rates=rates)
+        self.layer4 = self._make_layer(512, self.blocks[3], stride=2, rates=rates)
 
     def _make_layer(self, out_ch: int, blocks: int, stride: int = 1, rates=None) -> nn.Sequential:
-        """``blocks`` BasicBlocks; the first changes the width (and halves the size when stride=2)."""
-        rates = rates if rates is not None else [0.0] * blocks
+        """``blocks`` BasicBlocks; the first changes the width (and halves the size when stride=2).
+        ``rates``: an iterator of drop-path rates, one taken per block (none: 0)."""
+        rates = [next(rates) for _ in range(blocks)] if rates is not None else [0.0] * blocks
         layers = [BasicBlock(self.in_ch, out_ch, stride, rates[0])]
         self.in_ch = out_ch
         layers += [BasicBlock(out_ch, out_ch, drop_path=rate) for rate in rates[1:]]

@@ -1,8 +1,11 @@
 """UNet (Ronneberger et al., 2015), as in the paper but with padded convolutions.
 
 Padding keeps every 3×3 convolution size-preserving, so the output has the input's size and the
-skips need no cropping. The paper has no normalisation layers; ``norm="batch"`` adds BatchNorm
-after each convolution, which trains much faster from scratch (see ``labseg.recipes``).
+skips need no cropping. The paper has no normalisation layers; ``norm="batch"`` (the default)
+adds BatchNorm after each convolution, which trains much faster from scratch (see
+``labseg.recipes``; ``norm="none"`` is the paper's). Also unlike the paper: no dropout at the end
+of the contracting path, one logit per pixel (sigmoid, BCE+Dice) instead of a two-class softmax
+with weighted cross-entropy, and He initialisation by fan-out (the paper's N is fan-in, 9·64).
 
 Shapes for a 3×256×256 input (N omitted)::
 
@@ -47,6 +50,7 @@ class Up(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, norm: str = "batch"):
         super().__init__()
         self.up = nn.ConvTranspose2d(in_ch, in_ch // 2, kernel_size=2, stride=2)
+        # the skip has out_ch channels: it is the encoder level of the size this block makes
         self.conv = DoubleConv(in_ch // 2 + out_ch, out_ch, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
