@@ -74,15 +74,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        left = ""
         if tmp is not None:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+            except OSError as gone:     # a folder made read-only meanwhile: say so, keep the real error
+                left = f" (its unfinished copy {tmp} could not be removed: {gone.strerror or gone})"
         if isinstance(e, OSError):
-            raise OSError(e.errno, f"could not write {path} ({len(data) / 2**20:.1f} MiB): "
-                                   f"{e.strerror or e}; the previous file, if any, is unchanged") from e
+            raise OSError(e.errno, f"could not write {path} ({_size(len(data))}): {e.strerror or e}; the "
+                                   f"previous file, if any, is unchanged{left}") from e
         raise
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} bytes"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -32,6 +32,26 @@ def test_atomic_write_replaces_the_file_and_never_rewrites_it_in_place(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "reader"]     # no temporary file left
 
 
+def test_a_write_that_fails_names_the_file_even_when_its_copy_cannot_be_removed(tmp_path, monkeypatch):
+    """A run folder made read-only while training: the rename fails, and so does removing the
+    unfinished copy; the error is still the write's (which file, the old one kept), not the removal's."""
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"old")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(os, "replace", refused)
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(OSError) as info:
+        atomic_write_bytes(path, b"x" * 3000)
+    monkeypatch.undo()
+    (copy,) = tmp_path.glob(".best.pt.*.tmp")
+    assert str(info.value) == (f"[Errno 13] could not write {path} (2.9 KiB): Permission denied; the previous "
+                               f"file, if any, is unchanged (its unfinished copy {copy} could not be removed: "
+                               "Permission denied)")
+    assert path.read_bytes() == b"old"
+
+
 def _recorded_run(root, name, dice=0.5, **config):
     from labseg.config import RunConfig
     from labseg.runs import RunDir
