@@ -418,6 +418,13 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
         for epoch in range(first_epoch, config.epochs + 1):
             train_batches.set_epoch(epoch)
             clock.tick()
+            # only on a resume: its last session had stopped, and was killed before writing the summary
+            if clock.budget and clock.seen >= clock.budget:
+                stop_reason = f"time budget of {config.time_budget} spent"
+                break
+            if config.patience and since_best >= config.patience:
+                stop_reason = f"early stopping: no {config.monitor} gain in {config.patience} epochs"
+                break
             _set_augment_phase(augment, config, clock.progress())
             epoch_start = time.perf_counter()
             try:
@@ -506,6 +513,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                 print(f"labseg: weights averaged over the last {int(swa.n_averaged)} epochs: valid_dice "
                       f"{scores['valid_dice']:.4f}{' (best: now best.pt)' if improved else ''}")
     if dist.is_main:
+        run.write_metrics(history)      # as last.pt holds it (a kill can leave metrics.csv behind .json)
         run.write_summary(summary)
         if progress:
             skipped = f"skipped {summary['skipped_pairs']} unusable pairs; " if summary["skipped_pairs"] else ""
@@ -673,7 +681,10 @@ def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distribute
                               "state): it cannot be resumed")
     if which == "last" and (newer := _newer_best(run, resumed)) is not resumed:
         resumed, which = newer, "best"
-    _check_not_finished(run, resumed, config)
+    if _check_not_finished(run, resumed, config) and dist.is_main:
+        print(f"labseg: run {run.path.name} has trained all it was asked to (epoch {resumed['epoch']} in "
+              f"{run.checkpoint(which).name}) but its session stopped before writing summary.json; "
+              "writing it now, without training")
     if not _same_value("data_dir", config.data_dir, recorded.data_dir):
         check_layout(config.data_dir)      # announced once the resume can go on, and the folder is a dataset
         if dist.is_main:
@@ -788,13 +799,19 @@ def _same_value(name: str, asked, recorded) -> bool:
     return asked == recorded
 
 
-def _check_not_finished(run: RunDir, start: dict, config: RunConfig) -> None:
-    """Refuse to resume a run that has nothing left to train, saying how to train it further."""
+def _check_not_finished(run: RunDir, start: dict, config: RunConfig) -> bool:
+    """Refuse to resume a run that has nothing left to train, saying how to train it further.
+    True for a run that has trained all it was asked to but has no summary of it (killed, or a full
+    disk, after its last checkpoint): the resume trains nothing and writes the summary."""
     done, budget = start["epoch"], config.time_budget_s
     recorded, summary = _stopped_under(run, start), run.read_summary()
     # why the run stopped, if its summary is of the checkpoint resumed from (not of an older session)
-    stopped = (summary.get("stop_reason") or "") if summary.get("epochs_run") == done else ""
-    if config.epochs < UNTIL_BUDGET and done >= config.epochs:
+    summarised = summary.get("epochs_run") == done
+    stopped = (summary.get("stop_reason") or "") if summarised else ""
+    trained_all = config.epochs < UNTIL_BUDGET and done >= config.epochs
+    if not summarised and (trained_all or (budget and start.get("elapsed", 0.0) >= budget)):
+        return True
+    if trained_all:
         raise ConfigError(f"run {run.path.name} has already trained all its {config.epochs} epochs; to train "
                           f"it further, resume with more (--epochs N with N > {done}), or evaluate it")
     if budget and (start.get("elapsed", 0.0) >= budget or (stopped.startswith("time budget")
@@ -804,6 +821,7 @@ def _check_not_finished(run: RunDir, start: dict, config: RunConfig) -> None:
     if stopped.startswith("early stopping") and config.patience and config.patience <= recorded.patience:
         raise ConfigError(f"run {run.path.name} stopped early ({stopped}); to train it further, resume with a "
                           f"larger --patience (now {config.patience}) or --patience 0, or evaluate it")
+    return False
 
 
 def _stopped_under(run: RunDir, start: dict) -> RunConfig:

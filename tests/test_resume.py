@@ -5,6 +5,8 @@ A resume must bring back everything that steers the next step: the weights, the 
 early-stopping count and the time already spent. The runs here are the tiny synthetic ones of
 tests/test_train.py, two epochs at most per ``fit`` call.
 """
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -98,6 +100,11 @@ def test_resume_counts_the_time_already_spent(tiny):
     assert 1000 <= load_checkpoint(run.checkpoint("last"))["elapsed"] < 1060
 
 
+def _stop_after_epoch_2(history):
+    if len(history) == 2:
+        raise _Stop
+
+
 def _stop_after_epoch_3(history):
     if len(history) == 3:
         raise _Stop
@@ -139,3 +146,33 @@ def test_a_resume_killed_before_its_first_checkpoint_can_be_asked_again(tiny):
     assert run.read_config().patience == 4 and load_checkpoint(run.checkpoint("last"))["epoch"] == 2
     result = fit(run_name="p", resume=True, **{**args, "epochs": 6, "patience": 4})
     assert [r["epoch"] for r in result.history][:3] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("stopped_by", ["epochs", "time budget"])
+def test_a_run_killed_before_its_summary_is_finished_by_a_resume_without_training(tiny, capsys, stopped_by):
+    """Killed (or out of disk) after its last checkpoint but before summary.json: the report
+    called it resumable while --resume refused it as trained. The resume now writes the summary
+    (and the metrics as last.pt holds them) and trains nothing; asked again, it is refused."""
+    if stopped_by == "epochs":
+        args = {**tiny, "epochs": 2}
+        run = fit(run_name="k", **args).run
+        (run.path / "summary.json").unlink()
+    else:                                           # killed after epoch 2, as if it had spent the hour
+        args = {**tiny, "epochs": 50, "time_budget": "3600", "checkpoint_every": 0}
+        with pytest.raises(_Stop):
+            fit(run_name="k", callback=_stop_after_epoch_2, **args)
+        run = RunDir(Path(tiny["output_dir"]) / "k")
+        save_checkpoint(run.checkpoint("last"), {**load_checkpoint(run.checkpoint("last")), "elapsed": 3600.0})
+    csv = (run.path / "metrics.csv").read_text().splitlines()
+    (run.path / "metrics.csv").write_text("\n".join(csv[:-1]) + "\n")     # .csv one epoch behind .json
+    before = run.checkpoint("last").read_bytes()
+    capsys.readouterr()
+    result = fit(run_name="k", resume=True, **args)
+    assert "has trained all it was asked to (epoch 2 in last.pt)" in capsys.readouterr().out
+    assert run.checkpoint("last").read_bytes() == before and len(result.history) == 2
+    summary = run.read_summary()
+    assert summary["epochs_run"] == 2 and summary["stop_reason"] == (
+        "completed all epochs" if stopped_by == "epochs" else "time budget of 3600 spent")
+    assert (run.path / "metrics.csv").read_text().splitlines() == csv
+    with pytest.raises(ValueError, match="has already (trained all its 2 epochs|spent its time budget)"):
+        fit(run_name="k", resume=True, **args)

@@ -659,7 +659,7 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_old_one(tmp_path, monkey
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(labseg.runs.os, "fsync", disk_full)
-    with pytest.raises(OSError, match=r"could not write .*last\.pt \(.* MiB\): No space left") as e:
+    with pytest.raises(OSError, match=r"could not write .*last\.pt \([\d.]+ KiB\): No space left") as e:
         save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
     assert e.value.errno == errno.ENOSPC
     monkeypatch.undo()
