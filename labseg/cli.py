@@ -388,6 +388,11 @@ def _joined_negative_budget(argv: list[str]) -> list[str]:
     return out
 
 
+def _resume_command(args, folder: Path) -> str:
+    return f"labseg train --run-name {folder.name}" + (
+        f" --output-dir {args.output_dir}" if getattr(args, "output_dir", None) else "") + " --resume"
+
+
 def main(argv=None) -> int:
     from labseg.config import ConfigError
     from labseg.data import BadSampleError, DatasetLayoutError
@@ -415,6 +420,13 @@ def main(argv=None) -> int:
             DownloadError, SweepError, NotebookFailed, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"labseg: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:        # a full disk, a folder made read-only: the message names the file
+        print(f"labseg: error: {e}", file=sys.stderr)
+        if args.command == "train" and getattr(e, "run_folder", None):
+            held = f"the run up to epoch {e.saved_epoch}" if e.saved_epoch else "its best.pt"
+            print(f"labseg: {e.run_folder} holds {held}; once the cause is fixed, continue with "
+                  f"`{_resume_command(args, Path(e.run_folder))}`", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         if terminated:
             print("labseg: stopped by SIGTERM", file=sys.stderr)
@@ -424,10 +436,8 @@ def main(argv=None) -> int:
         elif args.command == "train" and getattr(e, "run_folder", None):
             # fit says where the run is and which epoch its checkpoint holds (train._fit)
             folder = Path(e.run_folder)
-            again = f"labseg train --run-name {folder.name}" + (
-                f" --output-dir {args.output_dir}" if getattr(args, "output_dir", None) else "") + " --resume"
             print(f"labseg: interrupted; {folder} holds the run up to epoch {e.saved_epoch} (continue with "
-                  f"`{again}`)", file=sys.stderr)
+                  f"`{_resume_command(args, folder)}`)", file=sys.stderr)
         elif args.command == "train" and args.resume:
             print(f"labseg: interrupted before the resumed run trained an epoch; run {args.run_name} is as it was "
                   "(continue it with the same command)", file=sys.stderr)

@@ -16,6 +16,7 @@ each rank trains on its shard of every batch (DistributedDataParallel); rank 0 a
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -396,6 +397,11 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
         return ckpt
 
     saved_at, saved_epoch = time.perf_counter(), first_epoch - 1
+    on_disk = {"epoch": first_epoch - 1}      # last.pt's epoch once written (the writer thread sets it)
+
+    def written(epoch: int, rows: list[dict]) -> None:
+        on_disk["epoch"] = epoch
+        run.write_metrics(rows)
 
     def save(epoch: int, best_too: bool = False) -> None:
         """last.pt (and best.pt), then the records up to ``epoch``."""
@@ -408,7 +414,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
             # resume then starts from it (_newer_best); the other way round best.pt went missing.
             writer.submit(checkpoint(epoch, ema.module if ema is not None else None),
                           *([run.checkpoint("best")] if best_too else []), run.checkpoint("last"),
-                          then=lambda rows=list(history): run.write_metrics(rows))
+                          then=functools.partial(written, epoch, list(history)))
         saved_at, saved_epoch = time.perf_counter(), epoch
 
     # ---- the loop: train an epoch, validate, record, checkpoint, decide whether to go on
@@ -477,9 +483,9 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
         kept = any(run.checkpoint(w).exists() for w in ("best", "last")) if dist.is_main else True
         if not resume and not kept:
             run.release()   # died before its first checkpoint (a network's first step, Ctrl-C): nothing to keep
-        if isinstance(e, KeyboardInterrupt) and dist.is_main:
+        if isinstance(e, (KeyboardInterrupt, OSError)) and dist.is_main:
             # for the message that says what to do next (cli.main): resume, or simply run it again
-            e.run_folder, e.saved_epoch = (run.path, saved_epoch) if kept else (None, None)
+            e.run_folder, e.saved_epoch = (run.path, on_disk["epoch"]) if kept else (None, None)
         raise
     finally:
         writer.join()       # the last submitted checkpoint is on disk before any error propagates
@@ -656,6 +662,11 @@ def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distribute
     # the run started is no reason to refuse (or alter) the resume
     recorded = run.read_config()
     config = _merge_resumed(recorded, asked).validate()
+    if which == "last" and not run.checkpoint("last").exists() and run.checkpoint("best").exists():
+        # killed between the first best.pt and the first last.pt (best.pt is written first)
+        if dist.is_main:
+            print(f"labseg: run {run.path.name} has no last.pt yet; resuming from best.pt")
+        which = "best"
     try:
         resumed = load_checkpoint(run.checkpoint(which))
     except CheckpointError as e:

@@ -667,6 +667,44 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_old_one(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]       # no temporary file left
 
 
+def test_a_disk_that_fills_mid_run_is_one_error_and_the_command_that_goes_on(synthetic_root, tmp_path, capsys,
+                                                                            monkeypatch):
+    """No space for epoch 2's last.pt: no traceback, the file and the reason, which epoch last.pt
+    still holds and how to go on; once there is space, that command finishes the run."""
+    real, writes = labseg.runs.atomic_write_bytes, []
+
+    def fills_up(path, data):
+        if Path(path).name == "last.pt":
+            writes.append(path)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, f"could not write {path}: No space left on device")
+        real(path, data)
+    monkeypatch.setattr(labseg.runs, "atomic_write_bytes", fills_up)
+    runs = tmp_path / "runs"
+    args = ["train", "--arch", "unet", "--data", str(synthetic_root), "--img-size", "32", "--epochs", "3",
+            "--max-train-images", "4", "--run-name", "d", "--output-dir", str(runs), "--cache-dir",
+            str(tmp_path / "cache"), "--checkpoint-every", "0", "--quiet"]
+    out = _main(capsys, *args)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"labseg: error: [Errno 28] could not write {runs / 'd' / 'last.pt'}: No space left" in out.stderr
+    assert (f"labseg: {runs / 'd'} holds the run up to epoch 1; once the cause is fixed, continue with "
+            f"`labseg train --run-name d --output-dir {runs} --resume`") in out.stderr
+    assert load_checkpoint(runs / "d" / "last.pt")["epoch"] == 1
+    monkeypatch.undo()
+    out = _main(capsys, *args, "--resume")
+    assert out.returncode == 0, out.stderr
+    assert RunDir(runs / "d").read_summary()["epochs_run"] == 3
+
+
+def test_a_run_killed_between_its_first_best_pt_and_last_pt_resumes_from_best(tiny, capsys):
+    run = fit(arch="unet", run_name="b", **{**tiny, "epochs": 1}).run
+    run.checkpoint("last").unlink()             # best.pt is written first: a kill left only it
+    capsys.readouterr()
+    result = fit(arch="unet", run_name="b", resume=True, **tiny)
+    assert "run b has no last.pt yet; resuming from best.pt" in capsys.readouterr().out
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
 def test_amp_follows_the_flag_on_cpu(tiny):
     from labseg.config import RunConfig
     cpu = torch.device("cpu")
