@@ -200,8 +200,17 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
         if tta:
             result["tta_postprocess"] = score(probs_tta, cached, tta=True, postprocess=True).summary()
     if save:
-        run.write_json(eval_file(split, which), _merged_with_recorded(run, eval_file(split, which), result))
+        _record(run, eval_file(split, which), result)
     return result
+
+
+def _record(run: RunDir, file: str, result: dict) -> None:
+    """Keep ``result`` in the run folder; where it cannot be written (a read-only folder, a full
+    disk) the scores are still returned and shown, with a note, rather than lost to the error."""
+    try:
+        run.write_json(file, _merged_with_recorded(run, file, result))
+    except OSError as e:
+        log.warning(f"the evaluation is not recorded: {e}")
 
 
 def evaluate_checkpoints(run: RunDir | str | Path, split: str = "test", which=("best", "last"), *,
@@ -223,8 +232,7 @@ def evaluate_checkpoints(run: RunDir | str | Path, split: str = "test", which=("
             continue
         results[name] = {**results[twin], "checkpoint": name, "same_weights_as": twin}
         if options.get("save", True):
-            file = eval_file(split, name)
-            run.write_json(file, _merged_with_recorded(run, file, results[name]))
+            _record(run, eval_file(split, name), results[name])
     return list(results.values())
 
 

@@ -249,3 +249,26 @@ def test_a_photo_over_the_pixel_limit_is_predicted_at_its_full_size(small_run, t
     assert Image.open(tmp_path / "out" / "wide_overlay.png").size == (100, 60)
     assert Image.open(tmp_path / "out" / "turned_mask.png").size == (240, 400)
     assert "400×240 px read at 100×60" in caplog.text
+
+
+def test_scores_are_shown_when_the_run_folder_cannot_take_their_record(small_run, tmp_path, capsys, monkeypatch):
+    """A read-only run folder (or a full disk): the evaluation was computed, then lost to the write's
+    error with nothing shown; now it is printed, with a note that it is not recorded."""
+    import shutil
+
+    from labseg.cli import main
+    from labseg.runs import RunDir
+
+    run = RunDir(shutil.copytree(small_run.path, tmp_path / "runs" / "ro"))
+    for name in run.path.glob("eval_*.json"):
+        name.unlink()
+
+    def read_only(self, name, obj):
+        raise PermissionError(13, f"could not write {self.path / name} (1.0 KiB): Permission denied")
+    monkeypatch.setattr(RunDir, "write_json", read_only)
+    capsys.readouterr()
+    assert main(["evaluate", "ro", "--output-dir", str(tmp_path / "runs"), "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert "ro last.pt on test (" in out.out and "Dice" in out.out
+    assert f"labseg: the evaluation is not recorded: [Errno 13] could not write {run.path / 'eval_test'}" in out.err
+    assert not list(run.path.glob("eval_*.json"))
