@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import re
 import signal
@@ -388,6 +389,17 @@ def _joined_negative_budget(argv: list[str]) -> list[str]:
     return out
 
 
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def _say_how_to_go_on(e: BaseException, args) -> None:
+    """After a training that a disk stopped: which epoch its last.pt holds, and the resume command."""
+    if args.command == "train" and getattr(e, "run_folder", None):
+        held = f"the run up to epoch {e.saved_epoch}" if e.saved_epoch else "its best.pt"
+        print(f"labseg: {e.run_folder} holds {held}; once the cause is fixed, continue with "
+              f"`{_resume_command(args, Path(e.run_folder))}`", file=sys.stderr)
+
+
 def _resume_command(args, folder: Path) -> str:
     return f"labseg train --run-name {folder.name}" + (
         f" --output-dir {args.output_dir}" if getattr(args, "output_dir", None) else "") + " --resume"
@@ -419,13 +431,15 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetLayoutError, BadSampleError, CheckpointError, RunExistsError, RunRecordError, TrainingDiverged,
             DownloadError, SweepError, NotebookFailed, FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"labseg: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:        # a full disk, a folder made read-only: the message names the file
+        _say_how_to_go_on(e, args)
+        return 1 if getattr(e, "run_folder", None) else 2     # a run stopped by its disk, or bad input
+    except OSError as e:
+        # the disk, not the code (full, read-only, over quota, failing): one line naming the file;
+        # any other OSError is a fault to be seen with its traceback
+        if e.errno not in DISK_ERRNOS and not getattr(e, "run_folder", None):
+            raise
         print(f"labseg: error: {e}", file=sys.stderr)
-        if args.command == "train" and getattr(e, "run_folder", None):
-            held = f"the run up to epoch {e.saved_epoch}" if e.saved_epoch else "its best.pt"
-            print(f"labseg: {e.run_folder} holds {held}; once the cause is fixed, continue with "
-                  f"`{_resume_command(args, Path(e.run_folder))}`", file=sys.stderr)
+        _say_how_to_go_on(e, args)
         return 1
     except KeyboardInterrupt as e:
         if terminated:

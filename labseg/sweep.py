@@ -96,10 +96,13 @@ def expand(grid: dict[str, list]) -> list[dict]:
 MAX_NAME = 200      # characters of a point's folder name, below the 255 bytes of most file systems
 
 
-def point_name(params: dict, prefix: str | None = None, whole_paths: bool = False) -> str:
+def point_name(params: dict, prefix: str | None = None, whole_paths: bool = False,
+               limit: int | None = MAX_NAME) -> str:
     """A run name from the parameters: ``arch=unet+epochs=2+lr=0.001`` (keys sorted). A folder
-    is named by its last part (``data_dir=oxford-pets-3breed``), not its whole path: two folders
-    of one name in one sweep's output are told apart by :func:`recorded_differs`."""
+    is named by its last part (``data_dir=oxford-pets-3breed``), not its whole path: two folders of
+    one name in one grid are named whole by :func:`point_names`, and a finished run of another
+    sweep under the same name is told apart by :func:`recorded_differs`. ``limit=None``: the
+    names of sweeps before session 35, never cut."""
     def fmt(k, v):
         if k in PATH_FIELDS and isinstance(v, (str, Path)) and Path(str(v)).name and not whole_paths:
             return Path(str(v)).name
@@ -108,9 +111,17 @@ def point_name(params: dict, prefix: str | None = None, whole_paths: bool = Fals
     name = "+".join(f"{k}={fmt(k, v)}" for k, v in sorted(params.items()) if k not in ("run_name",))
     # the folder's own name, prefix included: a rerun finds the point it finished
     name = re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{prefix}+{name}" if prefix else name)
-    if len(name) > MAX_NAME:    # file systems stop at 255 bytes: the start, and a digest of the whole
-        name = f"{name[:MAX_NAME - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    if limit and len(name) > limit:    # file systems stop at 255 bytes: the start, and a digest of the whole
+        name = f"{name[:limit - 9]}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return name
+
+
+def point_names(points: list[dict], prefix: str | None = None) -> list[str]:
+    """Each point's name; points that the short names would merge (two data folders of one name,
+    ``/a/pets`` and ``/b/pets``) are named with their whole paths instead."""
+    short = [point_name(p, prefix) for p in points]
+    return [point_name(p, prefix, whole_paths=True) if short.count(name) > 1 else name
+            for p, name in zip(points, short)]
 
 
 def check_points(points: list[dict]) -> None:
@@ -152,7 +163,7 @@ def recorded_differs(folder: Path, params: dict) -> str | None:
     except (OSError, ValueError) as e:      # RunRecordError, ConfigError: say so rather than skip
         return f"its config.json cannot be read ({e})"
     for key, asked in params.items():
-        if key not in recorded or key in WHERE_AND_HOW_FAST or asked is None:
+        if key not in recorded or key in WHERE_AND_HOW_FAST or key == "run_name" or asked is None:
             continue
         theirs = recorded[key]
         if key in PATH_FIELDS and theirs is not None:
@@ -170,12 +181,12 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
     root = resolve_path(runs_dir(output_dir))
     points = expand(grid)
     check_points(points)
+    names = point_names(points, prefix)
     results = []
-    for i, params in enumerate(points, 1):
-        name = point_name(params, prefix)
+    for i, (params, name) in enumerate(zip(points, names), 1):
         folder = root / name
         # a folder named as sweeps named them before session 35 (whole paths) is found again too
-        before = root / point_name(params, prefix, whole_paths=True)
+        before = root / point_name(params, prefix, whole_paths=True, limit=None)
         if not folder.exists() and before.exists():
             name, folder = before.name, before
         other = recorded_differs(folder, params) if not force and is_finished(folder) else None

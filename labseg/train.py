@@ -478,6 +478,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                 break
         if history and saved_epoch != history[-1]["epoch"]:
             save(history[-1]["epoch"])      # the final epoch is always in last.pt
+        writer.wait()
     except BaseException as e:
         writer.join()
         kept = any(run.checkpoint(w).exists() for w in ("best", "last")) if dist.is_main else True
@@ -489,7 +490,6 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
         raise
     finally:
         writer.join()       # the last submitted checkpoint is on disk before any error propagates
-    writer.wait()
 
     # ---- the summary (and, with SWA, the averaged weights)
     summary = _summary(config, history, stop_reason, clock.spent(), count_parameters(model), trainval,
@@ -512,21 +512,34 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                         "swa_valid_iou": scores["valid_iou"], "swa_valid_loss": scores["valid_loss"],
                         "best_is_swa": improved})
         if dist.is_main:
-            writer.submit(checkpoint(history[-1]["epoch"], final_model),
-                          *([run.checkpoint("best")] if improved else []), run.checkpoint("last"))
-            writer.wait()
+            with _where_the_run_is(run, on_disk["epoch"]):
+                writer.submit(checkpoint(history[-1]["epoch"], final_model),
+                              *([run.checkpoint("best")] if improved else []), run.checkpoint("last"))
+                writer.wait()
             if progress:
                 print(f"labseg: weights averaged over the last {int(swa.n_averaged)} epochs: valid_dice "
                       f"{scores['valid_dice']:.4f}{' (best: now best.pt)' if improved else ''}")
     if dist.is_main:
-        run.write_metrics(history)      # as last.pt holds it (a kill can leave metrics.csv behind .json)
-        run.write_summary(summary)
+        with _where_the_run_is(run, on_disk["epoch"]):
+            run.write_metrics(history)      # as last.pt holds it (a kill can leave metrics.csv behind .json)
+            run.write_summary(summary)
         if progress:
             skipped = f"skipped {summary['skipped_pairs']} unusable pairs; " if summary["skipped_pairs"] else ""
             print(f"labseg: {stop_reason}; best {config.monitor} {summary['best_' + config.monitor]:.4f} "
                   f"at epoch {summary['best_epoch']}; {skipped}records in {run.path}")
     dist.close()
     return FitResult(run, history, summary, final_model.eval())
+
+
+@contextmanager
+def _where_the_run_is(run: RunDir, epoch: int):
+    """An OSError here (a full disk) carries the run folder and last.pt's epoch, for the line that
+    says how to go on (cli.main); a resume then finishes the run."""
+    try:
+        yield
+    except OSError as e:
+        e.run_folder, e.saved_epoch = run.path, epoch
+        raise
 
 
 def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
@@ -819,9 +832,16 @@ def _check_not_finished(run: RunDir, start: dict, config: RunConfig) -> bool:
     # why the run stopped, if its summary is of the checkpoint resumed from (not of an older session)
     summarised = summary.get("epochs_run") == done
     stopped = (summary.get("stop_reason") or "") if summarised else ""
-    trained_all = config.epochs < UNTIL_BUDGET and done >= config.epochs
-    if not summarised and (trained_all or (budget and start.get("elapsed", 0.0) >= budget)):
+
+    def reached(c: RunConfig) -> bool:      # the epochs or the time budget of c, all trained
+        return ((c.epochs < UNTIL_BUDGET and done >= c.epochs)
+                or bool(c.time_budget_s and start.get("elapsed", 0.0) >= c.time_budget_s))
+
+    # what the run was started for and what is asked now both trained: only the summary is missing
+    # (fewer epochs than it was started for, on a run stopped short of them, is refused below)
+    if not summarised and reached(recorded) and reached(config):
         return True
+    trained_all = config.epochs < UNTIL_BUDGET and done >= config.epochs
     if trained_all:
         raise ConfigError(f"run {run.path.name} has already trained all its {config.epochs} epochs; to train "
                           f"it further, resume with more (--epochs N with N > {done}), or evaluate it")

@@ -176,3 +176,14 @@ def test_a_run_killed_before_its_summary_is_finished_by_a_resume_without_trainin
     assert (run.path / "metrics.csv").read_text().splitlines() == csv
     with pytest.raises(ValueError, match="has already (trained all its 2 epochs|spent its time budget)"):
         fit(run_name="k", resume=True, **args)
+
+
+def test_a_stopped_run_asked_for_fewer_epochs_than_it_was_started_for_is_refused_not_finished(tiny):
+    """A 5-epoch run killed after epoch 2, resumed with --epochs 1: refused as before, not closed
+    as "completed all epochs" with its config rewritten to 1."""
+    with pytest.raises(_Stop):
+        fit(run_name="s", callback=_stop_after_epoch_2, **{**tiny, "epochs": 5, "checkpoint_every": 0})
+    run = RunDir(Path(tiny["output_dir"]) / "s")
+    with pytest.raises(ValueError, match="has already trained all its 1 epochs; to train it further"):
+        fit(run_name="s", resume=True, **{**tiny, "epochs": 1})
+    assert run.read_config().epochs == 5 and not (run.path / "summary.json").exists()

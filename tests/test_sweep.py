@@ -17,6 +17,14 @@ def test_parse_sets_and_yaml(tmp_path):
     points = expand(grid)
     assert len(points) == 4 and points[1] == {"arch": "unet", "lr": 0.0003, "epochs": 2}
     assert point_name(points[1]) == "arch=unet+epochs=2+lr=0.0003"
+    # two data folders of one name in one grid: those points are named with their whole paths
+    from labseg.sweep import point_names
+    same_name = expand({"arch": ["unet"], "data_dir": ["/a/pets", "/b/pets", "/c/other"]})
+    assert point_names(same_name) == ["arch=unet+data_dir=_a_pets", "arch=unet+data_dir=_b_pets",
+                                      "arch=unet+data_dir=other"]
+    # the names before session 35 (whole paths, never cut) are found again, however long
+    deep = {"arch": "unet", "data_dir": "/" + "/".join(["folder"] * 40)}
+    assert len(point_name(deep, whole_paths=True, limit=None)) > 200 and len(point_name(deep)) < 200
     # a name longer than a file system takes keeps its start and a digest of the whole
     long_a, long_b = (point_name({"arch": "unet", "run_note": "x" * 300 + end}) for end in "ab")
     assert len(long_a) == 200 and long_a.startswith("arch=unet+run_note=xxx") and long_a != long_b
@@ -62,8 +70,13 @@ def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root
     again = run_sweep({**grid, "arch": ["unet"]}, output_dir=runs, progress=False)
     assert again[0]["status"].startswith("done before")
     assert (ok / "summary.json").stat().st_mtime_ns == mtime
+    # a point that names its run is still the point of that folder (run_name is not compared)
+    from labseg.sweep import recorded_differs
+    assert recorded_differs(ok, {k: v[0] for k, v in grid.items()} | {"run_name": "mine"}) is None
+    assert "it was trained with epochs=1, this point asks for 2" in recorded_differs(
+        ok, {k: v[0] for k, v in grid.items()} | {"epochs": 2})
     # a point finished under the name sweeps gave before (the whole path) is found, not trained again
-    old_name = point_name({k: v[0] for k, v in grid.items()}, whole_paths=True)
+    old_name = point_name({k: v[0] for k, v in grid.items()}, whole_paths=True, limit=None)
     assert old_name != good["run"] and str(synthetic_root).replace("/", "_") in old_name
     (ok).rename(runs / old_name)
     (found,) = run_sweep(grid, output_dir=runs, progress=False)

@@ -667,33 +667,49 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_old_one(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]       # no temporary file left
 
 
-def test_a_disk_that_fills_mid_run_is_one_error_and_the_command_that_goes_on(synthetic_root, tmp_path, capsys,
-                                                                            monkeypatch):
-    """No space for epoch 2's last.pt: no traceback, the file and the reason, which epoch last.pt
-    still holds and how to go on; once there is space, that command finishes the run."""
+@pytest.mark.parametrize("failing, nth, code, reason", [
+    ("last.pt", 2, errno.ENOSPC, "No space left on device"),         # epoch 2's checkpoint
+    ("last.pt", 2, errno.EACCES, "Permission denied"),               # the folder made read-only
+    ("summary.json", 1, errno.ENOSPC, "No space left on device"),    # after the last checkpoint
+])
+def test_a_disk_that_fails_mid_run_is_one_error_and_the_command_that_goes_on(synthetic_root, tmp_path, capsys,
+                                                                            monkeypatch, failing, nth, code, reason):
+    """The disk fails a write: no traceback, the file and the reason, which epoch last.pt still
+    holds and how to go on; once the disk is fixed, that command finishes the run."""
     real, writes = labseg.runs.atomic_write_bytes, []
 
-    def fills_up(path, data):
-        if Path(path).name == "last.pt":
+    def fails(path, data):
+        if Path(path).name == failing:
             writes.append(path)
-            if len(writes) == 2:
-                raise OSError(errno.ENOSPC, f"could not write {path}: No space left on device")
+            if len(writes) == nth:
+                raise OSError(code, f"could not write {path}: {reason}")
         real(path, data)
-    monkeypatch.setattr(labseg.runs, "atomic_write_bytes", fills_up)
+    monkeypatch.setattr(labseg.runs, "atomic_write_bytes", fails)
     runs = tmp_path / "runs"
     args = ["train", "--arch", "unet", "--data", str(synthetic_root), "--img-size", "32", "--epochs", "3",
             "--max-train-images", "4", "--run-name", "d", "--output-dir", str(runs), "--cache-dir",
             str(tmp_path / "cache"), "--checkpoint-every", "0", "--quiet"]
     out = _main(capsys, *args)
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert f"labseg: error: [Errno 28] could not write {runs / 'd' / 'last.pt'}: No space left" in out.stderr
-    assert (f"labseg: {runs / 'd'} holds the run up to epoch 1; once the cause is fixed, continue with "
+    assert f"labseg: error: [Errno {code}] could not write {runs / 'd' / failing}: {reason}" in out.stderr
+    held = 1 if failing == "last.pt" else 3
+    assert (f"labseg: {runs / 'd'} holds the run up to epoch {held}; once the cause is fixed, continue with "
             f"`labseg train --run-name d --output-dir {runs} --resume`") in out.stderr
-    assert load_checkpoint(runs / "d" / "last.pt")["epoch"] == 1
+    assert load_checkpoint(runs / "d" / "last.pt")["epoch"] == held
     monkeypatch.undo()
     out = _main(capsys, *args, "--resume")
     assert out.returncode == 0, out.stderr
     assert RunDir(runs / "d").read_summary()["epochs_run"] == 3
+
+
+def test_an_oserror_that_is_no_disk_trouble_keeps_its_traceback(capsys, monkeypatch):
+    """Only the disk's errors become one line: a fault in the code that raises an OSError
+    (IsADirectoryError, say) is raised as it is."""
+    def faulty(args):
+        open(Path(__file__).parent)
+    monkeypatch.setattr(labseg.cli, "cmd_report", faulty)
+    with pytest.raises(IsADirectoryError):
+        labseg.cli.main(["report"])
 
 
 def test_a_run_killed_between_its_first_best_pt_and_last_pt_resumes_from_best(tiny, capsys):
