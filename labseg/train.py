@@ -279,10 +279,10 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
 
     # ---- a resumed run: its recorded config and checkpoint (a new run's folder is made below,
     # once the data and the network are ready, so that a run that cannot start leaves none)
-    run, resumed, resumed_from = None, None, None
+    run, resumed, resumed_from, summary_only = None, None, None, False
     if resume:
         which = "best" if resume == "best" else "last"
-        run, config, resumed, resumed_from = _open_resumed(config, asked, which, dist, held)
+        run, config, resumed, resumed_from, summary_only = _open_resumed(config, asked, which, dist, held)
     else:
         check_layout(config.data_dir)
 
@@ -344,6 +344,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
         history, best, first_epoch = list(resumed["history"]), resumed.get("best"), resumed["epoch"] + 1
         if dist.is_main:
             run.write_metrics(history)     # the checkpoint's history is the truth after a kill
+        if dist.is_main and not summary_only:
             print(f"labseg: resuming {run.path} after epoch {resumed['epoch']} (from {resumed_from.name})")
     step_model = dist.wrap(model)
     if config.compile:
@@ -369,7 +370,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     # A resumed run may continue on another machine: the checkpoint carries one record per session.
     sessions = [*((resumed.get("machines") or []) if resumed is not None else []),
                 {**machine, "world_size": dist.world, "first_epoch": first_epoch}]
-    if dist.is_main:
+    if dist.is_main and not summary_only:
         print(f"labseg: training {config.arch} ({count_parameters(model) / 1e6:.1f}M parameters) on {device} "
               f"({machine['precision']}, {machine['memory_format']}), "
               f"{len(train_idx)} train / {len(valid_idx)} valid images at {config.img_size}px → {run.path}")
@@ -663,9 +664,10 @@ def _epoch_line(row: dict, improved: bool) -> str:
 
 
 def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distributed",
-                  held: ExitStack) -> tuple[RunDir, RunConfig, dict, Path]:
+                  held: ExitStack) -> tuple[RunDir, RunConfig, dict, Path, bool]:
     """The run to resume, its config (the record, with what a resume may change taken from
-    ``asked``), the checkpoint to continue from and its file; refuses what cannot be resumed."""
+    ``asked``), the checkpoint to continue from and its file, and whether only its summary is left
+    to write; refuses what cannot be resumed."""
     if not config.run_name:
         raise ConfigError("resume needs run_name: the run to continue")
     run = RunDir.open(config.run_name, config.output_dir)
@@ -705,7 +707,8 @@ def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distribute
                               "state): it cannot be resumed")
     if which == "last" and (newer := _newer_best(run, resumed)) is not resumed:
         resumed, which = newer, "best"
-    if _check_not_finished(run, resumed, config) and dist.is_main:
+    summary_only = _check_not_finished(run, resumed, config)
+    if summary_only and dist.is_main:
         print(f"labseg: run {run.path.name} has trained all it was asked to (epoch {resumed['epoch']} in "
               f"{run.checkpoint(which).name}) but its session stopped before writing summary.json; "
               "writing it now, without training")
@@ -714,7 +717,7 @@ def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distribute
         if dist.is_main:
             print(f"labseg: the dataset is now read from {config.data_dir} (the run started on "
                   f"{recorded.data_dir}); its valid split is the same for the same images")
-    return run, config, resumed, run.checkpoint(which)
+    return run, config, resumed, run.checkpoint(which), summary_only
 
 
 def _update_resumed_folder(run: RunDir, config: RunConfig, resumed: dict) -> None:

@@ -168,7 +168,9 @@ def test_a_run_killed_before_its_summary_is_finished_by_a_resume_without_trainin
     before = run.checkpoint("last").read_bytes()
     capsys.readouterr()
     result = fit(run_name="k", resume=True, **args)
-    assert "has trained all it was asked to (epoch 2 in last.pt)" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "has trained all it was asked to (epoch 2 in last.pt)" in said
+    assert "labseg: resuming" not in said and "labseg: training" not in said     # nothing is trained
     assert run.checkpoint("last").read_bytes() == before and len(result.history) == 2
     summary = run.read_summary()
     assert summary["epochs_run"] == 2 and summary["stop_reason"] == (
