@@ -189,15 +189,11 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
         before = root / point_name(params, prefix, whole_paths=True, limit=None)
         if not folder.exists() and before.exists():
             name, folder = before.name, before
-        other = recorded_differs(folder, params) if not force and is_finished(folder) else None
-        if other:
-            results.append({"run": name, "status": "failed", "best_valid_dice": None, "folder": str(folder),
-                            "error": f"{folder} holds another run: {other}; give the sweep a --prefix of its "
-                                     "own (or --output-dir) to keep the two apart", **params})
-            if progress:
-                print(f"labseg sweep: {name}: failed; {results[-1]['error']}", flush=True)
-            continue
-        if not force and is_finished(folder):
+        finished = not force and is_finished(folder)
+        other = recorded_differs(folder, params) if finished else None
+        if other:       # a finished run of this name, trained otherwise: not this point's to skip
+            status = "failed"
+        elif finished:
             status = "done before (skipped; --force redoes it)"
         else:
             if progress:
@@ -205,12 +201,13 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
             folder = run_training_notebook(params, output_dir=root, name=name, exact=True,
                                            progress=progress, raise_on_error=False)
             status = "finished" if is_finished(folder) else "failed"
-        failed = RunDir(folder).read_json("failed.json") or {}
-        summary = RunDir(folder).read_summary()
+        error = (f"{folder} holds another run: {other}; give the sweep a --prefix of its own (or --output-dir) "
+                 "to keep the two apart") if other else (RunDir(folder).read_json("failed.json") or {}).get("error")
+        summary = {} if other else RunDir(folder).read_summary()
         results.append({"run": name, "status": status, "best_valid_dice": summary.get("best_valid_dice"),
-                        "error": failed.get("error"), "folder": str(folder), **params})
+                        "error": error, "folder": str(folder), **params})
         if progress:
-            detail = failed.get("error") if status == "failed" else (f"best valid Dice {summary['best_valid_dice']:.4f}" if summary.get("best_valid_dice") is not None
+            detail = error if status == "failed" else (f"best valid Dice {summary['best_valid_dice']:.4f}" if summary.get("best_valid_dice") is not None
                       else "no valid Dice recorded")
             print(f"labseg sweep: {name}: {status}; {detail}", flush=True)
     return results

@@ -420,6 +420,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
 
     # ---- the loop: train an epoch, validate, record, checkpoint, decide whether to go on
     stop_reason, since_best = "completed all epochs", _epochs_since_best(history, config.monitor)
+    no_gain = f"early stopping: no {config.monitor} gain in {config.patience} epochs"
     of_epochs = f"/{config.epochs}" if config.epochs < UNTIL_BUDGET else f" ({config.time_budget} budget)"
     try:
         for epoch in range(first_epoch, config.epochs + 1):
@@ -430,7 +431,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                 stop_reason = f"time budget of {config.time_budget} spent"
                 break
             if config.patience and since_best >= config.patience:
-                stop_reason = f"early stopping: no {config.monitor} gain in {config.patience} epochs"
+                stop_reason = no_gain
                 break
             _set_augment_phase(augment, config, clock.progress())
             epoch_start = time.perf_counter()
@@ -475,7 +476,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                 stop_reason = f"time budget of {config.time_budget} spent (no time for another epoch)"
                 break
             if config.patience and since_best >= config.patience:
-                stop_reason = f"early stopping: no {config.monitor} gain in {config.patience} epochs"
+                stop_reason = no_gain
                 break
         if history and saved_epoch != history[-1]["epoch"]:
             save(history[-1]["epoch"])      # the final epoch is always in last.pt
@@ -522,7 +523,6 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                       f"{scores['valid_dice']:.4f}{' (best: now best.pt)' if improved else ''}")
     if dist.is_main:
         with _where_the_run_is(run, on_disk["epoch"]):
-            run.write_metrics(history)      # as last.pt holds it (a kill can leave metrics.csv behind .json)
             run.write_summary(summary)
         if progress:
             skipped = f"skipped {summary['skipped_pairs']} unusable pairs; " if summary["skipped_pairs"] else ""
