@@ -41,6 +41,12 @@ def load_run_model(run: RunDir | str | Path, which: str = "auto", device="auto",
     (:func:`labseg.runs.default_checkpoint`). ``run``: a RunDir, a folder, or a run's name under
     ``output_dir``.
     """
+    model, config, _ = _load_run_model(run, which, device, output_dir)
+    return model, config
+
+
+def _load_run_model(run, which, device, output_dir="outputs/runs"):
+    """:func:`load_run_model`, plus the epoch the checkpoint holds (None where it does not say)."""
     run = run if isinstance(run, RunDir) else RunDir.open(run, output_dir)
     config = run.read_config()
     path = run.checkpoint(which)
@@ -63,7 +69,8 @@ def load_run_model(run: RunDir | str | Path, which: str = "auto", device="auto",
     model = model.to(device).eval()
     if channels_last_for(device, config.channels_last):
         model = model.to(memory_format=torch.channels_last)
-    return model, config
+    epoch = ckpt.get("epoch")
+    return model, config, epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def batches_for_model(model, config: RunConfig, data: CachedSplit, batch_size: int = 16) -> Batches:
@@ -171,7 +178,7 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
         raise ConfigError(f"batch_size={batch_size!r}: expected a positive integer")
     run = run if isinstance(run, RunDir) else RunDir.open(run, output_dir)
     which = run.resolve_checkpoint(which)
-    model, config = load_run_model(run, which, device)
+    model, config, epoch = _load_run_model(run, which, device)
     data_dir = data_dir or config.data_dir
     cached = run_split(config, split, data_dir, progress)
     batches = batches_for_model(model, config, cached, batch_size)
@@ -179,7 +186,8 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     plain = score(probs, cached)
     # "tta" names the flip-TTA variant below; the plain scores carry no flag of that name.
     plain_scores = {k: v for k, v in plain.summary().items() if k != "tta"}
-    result = {"run": run.name, "arch": config.arch, "split": split, "checkpoint": which, "img_size": config.img_size,
+    result = {"run": run.name, "arch": config.arch, "split": split, "checkpoint": which, "epoch": epoch,
+              "img_size": config.img_size,
               "data_dir": str(data_dir), "skipped_pairs": len(cached.skipped), **plain_scores}
     if tta:
         probs_tta = predict_probs(model, batches, tta=True, progress=progress, desc=f"{split}, flip TTA")
@@ -256,6 +264,8 @@ def _merged_with_recorded(run: RunDir, name: str, result: dict) -> dict:
             print(f"labseg: {run.path / name} held the evaluation on {recorded.get('data_dir')}; it now holds the "
                   f"one on {result['data_dir']}", file=sys.stderr)
         return result
+    if recorded.get("epoch", result.get("epoch")) != result.get("epoch"):
+        return result                   # other weights under the same name: none of their figures hold
     kept = {k: recorded[k] for k in VARIANTS if k in recorded and k not in result}
     return {**result, **kept}
 
@@ -284,6 +294,7 @@ def format_result(result: dict) -> str:
     at = f" at {result['img_size']} px" if result.get("img_size") else ""
     lines = [f"{result['run']} {result['checkpoint']}.pt on {result['split']} ({result['images']} images{at}): "
              f"Dice {result['dice']:.4f}  IoU {result['iou']:.4f}  accuracy {result['accuracy']:.4f}"
+             + (f"  (epoch {result['epoch']})" if result.get("epoch") is not None else "")
              + (f"  (the same file as {result['same_weights_as']}.pt: its evaluation)"
                 if result.get("same_weights_as") else "")]
     for key in ("per_species", "per_breed"):

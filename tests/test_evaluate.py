@@ -8,7 +8,7 @@ from torch import nn
 
 import labseg.evaluate
 from labseg.data import Batches, CachedSplit, Record, load_split, split_trainval
-from labseg.evaluate import batches_for_model, evaluate_run, load_run_model, predict_probs, score
+from labseg.evaluate import batches_for_model, evaluate_run, format_result, load_run_model, predict_probs, score
 from labseg.train import fit
 
 
@@ -153,6 +153,27 @@ def test_a_plainer_evaluation_keeps_the_recorded_variants_of_the_same_data(small
     evaluate_run(small_run, "test", device="cpu", progress=False)
     assert "tta" not in small_run.read_json(name)
     assert f"held the evaluation on {tmp_path / 'elsewhere'}" in capsys.readouterr().err
+
+
+def test_an_evaluation_records_the_epoch_of_its_weights_and_keeps_no_figures_of_other_weights(small_run, tmp_path):
+    """eval_*.json names the epoch its checkpoint holds (shown in the printed line), and the TTA or
+    tuned-threshold figures of an evaluation of another epoch are not carried into a plainer one."""
+    import shutil
+
+    from labseg.evaluate import eval_file
+    from labseg.runs import RunDir, load_checkpoint
+
+    run = RunDir(shutil.copytree(small_run.path, tmp_path / "small"))
+    which = run.resolve_checkpoint()
+    epoch = load_checkpoint(run.checkpoint(which))["epoch"]
+    full = evaluate_run(run, "test", tta=True, device="cpu", progress=False)
+    assert full["epoch"] == epoch == run.read_json(eval_file("test", which))["epoch"]
+    assert format_result(full).splitlines()[0].endswith(f"accuracy {full['accuracy']:.4f}  (epoch {epoch})")
+    # the same name, other weights: a record of epoch + 5 (as a copied-over run folder would leave)
+    run.write_json(eval_file("test", which), {**full, "epoch": epoch + 5})
+    evaluate_run(run, "test", device="cpu", progress=False)
+    recorded = run.read_json(eval_file("test", which))
+    assert recorded["epoch"] == epoch and "tta" not in recorded
 
 
 def test_checkpoints_of_other_bytes_are_each_evaluated(small_run, tmp_path):
