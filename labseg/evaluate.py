@@ -264,8 +264,8 @@ def _merged_with_recorded(run: RunDir, name: str, result: dict) -> dict:
             print(f"labseg: {run.path / name} held the evaluation on {recorded.get('data_dir')}; it now holds the "
                   f"one on {result['data_dir']}", file=sys.stderr)
         return result
-    if recorded.get("epoch", result.get("epoch")) != result.get("epoch"):
-        return result                   # other weights under the same name: none of their figures hold
+    if any(recorded.get(k, result.get(k)) != result.get(k) for k in ("checkpoint", "epoch")):
+        return result       # other weights (an old eval_test.json of last.pt, another epoch): nothing holds
     kept = {k: recorded[k] for k in VARIANTS if k in recorded and k not in result}
     return {**result, **kept}
 

@@ -24,7 +24,7 @@ from labseg.config import UNTIL_BUDGET, _is_number, resolve_path
 from labseg.evaluate import eval_file
 from labseg.machine import run_machine_label
 from labseg.runs import (RunDir, RunRecordError, atomic_write_bytes, atomic_write_text, default_checkpoint,
-                         lr_left, read_record, trained_at)
+                         read_record, trained_at)
 
 PARAMS = ("arch", "img_size", "epochs", "time_budget", "batch_size", "lr", "optimizer", "scheduler", "loss",
           "augment", "seed", "max_train_images", "data_dir")
@@ -46,6 +46,19 @@ def _read_quietly(path: Path):
         return _read_json(path)
     except RunRecordError:
         return None
+
+
+def _by_checkpoint(recorded: dict) -> dict:
+    """{"best": evaluation, "last": evaluation} from the files read as ``recorded`` (by the
+    checkpoint their name says). Before eval_test_last.json existed, every evaluation went to
+    eval_test.json, last.pt's included, and said so in its "checkpoint" field: it is last.pt's
+    then, unless last.pt has a file of its own."""
+    own = {which: ev if (ev or {}).get("checkpoint", which) == which else {} for which, ev in recorded.items()}
+    for ev in recorded.values():
+        owner = (ev or {}).get("checkpoint")
+        if owner in own and not own[owner]:
+            own[owner] = ev
+    return {which: ev or {} for which, ev in own.items()}
 
 
 def run_folders(output_dir: str | Path = "outputs/runs") -> list[Path]:
@@ -80,15 +93,16 @@ def run_row(folder: Path) -> dict:
     # name are told apart, as runs.best_run tells them apart.
     row["data_path"] = str(resolve_path(params["data_dir"])) if params.get("data_dir") else None
     row.update({k: summary.get(k) for k in METRICS})
-    evaluations = {}
+    recorded = {}
     for which in ("best", "last"):
         try:
-            evaluations[which] = _read_json(folder / eval_file("test", which), {}) or {}
+            recorded[which] = _read_json(folder / eval_file("test", which), {}) or {}
         except RunRecordError as e:
-            evaluations[which] = {}
+            recorded[which] = {}
             row["error"] = str(e)
+    evaluations = _by_checkpoint(recorded)
     row["checkpoint"] = (default_checkpoint(params.get("scheduler"), summary.get("stop_reason"),
-                                            lr_left(summary, params.get("lr"))) if summary else None)
+                                            RunDir(folder).lr_left(summary, params.get("lr"))) if summary else None)
     evaluation = evaluations.get(row["checkpoint"], {})
     row["test_dice"] = evaluation.get("dice")
     row["test_iou"] = evaluation.get("iou")
@@ -149,12 +163,12 @@ def evaluation_breakdown(output_dir: str | Path = "outputs/runs"):
     import pandas as pd
 
     rows = []
-    for folder, ev in ((f, _read_quietly(f / name)) for f in run_folders(output_dir)
-                       for name in ("eval_test.json", "eval_test_last.json")):
+    for folder, which, ev in ((f, which, ev) for f in run_folders(output_dir) for which, ev in _by_checkpoint(
+            {w: _read_quietly(f / eval_file("test", w)) for w in ("best", "last")}).items()):
         if not ev:
             continue
         tta, tuned, post = ev.get("tta") or {}, ev.get("threshold_tuned") or {}, ev.get("postprocess") or {}
-        row = {"run": folder.name, "arch": ev.get("arch"), "checkpoint": ev.get("checkpoint"),
+        row = {"run": folder.name, "arch": ev.get("arch"), "checkpoint": which,
                "images": ev.get("images"), "test_dice": ev.get("dice"), "tta_dice": tta.get("dice"),
                "tta_gain": _minus(tta.get("dice"), ev.get("dice")), "threshold": tuned.get("threshold"),
                # the threshold's own gain; an evaluation written before "tta_threshold_tuned" existed

@@ -295,9 +295,16 @@ def default_checkpoint(scheduler: str | None, stop_reason: str | None, lr_left: 
     return "best"
 
 
-def lr_left(summary: dict, lr) -> float | None:
-    """The last epoch's lr as a share of the peak ``lr``, from a summary (None where unrecorded)."""
+def lr_left(summary: dict, lr, history=None) -> float | None:
+    """The last epoch's lr as a share of the peak ``lr``, from a summary (None where unrecorded).
+
+    A summary from before ``final_lr`` was recorded takes it from the last row of ``history``
+    (metrics.json), which has always held each epoch's lr: without it, an old budget run that
+    stopped with its lr still high would be judged by last.pt.
+    """
     final = summary.get("final_lr")
+    if final is None and history and isinstance(history[-1], dict):
+        final = history[-1].get("lr")
     return final / lr if _is_number(final) and _is_number(lr) and lr > 0 else None
 
 
@@ -530,7 +537,16 @@ class RunDir:
         if which != "auto":
             return which
         config, summary = self.read_config(), self.read_summary()
-        return default_checkpoint(config.scheduler, summary.get("stop_reason"), lr_left(summary, config.lr))
+        return default_checkpoint(config.scheduler, summary.get("stop_reason"), self.lr_left(summary, config.lr))
+
+    def lr_left(self, summary: dict, lr) -> float | None:
+        """:func:`lr_left` of this run, reading metrics.json only for a summary without ``final_lr``."""
+        if "final_lr" in summary:
+            return lr_left(summary, lr)
+        try:
+            return lr_left(summary, lr, self.read_metrics())
+        except RunRecordError:
+            return None
 
     def checkpoint(self, which: str = "auto") -> Path:
         return self.path / f"{self.resolve_checkpoint(which)}.pt"

@@ -174,6 +174,13 @@ def test_an_evaluation_records_the_epoch_of_its_weights_and_keeps_no_figures_of_
     evaluate_run(run, "test", device="cpu", progress=False)
     recorded = run.read_json(eval_file("test", which))
     assert recorded["epoch"] == epoch and "tta" not in recorded
+    # an early labseg wrote every evaluation to eval_test.json, last.pt's too, naming its checkpoint
+    other = "best" if which == "last" else "last"
+    evaluate_run(run, "test", which=other, tta=True, device="cpu", progress=False)
+    old_record = {k: v for k, v in run.read_json(eval_file("test", other)).items() if k != "epoch"}
+    run.write_json(eval_file("test", other), {**old_record, "checkpoint": which})      # and no epoch yet
+    assert "tta" not in evaluate_run(run, "test", which=other, device="cpu", progress=False)
+    assert "tta" not in run.read_json(eval_file("test", other))
 
 
 def test_checkpoints_of_other_bytes_are_each_evaluated(small_run, tmp_path):

@@ -42,6 +42,39 @@ def test_a_run_that_finished_its_cosine_schedule_is_reported_by_last_pt(tmp_path
     assert "| resnet34_unet | cos | sample | 0.8000 | 0.6400 | 2 | last | 0.8600 | 0.6880 |" in text
 
 
+def test_a_budget_run_recorded_before_final_lr_is_judged_by_the_lr_its_metrics_end_at(tmp_path):
+    """summary.json had no final_lr before it was recorded; metrics.json always held each epoch's
+    lr. A budget run that stopped at 15% of its peak lr did not finish its schedule: best.pt."""
+    runs = tmp_path / "runs"
+    stop = "time budget of 40s spent (no time for another epoch)"
+    for name, final in (("high", 1.5e-4), ("decayed", 1e-6)):
+        run = fake_run(runs, name, "unet", [0.6, 0.7, 0.65], test=0.6, test_last=0.5, scheduler="cosine",
+                       stop_reason=stop)
+        run.write_metrics([{**row, "lr": lr} for row, lr in zip(run.read_metrics(), (1e-3, 6e-4, final))])
+    assert RunDir(runs / "high").resolve_checkpoint() == "best"
+    assert RunDir(runs / "decayed").resolve_checkpoint() == "last"
+    table = collect_runs(runs).set_index("run")
+    assert table.loc["high", ["checkpoint", "test_dice"]].tolist() == ["best", 0.6]
+    assert table.loc["decayed", ["checkpoint", "test_dice"]].tolist() == ["last", 0.5]
+
+
+def test_an_early_evaluation_of_last_pt_in_eval_test_json_is_last_pts(tmp_path):
+    """Before eval_test_last.json, every evaluation went to eval_test.json with its "checkpoint":
+    one of last.pt is reported as last.pt's, unless last.pt has a file of its own."""
+    runs = tmp_path / "runs"
+    run = fake_run(runs, "old", "unet", [0.6, 0.7], scheduler="cosine", stop_reason="completed all epochs")
+    run.write_json("eval_test.json", {"checkpoint": "last", "arch": "unet", "dice": 0.58, "iou": 0.5,
+                                      "tta": {"dice": 0.59}})
+    row = collect_runs(runs).set_index("run").loc["old"]
+    assert row[["checkpoint", "test_dice", "test_dice_last", "test_dice_tta"]].tolist() == ["last", 0.58, 0.58, 0.59]
+    assert pd.isna(row["test_dice_best"])
+    assert evaluation_breakdown(runs)[["checkpoint", "test_dice"]].values.tolist() == [["last", 0.58]]
+    run.write_json("eval_test_last.json", {"checkpoint": "last", "arch": "unet", "dice": 0.61, "iou": 0.5})
+    row = collect_runs(runs).set_index("run").loc["old"]
+    assert row[["test_dice", "test_dice_last"]].tolist() == [0.61, 0.61] and pd.isna(row["test_dice_best"])
+    assert evaluation_breakdown(runs)[["checkpoint", "test_dice"]].values.tolist() == [["last", 0.61]]
+
+
 def test_collect_runs_best_and_report(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs, "u1", "unet", [0.5, 0.6])
