@@ -100,12 +100,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
 
 SWA_LR = 0.1   # the lr while weights are averaged (SWA), as a fraction of the base lr
+# Warm-up never takes more than this share of training: counted in steps alone, one epoch of
+# warm-up outlasted a time budget shorter than an epoch (full dataset, 256 px, on a CPU), and the
+# whole run trained at a few % of its lr while the cosine decayed by time.
+WARMUP_MAX_SHARE = 0.05
 
 
 def lr_factor(schedule: str, progress: float, step: int = 0, warmup_steps: int = 0,
               swa_start: float = 0.0) -> float:
-    """Multiplier of the base lr: a linear warm-up over the first ``warmup_steps`` steps, times the
-    schedule's decay at ``progress`` ∈ [0, 1] of training (steps or time budget, whichever is further).
+    """Multiplier of the base lr: a linear warm-up over the first ``warmup_steps`` steps (or the first
+    ``WARMUP_MAX_SHARE`` of ``progress``, whichever ends first), times the schedule's decay at
+    ``progress`` ∈ [0, 1] of training (steps or time budget, whichever is further).
 
     With ``swa_start`` (cosine only), the cosine reaches ``SWA_LR`` at that fraction of training and
     the lr stays there while the weights are averaged: a constant lr keeps the averaged models
@@ -117,7 +122,8 @@ def lr_factor(schedule: str, progress: float, step: int = 0, warmup_steps: int =
         if progress < peak:
             return 0.04 + 0.96 * (1 - math.cos(math.pi * progress / peak)) / 2
         return 0.5 * (1 + math.cos(math.pi * (progress - peak) / (1 - peak))) * (1 - 1e-4) + 1e-4
-    warm = min(1.0, 0.01 + 0.99 * step / warmup_steps) if warmup_steps > 0 else 1.0
+    warmed = max(step / warmup_steps, progress / WARMUP_MAX_SHARE) if warmup_steps > 0 else 1.0
+    warm = min(1.0, 0.01 + 0.99 * warmed)
     if schedule == "cosine":       # from 1 down to 0.01 of the base lr (or to SWA_LR by swa_start)
         floor, end = (SWA_LR, swa_start) if swa_start else (0.01, 1.0)
         return warm * (0.5 * (1 + math.cos(math.pi * min(progress / end, 1.0))) * (1 - floor) + floor)
@@ -198,14 +204,16 @@ def _finish_swa(swa, batches: Batches) -> nn.Module:
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, batches: Batches, loss_fn, amp_dtype=None) -> dict:
+def validate(model: nn.Module, batches: Batches, loss_fn, amp_dtype=None, show_progress: bool = False) -> dict:
     """Valid loss and per-image Dice/IoU, accumulated on the device (one sync at the end)."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     dev = batches.device
     loss_sum, n = torch.zeros((), device=dev), 0
     dice, iou = [], []
-    for batch in batches:
+    for batch in tqdm(batches, desc="validation", leave=False, disable=not show_progress):
         with _autocast(dev, amp_dtype):
             logits = model(batch.image)
         logits = logits.float()
@@ -439,7 +447,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                 train_loss, images, out_of_time = train_one_epoch(
                     step_model, model, train_batches, optimizer, train_loss_fn, config, clock, base_lrs, epoch,
                     scaler=scaler, ema=ema, amp_dtype=amp_dtype, warmup_steps=warmup_steps,
-                    desc=f"epoch {epoch}{of_epochs}", show_progress=progress and dist.is_main)
+                    desc=f"epoch {epoch}{of_epochs}", show_progress=progress and dist.is_main, augment=augment)
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"{e}; training stopped. The last good checkpoint is kept in "
                                        f"{run.path if run else '(rank 0)'}. Try a lower lr (now {config.lr:g}) "
@@ -450,8 +458,11 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
 
             # Under torchrun every rank takes rank 0's scores: the ranks' copies differ in their
             # BatchNorm statistics after the last step, and early stopping must stop them all.
-            row = {"epoch": epoch, "train_loss": train_loss,
-                   **dist.from_main(validate(eval_model, valid_batches, loss_fn, amp_dtype)),
+            valid_start = time.perf_counter()
+            scores = dist.from_main(validate(eval_model, valid_batches, loss_fn, amp_dtype,
+                                             show_progress=progress and dist.is_main))
+            clock.reserve = dist.agree_max(time.perf_counter() - valid_start)
+            row = {"epoch": epoch, "train_loss": train_loss, **scores,
                    "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
                    "images_per_s": round(images * dist.world / max(seconds, 1e-9), 2)}
             history.append(row)
@@ -472,7 +483,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
             if out_of_time:
                 stop_reason = f"time budget of {config.time_budget} spent"
                 break
-            if clock.budget and clock.tick() + dist.agree_max(seconds) > clock.budget:
+            if clock.budget and clock.tick() + dist.agree_max(seconds) + clock.reserve > clock.budget:
                 stop_reason = f"time budget of {config.time_budget} spent (no time for another epoch)"
                 break
             if config.patience and since_best >= config.patience:
@@ -546,12 +557,14 @@ def _where_the_run_is(run: RunDir, epoch: int):
 def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
                     loss_fn, config: RunConfig, clock: "_Clock", base_lrs: list[float], epoch: int, *,
                     scaler=None, ema=None, amp_dtype=None, warmup_steps: int = 0, desc: str = "",
-                    show_progress: bool = True) -> tuple[float, int, bool]:
+                    show_progress: bool = True, augment=None) -> tuple[float, int, bool]:
     """One pass over the training batches: the lr for this step, forward, loss, backward, optimizer
     step. Returns the epoch's mean loss, the images it stepped on (this process's) and whether the
     time budget ran out before its end.
 
     ``step_model`` is ``model`` as the steps call it (wrapped by DDP or torch.compile, or itself).
+    ``augment`` (the batches' BatchAugment) takes its phase for the progress after each step: a
+    phase that ended with an epoch never ended in a budget of one or two long epochs.
     """
     from tqdm.auto import tqdm
 
@@ -584,11 +597,15 @@ def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, o
         steps, images = steps + 1, images + len(batch.index)
         clock.step += 1
         clock.tick()
+        if augment is not None:
+            _set_augment_phase(augment, config, clock.progress())   # for the next batch
         if steps % config.log_every == 0 or steps == len(batches):
             mean = (loss_sum / steps).item()       # the only host sync of the step loop
             if clock.agree_max(float(not math.isfinite(mean))):     # on any rank: all stop
                 raise TrainingDiverged(f"loss became {mean} at epoch {epoch}, step {steps}")
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            # the bar's own estimate is the epoch's; under a budget, what is left of the budget
+            left = {"budget_left": _mmss(clock.budget - clock.seen)} if clock.budget else {}
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", **left)
         if clock.out_of_time():
             out_of_time = True
             break
@@ -614,6 +631,7 @@ class _Clock:
     agree_max: Callable[[float], float] = float     # _Distributed.agree_max; one process: as is
     started: float = field(default_factory=time.perf_counter)
     seen: float = 0.0                          # spent() as of the last tick, agreed by the ranks
+    reserve: float = 0.0                       # seconds the validation after a step loop takes (the last one's)
 
     def spent(self) -> float:
         return time.perf_counter() - self.started + self.elapsed_before
@@ -628,7 +646,8 @@ class _Clock:
         return max(self.step / max(self.total_steps, 1), self.seen / self.budget if self.budget else 0.0)
 
     def out_of_time(self) -> bool:
-        return bool(self.budget) and self.seen > self.budget
+        """The budget is spent, or will be by the end of the validation that follows."""
+        return bool(self.budget) and self.seen + self.reserve > self.budget
 
 
 def _sam_second_pass(step_model, model, batch, loss_fn, optimizer, scaler, rho: float, amp_dtype) -> None:
@@ -642,6 +661,11 @@ def _sam_second_pass(step_model, model, batch, loss_fn, optimizer, scaler, rho: 
     scaler.scale(loss_fn(out, batch.target, batch.valid)).backward()
     with torch.no_grad():
         torch._foreach_sub_(params, steps)      # back to the weights the step starts from
+
+
+def _mmss(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}h{seconds // 60 % 60:02d}"
 
 
 def _set_augment_phase(augment: BatchAugment, config: RunConfig, progress: float) -> None:

@@ -553,6 +553,18 @@ def test_low_res_epochs_until_low_res_until(tiny, monkeypatch):
     assert result.run.read_config().low_res_scale == 0.5
 
 
+def test_a_phase_ends_within_an_epoch(tiny, monkeypatch):
+    """One epoch of four steps with low_res_until=0.5: two steps at 32 px, then two at 64 px. The
+    phases changed only between epochs, so a budget of one long epoch never reached img_size."""
+    seen = []
+    forward = ResNet34UNet.forward
+    monkeypatch.setattr(ResNet34UNet, "forward",
+                        lambda self, x: (seen.append((self.training, x.shape[-1])), forward(self, x))[1])
+    fit(arch="resnet34_unet", low_res_scale=0.5, low_res_until=0.5, run_name="lowres1",
+        **{**tiny, "img_size": 64, "epochs": 1, "batch_size": 2})
+    assert [size for training, size in seen if training] == [32, 32, 64, 64]
+
+
 def test_resume_keeps_what_was_not_asked_again():
     """A budget run resumed without --time-budget keeps its epoch count (the recipe's 40 once
     replaced it); fields asked for again, and only those, are compared or changed."""
@@ -584,6 +596,23 @@ def test_time_budget_stops_cleanly(tiny):
         fit(arch="resnet34_unet", run_name="tb", resume=True, **{**tiny, "epochs": None})
 
 
+def test_the_time_budget_counts_the_validation_that_follows_the_steps(tiny, monkeypatch):
+    """A budget of 5 s, epochs of ~0.3 s and a validation of 3 s (370 images of the full dataset
+    took 80 s on a CPU): after the first epoch (~3.5 s) another epoch and its validation do not
+    fit, so the run stops there; counting the steps alone, it started a second and ended ~2 s late."""
+    import labseg.train
+
+    real = labseg.train.validate
+
+    def slow_validation(*args, **kwargs):
+        time.sleep(3.0)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(labseg.train, "validate", slow_validation)
+    result = fit(arch="resnet34_unet", run_name="tbv", time_budget=5, **{**tiny, "epochs": 200})
+    assert result.summary["stop_reason"] == "time budget of 5 spent (no time for another epoch)"
+    assert result.summary["epochs_run"] == 1
+
+
 def test_lr_schedule_shapes():
     assert lr_factor("cosine", 0.0) == pytest.approx(1.0)
     assert lr_factor("cosine", 0.5) == pytest.approx(0.505)
@@ -593,7 +622,17 @@ def test_lr_schedule_shapes():
     assert lr_factor("cosine", 0.5, step=20, warmup_steps=10) == pytest.approx(0.505)
     assert lr_factor("onecycle", 0.3) == pytest.approx(1.0)
     assert lr_factor("onecycle", 1.0) == pytest.approx(1e-4)
-    assert lr_factor("none", 0.7) == 1.0 and lr_factor("plateau", 0.7, 1, 4) == pytest.approx(0.2575)
+    assert lr_factor("none", 0.7) == 1.0 and lr_factor("plateau", 0.01, 1, 4) == pytest.approx(0.2575)
+
+
+def test_warm_up_ends_by_a_twentieth_of_training_however_long_an_epoch_is():
+    """An epoch of warm-up (413 steps: the full dataset at batch 8) under a budget shorter than an
+    epoch: the lr reaches its peak by 5% of the budget, not after the budget."""
+    assert lr_factor("none", 0.025, step=10, warmup_steps=413) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr_factor("none", 0.05, step=20, warmup_steps=413) == pytest.approx(1.0)
+    assert lr_factor("cosine", 0.5, step=38, warmup_steps=413) == pytest.approx(0.505)
+    # where an epoch is a small part of training, the warm-up is the epoch, as before
+    assert lr_factor("none", 0.001, step=5, warmup_steps=10) == pytest.approx(0.505)
 
 
 # --------------------------------------------------------------------------- checkpoints
