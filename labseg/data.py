@@ -522,9 +522,8 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     os.chmod(tmp, 0o777 & ~UMASK)   # mkdtemp makes 0700: a cache another user built must stay readable
     try:
-        np.save(tmp / "images.npy", images[keep])
-        np.save(tmp / "labels.npy", labels[keep])
-        np.save(tmp / "sizes.npy", sizes[keep])
+        for name, array in (("images", images), ("labels", labels), ("sizes", sizes)):
+            np.save(tmp / f"{name}.npy", _kept_rows(array, keep))
         meta = {"root": str(root), "split": split, "img_size": img_size,
                 "names": [r.name for r in kept], "skipped": skipped, "notes": quirky}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -536,6 +535,16 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _read_cache(folder, root, img_size)
+
+
+def _kept_rows(array: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``array[keep]`` without a second copy of the array (the full dataset at 256 px holds ~1 GB
+    a split): the kept rows move up in place, and the first of them are returned as a view."""
+    rows = np.flatnonzero(keep)
+    for to, row in enumerate(rows):
+        if to != row:
+            array[to] = array[row]
+    return array[:len(rows)]
 
 
 class _CacheDamaged(Exception):

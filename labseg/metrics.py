@@ -22,13 +22,21 @@ def _binary(pred: torch.Tensor, threshold: float, from_logits: bool) -> torch.Te
     return pred >= threshold
 
 
+def _truth(target: torch.Tensor) -> torch.Tensor:
+    """The pet pixels of a 0/1 mask. An integer mask is compared with 0, not 0.5: comparing it with a
+    float makes a float copy of every pixel."""
+    if target.dtype == torch.bool:
+        return target
+    return target > 0.5 if target.is_floating_point() else target > 0
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """Images × pixels: N×H×W or N×1×H×W are N images; one H×W mask (2-D, or 1-D) is one image."""
     return x.reshape(x.shape[0], -1) if x.dim() > 2 else x.reshape(1, -1)
 
 
 def _pair(pred: torch.Tensor, target: torch.Tensor, threshold: float, from_logits: bool):
-    p, g = _flat(_binary(pred, threshold, from_logits)), _flat(target > 0.5)
+    p, g = _flat(_binary(pred, threshold, from_logits)), _flat(_truth(target))
     if p.shape != g.shape:
         raise ValueError(f"prediction of shape {tuple(pred.shape)} and target of shape {tuple(target.shape)} "
                          f"differ in images or pixels ({tuple(p.shape)} against {tuple(g.shape)} as images × "
@@ -36,25 +44,33 @@ def _pair(pred: torch.Tensor, target: torch.Tensor, threshold: float, from_logit
     return p, g
 
 
+def _count(mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """True pixels of each image. A sum of booleans converts them to its integer type first, 4-8
+    bytes a pixel: a few images at a time, not a whole test split (3669 images at 256 px) at once."""
+    return torch.cat([part.sum(1, dtype=torch.int32) for part in mask.split(chunk)]) if len(mask) else \
+        mask.sum(1, dtype=torch.int32)
+
+
 def per_image_dice(pred, target, threshold: float = 0.5, from_logits: bool = False) -> torch.Tensor:
     """Dice of each image (N values). ``pred`` holds probabilities, logits or booleans, N×H×W or
     N×1×H×W; a 2-D H×W mask is one image."""
-    p, g = (m.float() for m in _pair(pred, target, threshold, from_logits))
-    inter = (p * g).sum(1)
-    total = p.sum(1) + g.sum(1)
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+    # pixel counts of boolean masks: no float copy of every pixel (a test split at 256 px is GBs)
+    p, g = _pair(pred, target, threshold, from_logits)
+    inter = _count(p & g)
+    total = _count(p) + _count(g)
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), 1.0)
 
 
 def per_image_iou(pred, target, threshold: float = 0.5, from_logits: bool = False) -> torch.Tensor:
-    p, g = (m.float() for m in _pair(pred, target, threshold, from_logits))
-    inter = (p * g).sum(1)
-    union = p.sum(1) + g.sum(1) - inter
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    p, g = _pair(pred, target, threshold, from_logits)
+    inter = _count(p & g)
+    union = _count(p | g)
+    return torch.where(union > 0, inter / union.clamp_min(1), 1.0)
 
 
 def per_image_accuracy(pred, target, threshold: float = 0.5, from_logits: bool = False) -> torch.Tensor:
     p, g = _pair(pred, target, threshold, from_logits)
-    return (p == g).float().mean(1)
+    return _count(p == g) / p.shape[1]
 
 
 def dice_score(pred, target, threshold: float = 0.5, from_logits: bool = False) -> float:

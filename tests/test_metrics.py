@@ -18,6 +18,26 @@ def test_dice_by_hand():
     assert pixel_accuracy(pred, target) == pytest.approx(3 / 4)
 
 
+def test_scores_of_many_images_in_any_mask_type_are_each_images_own():
+    """150 images (counted a few at a time: past the chunks' edges) as probabilities against 0/1
+    masks in uint8, float and bool: each image's Dice, IoU and accuracy as numpy computes them."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    prob = rng.random((150, 1, 8, 8)).astype(np.float32)
+    truth = rng.random((150, 8, 8)) < rng.random((150, 1, 1))        # pets of every size, some empty
+    truth[7] = False
+    p, g = (prob[:, 0] >= 0.5).reshape(150, -1), truth.reshape(150, -1)
+    inter, total, union = (p & g).sum(1), p.sum(1) + g.sum(1), (p | g).sum(1)
+    dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    for target in (torch.from_numpy(truth.astype(np.uint8)), torch.from_numpy(truth.astype(np.float32)),
+                   torch.from_numpy(truth)):
+        assert per_image_dice(torch.from_numpy(prob), target).numpy() == pytest.approx(dice)
+        assert per_image_iou(torch.from_numpy(prob), target).numpy() == pytest.approx(iou)
+        assert pixel_accuracy(torch.from_numpy(prob), target) == pytest.approx((p == g).mean())
+
+
 def test_empty_vs_empty_is_one_and_empty_vs_something_is_zero():
     assert per_image_dice(masks([0, 0, 0]), masks([0, 0, 0])).tolist() == [1.0]
     assert per_image_dice(masks([0, 0, 0]), masks([0, 1, 0])).tolist() == [0.0]
