@@ -412,7 +412,13 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
             atomic_write_bytes(out / name, figure_png(fig))
         else:
             (out / name).unlink(missing_ok=True)
-    atomic_write_text(out / "runs.csv", table.to_csv(index=False))
+    import pandas as pd
+
+    # "epochs" of a run trained until its time budget is a sentinel (UNTIL_BUDGET), not a count:
+    # blank in the CSV, where the time_budget column says what bounded it
+    epochs = pd.to_numeric(table["epochs"], errors="coerce") if "epochs" in table else None
+    csv = table if epochs is None else table.assign(epochs=table["epochs"].where(~(epochs >= UNTIL_BUDGET)))
+    atomic_write_text(out / "runs.csv", csv.to_csv(index=False))
 
     shown = ["run", "status", "dataset", "arch", "img_size", "epochs", "lr", "loss", "augment", "seed",
              "best_valid_dice", "best_valid_iou", "best_epoch", "checkpoint", "test_dice", "test_dice_tta",

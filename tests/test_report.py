@@ -42,6 +42,20 @@ def test_a_run_that_finished_its_cosine_schedule_is_reported_by_last_pt(tmp_path
     assert "| resnet34_unet | cos | sample | 0.8000 | 0.6400 | 2 | last | 0.8600 | 0.6880 |" in text
 
 
+def test_runs_csv_leaves_the_epochs_of_a_budget_run_blank(tmp_path):
+    """A run trained until its time budget has no epoch count: its "epochs" is a sentinel, which
+    runs.csv showed as 100000."""
+    from labseg.config import UNTIL_BUDGET
+
+    runs = tmp_path / "runs"
+    budget = fake_run(runs, "budget", "unet", [0.6, 0.7], scheduler="cosine", stop_reason="time budget of 25m spent")
+    budget.write_json("config.json", {**budget.read_json("config.json"), "epochs": UNTIL_BUDGET, "time_budget": "25m"})
+    fake_run(runs, "counted", "unet", [0.6, 0.7, 0.8])
+    csv = pd.read_csv(write_report(runs, tmp_path / "report").parent / "runs.csv").set_index("run")
+    assert pd.isna(csv.loc["budget", "epochs"]) and csv.loc["budget", "time_budget"] == "25m"
+    assert csv.loc["counted", "epochs"] == 3
+
+
 def test_a_budget_run_recorded_before_final_lr_is_judged_by_the_lr_its_metrics_end_at(tmp_path):
     """summary.json had no final_lr before it was recorded; metrics.json always held each epoch's
     lr. A budget run that stopped at 15% of its peak lr did not finish its schedule: best.pt."""
