@@ -442,3 +442,23 @@ def test_a_checkpoint_is_described_by_its_own_epoch_and_valid_dice(tmp_path):
     assert run.describe_checkpoint("best") == "best.pt (epoch 1, valid Dice 0.6000)"
     (run.path / "metrics.json").write_text("[{")                        # damaged: the name, no crash
     assert run.describe_checkpoint("best") == "best.pt"
+
+
+def test_the_full_datasets_37_breeds_get_a_table_of_their_own_in_the_report(tmp_path):
+    """37 per-breed columns made a test table of 50 columns; past 8 breeds they are one row each."""
+    runs = tmp_path / "runs"
+    run = fake_run(runs, "full", "resnet34_unet", [0.6, 0.8], scheduler="cosine", stop_reason="completed all epochs")
+    per_breed = {f"breed_{i:02d}": {"dice": 0.5 + i / 100, "iou": 0.4, "images": 10} for i in range(37)}
+    run.write_json("eval_test_last.json", {"checkpoint": "last", "arch": "resnet34_unet", "dice": 0.9, "iou": 0.8,
+                                           "per_breed": per_breed})
+    text = write_report(runs, tmp_path / "report").read_text()
+    test_part = text[text.index("## Test:"):]
+    header = next(line for line in test_part.splitlines() if line.startswith("| run"))
+    assert "breed_00" not in header and header.count("|") < 20
+    assert "| breed | full last.pt |" in test_part
+    assert "| breed_36 | 0.8600 |" in test_part and "| breed_00 | 0.5000 |" in test_part
+    # three breeds (the 3-breed subset) stay columns of the one table
+    run.write_json("eval_test_last.json", {"checkpoint": "last", "arch": "resnet34_unet", "dice": 0.9, "iou": 0.8,
+                                           "per_breed": dict(list(per_breed.items())[:3])})
+    text = write_report(runs, tmp_path / "report").read_text()
+    assert "breed_02 dice" in text and "| breed |" not in text

@@ -163,3 +163,24 @@ def test_the_variants_table_names_each_tuned_threshold():
     assert list(table.index) == ["threshold 0.5", "threshold 0.5 + flip TTA", "threshold 0.30 (tuned on valid)",
                                  "flip TTA + threshold 0.45 (tuned on valid, with TTA)"]
     assert table.loc["flip TTA + threshold 0.45 (tuned on valid, with TTA)", "dice"] == 0.83
+
+
+def test_scores_of_the_full_datasets_37_breeds_lie_as_bars_best_first_in_a_figure_of_bounded_width():
+    """Side by side, 37 breeds made a figure 43 inches wide that a notebook cell shrank to
+    unreadable labels; many groups lie as horizontal bars, sorted by Dice, best at the top."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"dice": rng.uniform(0.7, 0.95, 37), "iou": rng.uniform(0.6, 0.9, 37),
+                          "images": rng.integers(90, 100, 37)}, index=[f"breed_{i}" for i in range(37)])
+    fig = viz.plot_group_scores(table, "per breed")
+    width, height = fig.get_size_inches()
+    assert width <= 8 and height > width
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    best_first = table.sort_values("dice", ascending=False)
+    assert labels[::-1] == [f"{name} (n={n})" for name, n in zip(best_first.index, best_first["images"])]
+    # a few groups stay side by side, one label and count under each pair of bars
+    few = viz.plot_group_scores(table.iloc[:3], "per species")
+    assert [t.get_text() for t in few.axes[0].get_xticklabels()] == [
+        f"breed_{i}\n(n={table['images'].iloc[i]})" for i in range(3)]
