@@ -303,9 +303,15 @@ def format_result(result: dict) -> str:
              + (f"  (epoch {result['epoch']})" if result.get("epoch") is not None else "")
              + (f"  (the same file as {result['same_weights_as']}.pt: its evaluation)"
                 if result.get("same_weights_as") else "")]
-    for key in ("per_species", "per_breed"):
-        for name, m in result[key].items():
-            lines.append(f"  {name:<46} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  ({m['images']} images)")
+    # each species, then its breeds indented under it (37 breeds of two species read as one list)
+    def group(name: str, m: dict, indent: str) -> str:
+        return f"{indent}{name:<{48 - len(indent)}} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  ({m['images']} images)"
+
+    breeds = result.get("per_breed", {})
+    for species, m in result.get("per_species", {}).items():
+        lines.append(group(species, m, "  "))
+        lines += [group(b, bm, "    ") for b, bm in breeds.items() if bm.get("species") == species]
+    lines += [group(b, bm, "  ") for b, bm in breeds.items() if bm.get("species") not in result.get("per_species", {})]
 
     def variant(label: str, m: dict, note: str = "") -> str:     # one column of figures for every variant
         return f"  {label + ':':<46} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}{note}"

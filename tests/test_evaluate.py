@@ -183,6 +183,18 @@ def test_an_evaluation_records_the_epoch_of_its_weights_and_keeps_no_figures_of_
     assert "tta" not in run.read_json(eval_file("test", other))
 
 
+def test_the_printed_evaluation_lists_each_species_with_its_breeds_under_it(small_run):
+    """The species lines looked like two more breeds; 37 breeds of two species read as one list."""
+    result = evaluate_run(small_run, "test", device="cpu", progress=False, save=False)
+    names = [line.split()[0] for line in format_result(result).splitlines()[1:]]
+    indents = [len(line) - len(line.lstrip()) for line in format_result(result).splitlines()[1:]]
+    expected = []
+    for species in result["per_species"]:
+        expected += [(species, 2)] + [(b, 4) for b, m in result["per_breed"].items() if m["species"] == species]
+    assert list(zip(names, indents)) == expected
+    assert sorted(n for n, i in expected if i == 4) == sorted(result["per_breed"])
+
+
 def test_checkpoints_of_other_bytes_are_each_evaluated(small_run, tmp_path):
     """evaluate_checkpoints takes best.pt's evaluation for last.pt only when the two files hold the
     same bytes; a last.pt with other weights is evaluated on its own."""
