@@ -169,7 +169,7 @@ def eval_file(split: str = "test", which: str = "best") -> str:
 def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = "auto", tta: bool = False,
                  tune_threshold: bool = False, postprocess: bool = False, data_dir: str | None = None,
                  batch_size: int = 16, device="auto", progress: bool = True, save: bool = True,
-                 output_dir: str | Path = "outputs/runs") -> dict:
+                 output_dir: str | Path = "outputs/runs", predictions: dict | None = None) -> dict:
     """Evaluate a run on ``split`` ("test" or "valid"); returns and saves the results.
 
     The result holds the plain evaluation (threshold 0.5, no TTA) and, when asked, the flip-TTA,
@@ -179,6 +179,10 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     ``postprocess`` (:mod:`labseg.postprocess`) also records the valid Dice without and with the
     step: the check that decides, as in nnU-Net, whether to use it. ``which``: "best", "last" or
     "auto" (last.pt for a run that finished its decaying schedule, else best.pt).
+
+    ``predictions``, a dict, receives the split (``"data"``) and its plain probabilities
+    (``"probs"``), for galleries without predicting the split again (minutes for the full
+    dataset's test split on a CPU).
     """
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise ConfigError(f"batch_size={batch_size!r}: expected a positive integer")
@@ -190,6 +194,8 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     batches = batches_for_model(model, config, cached, batch_size)
     probs = predict_probs(model, batches, progress=progress, desc=f"{split}")
     plain = score(probs, cached)
+    if predictions is not None:
+        predictions.update(data=cached, probs=probs)
     # "tta" names the flip-TTA variant below; the plain scores carry no flag of that name.
     plain_scores = {k: v for k, v in plain.summary().items() if k != "tta"}
     result = {"run": run.name, "arch": config.arch, "split": split, "checkpoint": which, "epoch": epoch,

@@ -195,6 +195,16 @@ def test_the_printed_evaluation_lists_each_species_with_its_breeds_under_it(smal
     assert sorted(n for n, i in expected if i == 4) == sorted(result["per_breed"])
 
 
+def test_an_evaluation_hands_over_the_probabilities_it_scored(small_run):
+    """05_evaluate's galleries take the split and probabilities evaluate_run scored, instead of
+    predicting the test split a second time: the same images, and the Dice of the result."""
+    predictions = {}
+    result = evaluate_run(small_run, "test", device="cpu", progress=False, save=False, predictions=predictions)
+    data, probs = predictions["data"], predictions["probs"]
+    assert [r.name for r in data.records] == list(score(probs, data).names) and len(probs) == result["images"]
+    assert score(probs, data).dice.mean() == pytest.approx(result["dice"])
+
+
 def test_checkpoints_of_other_bytes_are_each_evaluated(small_run, tmp_path):
     """evaluate_checkpoints takes best.pt's evaluation for last.pt only when the two files hold the
     same bytes; a last.pt with other weights is evaluated on its own."""
