@@ -38,7 +38,9 @@ from labseg.transforms import channel_constant
 SPLITS = ("trainval", "test", "list")
 SPECIES = {1: "cat", 2: "dog"}
 MAX_PIXELS = 40_000_000          # larger images are refused (decompression-bomb guard)
-CACHE_VERSION = 1
+# Part of every cache's key: bump it when decoding or resizing changes what a cache holds, so that
+# caches built before are rebuilt, not read (2: 0-1 float images decode to 0-255, c9543f9).
+CACHE_VERSION = 2
 
 # Label values stored in the cache: the trimap folded into one byte per pixel.
 BACKGROUND, PET, BORDER = 0, 1, 2
