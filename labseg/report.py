@@ -420,7 +420,7 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
     # "epochs" of a run trained until its time budget is a sentinel (UNTIL_BUDGET), not a count:
     # blank in the CSV, where the time_budget column says what bounded it
     epochs = pd.to_numeric(table["epochs"], errors="coerce") if "epochs" in table else None
-    csv = table if epochs is None else table.assign(epochs=table["epochs"].where(~(epochs >= UNTIL_BUDGET)))
+    csv = table if epochs is None else table.assign(epochs=epochs.where(epochs < UNTIL_BUDGET).astype("Int64"))
     atomic_write_text(out / "runs.csv", csv.to_csv(index=False))
 
     shown = ["run", "status", "dataset", "arch", "img_size", "epochs", "lr", "loss", "augment", "seed",

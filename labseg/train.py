@@ -104,12 +104,16 @@ SWA_LR = 0.1   # the lr while weights are averaged (SWA), as a fraction of the b
 # warm-up outlasted a time budget shorter than an epoch (full dataset, 256 px, on a CPU), and the
 # whole run trained at a few % of its lr while the cosine decayed by time.
 WARMUP_MAX_SHARE = 0.05
+# ... and never fewer steps than this, whatever the share: a first step that takes 5% of a budget
+# by itself (torch.compile, a cold cache) would otherwise end the warm-up at step 1.
+WARMUP_MIN_STEPS = 20
 
 
 def lr_factor(schedule: str, progress: float, step: int = 0, warmup_steps: int = 0,
               swa_start: float = 0.0) -> float:
     """Multiplier of the base lr: a linear warm-up over the first ``warmup_steps`` steps (or the first
-    ``WARMUP_MAX_SHARE`` of ``progress``, whichever ends first), times the schedule's decay at
+    ``WARMUP_MAX_SHARE`` of ``progress`` but at least ``WARMUP_MIN_STEPS``, whichever ends first), times
+    the schedule's decay at
     ``progress`` ∈ [0, 1] of training (steps or time budget, whichever is further).
 
     With ``swa_start`` (cosine only), the cosine reaches ``SWA_LR`` at that fraction of training and
@@ -122,7 +126,10 @@ def lr_factor(schedule: str, progress: float, step: int = 0, warmup_steps: int =
         if progress < peak:
             return 0.04 + 0.96 * (1 - math.cos(math.pi * progress / peak)) / 2
         return 0.5 * (1 + math.cos(math.pi * (progress - peak) / (1 - peak))) * (1 - 1e-4) + 1e-4
-    warmed = max(step / warmup_steps, progress / WARMUP_MAX_SHARE) if warmup_steps > 0 else 1.0
+    if warmup_steps > 0:
+        warmed = max(step / warmup_steps, min(progress / WARMUP_MAX_SHARE, step / WARMUP_MIN_STEPS))
+    else:
+        warmed = 1.0
     warm = min(1.0, 0.01 + 0.99 * warmed)
     if schedule == "cosine":       # from 1 down to 0.01 of the base lr (or to SWA_LR by swa_start)
         floor, end = (SWA_LR, swa_start) if swa_start else (0.01, 1.0)
@@ -362,7 +369,8 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     # ---- the clock starts: the lr schedule and the time budget follow it (over all sessions of a run)
     done = resumed or {}
     clock = _Clock(total_steps=len(train_batches) * config.epochs, budget=config.time_budget_s,
-                   step=done.get("step", 0), elapsed_before=done.get("elapsed", 0.0), agree_max=dist.agree_max)
+                   step=done.get("step", 0), elapsed_before=done.get("elapsed", 0.0), agree_max=dist.agree_max,
+                   reserve=_seconds(done.get("valid_seconds")))
 
     # ---- the run folder, claimed only now that the network is known to give the right output
     check_logits(model, config.arch, config.img_size, device, channels_last)
@@ -392,7 +400,8 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     def checkpoint(epoch: int, deployed: nn.Module | None = None) -> dict:
         """Everything a resume needs; ``deployed`` (averaged weights) goes in "model" if given."""
         ckpt = {"format_version": CHECKPOINT_FORMAT, "arch": config.arch, "config": config.to_dict(),
-                "epoch": epoch, "step": clock.step, "elapsed": clock.spent(), "best": best, "history": history,
+                "epoch": epoch, "step": clock.step, "elapsed": clock.spent(), "valid_seconds": clock.reserve,
+                "best": best, "history": history,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "plateau": plateau.state_dict() if plateau is not None else None,
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -461,7 +470,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
             valid_start = time.perf_counter()
             scores = dist.from_main(validate(eval_model, valid_batches, loss_fn, amp_dtype,
                                              show_progress=progress and dist.is_main))
-            clock.reserve = dist.agree_max(time.perf_counter() - valid_start)
+            clock.validated(dist.agree_max(time.perf_counter() - valid_start))
             row = {"epoch": epoch, "train_loss": train_loss, **scores,
                    "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
                    "images_per_s": round(images * dist.world / max(seconds, 1e-9), 2)}
@@ -631,7 +640,7 @@ class _Clock:
     agree_max: Callable[[float], float] = float     # _Distributed.agree_max; one process: as is
     started: float = field(default_factory=time.perf_counter)
     seen: float = 0.0                          # spent() as of the last tick, agreed by the ranks
-    reserve: float = 0.0                       # seconds the validation after a step loop takes (the last one's)
+    reserve: float = 0.0                       # seconds a validation takes (the quickest measured; 0: none yet)
 
     def spent(self) -> float:
         return time.perf_counter() - self.started + self.elapsed_before
@@ -644,6 +653,13 @@ class _Clock:
     def progress(self) -> float:
         """Fraction of training done: by steps, or by time when a budget is set, whichever is further."""
         return max(self.step / max(self.total_steps, 1), self.seen / self.budget if self.budget else 0.0)
+
+    def validated(self, seconds: float) -> None:
+        """A validation took ``seconds`` (agreed by the ranks). The quickest one is kept: each
+        validates the same images on the same network, so a slower one is a one-off (a cold
+        cache, kernel autotuning) that would stop the run an epoch early. Before the first (a
+        run's first epoch), none is reserved: a budget shorter than an epoch ends one validation late."""
+        self.reserve = seconds if not self.reserve else min(self.reserve, seconds)
 
     def out_of_time(self) -> bool:
         """The budget is spent, or will be by the end of the validation that follows."""
@@ -661,6 +677,11 @@ def _sam_second_pass(step_model, model, batch, loss_fn, optimizer, scaler, rho: 
     scaler.scale(loss_fn(out, batch.target, batch.valid)).backward()
     with torch.no_grad():
         torch._foreach_sub_(params, steps)      # back to the weights the step starts from
+
+
+def _seconds(value) -> float:
+    """A checkpoint's record of seconds, or 0.0 where it has none (older) or a damaged one."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0.0
 
 
 def _mmss(seconds: float) -> str:

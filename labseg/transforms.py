@@ -151,7 +151,7 @@ class BatchAugment:
         self.copy_paste = copy_paste
         # When set, return random crop_size × crop_size crops at the image's own scale (drawn
         # after the affine, so the crop sees a rotated/zoomed image): patch training, as nnU-Net
-        # does, ~(H/crop)² fewer FLOPs per image. Set and cleared between epochs by ``fit``.
+        # does, ~(H/crop)² fewer FLOPs per image. Set and cleared by ``fit`` as training progresses.
         self.crop_size = crop_size
         # When set, resample whole images to low_res_size × low_res_size (before any crop):
         # progressive resizing (fast.ai; Tan & Le, 2021, EfficientNetV2), cheaper early epochs at

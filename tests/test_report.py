@@ -54,6 +54,9 @@ def test_runs_csv_leaves_the_epochs_of_a_budget_run_blank(tmp_path):
     csv = pd.read_csv(write_report(runs, tmp_path / "report").parent / "runs.csv").set_index("run")
     assert pd.isna(csv.loc["budget", "epochs"]) and csv.loc["budget", "time_budget"] == "25m"
     assert csv.loc["counted", "epochs"] == 3
+    lines = (tmp_path / "report" / "runs.csv").read_text().splitlines()
+    column = lines[0].split(",").index("epochs")
+    assert sorted(line.split(",")[column] for line in lines[1:]) == ["", "3"]      # not "3.0"
 
 
 def test_a_budget_run_recorded_before_final_lr_is_judged_by_the_lr_its_metrics_end_at(tmp_path):
