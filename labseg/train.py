@@ -112,9 +112,9 @@ WARMUP_MIN_STEPS = 20
 def lr_factor(schedule: str, progress: float, step: int = 0, warmup_steps: int = 0,
               swa_start: float = 0.0) -> float:
     """Multiplier of the base lr: a linear warm-up over the first ``warmup_steps`` steps (or the first
-    ``WARMUP_MAX_SHARE`` of ``progress`` but at least ``WARMUP_MIN_STEPS``, whichever ends first), times
-    the schedule's decay at
-    ``progress`` ∈ [0, 1] of training (steps or time budget, whichever is further).
+    ``WARMUP_MAX_SHARE`` of ``progress`` but at least ``WARMUP_MIN_STEPS``, whichever ends first),
+    times the schedule's decay at ``progress`` ∈ [0, 1] of training (steps or time budget,
+    whichever is further).
 
     With ``swa_start`` (cosine only), the cosine reaches ``SWA_LR`` at that fraction of training and
     the lr stays there while the weights are averaged: a constant lr keeps the averaged models
