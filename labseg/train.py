@@ -104,9 +104,11 @@ SWA_LR = 0.1   # the lr while weights are averaged (SWA), as a fraction of the b
 # warm-up outlasted a time budget shorter than an epoch (full dataset, 256 px, on a CPU), and the
 # whole run trained at a few % of its lr while the cosine decayed by time.
 WARMUP_MAX_SHARE = 0.05
-# ... and never fewer steps than this, whatever the share: a first step that takes 5% of a budget
-# by itself (torch.compile, a cold cache) would otherwise end the warm-up at step 1.
-WARMUP_MIN_STEPS = 20
+# ... and never fewer steps than this: a first step that takes 5% of a budget by itself
+# (torch.compile, a cold cache) would otherwise end the warm-up at step 1. Few, since where 20
+# steps outlast 5% of a budget (the full dataset at 256 px on a CPU), 20 steps of warm-up kept
+# the lr under half its peak while the cosine decayed by time.
+WARMUP_MIN_STEPS = 3
 
 
 def lr_factor(schedule: str, progress: float, step: int = 0, warmup_steps: int = 0,
@@ -498,6 +500,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
             if config.patience and since_best >= config.patience:
                 stop_reason = no_gain
                 break
+        trained_for = clock.spent()         # the summary's, as last.pt records it: without the last write
         if history and saved_epoch != history[-1]["epoch"]:
             save(history[-1]["epoch"])      # the final epoch is always in last.pt
         writer.wait()
@@ -514,7 +517,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
         writer.join()       # the last submitted checkpoint is on disk before any error propagates
 
     # ---- the summary (and, with SWA, the averaged weights)
-    summary = _summary(config, history, stop_reason, clock.spent(), count_parameters(model), trainval,
+    summary = _summary(config, history, stop_reason, trained_for, count_parameters(model), trainval,
                        len(train_idx), len(valid_idx))
     # Where and how the run trained (a budget run's figures depend on it): "machine" is this, the
     # last, session; a resumed run lists every session's, from the epoch it started at, in "machines".
@@ -532,7 +535,12 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
             best = scores[config.monitor]
         summary.update({"swa_epochs": int(swa.n_averaged), "swa_valid_dice": scores["valid_dice"],
                         "swa_valid_iou": scores["valid_iou"], "swa_valid_loss": scores["valid_loss"],
-                        "best_is_swa": improved})
+                        "best_is_swa": improved,
+                        # its BatchNorm pass and validation are training time too, as last.pt records it
+                        "train_seconds": round(clock.spent(), 1)})
+        if improved:        # best.pt holds the averaged weights: the run's best figures are theirs
+            summary.update(best_epoch=history[-1]["epoch"],
+                           **{f"best_{k}": scores[k] for k in ("valid_dice", "valid_iou", "valid_loss")})
         if dist.is_main:
             with _where_the_run_is(run, on_disk["epoch"]):
                 writer.submit(checkpoint(history[-1]["epoch"], final_model),
@@ -580,6 +588,7 @@ def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, o
     if scaler is None:      # fp32 and bf16: a scaler that passes everything through
         scaler = torch.amp.GradScaler(batches.device.type, enabled=False)
     loss_sum, steps, images, out_of_time = torch.zeros((), device=batches.device), 0, 0, False
+    shown: dict[str, str] = {}      # the loss and lr the bar shows, as of the last sync
     bar = tqdm(batches, desc=desc, leave=False, disable=not show_progress)
     for batch in bar:
         # this step's lr = base lr (ReduceLROnPlateau may have lowered it) × warm-up × schedule(progress)
@@ -608,13 +617,16 @@ def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, o
         clock.tick()
         if augment is not None:
             _set_augment_phase(augment, config, clock.progress())   # for the next batch
-        if steps % config.log_every == 0 or steps == len(batches):
+        if steps % config.log_every == 0 or steps == len(batches) or steps == 1:
             mean = (loss_sum / steps).item()       # the only host sync of the step loop
             if clock.agree_max(float(not math.isfinite(mean))):     # on any rank: all stop
                 raise TrainingDiverged(f"loss became {mean} at epoch {epoch}, step {steps}")
+            shown = {"loss": f"{mean:.4f}", "lr": f"{optimizer.param_groups[0]['lr']:.2e}"}
+        if show_progress and (clock.budget or steps % config.log_every == 0 or steps in (1, len(batches))):
             # the bar's own estimate is the epoch's; under a budget, what is left of the budget
+            # (host time: no sync), each step, since a budget may end an epoch before log_every
             left = {"budget_left": _mmss(clock.budget - clock.seen)} if clock.budget else {}
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", **left)
+            bar.set_postfix(**shown, **left, refresh=False)
         if clock.out_of_time():
             out_of_time = True
             break

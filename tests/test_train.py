@@ -416,6 +416,29 @@ def test_swa_deploys_the_mean_of_the_epoch_snapshots(tiny, monkeypatch):
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5] and resumed.summary["swa_epochs"] == 4
 
 
+def test_averaged_weights_that_validate_best_are_the_runs_best_and_their_time_is_training_time(tiny, monkeypatch):
+    """With SWA's averaged weights in best.pt, summary.json gave the best epoch's figures (the report
+    ranks runs by them), and its train_seconds left out the BatchNorm pass and the validation of the
+    averaged weights, which last.pt's elapsed time counts (a resume goes on from it)."""
+    import labseg.train
+
+    real, dice = labseg.train.validate, iter([0.5, 0.6, 0.55, 0.58, 0.9])
+
+    def scripted(*args, **kwargs):        # the epochs' valid Dice, then the averaged weights'
+        scores, d = real(*args, **kwargs), next(dice)
+        if d == 0.9:
+            time.sleep(1.5)                 # a validation of the averaged weights that takes its time
+        return {**scores, "valid_dice": d}
+    monkeypatch.setattr(labseg.train, "validate", scripted)
+    result = fit(arch="resnet34_unet", swa=0.5, run_name="swa-best", **{**tiny, "epochs": 4})
+    summary = result.summary
+    assert summary["best_is_swa"] and summary["swa_valid_dice"] == 0.9
+    assert (summary["best_valid_dice"], summary["best_epoch"]) == (0.9, 4)
+    assert summary["best_valid_iou"] == summary["swa_valid_iou"]
+    elapsed = load_checkpoint(result.run.checkpoint("last"))["elapsed"]
+    assert abs(summary["train_seconds"] - elapsed) < 0.5, (summary["train_seconds"], elapsed)
+
+
 def test_resume_of_an_ema_run_continues_the_raw_weights(tiny, monkeypatch):
     """last.pt deploys the averaged weights as "model"; training must go on from "raw_model"."""
     first = fit(arch="resnet34_unet", ema=0.5, run_name="ema", **tiny)
@@ -652,8 +675,10 @@ def test_warm_up_ends_by_a_twentieth_of_training_however_long_an_epoch_is():
     assert lr_factor("none", 0.025, step=10, warmup_steps=413) == pytest.approx(0.01 + 0.99 * 0.5)
     assert lr_factor("none", 0.05, step=20, warmup_steps=413) == pytest.approx(1.0)
     assert lr_factor("cosine", 0.5, step=38, warmup_steps=413) == pytest.approx(0.505)
-    # a first step that took 6% of the budget by itself (torch.compile) does not end the warm-up
-    assert lr_factor("none", 0.06, step=1, warmup_steps=413) == pytest.approx(0.01 + 0.99 / 20)
+    # a first step that took 6% of the budget by itself (torch.compile) does not end the warm-up,
+    assert lr_factor("none", 0.06, step=1, warmup_steps=413) == pytest.approx(0.01 + 0.99 / 3)
+    # and a budget of a few 12-s steps (256 px, batch 32, on a CPU) is at its peak lr by the third
+    assert lr_factor("none", 0.6, step=3, warmup_steps=8) == pytest.approx(1.0)
     # where an epoch is a small part of training, the warm-up is the epoch, as before
     assert lr_factor("none", 0.001, step=5, warmup_steps=10) == pytest.approx(0.505)
 
