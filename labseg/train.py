@@ -626,7 +626,7 @@ def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, o
             # the bar's own estimate is the epoch's; under a budget, what is left of the budget
             # (host time: no sync), each step, since a budget may end an epoch before log_every
             left = {"budget_left": _mmss(clock.budget - clock.seen)} if clock.budget else {}
-            bar.set_postfix(**shown, **left, refresh=False)
+            bar.set_postfix({**shown, **left}, refresh=False)     # in this order (keywords are sorted)
         if clock.out_of_time():
             out_of_time = True
             break
