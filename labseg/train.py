@@ -538,9 +538,6 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                         "best_is_swa": improved,
                         # its BatchNorm pass and validation are training time too, as last.pt records it
                         "train_seconds": round(clock.spent(), 1)})
-        if improved:        # best.pt holds the averaged weights: the run's best figures are theirs
-            summary.update(best_epoch=history[-1]["epoch"],
-                           **{f"best_{k}": scores[k] for k in ("valid_dice", "valid_iou", "valid_loss")})
         if dist.is_main:
             with _where_the_run_is(run, on_disk["epoch"]):
                 writer.submit(checkpoint(history[-1]["epoch"], final_model),
@@ -693,7 +690,8 @@ def _sam_second_pass(step_model, model, batch, loss_fn, optimizer, scaler, rho: 
 
 def _seconds(value) -> float:
     """A checkpoint's record of seconds, or 0.0 where it has none (older) or a damaged one."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0.0
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if ok else 0.0
 
 
 def _mmss(seconds: float) -> str:

@@ -416,10 +416,9 @@ def test_swa_deploys_the_mean_of_the_epoch_snapshots(tiny, monkeypatch):
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5] and resumed.summary["swa_epochs"] == 4
 
 
-def test_averaged_weights_that_validate_best_are_the_runs_best_and_their_time_is_training_time(tiny, monkeypatch):
-    """With SWA's averaged weights in best.pt, summary.json gave the best epoch's figures (the report
-    ranks runs by them), and its train_seconds left out the BatchNorm pass and the validation of the
-    averaged weights, which last.pt's elapsed time counts (a resume goes on from it)."""
+def test_the_time_swa_takes_to_finish_is_training_time(tiny, monkeypatch):
+    """summary.json's train_seconds left out SWA's BatchNorm pass and the validation of the averaged
+    weights, which last.pt's elapsed time counts (a resume goes on from it)."""
     import labseg.train
 
     real, dice = labseg.train.validate, iter([0.5, 0.6, 0.55, 0.58, 0.9])
@@ -433,8 +432,7 @@ def test_averaged_weights_that_validate_best_are_the_runs_best_and_their_time_is
     result = fit(arch="resnet34_unet", swa=0.5, run_name="swa-best", **{**tiny, "epochs": 4})
     summary = result.summary
     assert summary["best_is_swa"] and summary["swa_valid_dice"] == 0.9
-    assert (summary["best_valid_dice"], summary["best_epoch"]) == (0.9, 4)
-    assert summary["best_valid_iou"] == summary["swa_valid_iou"]
+    assert result.run.describe_checkpoint("best").startswith("best.pt (weights averaged over its last 3 epochs")
     elapsed = load_checkpoint(result.run.checkpoint("last"))["elapsed"]
     assert abs(summary["train_seconds"] - elapsed) < 0.5, (summary["train_seconds"], elapsed)
 
