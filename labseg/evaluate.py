@@ -23,7 +23,7 @@ from PIL import Image
 from labseg.config import ConfigError, RunConfig, check_choice, check_img_size, pick_device, resolve_path
 from labseg.data import (BadSampleError, Batches, CachedSplit, load_image, load_split, log, normalize,
                          split_trainval, upright_size)
-from labseg.metrics import per_image_accuracy, per_image_dice, per_image_iou
+from labseg.metrics import in_chunks, per_image_accuracy, per_image_dice, per_image_iou
 from labseg.machine import channels_last_for
 from labseg.models import build_model, model_kwargs
 from labseg.postprocess import clean_mask, clean_masks
@@ -155,10 +155,10 @@ def threshold_sweep(probs: torch.Tensor, split: CachedSplit, thresholds=THRESHOL
     return {float(t): per_image_dice(at_threshold(probs, t), target).mean().item() for t in thresholds}
 
 
-def at_threshold(probs: torch.Tensor, threshold: float, chunk: int = 64) -> torch.Tensor:
+def at_threshold(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """``probs >= threshold`` as booleans, compared in fp32 a few images at a time: one fp32 copy
     of a whole test split's fp16 probabilities is 4 bytes a pixel (3669 images at 256 px: 1 GB)."""
-    return torch.cat([part.float() >= threshold for part in probs.split(chunk)]) if len(probs) else probs >= threshold
+    return in_chunks(lambda part: part.float() >= threshold, probs)
 
 
 def eval_file(split: str = "test", which: str = "best") -> str:

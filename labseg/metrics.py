@@ -44,11 +44,15 @@ def _pair(pred: torch.Tensor, target: torch.Tensor, threshold: float, from_logit
     return p, g
 
 
-def _count(mask: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """True pixels of each image. A sum of booleans converts them to its integer type first, 4-8
-    bytes a pixel: a few images at a time, not a whole test split (3669 images at 256 px) at once."""
-    return torch.cat([part.sum(1, dtype=torch.int32) for part in mask.split(chunk)]) if len(mask) else \
-        mask.sum(1, dtype=torch.int32)
+def in_chunks(fn, images: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """``fn`` of a few images at a time, concatenated: its temporaries (an integer or fp32 copy of
+    every pixel) stay those of ``chunk`` images, not of a whole test split (3669 images at 256 px)."""
+    return torch.cat([fn(part) for part in images.split(chunk)]) if len(images) else fn(images)
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """True pixels of each image (a sum of booleans converts them to its integer type first)."""
+    return in_chunks(lambda part: part.sum(1, dtype=torch.int32), mask)
 
 
 def per_image_dice(pred, target, threshold: float = 0.5, from_logits: bool = False) -> torch.Tensor:
