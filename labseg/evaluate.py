@@ -168,7 +168,7 @@ def eval_file(split: str = "test", which: str = "best") -> str:
 
 def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = "auto", tta: bool = False,
                  tune_threshold: bool = False, postprocess: bool = False, data_dir: str | None = None,
-                 batch_size: int = 16, device="auto", progress: bool = True, save: bool = True,
+                 batch_size: int = 16, device="auto", progress: bool | str = True, save: bool = True,
                  output_dir: str | Path = "outputs/runs", predictions: dict | None = None) -> dict:
     """Evaluate a run on ``split`` ("test" or "valid"); returns and saves the results.
 
@@ -182,7 +182,9 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
 
     ``predictions``, a dict, receives the split (``"data"``) and its plain probabilities
     (``"probs"``), for galleries without predicting the split again (minutes for the full
-    dataset's test split on a CPU).
+    dataset's test split on a CPU). ``progress``: True, the bars of the passes over the images and
+    of a cache being built, with its notes; ``"bars"``, the passes' bars alone (the notebooks, whose
+    outputs nbval compares: a cache is there or not by the machine); False, none.
     """
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise ConfigError(f"batch_size={batch_size!r}: expected a positive integer")
@@ -190,7 +192,8 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     which = run.resolve_checkpoint(which)
     model, config, epoch = _load_run_model(run, which, device)
     data_dir = data_dir or config.data_dir
-    cached = run_split(config, split, data_dir, progress)
+    data_progress, progress = progress is True, bool(progress)
+    cached = run_split(config, split, data_dir, data_progress)
     batches = batches_for_model(model, config, cached, batch_size)
     probs = predict_probs(model, batches, progress=progress, desc=f"{split}")
     plain = score(probs, cached)
@@ -205,14 +208,14 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
         probs_tta = predict_probs(model, batches, tta=True, progress=progress, desc=f"{split}, flip TTA")
         result["tta"] = score(probs_tta, cached, tta=True).summary()
     if tune_threshold or postprocess:
-        valid = run_split(config, "valid", data_dir, progress)
+        valid = run_split(config, "valid", data_dir, data_progress)
         valid_batches = batches_for_model(model, config, valid, batch_size)
         valid_probs = predict_probs(model, valid_batches, progress=progress, desc="valid")
     if tune_threshold:
         result["threshold_tuned"] = _tuned(probs, cached, valid_probs, valid)
         if tta:
-            result["tta_threshold_tuned"] = _tuned(probs_tta, cached, predict_probs(model, valid_batches, tta=True),
-                                                   valid, tta=True)
+            valid_tta = predict_probs(model, valid_batches, tta=True, progress=progress, desc="valid, flip TTA")
+            result["tta_threshold_tuned"] = _tuned(probs_tta, cached, valid_tta, valid, tta=True)
     if postprocess:
         checked = {"valid_dice": score(valid_probs, valid).dice.mean().item(),
                    "valid_dice_postprocessed": score(valid_probs, valid, postprocess=True).dice.mean().item()}

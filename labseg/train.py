@@ -213,23 +213,24 @@ def _finish_swa(swa, batches: Batches) -> nn.Module:
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, batches: Batches, loss_fn, amp_dtype=None, show_progress: bool = False) -> dict:
+def validate(model: nn.Module, batches: Batches, loss_fn, amp_dtype=None, show_progress: bool = False,
+             bars: "_Bars | None" = None) -> dict:
     """Valid loss and per-image Dice/IoU, accumulated on the device (one sync at the end)."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     dev = batches.device
     loss_sum, n = torch.zeros((), device=dev), 0
     dice, iou = [], []
-    for batch in tqdm(batches, desc="validation", leave=False, disable=not show_progress):
-        with _autocast(dev, amp_dtype):
-            logits = model(batch.image)
-        logits = logits.float()
-        loss_sum += loss_fn(logits, batch.target, batch.valid) * len(batch.index)
-        n += len(batch.index)
-        dice.append(per_image_dice(logits, batch.target, from_logits=True))
-        iou.append(per_image_iou(logits, batch.target, from_logits=True))
+    with (bars or _Bars(show_progress)).bar("validation", len(batches), "validation") as bar:
+        for batch in batches:
+            with _autocast(dev, amp_dtype):
+                logits = model(batch.image)
+            logits = logits.float()
+            loss_sum += loss_fn(logits, batch.target, batch.valid) * len(batch.index)
+            n += len(batch.index)
+            dice.append(per_image_dice(logits, batch.target, from_logits=True))
+            iou.append(per_image_iou(logits, batch.target, from_logits=True))
+            bar.update()
     model.train(was_training)
     return {"valid_loss": (loss_sum / max(n, 1)).item(),
             "valid_dice": torch.cat(dice).mean().item(), "valid_iou": torch.cat(iou).mean().item()}
@@ -258,9 +259,12 @@ def _improved(metric: str, value: float, best: float | None) -> bool:
 
 # --------------------------------------------------------------------------- the loop
 def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, overwrite: bool = False,
-        progress: bool = True, callback=None, **overrides) -> FitResult:
+        progress: bool | str = True, callback=None, **overrides) -> FitResult:
     """Train a model as ``config`` says and record the run. Returns the run, its history and the
     trained network (in eval mode).
+
+    ``progress``: True, a bar for each pass and a line per epoch; ``"bars"``, the bars alone (the
+    notebooks, whose live plot shows each epoch); False, quiet.
 
     ``resume``: False for a new run; True or ``"last"`` to continue ``config.run_name`` from
     ``last.pt``; ``"best"`` to continue from ``best.pt`` (e.g. when last.pt is corrupt).
@@ -280,6 +284,10 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     if resume and overwrite:    # which one was meant cannot be guessed, and one of them loses the run
         raise ConfigError("resume and overwrite contradict each other: --resume continues the run, "
                           "--overwrite deletes it and starts over; give one")
+    if progress not in (True, False, "bars"):
+        raise ConfigError(f"progress={progress!r}: expected True (bars and a line per epoch), False (quiet) "
+                          'or "bars" (the bars alone: a notebook, whose live plot shows each epoch)')
+    lines = progress is True     # the lines printed: a notebook's "bars" leave its outputs to the live plot
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)   # fit({"arch": "unet", ...}) as well as fit(RunConfig(...))
     asked = _asked_fields(config, overrides)   # what the caller set; a resume checks it against the record
@@ -310,7 +318,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # ---- data: cached arrays, breed-stratified valid split of trainval
-    trainval = load_split(config.data_dir, "trainval", config.img_size, config.cache_dir, progress=progress)
+    trainval = load_split(config.data_dir, "trainval", config.img_size, config.cache_dir, progress=lines)
     train_idx, valid_idx = split_trainval(trainval.records, config.valid_fraction, config.seed)
     if resumed is not None:
         _check_same_images(resumed, trainval, config, run)
@@ -439,6 +447,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
 
     # ---- the loop: train an epoch, validate, record, checkpoint, decide whether to go on
     stop_reason, since_best = "completed all epochs", _epochs_since_best(history, config.monitor)
+    bars = _Bars(bool(progress) and dist.is_main)
     no_gain = f"early stopping: no {config.monitor} gain in {config.patience} epochs"
     of_epochs = f"/{config.epochs}" if config.epochs < UNTIL_BUDGET else f" ({config.time_budget} budget)"
     try:
@@ -458,7 +467,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                 train_loss, images, out_of_time = train_one_epoch(
                     step_model, model, train_batches, optimizer, train_loss_fn, config, clock, base_lrs, epoch,
                     scaler=scaler, ema=ema, amp_dtype=amp_dtype, warmup_steps=warmup_steps,
-                    desc=f"epoch {epoch}{of_epochs}", show_progress=progress and dist.is_main, augment=augment)
+                    desc=f"epoch {epoch}{of_epochs}", augment=augment, bars=bars)
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"{e}; training stopped. The last good checkpoint is kept in "
                                        f"{run.path if run else '(rank 0)'}. Try a lower lr (now {config.lr:g}) "
@@ -470,8 +479,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
             # Under torchrun every rank takes rank 0's scores: the ranks' copies differ in their
             # BatchNorm statistics after the last step, and early stopping must stop them all.
             valid_start = time.perf_counter()
-            scores = dist.from_main(validate(eval_model, valid_batches, loss_fn, amp_dtype,
-                                             show_progress=progress and dist.is_main))
+            scores = dist.from_main(validate(eval_model, valid_batches, loss_fn, amp_dtype, bars=bars))
             clock.validated(dist.agree_max(time.perf_counter() - valid_start))
             row = {"epoch": epoch, "train_loss": train_loss, **scores,
                    "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
@@ -487,7 +495,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                 save(epoch, best_too=improved)
             if callback is not None:
                 callback(history)
-            if dist.is_main and progress:
+            if dist.is_main and lines:
                 print(_epoch_line(row, improved))
 
             since_best = 0 if improved else since_best + 1
@@ -500,6 +508,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
             if config.patience and since_best >= config.patience:
                 stop_reason = no_gain
                 break
+        bars.close()
         trained_for = clock.spent()         # the summary's, as last.pt records it: without the last write
         if history and saved_epoch != history[-1]["epoch"]:
             save(history[-1]["epoch"])      # the final epoch is always in last.pt
@@ -543,13 +552,13 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                 writer.submit(checkpoint(history[-1]["epoch"], final_model),
                               *([run.checkpoint("best")] if improved else []), run.checkpoint("last"))
                 writer.wait()
-            if progress:
+            if lines:
                 print(f"labseg: weights averaged over the last {int(swa.n_averaged)} epochs: valid_dice "
                       f"{scores['valid_dice']:.4f}{' (best: now best.pt)' if improved else ''}")
     if dist.is_main:
         with _where_the_run_is(run, on_disk["epoch"]):
             run.write_summary(summary)
-        if progress:
+        if lines:
             skipped = f"skipped {summary['skipped_pairs']} unusable pairs; " if summary["skipped_pairs"] else ""
             print(f"labseg: {stop_reason}; best {config.monitor} {summary['best_' + config.monitor]:.4f} "
                   f"at epoch {summary['best_epoch']}; {skipped}records in {run.path}")
@@ -571,7 +580,7 @@ def _where_the_run_is(run: RunDir, epoch: int):
 def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
                     loss_fn, config: RunConfig, clock: "_Clock", base_lrs: list[float], epoch: int, *,
                     scaler=None, ema=None, amp_dtype=None, warmup_steps: int = 0, desc: str = "",
-                    show_progress: bool = True, augment=None) -> tuple[float, int, bool]:
+                    show_progress: bool = True, augment=None, bars: "_Bars | None" = None) -> tuple[float, int, bool]:
     """One pass over the training batches: the lr for this step, forward, loss, backward, optimizer
     step. Returns the epoch's mean loss, the images it stepped on (this process's) and whether the
     time budget ran out before its end.
@@ -579,54 +588,54 @@ def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, o
     ``step_model`` is ``model`` as the steps call it (wrapped by DDP or torch.compile, or itself).
     ``augment`` (the batches' BatchAugment) takes its phase for the progress after each step: a
     phase that ended with an epoch never ended in a budget of one or two long epochs.
+    ``bars`` (the run's :class:`_Bars`) gives the epoch its progress bar.
     """
-    from tqdm.auto import tqdm
-
     if scaler is None:      # fp32 and bf16: a scaler that passes everything through
         scaler = torch.amp.GradScaler(batches.device.type, enabled=False)
     loss_sum, steps, images, out_of_time = torch.zeros((), device=batches.device), 0, 0, False
     shown: dict[str, str] = {}      # the loss and lr the bar shows, as of the last sync
-    bar = tqdm(batches, desc=desc, leave=False, disable=not show_progress)
-    for batch in bar:
-        # this step's lr = base lr (ReduceLROnPlateau may have lowered it) × warm-up × schedule(progress)
-        factor = lr_factor(config.scheduler, clock.progress(), step=clock.step, warmup_steps=warmup_steps,
-                           swa_start=config.swa)
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * factor
+    with (bars or _Bars(show_progress)).bar("train", len(batches), desc) as bar:
+        for batch in batches:
+            # this step's lr = base lr (ReduceLROnPlateau may have lowered it) × warm-up × schedule(progress)
+            factor = lr_factor(config.scheduler, clock.progress(), step=clock.step, warmup_steps=warmup_steps,
+                               swa_start=config.swa)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
 
-        with _autocast(batches.device, amp_dtype):
-            out = step_model(batch.image)   # logits, or (logits, [aux logits]) with deep supervision
-        # loss_fn is the training loss (deep_supervised when the model has aux heads); outside
-        # autocast on purpose: each loss computes in fp32 (labseg.losses)
-        loss = loss_fn(out, batch.target, batch.valid)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if config.sam:
-            _sam_second_pass(step_model, model, batch, loss_fn, optimizer, scaler, config.sam, amp_dtype)
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update_parameters(model)
+            with _autocast(batches.device, amp_dtype):
+                out = step_model(batch.image)   # logits, or (logits, [aux logits]) with deep supervision
+            # loss_fn is the training loss (deep_supervised when the model has aux heads); outside
+            # autocast on purpose: each loss computes in fp32 (labseg.losses)
+            loss = loss_fn(out, batch.target, batch.valid)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.sam:
+                _sam_second_pass(step_model, model, batch, loss_fn, optimizer, scaler, config.sam, amp_dtype)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update_parameters(model)
 
-        loss_sum += loss.detach()
-        steps, images = steps + 1, images + len(batch.index)
-        clock.step += 1
-        clock.tick()
-        if augment is not None:
-            _set_augment_phase(augment, config, clock.progress())   # for the next batch
-        if steps % config.log_every == 0 or steps == len(batches) or steps == 1:
-            mean = (loss_sum / steps).item()       # the only host sync of the step loop
-            if clock.agree_max(float(not math.isfinite(mean))):     # on any rank: all stop
-                raise TrainingDiverged(f"loss became {mean} at epoch {epoch}, step {steps}")
-            shown = {"loss": f"{mean:.4f}", "lr": f"{optimizer.param_groups[0]['lr']:.2e}"}
-        if show_progress and (clock.budget or steps % config.log_every == 0 or steps in (1, len(batches))):
-            # the bar's own estimate is the epoch's; under a budget, what is left of the budget
-            # (host time: no sync), each step, since a budget may end an epoch before log_every
-            left = {"budget_left": _mmss(clock.budget - clock.seen)} if clock.budget else {}
-            bar.set_postfix({**shown, **left}, refresh=False)     # in this order (keywords are sorted)
-        if clock.out_of_time():
-            out_of_time = True
-            break
+            loss_sum += loss.detach()
+            steps, images = steps + 1, images + len(batch.index)
+            clock.step += 1
+            clock.tick()
+            if augment is not None:
+                _set_augment_phase(augment, config, clock.progress())   # for the next batch
+            if steps % config.log_every == 0 or steps == len(batches) or steps == 1:
+                mean = (loss_sum / steps).item()       # the only host sync of the step loop
+                if clock.agree_max(float(not math.isfinite(mean))):     # on any rank: all stop
+                    raise TrainingDiverged(f"loss became {mean} at epoch {epoch}, step {steps}")
+                shown = {"loss": f"{mean:.4f}", "lr": f"{optimizer.param_groups[0]['lr']:.2e}"}
+            if not bar.disable and (clock.budget or steps % config.log_every == 0 or steps in (1, len(batches))):
+                # the bar's own estimate is the epoch's; under a budget, what is left of the budget
+                # (host time: no sync), each step, since a budget may end an epoch before log_every
+                left = {"budget_left": _mmss(clock.budget - clock.seen)} if clock.budget else {}
+                bar.set_postfix({**shown, **left}, refresh=False)     # in this order (keywords are sorted)
+            bar.update()
+            if clock.out_of_time():
+                out_of_time = True
+                break
     return (loss_sum / max(steps, 1)).item(), images, out_of_time
 
 
@@ -673,6 +682,49 @@ class _Clock:
     def out_of_time(self) -> bool:
         """The budget is spent, or will be by the end of the validation that follows."""
         return bool(self.budget) and self.seen + self.reserve > self.budget
+
+
+class _Bars:
+    """The progress bars of a run's passes, "train" and "validation". In a terminal each pass gets
+    a bar of its own that vanishes when it ends (the epoch line printed after it stays). In Jupyter,
+    where tqdm's bars are widgets, one bar of each kind is reset for every pass: a notebook that ran
+    200 epochs keeps 2 widgets, not 400 (each closed one stays in its saved widget state)."""
+
+    def __init__(self, show: bool, tqdm=None):
+        if tqdm is None:
+            from tqdm.auto import tqdm      # widgets in Jupyter, text elsewhere
+
+        self.tqdm, self.show = tqdm, show
+        self.reuse = show and any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+        self.kept: dict = {}
+
+    @contextmanager
+    def bar(self, kind: str, total: int, desc: str):
+        if not self.reuse:
+            bar = self.tqdm(total=total, desc=desc, leave=False, disable=not self.show)
+            yield bar
+            _end(bar)       # not on an exception: an interrupted pass shows where it stopped
+            return
+        bar = self.kept.get(kind)
+        if bar is None:
+            bar = self.kept[kind] = self.tqdm(total=total, desc=desc, leave=False)
+        else:
+            bar.reset(total=total)
+            bar.set_description_str(desc, refresh=False)
+            bar.set_postfix_str("", refresh=False)
+        yield bar
+
+    def close(self) -> None:
+        """The run ended (not on an exception): its kept bars are done."""
+        for bar in self.kept.values():
+            _end(bar)
+
+
+def _end(bar) -> None:
+    """A pass ended, maybe before its last batch (a time budget): done, not failed (in Jupyter, a
+    bar closed short of its total turns red and stays)."""
+    bar.total = min(bar.total or 0, bar.n)
+    bar.close()
 
 
 def _sam_second_pass(step_model, model, batch, loss_fn, optimizer, scaler, rho: float, amp_dtype) -> None:
