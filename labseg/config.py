@@ -67,10 +67,21 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the valid choices."""
 
 
+# Names a process knows only once a module of the user's registered them (labseg.models.register_model,
+# labseg.losses.register_loss): a record of such a run read in another process names them.
+_REGISTERED_HINT = {
+    "arch": " (a network of your own: register it with labseg.models.register_model in this process; "
+            "the CLI, notebooks and sweeps import the module that does from $LABSEG_PLUGINS)",
+    "loss": " (a loss of your own: register it with labseg.losses.register_loss in this process; "
+            "the CLI, notebooks and sweeps import the module that does from $LABSEG_PLUGINS)",
+}
+
+
 def check_choice(name: str, value, choices) -> None:
     """Raise :class:`ConfigError` (a ValueError) naming ``name``, ``value`` and the valid choices."""
     if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+        hint = _REGISTERED_HINT.get(name, "") if isinstance(value, str) else ""
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}{hint}")
 
 
 def check_img_size(value, hint: str = "") -> int:

@@ -6,6 +6,8 @@ bf16/fp16 from autocast: each loss computes in float32.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -95,13 +97,22 @@ def deep_supervised(loss_fn):
     return loss
 
 
+BUILT_IN = tuple(LOSSES)
+
+
 def register_loss(name: str, fn) -> None:
     """Make ``fn(logits, target, valid) -> scalar`` usable as ``loss=name`` (see :func:`bce_dice` for
-    the arguments: N×1×S×S logits and 0/1 targets, and the mask of pixels that count)."""
+    the arguments: N×1×S×S logits and 0/1 targets, and the mask of pixels that count). Registering a
+    name again replaces it (a notebook cell run twice); labseg's own names are refused: a run's
+    records would name a loss it did not train with."""
     from labseg.config import LOSSES as NAMES, ConfigError
 
-    if not (isinstance(name, str) and name.isidentifier()) or not callable(fn):
-        raise ConfigError(f"register_loss: expected a name and a function, got {name!r} and {fn!r}")
+    if not (isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]*", name)):
+        raise ConfigError(f"register_loss: name {name!r}: expected lower-case letters, digits and _ (a loss name)")
+    if name in BUILT_IN:
+        raise ConfigError(f"register_loss: {name!r} is one of labseg's losses; pick another name")
+    if not callable(fn):
+        raise ConfigError(f"register_loss: {name!r} is given {fn!r}; expected a function (logits, target, valid)")
     LOSSES[name] = fn
     if name not in NAMES:
         NAMES.append(name)

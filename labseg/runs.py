@@ -259,7 +259,8 @@ def load_weights(model: torch.nn.Module, ckpt: dict, arch: str, source: str = "c
         else:
             detail = "keys match but the recorded arch differs"
         held = (f"{arch!r} weights that do not fit labseg's {arch!r} (from another labseg version, "
-                "or a network built elsewhere?)" if theirs == arch
+                "a network built elsewhere, or a registered network whose builder has changed since?)"
+                if theirs == arch
                 else f"a {theirs!r} model but a {arch!r} model was asked for")
         raise CheckpointError(f"{source} holds {held}: {detail}")
     model.load_state_dict(state)

@@ -384,6 +384,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
 
     # ---- the run folder, claimed only now that the network is known to give the right output
     check_logits(model, config.arch, config.img_size, device, channels_last)
+    check_training_step(model, config, train_loss_fn, device, channels_last)
     if not resume and dist.is_main:
         # A name given is that run's: an existing one is refused (resume or overwrite it), never
         # silently moved to NAME-2, where a notebook written into NAME would describe the wrong run.
@@ -469,8 +470,11 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
                     scaler=scaler, ema=ema, amp_dtype=amp_dtype, warmup_steps=warmup_steps,
                     desc=f"epoch {epoch}{of_epochs}", augment=augment, bars=bars)
             except TrainingDiverged as e:
-                raise TrainingDiverged(f"{e}; training stopped. The last good checkpoint is kept in "
-                                       f"{run.path if run else '(rank 0)'}. Try a lower lr (now {config.lr:g}) "
+                writer.join()       # a checkpoint being written counts as kept
+                kept = run is None or any(run.checkpoint(w).exists() for w in ("best", "last"))
+                where = (f"The last good checkpoint is kept in {run.path if run else '(rank 0)'}" if kept else
+                         "No epoch had finished, so nothing is kept")
+                raise TrainingDiverged(f"{e}; training stopped. {where}. Try a lower lr (now {config.lr:g}) "
                                        "or another loss.") from None
             seconds = time.perf_counter() - epoch_start
             if swa is not None and clock.progress() >= config.swa:
@@ -883,6 +887,64 @@ def check_logits(model: nn.Module, arch: str, img_size: int, device, channels_la
         got = f"a {type(out).__name__}" if shape is None else "×".join(map(str, shape))
         raise ConfigError(f"network {arch!r} returned {got} for a 1×3×{img_size}×{img_size} batch in eval mode; "
                           f"expected 1×1×{img_size}×{img_size} logits (one channel, the input's size)")
+
+
+def check_training_step(model: nn.Module, config: RunConfig, train_loss_fn, device, channels_last: bool = False) -> None:
+    """Fail before a run folder is claimed if the network's training-mode output on a batch of 2, or
+    the loss of it, is not what a step needs: N×1×S×S logits (``(logits, [aux logits])`` with
+    deep_supervision), and one finite number autograd can differentiate. The network's BatchNorm
+    statistics and the random state are left as they were."""
+    size, arch = config.img_size, config.arch
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            image = torch.zeros(2, 3, size, size, device=device)
+            out = model(image.to(memory_format=torch.channels_last) if channels_last else image)
+            _check_training_output(out, arch, size, config.deep_supervision)
+            target = torch.zeros(2, 1, size, size, device=device)
+            target[..., : size // 2] = 1.0      # half pet, half background: every loss is defined there
+            loss = train_loss_fn(out, target, torch.ones_like(target))
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, value in model.named_buffers():
+                value.copy_(buffers[name])
+    scalar = isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()
+    if not scalar:
+        got = (f"a tensor of shape {'×'.join(map(str, loss.shape)) or '()'} ({loss.dtype})"
+               if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}")
+        raise ConfigError(f"loss {config.loss!r} returned {got} for a batch of 2; expected one number, a 0-dim "
+                          "float tensor (average the pixels' and the images' losses: .mean())")
+    if not loss.requires_grad:
+        raise ConfigError(f"loss {config.loss!r} returned a number with no gradient: computed outside autograd "
+                          "(.item(), numpy, torch.no_grad or .detach())? The step could not learn from it")
+    if not math.isfinite(loss.item()):
+        raise ConfigError(f"loss {config.loss!r} returned {loss.item()} for {arch!r}'s first output (zero "
+                          "images, a half-pet target); expected a finite number")
+
+
+def _check_training_output(out, arch: str, size: int, deep_supervision: bool) -> None:
+    expected = f"2×1×{size}×{size} logits"
+
+    def shape(x) -> str:
+        return "×".join(map(str, x.shape)) if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+
+    where = f"network {arch!r} returned"
+    batch = f"for a 2×3×{size}×{size} batch in training mode"
+    if deep_supervision:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], (tuple, list))):
+            raise ConfigError(f"{where} {shape(out)} {batch}; with deep_supervision a network returns "
+                              f"(logits, [aux logits, ...]) in training, each {expected}")
+        for x in (out[0], *out[1]):
+            if not (isinstance(x, torch.Tensor) and tuple(x.shape) == (2, 1, size, size)):
+                raise ConfigError(f"{where} an output of {shape(x)} {batch}; expected {expected}, the main "
+                                  "one and each auxiliary one")
+    elif not (isinstance(out, torch.Tensor) and tuple(out.shape) == (2, 1, size, size)):
+        hint = (" (a network returns (logits, [aux logits]) in training only with deep_supervision, "
+                "which it lists in register_model's options=)" if isinstance(out, (tuple, list)) else "")
+        raise ConfigError(f"{where} {shape(out)} {batch}; expected {expected}{hint}")
 
 
 def _summary(config, history, stop_reason, seconds, n_params, trainval, n_train, n_valid) -> dict:

@@ -118,3 +118,103 @@ def test_the_check_of_a_networks_output_passes_labsegs_own():
         model = build_model(arch, deep_supervision=True).train()
         check_logits(model, arch, 32, torch.device("cpu"))
         assert model.training                     # left in the mode it was in
+
+
+class TupleInTraining(TinyNet):
+    """Returns (logits, [aux]) in training without registering deep_supervision."""
+
+    def forward(self, x):
+        logits = self.up(self.down(x))
+        return (logits, [logits]) if self.training else logits
+
+
+class SqueezedInTraining(TinyNet):
+    def forward(self, x):
+        logits = self.up(self.down(x))
+        return logits[:, 0] if self.training else logits      # N×S×S: the channel dropped
+
+
+class BatchMean(TinyNet):
+    def forward(self, x):
+        return self.up(self.down(x)).mean(0, keepdim=True)    # one output for the whole batch
+
+
+class NeedsWidth(TinyNet):
+    def __init__(self, width: int):
+        super().__init__(width)
+
+
+@pytest.mark.parametrize("net, expected", [
+    (TupleInTraining, r"network 'bad' returned a tuple for a 2×3×32×32 batch in training mode; expected 2×1×32×32 "
+                      r"logits \(a network returns \(logits, \[aux logits\]\) in training only with deep_supervision"),
+    (SqueezedInTraining, r"network 'bad' returned 2×32×32 for a 2×3×32×32 batch in training mode; expected "
+                         r"2×1×32×32 logits"),
+    (BatchMean, r"network 'bad' returned 1×1×32×32 for a 2×3×32×32 batch in training mode"),
+])
+def test_a_network_whose_training_output_cannot_train_fails_before_it_claims_a_folder(registry, tiny, tmp_path,
+                                                                                       net, expected):
+    register_model("bad", net)
+    with pytest.raises(ConfigError, match=expected):
+        fit(arch="bad", run_name="b", **tiny)
+    assert not (tmp_path / "runs" / "b").exists()
+
+
+@pytest.mark.parametrize("loss, expected", [
+    (lambda logits, target, valid: nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none"),
+     r"loss 'mine' returned a tensor of shape 2×1×32×32 \(torch.float32\) for a batch of 2; expected one number"),
+    (lambda logits, target, valid: 0.5, r"loss 'mine' returned a float for a batch of 2; expected one number"),
+    (lambda logits, target, valid: bce(logits, target, valid).detach(), r"loss 'mine' returned a number with no "
+                                                                        r"gradient"),
+    (lambda logits, target, valid: bce(logits, target, valid) * float("nan"), r"loss 'mine' returned nan for "
+                                                                              r"'tiny_net''s first output"),
+])
+def test_a_loss_that_cannot_train_is_named_before_the_run_claims_a_folder(registry, tiny, tmp_path, loss, expected):
+    register_model("tiny_net", TinyNet)
+    register_loss("mine", loss)
+    with pytest.raises(ConfigError, match=expected):
+        fit(arch="tiny_net", loss="mine", run_name="l", **tiny)
+    assert not (tmp_path / "runs" / "l").exists()
+
+
+def test_a_loss_that_turns_nan_in_the_first_step_says_nothing_was_kept(registry, tiny, tmp_path):
+    from labseg.train import TrainingDiverged
+
+    calls = {"n": 0}
+
+    def nan_after_the_check(logits, target, valid):
+        calls["n"] += 1
+        return bce(logits, target, valid) * (float("nan") if calls["n"] > 1 else 1.0)
+
+    register_model("tiny_net", TinyNet)
+    register_loss("nan_later", nan_after_the_check)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 1, step 1; training stopped. No epoch had "
+                                               r"finished, so nothing is kept"):
+        fit(arch="tiny_net", loss="nan_later", run_name="n", **tiny)
+    assert not (tmp_path / "runs" / "n").exists()
+
+
+def test_more_registration_mistakes_are_named(registry):
+    with pytest.raises(ConfigError, match=r"recipe of 'tiny_net' sets \['img_size', 'monitor'\], which a recipe "
+                                          r"cannot: they have defaults of their own"):
+        register_model("tiny_net", TinyNet, recipe=dict(lr=1e-3, img_size=64, monitor="valid_loss"))
+    with pytest.raises(ConfigError, match=r"builder for 'tiny_net' is a network already built \(TinyNet\); pass "
+                                          r"its class"):
+        register_model("tiny_net", TinyNet())
+    from labseg.models import build_model
+    register_model("needs_width", NeedsWidth)
+    with pytest.raises(ConfigError, match=r"network 'needs_width': its builder 'NeedsWidth' cannot be called with "
+                                          r"no arguments \(missing a required argument: 'width'\)"):
+        build_model("needs_width")
+    register_model("pair", lambda: (TinyNet(), "extra"))
+    with pytest.raises(ConfigError, match=r"network 'pair': its builder returned a tuple; expected an nn.Module"):
+        build_model("pair")
+    with pytest.raises(ConfigError, match="register_loss: 'bce' is one of labseg's losses; pick another name"):
+        register_loss("bce", lambda logits, target, valid: (logits * 0).sum())
+    with pytest.raises(ConfigError, match=r"register_loss: name 'MyLoss': expected lower-case letters"):
+        register_loss("MyLoss", bce)
+    assert "MyLoss" not in config.LOSSES
+    # a record of a network or loss this process has not registered says how to register it
+    with pytest.raises(ConfigError, match=r"arch='not_here' is not valid; .*LABSEG_PLUGINS"):
+        RunConfig(arch="not_here").validate()
+    with pytest.raises(ConfigError, match=r"loss='not_here' is not valid; .*register_loss.*LABSEG_PLUGINS"):
+        RunConfig(arch="unet", loss="not_here").with_recipe().validate()

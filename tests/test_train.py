@@ -258,7 +258,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, monkeypatch):
     def loss_that_explodes(logits, target, valid):   # an input that diverges in epoch 2
         calls["n"] += 1
         loss = bce(logits, target, valid)
-        return loss * float("nan") if calls["n"] > 2 else loss
+        return loss * float("nan") if calls["n"] > 3 else loss    # call 1: fit's check before the run
 
     monkeypatch.setattr(labseg.train, "build_loss", lambda name: loss_that_explodes)
     with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2"):

@@ -7,6 +7,7 @@ report, sweeps and the CLI then accept like these (``docs/design.md``, "Adding a
 """
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Callable
 
@@ -44,6 +45,9 @@ def register_model(name: str, builder: Callable[..., nn.Module], *, recipe: dict
         raise ConfigError(f"register_model: name {name!r}: expected lower-case letters, digits and _ (an arch name)")
     if name in OWN_MODELS or name in REQUIRES:
         raise ConfigError(f"register_model: {name!r} is one of labseg's networks; pick another name")
+    if isinstance(builder, nn.Module):     # each run needs fresh weights, and this one would share them
+        raise ConfigError(f"register_model: builder for {name!r} is a network already built "
+                          f"({type(builder).__name__}); pass its class, or a function that builds a fresh one")
     if not callable(builder):
         raise ConfigError(f"register_model: builder for {name!r} is {builder!r}; expected a class or function "
                           "that returns an nn.Module")
@@ -54,6 +58,13 @@ def register_model(name: str, builder: Callable[..., nn.Module], *, recipe: dict
     if unknown := sorted(set(recipe) - fields):
         raise ConfigError(f"register_model: recipe of {name!r} has unknown field(s) {unknown}; valid: "
                           f"{', '.join(sorted(fields))}")
+    # A recipe fills the fields a run leaves at None (RunConfig.with_recipe); a field with a value of
+    # its own (img_size 128, seed 0, monitor ...) would never be read from it.
+    recipe_fields = {f for f, spec in RunConfig.__dataclass_fields__.items() if spec.default is None}
+    if fixed := sorted(set(recipe) - recipe_fields):
+        raise ConfigError(f"register_model: recipe of {name!r} sets {fixed}, which a recipe cannot: they have "
+                          "defaults of their own, so give them per run (fit(img_size=...), --img-size). A recipe "
+                          f"sets: {', '.join(sorted(recipe_fields))}")
     for option, (as_built, _) in ARCH_OPTIONS.items():
         if option not in options and recipe.get(option, as_built) != as_built:
             raise ConfigError(f"register_model: recipe of {name!r} sets {option}={recipe[option]!r}, but {option} "
@@ -72,7 +83,20 @@ def register_model(name: str, builder: Callable[..., nn.Module], *, recipe: dict
 def build_model(name: str, **kwargs) -> nn.Module:
     """Build a network by name with fresh weights (nothing is downloaded)."""
     check_choice("arch", name, MODELS)
-    return MODELS[name](**kwargs)
+    builder = MODELS[name]
+    try:    # the call's arguments only: an error inside a builder keeps its own traceback
+        inspect.signature(builder).bind(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"network {name!r}: its builder {getattr(builder, '__name__', builder)!r} cannot be "
+                          f"called with {kwargs or 'no arguments'} ({e}); labseg builds a registered network with "
+                          "no arguments but the options it registered") from None
+    except ValueError:      # no signature to read (a builtin): call it and see
+        pass
+    model = builder(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"network {name!r}: its builder returned a {type(model).__name__}; expected an "
+                          "nn.Module (a fresh network)")
+    return model
 
 
 def model_kwargs(config: RunConfig) -> dict:
