@@ -124,6 +124,20 @@ def point_names(points: list[dict], prefix: str | None = None) -> list[str]:
             for p, name in zip(points, short)]
 
 
+def _fields(params: dict) -> dict:
+    """The RunConfig fields a point sets: its parameters, with ``extra``'s spread among them."""
+    return {**{k: v for k, v in params.items() if k != "extra"}, **(params.get("extra") or {})}
+
+
+def point_config(params: dict):
+    """The configuration 04_train trains a point with: its parameters over the notebook's defaults,
+    the rest from the network's recipe (not validated)."""
+    from labseg.config import RunConfig
+    from labseg.workbook import train_notebook_defaults
+
+    return RunConfig.from_dict({**train_notebook_defaults(), **_fields(params)}).with_recipe()
+
+
 def check_points(points: list[dict]) -> None:
     """Validate every point's configuration before the first run starts.
 
@@ -134,11 +148,10 @@ def check_points(points: list[dict]) -> None:
     from labseg.config import RunConfig
     from labseg.workbook import train_notebook_defaults
 
-    bad, defaults = [], train_notebook_defaults()      # what 04_train runs a point with where it says nothing
+    bad = []
     for params in points:
-        fields = {**defaults, **{k: v for k, v in params.items() if k != "extra"}, **(params.get("extra") or {})}
         try:
-            RunConfig.from_dict(fields).with_recipe().validate()
+            point_config(params).validate()
         except (ValueError, TypeError) as e:
             bad.append(f"  {point_name(params)}: {e}")
     if bad:
@@ -162,14 +175,20 @@ def recorded_differs(folder: Path, params: dict) -> str | None:
         recorded = RunDir(folder).read_config().to_dict()
     except (OSError, ValueError) as e:      # RunRecordError, ConfigError: say so rather than skip
         return f"its config.json cannot be read ({e})"
-    for key, asked in params.items():
-        if key not in recorded or key in WHERE_AND_HOW_FAST or key == "run_name" or asked is None:
+    asked = _fields(params)
+    # Every field, not only those the grid names: a value from the recipe or 04_train's defaults
+    # (a registered network's recipe edited since) makes this point another run too.
+    for key, mine in point_config(params).to_dict().items():
+        if key in WHERE_AND_HOW_FAST or key == "run_name" or key not in recorded:
             continue
         theirs = recorded[key]
-        if key in PATH_FIELDS and theirs is not None:
-            asked, theirs = resolve_path(asked), resolve_path(theirs)
-        if asked != theirs:
-            return f"it was trained with {key}={recorded[key]!r}, this point asks for {params[key]!r}"
+        if key in PATH_FIELDS and theirs is not None and mine is not None:
+            mine, theirs = resolve_path(mine), resolve_path(theirs)
+        if mine != theirs:
+            if key in asked and asked[key] is not None:
+                return f"it was trained with {key}={recorded[key]!r}, this point asks for {asked[key]!r}"
+            return (f"it was trained with {key}={recorded[key]!r}, where this point now takes {key}={mine!r} "
+                    "from the recipe or 04_train's defaults (changed since?)")
     return None
 
 
@@ -202,7 +221,7 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
                                            progress=progress, raise_on_error=False)
             status = "finished" if is_finished(folder) else "failed"
         error = (f"{folder} holds another run: {other}; give the sweep a --prefix of its own (or --output-dir) "
-                 "to keep the two apart") if other else (RunDir(folder).read_json("failed.json") or {}).get("error")
+                 "to keep the two apart, or --force to train this point in its place") if other else (RunDir(folder).read_json("failed.json") or {}).get("error")
         summary = {} if other else RunDir(folder).read_summary()
         results.append({"run": name, "status": status, "best_valid_dice": summary.get("best_valid_dice"),
                         "error": error, "folder": str(folder), **params})

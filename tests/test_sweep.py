@@ -75,6 +75,15 @@ def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root
     assert recorded_differs(ok, {k: v[0] for k, v in grid.items()} | {"run_name": "mine"}) is None
     assert "it was trained with epochs=1, this point asks for 2" in recorded_differs(
         ok, {k: v[0] for k, v in grid.items()} | {"epochs": 2})
+    # a value the grid leaves to the recipe counts too: the recipe edited since makes it another run
+    from labseg.recipes import RECIPES
+    kept = dict(RECIPES["unet"])
+    try:
+        RECIPES["unet"]["lr"] = 0.01
+        assert ("it was trained with lr=0.001, where this point now takes lr=0.01 from the recipe or 04_train's "
+                "defaults") in recorded_differs(ok, {k: v[0] for k, v in grid.items()})
+    finally:
+        RECIPES["unet"] = kept
     # a point finished under the name sweeps gave before (the whole path) is found, not trained again
     old_name = point_name({k: v[0] for k, v in grid.items()}, whole_paths=True, limit=None)
     assert old_name != good["run"] and str(synthetic_root).replace("/", "_") in old_name
@@ -89,6 +98,7 @@ def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root
     assert other["run"] == good["run"] and other["status"] == "failed"
     assert f"holds another run: it was trained with data_dir={str(synthetic_root)!r}" in other["error"]
     assert f"this point asks for {str(elsewhere)!r}; give the sweep a --prefix" in other["error"]
+    assert other["error"].endswith("or --force to train this point in its place")
     assert (ok / "summary.json").stat().st_mtime_ns == mtime
 
 
