@@ -145,9 +145,6 @@ def check_points(points: list[dict]) -> None:
     the sweep now, with every such point named, rather than as a failed run hours in. Failures
     that only training finds (a missing dataset, a diverging run) still fail their point alone.
     """
-    from labseg.config import RunConfig
-    from labseg.workbook import train_notebook_defaults
-
     bad = []
     for params in points:
         try:
