@@ -23,7 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-from labseg.config import CHECKPOINTS, PATH_FIELDS, RunConfig
+from labseg.config import CHECKPOINTS, PATH_FIELDS, RunConfig, resolve_path
+
+PREDICTIONS_DIR = "outputs/predictions"     # labseg predict's default folder, in the project
 
 HELP = {
     "arch": "network: unet, resnet34_unet, or smp_unet_resnet34 (the peer, segmentation_models_pytorch's "
@@ -135,7 +137,6 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
 def runs_folder(typed: str | None) -> Path:
     """Where runs are: ``--output-dir`` as typed (from the cwd), else ``$LABSEG_RUNS_DIR``, else
     outputs/runs (labseg.workbook.runs_dir: the notebooks' rule, so every command finds the same runs)."""
-    from labseg.config import resolve_path
     from labseg.workbook import runs_dir
 
     return Path(typed).expanduser().resolve() if typed else resolve_path(runs_dir())
@@ -223,13 +224,15 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from labseg.evaluate import predict_images
 
-    # paths typed in a shell are taken from the cwd; the API takes relative ones from the project root
-    done = predict_images(args.run, Path(args.source).resolve(), Path(args.out).resolve(), img_size=args.img_size, threshold=args.threshold,
+    # paths typed in a shell are taken from the cwd; the API takes relative ones from the project root,
+    # and so does the default, like every other output of labseg (outputs/README.md)
+    out = resolve_path(PREDICTIONS_DIR) if args.out is None else Path(args.out).resolve()
+    done = predict_images(args.run, Path(args.source).resolve(), out, img_size=args.img_size, threshold=args.threshold,
                           tta=args.tta, postprocess=args.postprocess, which=args.checkpoint, device=args.device,
                           output_dir=runs_folder(args.output_dir))
     n = len(done.written)
     print(f"labseg: {n} mask{'s' if n != 1 else ''} and overlay{'s' if n != 1 else ''} written to "
-          f"{Path(args.out).resolve()} (predicted by {done.checkpoint})")
+          f"{out} (predicted by {done.checkpoint})")
     if done.skipped:
         print(f"labseg: error: {len(done.skipped)} of {len(done.skipped) + len(done.written)} images could not "
               "be read:\n  " + "\n  ".join(done.skipped), file=sys.stderr)
@@ -324,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict masks for an image or a folder")
     p.add_argument("run", help="run folder or name")
     p.add_argument("source", help="an image file or a folder of images")
-    p.add_argument("--out", default="outputs/predictions", help="output folder (default: outputs/predictions)")
+    p.add_argument("--out", default=None, help=f"output folder (default: the project's {PREDICTIONS_DIR}, from any "
+                                               "folder)")
     p.add_argument("--img-size", type=int, help="network input size (default: the run's)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default: 0.5)")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")

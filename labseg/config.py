@@ -110,6 +110,17 @@ def resolve_path(path: str | Path) -> Path:
     return p if p.is_absolute() else (PROJECT_ROOT / p).resolve()
 
 
+def recorded_path(path: str | Path) -> str:
+    """A folder as a new run records it: inside the project, relative to its root (``data/sample``
+    is each clone's own, and a project moved whole keeps it); elsewhere, absolute (a relative
+    ``../shared/...`` would point elsewhere from a clone at another depth)."""
+    p = resolve_path(path)
+    try:
+        return str(p.relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(p)
+
+
 def parse_extra(extra) -> dict:
     """04_train's ``extra`` parameter as a dict: a dict, or the JSON text ``papermill -p extra
     '{"ema": 0.99}'`` passes (``-p`` gives every value as text; ``-y 'extra: {ema: 0.99}'`` a dict)."""

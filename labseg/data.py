@@ -131,6 +131,15 @@ def check_layout(root: str | Path) -> Path:
     return root
 
 
+def check_recorded_dataset(data_dir: str | Path, run_name: str, give: str) -> None:
+    """A run's recorded dataset folder is missing here: say so, and how to give where it is now
+    (``give``), rather than advise downloading into the recorded place."""
+    root = resolve_path(data_dir)
+    if not root.exists():
+        raise DatasetLayoutError(f"run {run_name} was trained on {data_dir}, and {root} does not exist here (the "
+                                 f"dataset moved, or the run came from another machine); give its folder: {give}")
+
+
 def _missing_parts(root: Path) -> list[str]:
     # folders must be folders and split files files (a folder named trainval.txt is missing it)
     return [p for p in ("images", "annotations/trimaps", "annotations/trainval.txt", "annotations/test.txt")

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from labseg.config import ConfigError, RunConfig, check_choice, check_img_size, pick_device, resolve_path
-from labseg.data import (BadSampleError, Batches, CachedSplit, load_image, load_split, log, normalize,
-                         split_trainval, upright_size)
+from labseg.data import (BadSampleError, Batches, CachedSplit, check_recorded_dataset, load_image, load_split, log,
+                         normalize, split_trainval, upright_size)
 from labseg.metrics import in_chunks, per_image_accuracy, per_image_dice, per_image_iou
 from labseg.machine import channels_last_for
 from labseg.models import build_model, model_kwargs
@@ -191,6 +191,9 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     run = run if isinstance(run, RunDir) else RunDir.open(run, output_dir)
     which = run.resolve_checkpoint(which)
     model, config, epoch = _load_run_model(run, which, device)
+    if not data_dir:
+        check_recorded_dataset(config.data_dir, run.name, f"labseg evaluate {run.name} --data DIR "
+                                                          "(data_dir=DIR in Python)")
     data_dir = data_dir or config.data_dir
     data_progress, progress = progress is True, bool(progress)
     cached = run_split(config, split, data_dir, data_progress)

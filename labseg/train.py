@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from labseg.config import PATH_FIELDS, UNTIL_BUDGET, ConfigError, RunConfig, pick_device, resolve_path
-from labseg.data import Batches, balanced_subset, check_layout, load_split, split_trainval
+from labseg.config import (PATH_FIELDS, UNTIL_BUDGET, ConfigError, RunConfig, pick_device, recorded_path,
+                           resolve_path)
+from labseg.data import Batches, balanced_subset, check_layout, check_recorded_dataset, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
 from labseg.machine import channels_last_for, describe as describe_machine, native_bf16
 from labseg.metrics import per_image_dice, per_image_iou
@@ -310,6 +311,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
         run, config, resumed, resumed_from, summary_only = _open_resumed(config, asked, which, dist, held)
     else:
         check_layout(config.data_dir)
+        config = replace(config, data_dir=recorded_path(config.data_dir))   # valid from another clone too
 
     seed_everything(config.seed)
     amp_dtype = _amp_dtype(config, device)
@@ -823,7 +825,9 @@ def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distribute
         print(f"labseg: run {run.path.name} has trained all it was asked to (epoch {resumed['epoch']} in "
               f"{run.checkpoint(which).name}) but its session stopped before writing summary.json; "
               "writing it now, without training")
-    if not _same_value("data_dir", config.data_dir, recorded.data_dir):
+    if _same_value("data_dir", config.data_dir, recorded.data_dir):
+        check_recorded_dataset(config.data_dir, run.name, f"labseg train --run-name {run.name} --resume --data DIR")
+    else:
         check_layout(config.data_dir)      # announced once the resume can go on, and the folder is a dataset
         if dist.is_main:
             print(f"labseg: the dataset is now read from {config.data_dir} (the run started on "

@@ -568,8 +568,8 @@ def test_low_res_epochs_until_low_res_until(tiny, monkeypatch):
                         lambda self, x: (seen.append((epochs[-1] if epochs else 0, self.training, x.shape[-1])), forward(self, x))[1])
     result = fit(arch="resnet34_unet", low_res_scale=0.5, low_res_until=0.5, run_name="lowres",
                  **{**tiny, "img_size": 64, "epochs": 4})
-    train_sizes = {(e, size) for e, training, size in seen if training}
-    assert train_sizes == {(1, 32), (2, 32), (3, 64), (4, 64)}
+    train_sizes = {(e, size) for e, training, size in seen if training}     # epoch 0: fit's check of the network
+    assert train_sizes == {(0, 64), (1, 32), (2, 32), (3, 64), (4, 64)}
     assert {size for _, training, size in seen if not training} == {64}
     assert result.run.read_config().low_res_scale == 0.5
 
@@ -583,7 +583,7 @@ def test_a_phase_ends_within_an_epoch(tiny, monkeypatch):
                         lambda self, x: (seen.append((self.training, x.shape[-1])), forward(self, x))[1])
     fit(arch="resnet34_unet", low_res_scale=0.5, low_res_until=0.5, run_name="lowres1",
         **{**tiny, "img_size": 64, "epochs": 1, "batch_size": 2})
-    assert [size for training, size in seen if training] == [32, 32, 64, 64]
+    assert [size for training, size in seen if training] == [64, 32, 32, 64, 64]    # first: fit's check at img_size
 
 
 def test_resume_keeps_what_was_not_asked_again():
@@ -1090,6 +1090,19 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys, mon
     assert sorted(p.name for p in pictures.glob("*_mask*.png")) == ["a_jpg_mask.png", "a_png_mask.png"]
     out = _main(capsys, "predict", "p", str(pictures), "--out", str(pictures / "a.jpg"), *runs)
     assert out.returncode == 2 and f"--out {pictures / 'a.jpg'} is a file; expected a folder" in out.stderr
+    # without --out: the project's outputs/, from any folder, like every other output of labseg
+    import shutil
+    import uuid
+
+    default = f"outputs/test-predictions-{uuid.uuid4().hex[:8]}"     # the project's, removed below
+    monkeypatch.setattr(labseg.cli, "PREDICTIONS_DIR", default)
+    monkeypatch.chdir(tmp_path)
+    try:
+        out = _main(capsys, "predict", "p", str(pictures / "a.png"), *runs)
+        assert out.returncode == 0 and f"written to {PROJECT_ROOT / default} (predicted by" in out.stdout
+        assert (PROJECT_ROOT / default / "a_mask.png").is_file() and not (tmp_path / "outputs").exists()
+    finally:
+        shutil.rmtree(PROJECT_ROOT / default, ignore_errors=True)
     # one unreadable image given alone: one error line, no "0 masks written" and no repeat
     (pictures / "empty.jpg").write_bytes(b"")
     for name, reason in (("notes.jpg", "cannot decode image (UnidentifiedImageError"),
@@ -1121,7 +1134,6 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys, mon
     monkeypatch.chdir(tmp_path)
     out = _main(capsys, "predict", "p", "pictures/a.png", "--out", "typed", *runs)
     assert out.returncode == 0 and (tmp_path / "typed" / "a_mask.png").is_file(), out.stderr
-    from labseg.config import PROJECT_ROOT
     from labseg.evaluate import predict_images
 
     with pytest.raises(FileNotFoundError, match=f"{PROJECT_ROOT / 'pictures' / 'a.png'} is neither an image"):
@@ -1451,3 +1463,30 @@ def test_progress_bars_alone_print_no_epoch_lines_and_a_bad_progress_value_is_na
     assert "train_loss" not in said.out and "epoch 1/1" in said.err and "validation" in said.err
     with pytest.raises(ConfigError, match=r"progress='yes': expected True .* False .* or \"bars\""):
         fit(arch="unet", **{**tiny, "progress": "yes"})
+
+
+def test_a_run_records_a_dataset_outside_the_project_absolute_and_names_it_when_it_moved(tiny, tmp_path):
+    """A path relative to the project root that leaves it (README's ``../shared/...``) would point
+    elsewhere from a clone at another depth: it is recorded absolute, one inside stays relative."""
+    import shutil
+
+    from labseg.config import recorded_path
+
+    assert recorded_path(PROJECT_ROOT / "data" / "sample") == os.path.join("data", "sample")
+    assert recorded_path("data/sample") == os.path.join("data", "sample")
+    mine = tmp_path / "pets"
+    shutil.copytree(tiny["data_dir"], mine)        # the session's dataset stays where it is
+    relative = os.path.relpath(mine, PROJECT_ROOT)
+    assert relative.startswith("..")
+    run = fit(arch="unet", run_name="rel", **{**tiny, "epochs": 1, "data_dir": relative}).run
+    assert run.read_config().data_dir == str(mine.resolve())
+    moved = tmp_path / "moved"
+    shutil.move(mine, moved)
+    with pytest.raises(labseg.data.DatasetLayoutError, match=r"run rel was trained on .*, and .* does not exist here "
+                                                             r"\(the dataset moved, .*give its folder: labseg evaluate "
+                                                             r"rel --data DIR"):
+        evaluate_run(run, progress=False, save=False)
+    with pytest.raises(labseg.data.DatasetLayoutError, match="give its folder: labseg train --run-name rel --resume "
+                                                             "--data DIR"):
+        fit(arch="unet", run_name="rel", resume=True, **{**tiny, "epochs": 2, "data_dir": str(mine)})
+    assert evaluate_run(run, data_dir=str(moved), progress=False, save=False)["dice"] >= 0.0
