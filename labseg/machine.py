@@ -1,4 +1,5 @@
-"""What a run or a benchmark ran on: the device, its name, and the precision and memory format chosen.
+"""What a run or a benchmark ran on: the device, its name, and the precision and memory format chosen;
+and what code it ran (:func:`code_version`).
 
 Budget runs are wall-clock bound, so the same command gives ~40 epochs on one 2-core CPU and ~200
 on another; a run's figures mean little without this record. ``fit`` writes it into
@@ -8,6 +9,7 @@ bench`` into its ``env`` line, and the report shows :func:`run_machine_label` pe
 from __future__ import annotations
 
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -106,3 +108,26 @@ def run_machine_label(summary: dict) -> str | None:
     """The label of every machine a run trained on, in order: a run resumed elsewhere shows both."""
     labels = [machine_label(record) for record in summary.get("machines") or [summary.get("machine")]]
     return " + ".join(dict.fromkeys(label for label in labels if label)) or None
+
+
+def code_version() -> dict:
+    """labseg's version and, in a git checkout, the commit and whether labseg/ differed from it:
+    what a run's figures came from (``summary.json``'s ``"code"``). No git, no commit: the version alone."""
+    from labseg import __version__
+    from labseg.config import PROJECT_ROOT
+
+    code: dict = {"labseg": __version__}
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if (commit := git("rev-parse", "HEAD")) is not None:
+        code["commit"] = commit
+        changed = git("status", "--porcelain", "--", "labseg")
+        if changed is not None:
+            code["labseg_changed"] = bool(changed)     # uncommitted edits: the commit alone does not say
+    return code

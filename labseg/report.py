@@ -421,6 +421,9 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
     # blank in the CSV, where the time_budget column says what bounded it
     epochs = pd.to_numeric(table["epochs"], errors="coerce") if "epochs" in table else None
     csv = table if epochs is None else table.assign(epochs=epochs.where(epochs < UNTIL_BUDGET).astype("Int64"))
+    if "trained_at" in csv:     # a date to read, not seconds since 1970
+        when = pd.to_datetime(pd.to_numeric(csv["trained_at"], errors="coerce"), unit="s", utc=True)
+        csv = csv.assign(trained_at=when.dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
     atomic_write_text(out / "runs.csv", csv.to_csv(index=False))
 
     shown = ["run", "status", "dataset", "arch", "img_size", "epochs", "lr", "loss", "augment", "seed",

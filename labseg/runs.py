@@ -30,6 +30,7 @@ import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -582,8 +583,16 @@ def list_runs(output_dir: str | Path = "outputs/runs") -> list[RunDir]:
 
 
 def trained_at(run: RunDir) -> float:
-    """When the run last trained: its config's or summary's time. Not the folder's, which an
-    evaluation or a notebook written into it moves, making an old run look like the latest."""
+    """When the run last trained (seconds since the epoch): the time its summary records, which a
+    copy of the folder keeps; for a run without one (unfinished, or written before labseg recorded
+    it), its config's or summary's file time. Never the folder's, which an evaluation or a notebook
+    written into it moves, making an old run look like the latest."""
+    try:
+        finished = run.read_summary().get("finished_at")
+        if isinstance(finished, str):
+            return datetime.fromisoformat(finished).timestamp()
+    except (OSError, ValueError):       # a damaged record: its file times below
+        pass
     return max((run.path / name).stat().st_mtime for name in ("config.json", "summary.json")
                if (run.path / name).is_file())
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from labseg.config import (PATH_FIELDS, UNTIL_BUDGET, ConfigError, RunConfig, pi
                            resolve_path)
 from labseg.data import Batches, balanced_subset, check_layout, check_recorded_dataset, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
-from labseg.machine import channels_last_for, describe as describe_machine, native_bf16
+from labseg.machine import channels_last_for, code_version, describe as describe_machine, native_bf16
 from labseg.metrics import per_image_dice, per_image_iou
 from labseg.models import build_model, check_installed, count_parameters, model_kwargs
 from labseg.runs import (CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, RunDir, load_checkpoint,
@@ -539,6 +540,9 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     summary["machine"] = {**machine, "world_size": dist.world}
     if len(sessions) > 1:
         summary["machines"] = sessions
+    # when and from what code: the order of runs (runs.trained_at) survives copying their folders
+    summary["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    summary["code"] = code_version()
     final_model = eval_model
     if swa is not None and int(swa.n_averaged) > 0:
         # The averaged weights become last.pt (and best.pt if they validate best); their valid

@@ -465,3 +465,44 @@ def test_the_full_datasets_37_breeds_get_a_table_of_their_own_in_the_report(tmp_
                                            "per_breed": dict(list(per_breed.items())[:3])})
     text = write_report(runs, tmp_path / "report").read_text()
     assert "breed_02 dice" in text and "| breed |" not in text
+
+
+def test_the_latest_run_is_the_one_its_summary_says_finished_last_even_in_copied_folders(tmp_path):
+    """File times change with a copy (cp without -p, a download): the run that trained last is the
+    one whose summary says it finished last, and runs.csv gives that time as a date."""
+    import os
+    import shutil
+
+    from labseg.runs import list_runs
+
+    runs = tmp_path / "runs"
+    older = fake_run(runs, "older", "unet", [0.6, 0.7])
+    newer = fake_run(runs, "newer", "unet", [0.6, 0.8])
+    older.write_json("summary.json", {**older.read_summary(), "finished_at": "2026-01-01T10:00:00+00:00"})
+    newer.write_json("summary.json", {**newer.read_summary(), "finished_at": "2026-01-02T10:00:00+00:00"})
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for name in ("newer", "older"):          # copied newest first: file times say the opposite
+        shutil.copytree(runs / name, copied / name, copy_function=shutil.copy)
+        os.utime(copied / name / "summary.json", (os.path.getmtime(copied / name / "summary.json") + 60,) * 2)
+    assert [r.name for r in list_runs(copied)] == ["older", "newer"]
+    csv = pd.read_csv(write_report(copied, tmp_path / "report").parent / "runs.csv").set_index("run")
+    assert csv.loc["newer", "trained_at"] == "2026-01-02T10:00:00Z"
+
+
+def test_a_runs_summary_says_when_it_finished_and_from_what_code(tmp_path, synthetic_root):
+    from datetime import datetime, timezone
+
+    import shutil
+
+    import labseg
+    from labseg.config import PROJECT_ROOT
+    from labseg.train import fit
+
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    s = fit(arch="unet", data_dir=str(synthetic_root), img_size=32, batch_size=4, max_train_images=4, epochs=1,
+            output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), progress=False).summary
+    assert before <= datetime.fromisoformat(s["finished_at"]) <= datetime.now(timezone.utc)
+    assert s["code"]["labseg"] == labseg.__version__
+    if (PROJECT_ROOT / ".git").exists() and shutil.which("git"):
+        assert len(s["code"]["commit"]) == 40 and isinstance(s["code"]["labseg_changed"], bool)
