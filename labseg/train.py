@@ -723,6 +723,7 @@ class _Bars:
             bar.set_description_str(desc, refresh=False)
             bar.set_postfix_str("", refresh=False)
         yield bar
+        bar.refresh()       # its last step, which tqdm shows only mininterval after the one before
 
     def close(self) -> None:
         """The run ended (not on an exception): its kept bars are done."""

@@ -1438,7 +1438,8 @@ def test_a_notebook_run_keeps_one_bar_of_each_kind_and_a_pass_cut_short_ends_hid
                 bar.update()
             seen.append((bar, bar.total, bar.desc))
     with bars.bar("validation", 1, "validation") as valid_bar:
-        valid_bar.update()
+        valid_bar.update()      # within tqdm's mininterval of the start: not drawn until the pass ends
+    assert valid_bar.container.children[1].value == 1       # shown done until the next validation, not 0/1
     assert all(b is seen[0][0] for b, _, _ in seen) and valid_bar is not seen[0][0]
     assert [(t, d) for _, t, d in seen] == [(5, "epoch 1"), (5, "epoch 2"), (3, "epoch 3")]
     bars.close()
