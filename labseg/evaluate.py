@@ -27,6 +27,7 @@ from labseg.metrics import in_chunks, per_image_accuracy, per_image_dice, per_im
 from labseg.machine import channels_last_for
 from labseg.models import build_model, model_kwargs
 from labseg.postprocess import clean_mask, clean_masks
+from labseg.progress import pass_bar
 from labseg.runs import (CheckpointError, RunDir, RunRecordError, atomic_write_bytes, load_checkpoint,
                          load_weights)
 
@@ -85,16 +86,16 @@ def batches_for_model(model, config: RunConfig, data: CachedSplit, batch_size: i
 def predict_probs(model, batches: Batches, tta: bool = False, progress: bool = False,
                   desc: str = "predicting") -> torch.Tensor:
     """Pet probabilities N×1×S×S (CPU, float16 to keep memory small) for every batch."""
-    from tqdm.auto import tqdm
-
     model.eval()
     out = []
     # a bar: the test split at 256 px takes minutes on 2 cores, and silence reads as a hang
-    for batch in tqdm(batches, total=len(batches), desc=desc, disable=not progress, leave=False):
-        logits = model(batch.image).float()
-        if tta:      # average with the prediction on the mirrored image, mirrored back
-            logits = (logits + model(batch.image.flip(-1)).float().flip(-1)) / 2
-        out.append(torch.sigmoid(logits).to("cpu", torch.float16))
+    with pass_bar(len(batches), desc, progress) as bar:
+        for batch in batches:
+            logits = model(batch.image).float()
+            if tta:      # average with the prediction on the mirrored image, mirrored back
+                logits = (logits + model(batch.image.flip(-1)).float().flip(-1)) / 2
+            out.append(torch.sigmoid(logits).to("cpu", torch.float16))
+            bar.update()
     return torch.cat(out)
 
 

@@ -412,7 +412,8 @@ class RunDir:
         path = _unique_folder(base)
         if path != base:
             print(f"labseg: run folder {base} exists; this run writes to {path} "
-                  "(use --resume to continue it or --overwrite to replace it)")
+                  "(to continue that run instead: --resume, resume=True in fit and 04_train; to replace it: "
+                  "--overwrite, overwrite=True; both need its name: --run-name, run_name)")
         return cls(path)
 
     @classmethod

@@ -39,6 +39,7 @@ from labseg.losses import build_loss, deep_supervised
 from labseg.machine import channels_last_for, code_version, describe as describe_machine, native_bf16
 from labseg.metrics import per_image_dice, per_image_iou
 from labseg.models import build_model, check_installed, count_parameters, model_kwargs
+from labseg.progress import RunBars
 from labseg.runs import (CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, RunDir, load_checkpoint,
                          load_weights, run_name_for)
 from labseg.transforms import BatchAugment
@@ -216,14 +217,14 @@ def _finish_swa(swa, batches: Batches) -> nn.Module:
 
 @torch.inference_mode()
 def validate(model: nn.Module, batches: Batches, loss_fn, amp_dtype=None, show_progress: bool = False,
-             bars: "_Bars | None" = None) -> dict:
+             bars: "RunBars | None" = None) -> dict:
     """Valid loss and per-image Dice/IoU, accumulated on the device (one sync at the end)."""
     was_training = model.training
     model.eval()
     dev = batches.device
     loss_sum, n = torch.zeros((), device=dev), 0
     dice, iou = [], []
-    with (bars or _Bars(show_progress)).bar("validation", len(batches), "validation") as bar:
+    with (bars or RunBars(show_progress)).bar("validation", len(batches), "validation") as bar:
         for batch in batches:
             with _autocast(dev, amp_dtype):
                 logits = model(batch.image)
@@ -451,7 +452,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
 
     # ---- the loop: train an epoch, validate, record, checkpoint, decide whether to go on
     stop_reason, since_best = "completed all epochs", _epochs_since_best(history, config.monitor)
-    bars = _Bars(bool(progress) and dist.is_main)
+    bars = RunBars(bool(progress) and dist.is_main)
     no_gain = f"early stopping: no {config.monitor} gain in {config.patience} epochs"
     of_epochs = f"/{config.epochs}" if config.epochs < UNTIL_BUDGET else f" ({config.time_budget} budget)"
     try:
@@ -590,7 +591,7 @@ def _where_the_run_is(run: RunDir, epoch: int):
 def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
                     loss_fn, config: RunConfig, clock: "_Clock", base_lrs: list[float], epoch: int, *,
                     scaler=None, ema=None, amp_dtype=None, warmup_steps: int = 0, desc: str = "",
-                    show_progress: bool = True, augment=None, bars: "_Bars | None" = None) -> tuple[float, int, bool]:
+                    show_progress: bool = True, augment=None, bars: "RunBars | None" = None) -> tuple[float, int, bool]:
     """One pass over the training batches: the lr for this step, forward, loss, backward, optimizer
     step. Returns the epoch's mean loss, the images it stepped on (this process's) and whether the
     time budget ran out before its end.
@@ -598,13 +599,13 @@ def train_one_epoch(step_model: nn.Module, model: nn.Module, batches: Batches, o
     ``step_model`` is ``model`` as the steps call it (wrapped by DDP or torch.compile, or itself).
     ``augment`` (the batches' BatchAugment) takes its phase for the progress after each step: a
     phase that ended with an epoch never ended in a budget of one or two long epochs.
-    ``bars`` (the run's :class:`_Bars`) gives the epoch its progress bar.
+    ``bars`` (the run's :class:`labseg.progress.RunBars`) gives the epoch its progress bar.
     """
     if scaler is None:      # fp32 and bf16: a scaler that passes everything through
         scaler = torch.amp.GradScaler(batches.device.type, enabled=False)
     loss_sum, steps, images, out_of_time = torch.zeros((), device=batches.device), 0, 0, False
     shown: dict[str, str] = {}      # the loss and lr the bar shows, as of the last sync
-    with (bars or _Bars(show_progress)).bar("train", len(batches), desc) as bar:
+    with (bars or RunBars(show_progress)).bar("train", len(batches), desc) as bar:
         for batch in batches:
             # this step's lr = base lr (ReduceLROnPlateau may have lowered it) × warm-up × schedule(progress)
             factor = lr_factor(config.scheduler, clock.progress(), step=clock.step, warmup_steps=warmup_steps,
@@ -692,50 +693,6 @@ class _Clock:
     def out_of_time(self) -> bool:
         """The budget is spent, or will be by the end of the validation that follows."""
         return bool(self.budget) and self.seen + self.reserve > self.budget
-
-
-class _Bars:
-    """The progress bars of a run's passes, "train" and "validation". In a terminal each pass gets
-    a bar of its own that vanishes when it ends (the epoch line printed after it stays). In Jupyter,
-    where tqdm's bars are widgets, one bar of each kind is reset for every pass: a notebook that ran
-    200 epochs keeps 2 widgets, not 400 (each closed one stays in its saved widget state)."""
-
-    def __init__(self, show: bool, tqdm=None):
-        if tqdm is None:
-            from tqdm.auto import tqdm      # widgets in Jupyter, text elsewhere
-
-        self.tqdm, self.show = tqdm, show
-        self.reuse = show and any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
-        self.kept: dict = {}
-
-    @contextmanager
-    def bar(self, kind: str, total: int, desc: str):
-        if not self.reuse:
-            bar = self.tqdm(total=total, desc=desc, leave=False, disable=not self.show)
-            yield bar
-            _end(bar)       # not on an exception: an interrupted pass shows where it stopped
-            return
-        bar = self.kept.get(kind)
-        if bar is None:
-            bar = self.kept[kind] = self.tqdm(total=total, desc=desc, leave=False)
-        else:
-            bar.reset(total=total)
-            bar.set_description_str(desc, refresh=False)
-            bar.set_postfix_str("", refresh=False)
-        yield bar
-        bar.refresh()       # its last step, which tqdm shows only mininterval after the one before
-
-    def close(self) -> None:
-        """The run ended (not on an exception): its kept bars are done."""
-        for bar in self.kept.values():
-            _end(bar)
-
-
-def _end(bar) -> None:
-    """A pass ended, maybe before its last batch (a time budget): done, not failed (in Jupyter, a
-    bar closed short of its total turns red and stays)."""
-    bar.total = min(bar.total or 0, bar.n)
-    bar.close()
 
 
 def _sam_second_pass(step_model, model, batch, loss_fn, optimizer, scaler, rho: float, amp_dtype) -> None:

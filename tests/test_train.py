@@ -221,7 +221,8 @@ def test_same_run_name_never_shares_a_folder(tiny, capsys):
     a = fit(arch="resnet34_unet", **tiny).run                  # named from its parameters
     b = fit(arch="resnet34_unet", **tiny).run
     assert a.path != b.path and b.path.name == a.path.name + "-2"
-    assert b.path.name in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert b.path.name in said and "resume=True in fit and 04_train" in said     # a notebook's words too
     # an unnamed run's records carry the name it got, so that its checkpoint and summary say which run
     assert b.read_config().run_name == b.path.name and b.read_summary()["run_name"] == b.path.name
     # A name given is that run's: refused rather than moved to NAME-2, where a notebook written
@@ -1420,39 +1421,6 @@ def test_a_dataset_with_no_validation_image_is_refused_before_training(synthetic
         fit(arch="unet", run_name="one", **{**tiny, "data_dir": str(one), "max_train_images": None,
                                            "valid_fraction": 0.6})
     assert not (tmp_path / "runs" / "one").exists()
-
-
-def test_a_notebook_run_keeps_one_bar_of_each_kind_and_a_pass_cut_short_ends_hidden_not_red():
-    """In Jupyter each bar is a widget kept in the saved notebook: one per kind, reset for every pass
-    (not one per epoch), and a pass a time budget cut short is done, not failed (a red bar that stays)."""
-    from tqdm.notebook import tqdm as notebook_tqdm
-    from tqdm.std import tqdm as text_tqdm
-
-    from labseg.train import _Bars
-
-    bars = _Bars(True, tqdm=notebook_tqdm)
-    seen = []
-    for total, steps in ((5, 5), (5, 5), (3, 2)):       # the last pass cut after 2 of its 3 batches
-        with bars.bar("train", total, f"epoch {len(seen) + 1}") as bar:
-            for _ in range(steps):
-                bar.update()
-            seen.append((bar, bar.total, bar.desc))
-    with bars.bar("validation", 1, "validation") as valid_bar:
-        valid_bar.update()      # within tqdm's mininterval of the start: not drawn until the pass ends
-    assert valid_bar.container.children[1].value == 1       # shown done until the next validation, not 0/1
-    assert all(b is seen[0][0] for b, _, _ in seen) and valid_bar is not seen[0][0]
-    assert [(t, d) for _, t, d in seen] == [(5, "epoch 1"), (5, "epoch 2"), (3, "epoch 3")]
-    bars.close()
-    _, progress, _ = seen[0][0].container.children
-    assert progress.bar_style != "danger" and seen[0][0].container.layout.visibility == "hidden"
-
-    text = _Bars(True, tqdm=text_tqdm)       # a terminal: a bar for each pass, gone when it ends
-    with text.bar("train", 2, "epoch 1") as first:
-        first.update(2)
-        shown = not first.disable
-    with text.bar("train", 2, "epoch 2") as second:
-        second.update()
-    assert shown and second is not first and text.kept == {}
 
 
 def test_progress_bars_alone_print_no_epoch_lines_and_a_bad_progress_value_is_named(tiny, capsys):
