@@ -67,21 +67,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the valid choices."""
 
 
-# Names a process knows only once a module of the user's registered them (labseg.models.register_model,
-# labseg.losses.register_loss): a record of such a run read in another process names them.
-_REGISTERED_HINT = {
-    "arch": " (a network of your own: register it with labseg.models.register_model in this process; "
-            "the CLI, notebooks and sweeps import the module that does from $LABSEG_PLUGINS)",
-    "loss": " (a loss of your own: register it with labseg.losses.register_loss in this process; "
-            "the CLI, notebooks and sweeps import the module that does from $LABSEG_PLUGINS)",
-}
-
-
 def check_choice(name: str, value, choices) -> None:
     """Raise :class:`ConfigError` (a ValueError) naming ``name``, ``value`` and the valid choices."""
     if value not in choices:
-        hint = _REGISTERED_HINT.get(name, "") if isinstance(value, str) else ""
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}{hint}")
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
 
 
 def check_img_size(value, hint: str = "") -> int:
@@ -114,7 +103,8 @@ def recorded_path(path: str | Path) -> str:
     """A folder as a new run records it: inside the project, relative to its root (``data/sample``
     is each clone's own, and a project moved whole keeps it); elsewhere, absolute (a relative
     ``../shared/...`` would point elsewhere from a clone at another depth)."""
-    p = resolve_path(path)
+    p = Path(path).expanduser()
+    p = Path(os.path.normpath(p if p.is_absolute() else PROJECT_ROOT / p))    # a link stays the link
     try:
         return str(p.relative_to(PROJECT_ROOT))
     except ValueError:

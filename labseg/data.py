@@ -135,9 +135,15 @@ def check_recorded_dataset(data_dir: str | Path, run_name: str, give: str) -> No
     """A run's recorded dataset folder is missing here: say so, and how to give where it is now
     (``give``), rather than advise downloading into the recorded place."""
     root = resolve_path(data_dir)
-    if not root.exists():
-        raise DatasetLayoutError(f"run {run_name} was trained on {data_dir}, and {root} does not exist here (the "
-                                 f"dataset moved, or the run came from another machine); give its folder: {give}")
+    if root.exists():
+        return
+    from labseg.synthetic import default_sample_dir
+
+    if root == default_sample_dir():
+        raise DatasetLayoutError(f"run {run_name} was trained on the synthetic sample, and {root} does not exist "
+                                 "here: write it again with `labseg prepare --synthetic` (the same images)")
+    raise DatasetLayoutError(f"run {run_name} was trained on {data_dir}, and {root} does not exist here (the "
+                             f"dataset moved, or the run came from another machine); give its folder: {give}")
 
 
 def _missing_parts(root: Path) -> list[str]:

@@ -27,7 +27,7 @@ from labseg.metrics import in_chunks, per_image_accuracy, per_image_dice, per_im
 from labseg.machine import channels_last_for
 from labseg.models import build_model, model_kwargs
 from labseg.postprocess import clean_mask, clean_masks
-from labseg.progress import pass_bar
+from labseg.progress import pass_bar, progress_modes
 from labseg.runs import (CheckpointError, RunDir, RunRecordError, atomic_write_bytes, load_checkpoint,
                          load_weights)
 
@@ -189,6 +189,7 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     """
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise ConfigError(f"batch_size={batch_size!r}: expected a positive integer")
+    progress, data_progress = progress_modes(progress)
     run = run if isinstance(run, RunDir) else RunDir.open(run, output_dir)
     which = run.resolve_checkpoint(which)
     model, config, epoch = _load_run_model(run, which, device)
@@ -196,7 +197,6 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
         check_recorded_dataset(config.data_dir, run.name, f"labseg evaluate {run.name} --data DIR "
                                                           "(data_dir=DIR in Python)")
     data_dir = data_dir or config.data_dir
-    data_progress, progress = progress is True, bool(progress)
     cached = run_split(config, split, data_dir, data_progress)
     batches = batches_for_model(model, config, cached, batch_size)
     probs = predict_probs(model, batches, progress=progress, desc=f"{split}")

@@ -125,7 +125,8 @@ def code_version() -> dict:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    if (commit := git("rev-parse", "HEAD")) is not None:
+    top = git("rev-parse", "--show-toplevel")      # the project's own repository, not one around a copy of it
+    if top is not None and Path(top).resolve() == PROJECT_ROOT.resolve() and (commit := git("rev-parse", "HEAD")):
         code["commit"] = commit
         changed = git("status", "--porcelain", "--", "labseg")
         if changed is not None:

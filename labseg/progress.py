@@ -12,6 +12,19 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 
+def progress_modes(progress) -> tuple[bool, bool]:
+    """``(bars, lines)`` for the ``progress`` argument of ``fit`` and ``evaluate_run``: True, bars
+    and printed lines (the CLI); ``"bars"``, the bars alone (the notebooks); False, neither."""
+    from labseg.config import ConfigError
+
+    if isinstance(progress, bool):
+        return progress, progress
+    if isinstance(progress, str) and progress == "bars":
+        return True, False
+    raise ConfigError(f"progress={progress!r}: expected True (bars and printed lines), False (quiet) or "
+                      '"bars" (the bars alone: a notebook, whose outputs show the rest)')
+
+
 def _auto_tqdm():
     from tqdm.auto import tqdm      # widgets in Jupyter, text elsewhere
 

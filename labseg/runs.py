@@ -338,6 +338,20 @@ def _unique_folder(base: Path) -> Path:
     raise RunExistsError(f"could not find a free run folder next to {base}")
 
 
+def _unregistered_hint(recorded: dict) -> str:
+    """For a record naming a network or loss this process does not know: a user's own, registered
+    by a module the run's process imported and this one did not."""
+    from labseg.config import ARCHS, LOSSES
+
+    if recorded.get("arch") not in (None, *ARCHS):
+        return (" (a network of your own is registered with labseg.models.register_model in this process; "
+                "the CLI, notebooks and sweeps import the module that does from $LABSEG_PLUGINS)")
+    if recorded.get("loss") not in (None, *LOSSES):
+        return (" (a loss of your own is registered with labseg.losses.register_loss in this process; "
+                "the CLI, notebooks and sweeps import the module that does from $LABSEG_PLUGINS)")
+    return ""
+
+
 @dataclass
 class RunDir:
     """A run's folder and its records."""
@@ -456,7 +470,7 @@ class RunDir:
             dataclasses.replace(config, device="auto").validate()
             return config
         except (ValueError, TypeError) as e:
-            raise RunRecordError(f"{path}: {e}") from None
+            raise RunRecordError(f"{path}: {e}{_unregistered_hint(recorded)}") from None
 
     def write_metrics(self, history: list[dict]) -> None:
         """Rewrite metrics.json and metrics.csv with the whole history (atomic, no duplicates)."""

@@ -172,11 +172,16 @@ def recorded_differs(folder: Path, params: dict) -> str | None:
         recorded = RunDir(folder).read_config().to_dict()
     except (OSError, ValueError) as e:      # RunRecordError, ConfigError: say so rather than skip
         return f"its config.json cannot be read ({e})"
+    from labseg.train import RESUMABLE
+
     asked = _fields(params)
     # Every field, not only those the grid names: a value from the recipe or 04_train's defaults
-    # (a registered network's recipe edited since) makes this point another run too.
+    # (a registered network's recipe edited since) makes this point another run too. Not those a
+    # resume may change and the grid leaves out: a point trained further by hand is still this one.
     for key, mine in point_config(params).to_dict().items():
         if key in WHERE_AND_HOW_FAST or key == "run_name" or key not in recorded:
+            continue
+        if key in RESUMABLE and key not in asked:
             continue
         theirs = recorded[key]
         if key in PATH_FIELDS and theirs is not None and mine is not None:
@@ -185,7 +190,7 @@ def recorded_differs(folder: Path, params: dict) -> str | None:
             if key in asked and asked[key] is not None:
                 return f"it was trained with {key}={recorded[key]!r}, this point asks for {asked[key]!r}"
             return (f"it was trained with {key}={recorded[key]!r}, where this point now takes {key}={mine!r} "
-                    "from the recipe or 04_train's defaults (changed since?)")
+                    "from the recipe or 04_train's defaults (edited since it trained?)")
     return None
 
 
@@ -218,7 +223,7 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
                                            progress=progress, raise_on_error=False)
             status = "finished" if is_finished(folder) else "failed"
         error = (f"{folder} holds another run: {other}; give the sweep a --prefix of its own (or --output-dir) "
-                 "to keep the two apart, or --force to train this point in its place") if other else (RunDir(folder).read_json("failed.json") or {}).get("error")
+                 "to keep the two apart") if other else (RunDir(folder).read_json("failed.json") or {}).get("error")
         summary = {} if other else RunDir(folder).read_summary()
         results.append({"run": name, "status": status, "best_valid_dice": summary.get("best_valid_dice"),
                         "error": error, "folder": str(folder), **params})

@@ -39,7 +39,7 @@ from labseg.losses import build_loss, deep_supervised
 from labseg.machine import channels_last_for, code_version, describe as describe_machine, native_bf16
 from labseg.metrics import per_image_dice, per_image_iou
 from labseg.models import build_model, check_installed, count_parameters, model_kwargs
-from labseg.progress import RunBars
+from labseg.progress import RunBars, progress_modes
 from labseg.runs import (CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, RunDir, load_checkpoint,
                          load_weights, run_name_for)
 from labseg.transforms import BatchAugment
@@ -287,10 +287,8 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     if resume and overwrite:    # which one was meant cannot be guessed, and one of them loses the run
         raise ConfigError("resume and overwrite contradict each other: --resume continues the run, "
                           "--overwrite deletes it and starts over; give one")
-    if progress not in (True, False, "bars"):
-        raise ConfigError(f"progress={progress!r}: expected True (bars and a line per epoch), False (quiet) "
-                          'or "bars" (the bars alone: a notebook, whose live plot shows each epoch)')
-    lines = progress is True     # the lines printed: a notebook's "bars" leave its outputs to the live plot
+    # the lines printed (per epoch, and the data's notes): a notebook's "bars" leave them to its live plot
+    show_bars, lines = progress_modes(progress)
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)   # fit({"arch": "unet", ...}) as well as fit(RunConfig(...))
     asked = _asked_fields(config, overrides)   # what the caller set; a resume checks it against the record
@@ -400,7 +398,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     machine = describe_machine(device, amp_dtype, channels_last)
     # A resumed run may continue on another machine: the checkpoint carries one record per session.
     sessions = [*((resumed.get("machines") or []) if resumed is not None else []),
-                {**machine, "world_size": dist.world, "first_epoch": first_epoch}]
+                {**machine, "world_size": dist.world, "first_epoch": first_epoch, "code": code_version()}]
     if dist.is_main and not summary_only:
         print(f"labseg: training {config.arch} ({count_parameters(model) / 1e6:.1f}M parameters) on {device} "
               f"({machine['precision']}, {machine['memory_format']}), "
@@ -452,7 +450,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
 
     # ---- the loop: train an epoch, validate, record, checkpoint, decide whether to go on
     stop_reason, since_best = "completed all epochs", _epochs_since_best(history, config.monitor)
-    bars = RunBars(bool(progress) and dist.is_main)
+    bars = RunBars(show_bars and dist.is_main)
     no_gain = f"early stopping: no {config.monitor} gain in {config.patience} epochs"
     of_epochs = f"/{config.epochs}" if config.epochs < UNTIL_BUDGET else f" ({config.time_budget} budget)"
     try:
@@ -542,8 +540,8 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     if len(sessions) > 1:
         summary["machines"] = sessions
     # when and from what code: the order of runs (runs.trained_at) survives copying their folders
-    summary["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    summary["code"] = code_version()
+    summary["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    summary["code"] = sessions[-1]["code"]      # this session's; each session's is in "machines"
     final_model = eval_model
     if swa is not None and int(swa.n_averaged) > 0:
         # The averaged weights become last.pt (and best.pt if they validate best); their valid

@@ -193,7 +193,7 @@ def test_a_loss_that_turns_nan_in_the_first_step_says_nothing_was_kept(registry,
     assert not (tmp_path / "runs" / "n").exists()
 
 
-def test_more_registration_mistakes_are_named(registry):
+def test_more_registration_mistakes_are_named(registry, tmp_path):
     with pytest.raises(ConfigError, match=r"recipe of 'tiny_net' sets \['img_size', 'monitor'\], which a recipe "
                                           r"cannot: they have defaults of their own"):
         register_model("tiny_net", TinyNet, recipe=dict(lr=1e-3, img_size=64, monitor="valid_loss"))
@@ -213,8 +213,16 @@ def test_more_registration_mistakes_are_named(registry):
     with pytest.raises(ConfigError, match=r"register_loss: name 'MyLoss': expected lower-case letters"):
         register_loss("MyLoss", bce)
     assert "MyLoss" not in config.LOSSES
-    # a record of a network or loss this process has not registered says how to register it
-    with pytest.raises(ConfigError, match=r"arch='not_here' is not valid; .*LABSEG_PLUGINS"):
-        RunConfig(arch="not_here").validate()
-    with pytest.raises(ConfigError, match=r"loss='not_here' is not valid; .*register_loss.*LABSEG_PLUGINS"):
-        RunConfig(arch="unet", loss="not_here").with_recipe().validate()
+    # a record of a network or loss this process has not registered says how to register it;
+    # a name typed now is a typo, and gets the choices alone
+    import json
+
+    from labseg.runs import RunDir, RunRecordError
+    for field, record, expected in (("arch", {"arch": "not_here"}, r"register_model in this process.*LABSEG_PLUGINS"),
+                                    ("loss", {"arch": "unet", "loss": "not_here"}, r"register_loss.*LABSEG_PLUGINS")):
+        (tmp_path / field).mkdir()
+        (tmp_path / field / "config.json").write_text(json.dumps(record))
+        with pytest.raises(RunRecordError, match=rf"config.json: {field}='not_here' is not valid; .*{expected}"):
+            RunDir(tmp_path / field).read_config()
+    with pytest.raises(ConfigError, match=r"choose one of: unet, resnet34_unet, smp_unet_resnet34, needs_width, pair$"):
+        RunConfig(arch="unett").validate()

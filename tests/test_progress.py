@@ -81,3 +81,21 @@ def test_a_bar_in_a_terminal_closes_after_its_pass_and_a_hidden_one_draws_nothin
     with pass_bar(3, "quiet", False, tqdm=text_tqdm) as bar:
         bar.update(3)
     assert capsys.readouterr().err == ""
+
+
+def test_a_progress_value_other_than_true_false_or_bars_is_named_before_any_work():
+    import pytest
+
+    from labseg.config import ConfigError
+    from labseg.evaluate import evaluate_run
+    from labseg.progress import progress_modes
+    from labseg.train import fit
+
+    assert [progress_modes(p) for p in (True, False, "bars")] == [(True, True), (False, False), (True, False)]
+    for value in (1, "yes", None):
+        with pytest.raises(ConfigError, match=rf"progress={value!r}: expected True .*, False .* or \"bars\""):
+            progress_modes(value)
+    with pytest.raises(ConfigError, match="progress='yes'"):
+        evaluate_run("no-such-run", progress="yes")         # named before the run is looked for
+    with pytest.raises(ConfigError, match="progress=1"):
+        fit(arch="unet", progress=1)

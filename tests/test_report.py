@@ -506,3 +506,29 @@ def test_a_runs_summary_says_when_it_finished_and_from_what_code(tmp_path, synth
     assert s["code"]["labseg"] == labseg.__version__
     if (PROJECT_ROOT / ".git").exists() and shutil.which("git"):
         assert len(s["code"]["commit"]) == 40 and isinstance(s["code"]["labseg_changed"], bool)
+
+
+def test_the_code_record_names_the_projects_own_commit_not_one_of_a_repository_around_it(tmp_path, monkeypatch):
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    import labseg.config
+    from labseg.machine import code_version
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: code_version records the version alone")
+    outer = tmp_path / "outer"
+    (outer / "proj").mkdir(parents=True)
+    (outer / "labseg").mkdir()
+    (outer / "labseg" / "train.py").write_text("# edited\n")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "outer"]):
+        subprocess.run(["git", "-C", str(outer), *args], check=True, env={**os.environ, **env})
+    monkeypatch.setattr(labseg.config, "PROJECT_ROOT", outer / "proj")     # a copy inside another repository
+    assert set(code_version()) == {"labseg"}
+    monkeypatch.setattr(labseg.config, "PROJECT_ROOT", outer)              # the repository's own top
+    code = code_version()
+    assert len(code["commit"]) == 40 and code["labseg_changed"] is True    # labseg/train.py is uncommitted

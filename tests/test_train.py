@@ -1459,3 +1459,24 @@ def test_a_run_records_a_dataset_outside_the_project_absolute_and_names_it_when_
                                                              "--data DIR"):
         fit(arch="unet", run_name="rel", resume=True, **{**tiny, "epochs": 2, "data_dir": str(mine)})
     assert evaluate_run(run, data_dir=str(moved), progress=False, save=False)["dice"] >= 0.0
+
+
+def test_a_dataset_linked_into_the_project_is_recorded_as_the_link_and_a_missing_sample_says_how_to_write_it(
+        tmp_path, monkeypatch):
+    import labseg.synthetic
+    from labseg.config import recorded_path
+    from labseg.data import check_recorded_dataset
+
+    link = PROJECT_ROOT / "outputs" / f"test-link-{os.getpid()}"
+    link.parent.mkdir(exist_ok=True)
+    link.symlink_to(tmp_path)
+    try:    # docs/benchmarks.md links the 3-breed data to data/pets3: runs name it so, wherever it lies
+        assert recorded_path(f"outputs/{link.name}") == os.path.join("outputs", link.name)
+        assert recorded_path(link) == os.path.join("outputs", link.name)
+    finally:
+        link.unlink()
+    monkeypatch.setattr(labseg.synthetic, "default_sample_dir", lambda: tmp_path / "sample")
+    with pytest.raises(labseg.data.DatasetLayoutError, match=r"run r was trained on the synthetic sample, and .* does "
+                                                             r"not exist here: write it again with `labseg prepare "
+                                                             r"--synthetic`"):
+        check_recorded_dataset(tmp_path / "sample", "r", "--data DIR")
