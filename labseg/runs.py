@@ -343,12 +343,11 @@ def _unregistered_hint(recorded: dict) -> str:
     by a module the run's process imported and this one did not."""
     from labseg.config import ARCHS, LOSSES
 
-    if recorded.get("arch") not in (None, *ARCHS):
-        return (" (a network of your own is registered with labseg.models.register_model in this process; "
-                "the CLI, notebooks and sweeps import the module that does from $LABSEG_PLUGINS)")
-    if recorded.get("loss") not in (None, *LOSSES):
-        return (" (a loss of your own is registered with labseg.losses.register_loss in this process; "
-                "the CLI, notebooks and sweeps import the module that does from $LABSEG_PLUGINS)")
+    for field, known, what, register in (("arch", ARCHS, "network", "labseg.models.register_model"),
+                                         ("loss", LOSSES, "loss", "labseg.losses.register_loss")):
+        if recorded.get(field) not in (None, *known):
+            return (f" (a {what} of your own is registered with {register} in this process; the CLI, "
+                    "notebooks and sweeps import the module that does from $LABSEG_PLUGINS)")
     return ""
 
 

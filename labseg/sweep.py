@@ -164,6 +164,10 @@ def is_finished(folder: Path) -> bool:
 WHERE_AND_HOW_FAST = ("device", "num_threads", "log_every", "compile", "checkpoint_every", "output_dir", "cache_dir")
 
 
+# How long a run trains, which `labseg train --resume` may change: a point trained further by hand
+EXTENDABLE = ("epochs", "time_budget", "patience")
+
+
 def recorded_differs(folder: Path, params: dict) -> str | None:
     """What the run recorded in ``folder`` set otherwise than ``params`` asks, or None: a point's
     name does not hold every digit of a value or the whole path of a folder, so a finished run of
@@ -172,8 +176,6 @@ def recorded_differs(folder: Path, params: dict) -> str | None:
         recorded = RunDir(folder).read_config().to_dict()
     except (OSError, ValueError) as e:      # RunRecordError, ConfigError: say so rather than skip
         return f"its config.json cannot be read ({e})"
-    from labseg.train import RESUMABLE
-
     asked = _fields(params)
     # Every field, not only those the grid names: a value from the recipe or 04_train's defaults
     # (a registered network's recipe edited since) makes this point another run too. Not those a
@@ -181,7 +183,7 @@ def recorded_differs(folder: Path, params: dict) -> str | None:
     for key, mine in point_config(params).to_dict().items():
         if key in WHERE_AND_HOW_FAST or key == "run_name" or key not in recorded:
             continue
-        if key in RESUMABLE and key not in asked:
+        if key in EXTENDABLE and key not in asked:
             continue
         theirs = recorded[key]
         if key in PATH_FIELDS and theirs is not None and mine is not None:

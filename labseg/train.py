@@ -216,15 +216,15 @@ def _finish_swa(swa, batches: Batches) -> nn.Module:
 
 
 @torch.inference_mode()
-def validate(model: nn.Module, batches: Batches, loss_fn, amp_dtype=None, show_progress: bool = False,
-             bars: "RunBars | None" = None) -> dict:
-    """Valid loss and per-image Dice/IoU, accumulated on the device (one sync at the end)."""
+def validate(model: nn.Module, batches: Batches, loss_fn, amp_dtype=None, bars: "RunBars | None" = None) -> dict:
+    """Valid loss and per-image Dice/IoU, accumulated on the device (one sync at the end); a bar
+    from the run's ``bars``, if given."""
     was_training = model.training
     model.eval()
     dev = batches.device
     loss_sum, n = torch.zeros((), device=dev), 0
     dice, iou = [], []
-    with (bars or RunBars(show_progress)).bar("validation", len(batches), "validation") as bar:
+    with (bars or RunBars(False)).bar("validation", len(batches), "validation") as bar:
         for batch in batches:
             with _autocast(dev, amp_dtype):
                 logits = model(batch.image)
@@ -846,11 +846,9 @@ def check_logits(model: nn.Module, arch: str, img_size: int, device, channels_la
             out = model(image.to(memory_format=torch.channels_last) if channels_last else image)
     finally:
         model.train(was_training)
-    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
-    if shape != (1, 1, img_size, img_size):
-        got = f"a {type(out).__name__}" if shape is None else "×".join(map(str, shape))
-        raise ConfigError(f"network {arch!r} returned {got} for a 1×3×{img_size}×{img_size} batch in eval mode; "
-                          f"expected 1×1×{img_size}×{img_size} logits (one channel, the input's size)")
+    if not (isinstance(out, torch.Tensor) and tuple(out.shape) == (1, 1, img_size, img_size)):
+        raise ConfigError(f"network {arch!r} returned {_shape(out)} for a 1×3×{img_size}×{img_size} batch in eval "
+                          f"mode; expected 1×1×{img_size}×{img_size} logits (one channel, the input's size)")
 
 
 def check_training_step(model: nn.Module, config: RunConfig, train_loss_fn, device, channels_last: bool = False) -> None:
@@ -877,8 +875,7 @@ def check_training_step(model: nn.Module, config: RunConfig, train_loss_fn, devi
                 value.copy_(buffers[name])
     scalar = isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()
     if not scalar:
-        got = (f"a tensor of shape {'×'.join(map(str, loss.shape)) or '()'} ({loss.dtype})"
-               if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}")
+        got = f"a tensor of shape {_shape(loss)} ({loss.dtype})" if isinstance(loss, torch.Tensor) else _shape(loss)
         raise ConfigError(f"loss {config.loss!r} returned {got} for a batch of 2; expected one number, a 0-dim "
                           "float tensor (average the pixels' and the images' losses: .mean())")
     if not loss.requires_grad:
@@ -889,26 +886,27 @@ def check_training_step(model: nn.Module, config: RunConfig, train_loss_fn, devi
                           "images, a half-pet target); expected a finite number")
 
 
+def _shape(x) -> str:
+    """What a network or loss returned, for a message: 2×1×64×64, or "a tuple"."""
+    return "×".join(map(str, x.shape)) or "()" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+
+
 def _check_training_output(out, arch: str, size: int, deep_supervision: bool) -> None:
     expected = f"2×1×{size}×{size} logits"
-
-    def shape(x) -> str:
-        return "×".join(map(str, x.shape)) if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
-
     where = f"network {arch!r} returned"
     batch = f"for a 2×3×{size}×{size} batch in training mode"
     if deep_supervision:
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], (tuple, list))):
-            raise ConfigError(f"{where} {shape(out)} {batch}; with deep_supervision a network returns "
+            raise ConfigError(f"{where} {_shape(out)} {batch}; with deep_supervision a network returns "
                               f"(logits, [aux logits, ...]) in training, each {expected}")
         for x in (out[0], *out[1]):
             if not (isinstance(x, torch.Tensor) and tuple(x.shape) == (2, 1, size, size)):
-                raise ConfigError(f"{where} an output of {shape(x)} {batch}; expected {expected}, the main "
+                raise ConfigError(f"{where} an output of {_shape(x)} {batch}; expected {expected}, the main "
                                   "one and each auxiliary one")
     elif not (isinstance(out, torch.Tensor) and tuple(out.shape) == (2, 1, size, size)):
         hint = (" (a network returns (logits, [aux logits]) in training only with deep_supervision, "
                 "which it lists in register_model's options=)" if isinstance(out, (tuple, list)) else "")
-        raise ConfigError(f"{where} {shape(out)} {batch}; expected {expected}{hint}")
+        raise ConfigError(f"{where} {_shape(out)} {batch}; expected {expected}{hint}")
 
 
 def _summary(config, history, stop_reason, seconds, n_params, trainval, n_train, n_valid) -> dict:

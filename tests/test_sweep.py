@@ -86,6 +86,9 @@ def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root
         left_out = {k: v[0] for k, v in grid.items() if k != "epochs"}
         RECIPES["unet"]["lr"] = kept["lr"]
         assert recorded_differs(ok, left_out) is None
+        # ... but not where it trains: 04_train's default dataset is not the one it trained on
+        assert "it was trained with data_dir=" in recorded_differs(ok, {k: v for k, v in left_out.items()
+                                                                          if k != "data_dir"})
     finally:
         RECIPES["unet"] = kept
     # a point finished under the name sweeps gave before (the whole path) is found, not trained again
