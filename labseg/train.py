@@ -749,7 +749,8 @@ def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distribute
     # compared with what was asked, not with today's recipe: a recipe that has changed since
     # the run started is no reason to refuse (or alter) the resume
     recorded = run.read_config()
-    config = _merge_resumed(recorded, asked).validate()
+    # a folder renamed since (``mv``) resumes under its new name, and its records say so
+    config = replace(_merge_resumed(recorded, asked), run_name=run.path.name).validate()
     if which == "last" and not run.checkpoint("last").exists() and run.checkpoint("best").exists():
         # killed between the first best.pt and the first last.pt (best.pt is written first)
         if dist.is_main:

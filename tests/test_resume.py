@@ -189,3 +189,15 @@ def test_a_stopped_run_asked_for_fewer_epochs_than_it_was_started_for_is_refused
     with pytest.raises(ValueError, match="has already trained all its 1 epochs; to train it further"):
         fit(run_name="s", resume=True, **{**tiny, "epochs": 1})
     assert run.read_config().epochs == 5 and not (run.path / "summary.json").exists()
+
+
+def test_a_renamed_run_folder_resumes_under_its_new_name(tiny):
+    """An instructor renames a run folder (``mv``) and trains it further: its records then name
+    the folder it is in, not the one it was started in, and the old name leads nowhere."""
+    run = fit(run_name="before", **{**tiny, "epochs": 1}).run
+    run.path.rename(run.path.parent / "after")
+    result = fit(run_name="after", resume=True, **tiny)
+    moved = RunDir(run.path.parent / "after")
+    assert result.run.path == moved.path and not run.path.exists()
+    assert moved.read_config().run_name == "after"
+    assert moved.read_summary()["run_name"] == "after" and moved.read_summary()["epochs_run"] == 2
