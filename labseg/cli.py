@@ -32,8 +32,8 @@ HELP = {
             "Unet; needs the bench extra)",
     "data_dir": "dataset folder in the official Oxford-IIIT Pet layout (default: the synthetic sample)",
     "img_size": "training size in px, divisible by 32",
-    "epochs": "epochs to train (default: the recipe's)",
-    "batch_size": "images per step (default: the recipe's)",
+    "epochs": "epochs to train",
+    "batch_size": "images per step",
     "lr": "peak learning rate",
     "weight_decay": "weight decay of conv/linear weights",
     "optimizer": "adam, adamw or sgd",
@@ -65,7 +65,8 @@ HELP = {
     "seed": "random seed (split, init, shuffling, augmentation)",
     "monitor": "metric for best.pt and early stopping: valid_dice, valid_iou, valid_loss",
     "patience": "early stopping after N epochs without gain (0 = off)",
-    "time_budget": "stop cleanly after this much training time, e.g. 25m, 1h30m or 90s (0 = no budget)",
+    "time_budget": "stop cleanly after this much training time, e.g. 25m, 1h30m or 90s; a bare number is "
+                   "seconds (0 = no budget). Without --epochs, the budget alone ends the run",
     "device": "auto, cpu, cuda or mps",
     "amp": "mixed precision (default: on for CUDA and for CPUs with native bf16, e.g. AVX512-BF16)",
     "channels_last": "channels_last memory format (default: on, except on a CPU with AVX2 and no AVX512, "
@@ -111,11 +112,25 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = HELP.get(f.name, "")
         if default is not None and "(default:" not in help_text:
             help_text = f"{help_text} (default: {default})"
+        elif default is None and "(default:" not in help_text and (by_arch := _recipe_values(f.name)):
+            help_text = f"{help_text} (default: the recipe's, {by_arch})"
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(*aliases, dest=f.name, type=kind, default=None, help=help_text,
                                 metavar=f.name.upper())
+
+
+def _recipe_values(name: str) -> str:
+    """What each network's recipe sets ``name`` to, for --help: "1e-3" or "unet 4, resnet34_unet 8"."""
+    from labseg.recipes import RECIPES
+
+    values = {arch: recipe[name] for arch, recipe in RECIPES.items() if name in recipe}
+    if not values:
+        return ""
+    if len(set(map(repr, values.values()))) == 1:
+        return f"{next(iter(values.values()))}"
+    return ", ".join(f"{arch} {value}" for arch, value in values.items())
 
 
 def given_options(args: argparse.Namespace) -> dict:
@@ -272,7 +287,7 @@ def cmd_report(args) -> int:
     from labseg.workbook import report_dir
 
     out = runs_folder(args.output_dir)
-    rep = Path(args.report_dir).expanduser().resolve() if args.report_dir else report_dir()
+    rep = Path(report_dir(Path(args.report_dir).expanduser().resolve() if args.report_dir else None))
     if not out.is_dir():
         raise FileNotFoundError(f"no runs folder {out}; train a run first (labseg train) or give --output-dir")
     print(f"labseg: report written to {write_report(out, rep)}")

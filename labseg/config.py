@@ -73,6 +73,13 @@ def check_choice(name: str, value, choices) -> None:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
 
 
+def check_switch(name: str, value) -> None:
+    """A switch must be True or False: "no", "false" or 0 would read as on, or pass unnoticed
+    (papermill's ``-p overwrite false`` gives the text "false")."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: expected True or False")
+
+
 def check_img_size(value, hint: str = "") -> int:
     """``value`` if it is a side in px the networks take (a positive multiple of 32), else a
     ConfigError naming it and the nearest valid sizes. ``hint`` ends the message (say, what
@@ -111,9 +118,10 @@ def recorded_path(path: str | Path) -> str:
         return str(p)
 
 
-def parse_extra(extra) -> dict:
+def parse_extra(extra, beside: dict | None = None) -> dict:
     """04_train's ``extra`` parameter as a dict: a dict, or the JSON text ``papermill -p extra
-    '{"ema": 0.99}'`` passes (``-p`` gives every value as text; ``-y 'extra: {ema: 0.99}'`` a dict)."""
+    '{"ema": 0.99}'`` passes (``-p`` gives every value as text; ``-y 'extra: {ema: 0.99}'`` a dict).
+    ``beside``: the notebook's named parameters, which ``extra`` may not give again."""
     if extra is None:
         return {}
     if isinstance(extra, str):
@@ -125,6 +133,9 @@ def parse_extra(extra) -> dict:
     if not isinstance(extra, dict):
         raise ConfigError(f"extra={extra!r}: expected a mapping of RunConfig fields to values, "
                           "e.g. {\"weight_decay\": 0.0, \"ema\": 0.99}")
+    if twice := sorted(set(extra) & set(beside or ())):
+        raise ConfigError(f"{', '.join(twice)} given both as a parameter and in extra={extra!r}; give "
+                          f"{'it' if len(twice) == 1 else 'each'} once, as the parameter")
     return extra
 
 
@@ -250,6 +261,11 @@ class RunConfig:
             if c.arch not in archs and value is not None and value != as_built:
                 raise ConfigError(f"{name}={value!r} is for {' and '.join(archs)}; {c.arch} has no such option "
                                   f"(use {as_built!r} or leave it unset)")
+        for f in dataclasses.fields(c):     # -y 'lr: 1e-3': YAML reads an exponent without a dot as text
+            value = getattr(c, f.name)
+            if isinstance(value, str) and "str" not in str(f.type) and _reads_as_number(value):
+                raise ConfigError(f"{f.name}={value!r} is text, not a number; give it as a number (YAML, as in "
+                                  "papermill -y, reads 1e-3 as text and 1.0e-3 as a number)")
         for name in ("epochs", "batch_size"):
             value = getattr(c, name)
             if value is not None and (not _is_int(value) or value <= 0):
@@ -323,10 +339,10 @@ class RunConfig:
         for name in ("data_dir", "output_dir", "cache_dir"):
             if not isinstance(getattr(c, name), (str, os.PathLike)):
                 raise ConfigError(f"{name}={getattr(c, name)!r}: expected a folder path")
-        for f in dataclasses.fields(c):     # "no" or 0 for a switch would read as on, or pass unnoticed
+        for f in dataclasses.fields(c):
             value, optional = getattr(c, f.name), "None" in str(f.type)
-            if "bool" in str(f.type) and not (isinstance(value, bool) or (value is None and optional)):
-                raise ConfigError(f"{f.name}={value!r}: expected True or False")
+            if "bool" in str(f.type) and not (value is None and optional):
+                check_switch(f.name, value)
         if not _is_int(c.seed) or c.seed < 0:
             raise ConfigError(f"seed={c.seed!r}: expected an integer >= 0")
         for name in ("output_dir", "cache_dir"):
@@ -374,6 +390,14 @@ class RunConfig:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _reads_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_number(v) -> bool:

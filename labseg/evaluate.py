@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from labseg.config import ConfigError, RunConfig, check_choice, check_img_size, pick_device, resolve_path
+from labseg.config import ConfigError, RunConfig, check_choice, check_img_size, check_switch, pick_device, resolve_path
 from labseg.data import (BadSampleError, Batches, CachedSplit, check_recorded_dataset, load_image, load_split, log,
                          normalize, split_trainval, upright_size)
 from labseg.metrics import in_chunks, per_image_accuracy, per_image_dice, per_image_iou
@@ -189,6 +189,9 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     """
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise ConfigError(f"batch_size={batch_size!r}: expected a positive integer")
+    for name, value in (("tta", tta), ("tune_threshold", tune_threshold), ("postprocess", postprocess),
+                        ("save", save)):
+        check_switch(name, value)       # tta="no" would run the TTA
     progress, data_progress = progress_modes(progress)
     run = run if isinstance(run, RunDir) else RunDir.open(run, output_dir)
     which = run.resolve_checkpoint(which)

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from labseg.config import (PATH_FIELDS, UNTIL_BUDGET, ConfigError, RunConfig, pick_device, recorded_path,
-                           resolve_path)
+from labseg.config import (PATH_FIELDS, UNTIL_BUDGET, ConfigError, RunConfig, check_switch, pick_device,
+                           recorded_path, resolve_path)
 from labseg.data import Batches, balanced_subset, check_layout, check_recorded_dataset, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
 from labseg.machine import channels_last_for, code_version, describe as describe_machine, native_bf16
@@ -284,6 +284,9 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
 
 def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **overrides) -> FitResult:
     """:func:`fit`'s body; ``held`` keeps what must be released when it returns or raises."""
+    check_switch("overwrite", overwrite)    # papermill's -p overwrite false is the text "false"
+    if not (isinstance(resume, bool) or resume in ("last", "best")):
+        raise ConfigError(f"resume={resume!r}: expected False, True (from last.pt), \"last\" or \"best\"")
     if resume and overwrite:    # which one was meant cannot be guessed, and one of them loses the run
         raise ConfigError("resume and overwrite contradict each other: --resume continues the run, "
                           "--overwrite deletes it and starts over; give one")

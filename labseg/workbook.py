@@ -39,9 +39,64 @@ def runs_dir(output_dir: str | Path | None = None) -> str:
     return str(output_dir or os.environ.get("LABSEG_RUNS_DIR") or "outputs/runs")
 
 
+def existing_runs_dir(output_dir: str | Path | None = None) -> str:
+    """:func:`runs_dir`, refused when it is not a folder: a report of a mistyped folder would be an
+    empty one, written over the report of the real runs."""
+    runs = runs_dir(output_dir)
+    if not resolve_path(runs).is_dir():
+        raise FileNotFoundError(f"no runs folder {resolve_path(runs)}; train a run first (labseg train, "
+                                "04_train) or give the folder the runs are in (output_dir, --output-dir)")
+    return runs
+
+
 def report_dir(path: str | Path | None = None) -> str:
-    """The report folder: ``path``, else ``$LABSEG_REPORT_DIR``, else ``outputs/report``."""
-    return str(path or os.environ.get("LABSEG_REPORT_DIR") or "outputs/report")
+    """The report folder: ``path``, else ``$LABSEG_REPORT_DIR``, else ``outputs/report``; refused
+    when that is a file (found before the report's figures are made, not when they are written)."""
+    folder = str(path or os.environ.get("LABSEG_REPORT_DIR") or "outputs/report")
+    if resolve_path(folder).exists() and not resolve_path(folder).is_dir():
+        from labseg.config import ConfigError
+
+        raise ConfigError(f"report_dir={folder!r}: {resolve_path(folder)} is a file; expected a folder")
+    return folder
+
+
+def check_parameters(notebook: str, namespace: dict | None = None) -> None:
+    """In a notebook that papermill runs: refuse a parameter its ``parameters`` cell lacks.
+
+    papermill injects whatever it is given (``-p epoch 3``) and only warns on stderr, so the run
+    would go on with the default. The names given are read from the cell papermill injected (its
+    source begins ``# Parameters``), found in the kernel's input history; a notebook run by hand
+    has none, and only the values in ``namespace`` are checked (see ``_VALUE_CHECKS``).
+    """
+    import ast
+    import difflib
+
+    from IPython import get_ipython
+
+    from labseg.config import ConfigError
+
+    ip = get_ipython()
+    injected = [src for src in (ip.user_ns.get("In", []) if ip else []) if src.startswith("# Parameters\n")]
+    given = {t.id for node in ast.parse(injected[-1]).body if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(t, ast.Name)} if injected else set()
+    known = [k for k, _ in _notebook_parameters(notebook)]
+    if unknown := sorted(given - set(known)):
+        said = ", ".join(f"{name!r} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1))
+                         else repr(name) for name in unknown)
+        other = (" Any other RunConfig field goes in extra, e.g. -p extra '{\"patience\": 5}'."
+                 if notebook == "04_train" else "")
+        raise ConfigError(f"{notebook} has no parameter {said}; its parameters: {', '.join(known)}.{other}")
+    for name, (expected, ok) in _VALUE_CHECKS.get(notebook, {}).items():
+        if namespace is not None and name in namespace and not ok(namespace[name]):
+            raise ConfigError(f"{name}={namespace[name]!r}: expected {expected}")
+
+
+# Notebook parameters that no function checks before the notebook's long work (04_train's are
+# RunConfig's, checked before training; 05's run and checkpoint before the evaluation).
+_VALUE_CHECKS = {
+    "05_evaluate": {"n_gallery": ("a positive number of images",
+                                  lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0)},
+}
 
 
 def notebook_path(name: str) -> Path:
@@ -97,12 +152,13 @@ def run_notebook(name: str, output: str | Path, params: dict | None = None, *, p
 
 
 @functools.lru_cache(maxsize=None)
-def _train_notebook_parameters() -> tuple:
+def _notebook_parameters(name: str) -> tuple:
+    """(name, default) of each parameter of a notebook's ``parameters`` cell, as papermill reads it."""
     import ast
 
     import papermill as pm
 
-    found = pm.inspect_notebook(str(notebook_path("04_train")))
+    found = pm.inspect_notebook(str(notebook_path(name)))
     return tuple((k, ast.literal_eval(v["default"])) for k, v in found.items())
 
 
@@ -111,7 +167,7 @@ def train_notebook_defaults() -> dict:
     the notebook (a sweep point) has where it says nothing. They differ from ``labseg train``'s
     (unet at 64 px for 2 epochs, not the recipe's resnet34_unet at 128 px), and a None there is
     the recipe's value."""
-    return {k: v for k, v in _train_notebook_parameters()
+    return {k: v for k, v in _notebook_parameters("04_train")
             if v is not None and k not in NOT_CONFIG}
 
 

@@ -56,6 +56,10 @@ def test_recipe_fills_only_missing_fields():
     ("data_dir", 3, "data_dir=3: expected a folder path"),
     ("amp", "no", "amp='no': expected True or False"),
     ("compile", 1, "compile=1: expected True or False"),
+    # papermill -y 'lr: 1e-3': YAML reads an exponent without a dot as text; the message once
+    # offered the user's own value as the example to follow
+    ("lr", "1e-3", "lr='1e-3' is text, not a number; give it as a number (YAML, as in papermill -y, reads 1e-3"),
+    ("ema", "0.99", "ema='0.99' is text, not a number"),
 ])
 def test_bad_values_name_the_value_and_choices(field, value, expected):
     with pytest.raises(ConfigError) as e:
@@ -198,6 +202,30 @@ def test_resume_and_overwrite_together_are_refused(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("switch,value,expected", [
+    ("overwrite", "false", "overwrite='false': expected True or False"),
+    ("overwrite", "no", "overwrite='no': expected True or False"),
+    ("resume", "no", "resume='no': expected False, True (from last.pt), \"last\" or \"best\""),
+    ("resume", 0, "resume=0: expected False, True"),
+])
+def test_a_switch_given_as_text_is_refused_not_read_as_on(tmp_path, switch, value, expected):
+    """papermill -p overwrite false gives 04_train the text "false", which Python reads as true:
+    it once deleted and retrained the run it was told to keep."""
+    from labseg.train import fit
+
+    with pytest.raises(ConfigError) as e:
+        fit(arch="unet", run_name="x", output_dir=str(tmp_path), **{switch: value})
+    assert expected in str(e.value) and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("switch", ["tta", "tune_threshold", "postprocess", "save"])
+def test_an_evaluation_switch_given_as_text_is_refused(tmp_path, switch):
+    from labseg.evaluate import evaluate_run
+
+    with pytest.raises(ConfigError, match=re.escape(f"{switch}='no': expected True or False")):
+        evaluate_run("no-such-run", output_dir=str(tmp_path), **{switch: "no"})
+
+
 def test_extra_is_taken_as_a_dict_or_as_the_json_text_papermill_p_gives():
     from labseg.config import parse_extra
 
@@ -208,3 +236,8 @@ def test_extra_is_taken_as_a_dict_or_as_the_json_text_papermill_p_gives():
         parse_extra("{ema: 0.99}")
     with pytest.raises(ConfigError, match=r"extra=\[1, 2\]: expected a mapping of RunConfig fields"):
         parse_extra("[1, 2]")
+    # a field given by name and again in extra once ended in "TypeError: dict() got multiple values"
+    assert parse_extra({"ema": 0.99}, beside={"epochs": 2}) == {"ema": 0.99}
+    with pytest.raises(ConfigError, match=re.escape("epochs given both as a parameter and in extra={'epochs': 3}; "
+                                                    "give it once, as the parameter")):
+        parse_extra('{"epochs": 3}', beside={"epochs": 2, "lr": None})

@@ -71,3 +71,35 @@ def test_train_notebook_overwrites_a_run_of_its_name_when_asked(tmp_path, synthe
     run_notebook("04_train", runs / "same" / "04_train-over.ipynb", {**params, "overwrite": True}, progress=False)
     assert (runs / "same" / "summary.json").stat().st_mtime_ns != first
     assert (runs / "same" / "04_train.ipynb").is_file() and (runs / "same" / "04_train-over.ipynb").is_file()
+
+
+@pytest.mark.parametrize("notebook,params,expected,cell", [
+    # papermill injects any name and only warns on stderr: the run went on with epochs=2
+    ("04_train", {"epoch": 3}, "04_train has no parameter 'epoch' (did you mean epochs?); its parameters: arch, ",
+     "check_parameters("),
+    ("04_train", {"patience": 3}, "Any other RunConfig field goes in extra, e.g. -p extra", "check_parameters("),
+    ("04_train", {"extra": '{"epochs": 3}'}, "epochs given both as a parameter and in extra", "RunConfig.from_dict("),
+    ("05_evaluate", {"tta": False, "checkpoint": "best"},
+     "05_evaluate has no parameter 'checkpoint', 'tta'", "check_parameters("),
+    # once a TypeError after the whole evaluation, and -1 showed 23 of 24 images
+    ("05_evaluate", {"n_gallery": "ten"}, "n_gallery='ten': expected a positive number of images", "check_parameters("),
+    ("05_evaluate", {"n_gallery": -1}, "n_gallery=-1: expected a positive number", "check_parameters("),
+    # a mistyped folder once wrote an empty report over the real one
+    ("06_report", {"output_dir": "{tmp}/runz"}, "no runs folder {tmp}/runz", "existing_runs_dir("),
+    ("06_report", {"output_dir": "{tmp}", "report_dir": "{tmp}/afile"}, "is a file; expected a folder",
+     "existing_runs_dir("),
+])
+def test_a_notebook_refuses_a_parameter_it_lacks_or_a_bad_value_before_its_work(tmp_path, notebook, params,
+                                                                               expected, cell):
+    import nbformat
+
+    (tmp_path / "afile").write_text("not a folder")
+    params = {k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v for k, v in params.items()}
+    out = tmp_path / "out.ipynb"
+    with pytest.raises(NotebookFailed) as e:
+        run_notebook(notebook, out, {"output_dir": str(tmp_path / "runs"), **params}, progress=False)
+    assert expected.replace("{tmp}", str(tmp_path)) in str(e.value)
+    code = [c for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"]
+    failing = [c for c in code if any(o.output_type == "error" for o in c.outputs)]
+    assert len(failing) == 1 and cell in failing[0].source
+    assert not (tmp_path / "runs").exists() and (tmp_path / "afile").read_text() == "not a folder"
