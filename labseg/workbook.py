@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import traceback
 from pathlib import Path
 
@@ -90,14 +91,30 @@ def run_notebook(name: str, output: str | Path, params: dict | None = None, *, p
 
     output = Path(output).expanduser().resolve()
     output.parent.mkdir(parents=True, exist_ok=True)     # papermill does not create it
-    try:
-        pm.execute_notebook(str(notebook_path(name)), str(output), parameters=params or {},
-                            cwd=str(NOTEBOOK_DIR), progress_bar=progress, execution_timeout=timeout,
-                            kernel_name="python3", extra_arguments=KERNEL_ARGS)
-    except pm.PapermillExecutionError as e:
-        raise NotebookFailed(f"{name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
-                             f"(executed notebook: {output})", ename=e.ename) from None
+    for attempt in (1, 2):
+        try:
+            pm.execute_notebook(str(notebook_path(name)), str(output), parameters=params or {},
+                                cwd=str(NOTEBOOK_DIR), progress_bar=progress, execution_timeout=timeout,
+                                kernel_name="python3", extra_arguments=KERNEL_ARGS)
+            return output
+        except pm.PapermillExecutionError as e:
+            raise NotebookFailed(f"{name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
+                                 f"(executed notebook: {output})", ename=e.ename) from None
+        except Exception as e:
+            if attempt == 2 or not any(text in str(e) for text in KERNEL_START_FAILURES):
+                raise
+            print(f"labseg: the kernel for {name} died as it started ({_first_line(e)}); starting it once more",
+                  file=sys.stderr, flush=True)
     return output
+
+
+# A kernel that dies as it starts, before any cell ran (two kernels started at once can race for
+# a port): safe to start once more. A kernel that dies later may have run cells: not retried.
+KERNEL_START_FAILURES = ("Kernel died before replying to kernel_info", "Address already in use")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 @functools.lru_cache(maxsize=None)
