@@ -196,6 +196,10 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
     run = run if isinstance(run, RunDir) else RunDir.open(run, output_dir)
     which = run.resolve_checkpoint(which)
     model, config, epoch = _load_run_model(run, which, device)
+    if run.is_training():       # a peek is allowed; the scores are of the checkpoint as it is now
+        print(f"labseg: run {run.name} is still training: these scores are of {which}.pt at epoch "
+              f"{epoch if epoch is not None else '?'}, not of the finished run; evaluate it again once it "
+              "has finished", file=sys.stderr, flush=True)
     if not data_dir:
         check_recorded_dataset(config.data_dir, run.name, f"labseg evaluate {run.name} --data DIR "
                                                           "(data_dir=DIR in Python)")

@@ -48,6 +48,14 @@ def _read_quietly(path: Path):
         return None
 
 
+def _summary_quietly(folder: Path) -> dict:
+    """A run's summary for a table that the main table already flags as damaged when it is: {} then."""
+    try:
+        return RunDir(folder).read_summary()
+    except RunRecordError:
+        return {}
+
+
 def _by_checkpoint(recorded: dict) -> dict:
     """{"best": evaluation, "last": evaluation} from the files read as ``recorded`` (by the
     checkpoint their name says). Before eval_test_last.json existed, every evaluation went to
@@ -59,6 +67,39 @@ def _by_checkpoint(recorded: dict) -> dict:
         if owner in own and not own[owner]:
             own[owner] = ev
     return {which: ev or {} for which, ev in own.items()}
+
+
+def _is_epoch(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checkpoint_epochs(folder: Path, summary: dict) -> dict:
+    """The epoch each checkpoint holds now, by the records: last.pt the run's last epoch, best.pt
+    the summary's best_epoch (the last one where the averaged weights validated best); None where
+    they do not say (no summary yet: best.pt moves as the run trains)."""
+    try:
+        history = RunDir(folder).read_metrics()
+    except RunRecordError:              # named in the table where it is read
+        history = []
+    last = history[-1].get("epoch") if history and isinstance(history[-1], dict) else summary.get("epochs_run")
+    best = last if summary.get("best_is_swa") else summary.get("best_epoch")
+    return {"best": best if _is_epoch(best) else None, "last": last if _is_epoch(last) else None}
+
+
+def _current(evaluations: dict, folder: Path, summary: dict) -> tuple[dict, list[str]]:
+    """``evaluations`` (:func:`_by_checkpoint`) less those of an epoch their checkpoint no longer
+    holds (``labseg evaluate`` while the run trained), and a note for each. An evaluation from
+    before labseg recorded its epoch is kept."""
+    epochs, kept, notes = _checkpoint_epochs(folder, summary), {}, []
+    for which, ev in evaluations.items():
+        then, now = ev.get("epoch"), epochs.get(which)
+        if _is_epoch(then) and now is not None and then != now:
+            notes.append(f"its test scores of {which}.pt are of epoch {then} (evaluated while it trained) and "
+                         f"{which}.pt now holds epoch {now}: evaluate it again (labseg evaluate {folder.name} "
+                         f"--checkpoint {which})")
+            ev = {}
+        kept[which] = ev
+    return kept, notes
 
 
 def run_folders(output_dir: str | Path = "outputs/runs") -> list[Path]:
@@ -100,7 +141,9 @@ def run_row(folder: Path) -> dict:
         except RunRecordError as e:
             recorded[which] = {}
             row["error"] = str(e)
-    evaluations = _by_checkpoint(recorded)
+    evaluations, stale = _current(_by_checkpoint(recorded), folder, summary)
+    if stale:
+        row["error"] = "; ".join([*([row["error"]] if row.get("error") else []), *stale])
     row["checkpoint"] = (default_checkpoint(params.get("scheduler"), summary.get("stop_reason"),
                                             RunDir(folder).lr_left(summary, params.get("lr"))) if summary else None)
     evaluation = evaluations.get(row["checkpoint"], {})
@@ -163,8 +206,8 @@ def evaluation_breakdown(output_dir: str | Path = "outputs/runs"):
     import pandas as pd
 
     rows = []
-    for folder, which, ev in ((f, which, ev) for f in run_folders(output_dir) for which, ev in _by_checkpoint(
-            {w: _read_quietly(f / eval_file("test", w)) for w in ("best", "last")}).items()):
+    for folder, which, ev in ((f, which, ev) for f in run_folders(output_dir) for which, ev in _current(_by_checkpoint(
+            {w: _read_quietly(f / eval_file("test", w)) for w in ("best", "last")}), f, _summary_quietly(f))[0].items()):
         if not ev:
             continue
         tta, tuned, post = ev.get("tta") or {}, ev.get("threshold_tuned") or {}, ev.get("postprocess") or {}

@@ -419,9 +419,13 @@ class RunDir:
             if lost := folder_contents(base, keep=".ipynb"):
                 print(f"labseg: --overwrite: deleting {lost} in {base}")
             _empty_folder(base)
-        if exist == "error" and (base / ".claimed").exists():
-            raise RunExistsError(f"run folder {base} exists; resume it (--resume; resume=True in fit and "
-                                 "04_train), start over (--overwrite; overwrite=True), or pick another run name")
+        if exist == "error":
+            # The claim decides: a process that loses it to another started at the same moment is
+            # refused like one that finds the run there, never moved to NAME-2.
+            if (base / ".claimed").exists() or (base / "config.json").exists() or not _claim(base):
+                raise RunExistsError(f"run folder {base} exists; resume it (--resume; resume=True in fit and "
+                                     "04_train), start over (--overwrite; overwrite=True), or pick another run name")
+            return cls(base)
         path = _unique_folder(base)
         if path != base:
             print(f"labseg: run folder {base} exists; this run writes to {path} "

@@ -7,7 +7,8 @@
 Each point is named from its parameters (``arch=unet+epochs=2+lr=0.001``), so running the same
 sweep again skips the points that finished (``force=True`` redoes them) and retries the ones
 that failed. Every point's configuration is validated before the first run; a point that fails
-while training leaves ``failed.json`` in its folder and the sweep goes on.
+while training leaves ``failed.json`` in its folder and the sweep goes on. A point that another
+process is training now (its run's ``.training`` lock held) is skipped and left as it is.
 """
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ import re
 from pathlib import Path
 
 from labseg.config import NONE_IS_A_CHOICE, PATH_FIELDS, resolve_path
-from labseg.runs import RunDir
+from labseg.runs import RunDir, RunExistsError
+
+# A point whose folder another process is training now: skipped, neither failed nor deleted. The
+# sweep's exit status does not count it (nothing failed); run the sweep again once it finishes.
+BUSY = "being trained by another process (skipped)"
 
 
 class SweepError(ValueError):
@@ -221,16 +226,22 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
         else:
             if progress:
                 print(f"labseg sweep: [{i}/{len(points)}] {name}", flush=True)
-            folder = run_training_notebook(params, output_dir=root, name=name, exact=True,
-                                           progress=progress, raise_on_error=False)
-            status = "finished" if is_finished(folder) else "failed"
-        error = (f"{folder} holds another run: {other}; give the sweep a --prefix of its own (or --output-dir) "
-                 "to keep the two apart") if other else (RunDir(folder).read_json("failed.json") or {}).get("error")
-        summary = {} if other else RunDir(folder).read_summary()
+            try:
+                folder = run_training_notebook(params, output_dir=root, name=name, exact=True,
+                                               progress=progress, raise_on_error=False)
+                status = "finished" if is_finished(folder) else "failed"
+            except RunExistsError as e:     # left to the process training it; not this sweep's to fail
+                status, busy = BUSY, str(e)
+        if status == BUSY:
+            error, summary = busy, {}
+        else:
+            error = (f"{folder} holds another run: {other}; give the sweep a --prefix of its own (or --output-dir) "
+                     "to keep the two apart") if other else (RunDir(folder).read_json("failed.json") or {}).get("error")
+            summary = {} if other else RunDir(folder).read_summary()
         results.append({"run": name, "status": status, "best_valid_dice": summary.get("best_valid_dice"),
                         "error": error, "folder": str(folder), **params})
         if progress:
-            detail = error if status == "failed" else (f"best valid Dice {summary['best_valid_dice']:.4f}" if summary.get("best_valid_dice") is not None
+            detail = error if status in ("failed", BUSY) else (f"best valid Dice {summary['best_valid_dice']:.4f}" if summary.get("best_valid_dice") is not None
                       else "no valid Dice recorded")
             print(f"labseg sweep: {name}: {status}; {detail}", flush=True)
     return results
@@ -240,6 +251,6 @@ def format_results(results: list[dict]) -> str:
     lines = [f"{'status':<9} {'valid Dice':>10}  run"]
     for r in results:
         dice = f"{r['best_valid_dice']:.4f}" if r.get("best_valid_dice") is not None else "-"
-        status = "skipped" if r["status"].startswith("done") else r["status"]
+        status = "skipped" if r["status"].startswith("done") or r["status"] == BUSY else r["status"]
         lines.append(f"{status:<9} {dice:>10}  {r['run']}" + (f"\n{'':21}{r['error']}" if r.get("error") else ""))
     return "\n".join(lines)

@@ -23,16 +23,19 @@ only on the seed and its own name: the output is byte-for-byte reproducible.
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import json
 import os
 import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from labseg.config import ConfigError
+from labseg.config import UMASK, ConfigError
 
 CAT, DOG = 1, 2  # SPECIES codes used by the official list files
 STAMP_NAME = "labseg_synthetic.json"
@@ -261,8 +264,10 @@ def _read_stamp(root: Path):
 
 
 def _write_stamp(root: Path, stamp: dict) -> None:
-    tmp = root / (STAMP_NAME + ".tmp")
-    tmp.write_text(json.dumps(stamp, indent=2) + "\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{STAMP_NAME}.", suffix=".tmp", dir=root)    # one per writer
+    os.fchmod(fd, 0o666 & ~UMASK)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(stamp, indent=2) + "\n")
     os.replace(tmp, root / STAMP_NAME)  # atomic: a reader sees the old or the new stamp
 
 
@@ -274,6 +279,10 @@ def write_synthetic_dataset(root, *, n_trainval_per_breed=12, n_test_per_breed=6
     to +-25%. If `root` already holds a complete dataset with the same parameters it is kept as
     is (unless overwrite=True). A folder with images/ or annotations/ but no stamp of ours
     (e.g. the real dataset) is never written into.
+
+    It is written in a temporary folder beside `root` and renamed into place, as the decoded-array
+    cache is (labseg.data): an interrupted write leaves no half dataset, and two processes writing
+    it at once (two `labseg prepare`, two notebooks) each finish, leaving one whole dataset.
     """
     if n_trainval_per_breed < 1 or n_test_per_breed < 0:
         raise ValueError("need n_trainval_per_breed >= 1 and n_test_per_breed >= 0")
@@ -287,17 +296,64 @@ def write_synthetic_dataset(root, *, n_trainval_per_breed=12, n_test_per_breed=6
     params = {"n_trainval_per_breed": int(n_trainval_per_breed), "n_test_per_breed": int(n_test_per_breed),
               "image_size": [int(image_size[0]), int(image_size[1])], "seed": int(seed)}
     stamp = {"generator": "labseg.synthetic", "version": FORMAT_VERSION, "params": params}
+    done = {**stamp, "complete": True}
     old = _read_stamp(root)
-    if not overwrite and old == {**stamp, "complete": True}:
+    if not overwrite and old == done:
         return root
-    if old is None and ((root / "images").exists() or (root / "annotations").exists()):
+    _refuse_foreign(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~UMASK)   # mkdtemp makes 0700: a sample another user wrote must stay readable
+        _write_files(tmp, n_trainval_per_breed, n_test_per_breed, image_size, seed)
+        _write_stamp(tmp, done)         # last: only now is the dataset complete
+        _put_in_place(tmp, root, done, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)      # gone already once renamed into place
+    return root
+
+
+def _refuse_foreign(root: Path) -> None:
+    if _read_stamp(root) is None and ((root / "images").exists() or (root / "annotations").exists()):
         raise FileExistsError(f"{root} holds a dataset not written by labseg.synthetic; not touching it")
 
-    # Mark the folder as ours and incomplete *before* writing anything, then clear old output.
-    root.mkdir(parents=True, exist_ok=True)
-    _write_stamp(root, {**stamp, "complete": False})
-    for sub in ("images", "annotations"):
-        shutil.rmtree(root / sub, ignore_errors=True)
+
+OURS = ("images", "annotations", STAMP_NAME)
+
+
+def _put_in_place(tmp: Path, root: Path, done: dict, overwrite: bool) -> None:
+    """Rename the finished dataset ``tmp`` to ``root``. An older one there is moved aside first
+    (what else the folder holds is moved back) and deleted; where another writer has put the same
+    dataset in place meanwhile, theirs stays."""
+    for attempt in range(5):
+        try:
+            os.replace(tmp, root)       # atomic, where root is missing or empty
+            return
+        except OSError:
+            pass
+        if _read_stamp(root) == done and (attempt or not overwrite):
+            return                      # another writer's, whole: the same files
+        _refuse_foreign(root)           # a real dataset put there meanwhile is not touched
+        aside = root.with_name(f".{root.name}.old-{uuid.uuid4().hex[:12]}")
+        try:
+            os.rename(root, aside)
+        except FileNotFoundError:       # another writer moved it aside first
+            continue
+        try:
+            os.replace(tmp, root)
+        except OSError:                 # another writer's is in place already; the next round keeps it
+            pass
+        for entry in aside.iterdir():   # the folder's other files stay in it
+            if entry.name not in OURS and not entry.name.startswith(f".{STAMP_NAME}."):
+                with contextlib.suppress(OSError):
+                    os.rename(entry, root / entry.name)
+        shutil.rmtree(aside, ignore_errors=True)
+    if _read_stamp(root) != done:
+        raise OSError(f"could not put the synthetic dataset in place at {root}: other processes kept rewriting "
+                      "it; run this again")
+
+
+def _write_files(root: Path, n_trainval_per_breed, n_test_per_breed, image_size, seed) -> None:
     (root / "images").mkdir()
     (root / "annotations" / "trimaps").mkdir(parents=True)
 
@@ -331,8 +387,6 @@ def write_synthetic_dataset(root, *, n_trainval_per_breed=12, n_test_per_breed=6
     (annotations / "list.txt").write_text("\n".join(header + everything) + "\n")
     for split, lines in splits.items():
         (annotations / f"{split}.txt").write_text("".join(line + "\n" for line in lines))
-    _write_stamp(root, {**stamp, "complete": True})  # last: only now is the dataset complete
-    return root
 
 
 def _entry_order(line: str):

@@ -15,11 +15,12 @@ import logging
 import os
 import re
 import shutil
+import sys
 import traceback
 from pathlib import Path
 
 from labseg.config import PROJECT_ROOT, resolve_path
-from labseg.runs import RunDir, atomic_write_json, folder_contents
+from labseg.runs import RunDir, RunExistsError, atomic_write_json, folder_contents
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS = ("01_data", "02_unet", "03_resnet34_unet", "04_train", "05_evaluate", "06_report")
@@ -31,7 +32,11 @@ NOT_CONFIG = ("extra", "output_dir", "run_name", "resume", "overwrite")     # th
 
 
 class NotebookFailed(RuntimeError):
-    """A notebook raised; the message is the error of the failing cell."""
+    """A notebook raised; the message is the error of the failing cell, ``ename`` its type's name."""
+
+    def __init__(self, message: str, ename: str | None = None):
+        super().__init__(message)
+        self.ename = ename
 
 
 def runs_dir(output_dir: str | Path | None = None) -> str:
@@ -141,14 +146,30 @@ def run_notebook(name: str, output: str | Path, params: dict | None = None, *, p
 
     output = Path(output).expanduser().resolve()
     output.parent.mkdir(parents=True, exist_ok=True)     # papermill does not create it
-    try:
-        pm.execute_notebook(str(notebook_path(name)), str(output), parameters=params or {},
-                            cwd=str(NOTEBOOK_DIR), progress_bar=progress, execution_timeout=timeout,
-                            kernel_name="python3", extra_arguments=KERNEL_ARGS)
-    except pm.PapermillExecutionError as e:
-        raise NotebookFailed(f"{name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
-                             f"(executed notebook: {output})") from None
+    for attempt in (1, 2):
+        try:
+            pm.execute_notebook(str(notebook_path(name)), str(output), parameters=params or {},
+                                cwd=str(NOTEBOOK_DIR), progress_bar=progress, execution_timeout=timeout,
+                                kernel_name="python3", extra_arguments=KERNEL_ARGS)
+            return output
+        except pm.PapermillExecutionError as e:
+            raise NotebookFailed(f"{name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
+                                 f"(executed notebook: {output})", ename=e.ename) from None
+        except Exception as e:
+            if attempt == 2 or not any(text in str(e) for text in KERNEL_START_FAILURES):
+                raise
+            print(f"labseg: the kernel for {name} died as it started ({_first_line(e)}); starting it once more",
+                  file=sys.stderr, flush=True)
     return output
+
+
+# A kernel that dies as it starts, before any cell ran (two kernels started at once can race for
+# a port): safe to start once more. A kernel that dies later may have run cells: not retried.
+KERNEL_START_FAILURES = ("Kernel died before replying to kernel_info", "Address already in use")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,6 +229,10 @@ def run_training_notebook(params: dict, *, output_dir: str | Path | None = None,
     no summary) is resumed, and anything else in that folder is deleted first.
     A failed run leaves ``failed.json`` (error and parameters) in its folder; with
     ``raise_on_error`` the error is raised too. Returns the run folder.
+
+    A run that another process is training (its ``.training`` lock held, before this run starts
+    or by the time it fails) is left as it is, with no failed.json: a RunExistsError is raised,
+    whatever ``raise_on_error``.
     """
     params = dict(params)
     extra = dict(params.pop("extra", None) or {})
@@ -218,28 +243,50 @@ def run_training_notebook(params: dict, *, output_dir: str | Path | None = None,
     root = resolve_path(runs_dir(output_dir or params.get("output_dir")))
     name = _clean_name(str(name or params.get("run_name") or default_run_name(params)))
     folder = root / name if exact else free_run_folder(root, name)
-    # unfinished as the sweep judges it (sweep.is_finished): no summary, or one that a resume has
-    # since outdated (extended, then stopped): resumed, never deleted
-    interrupted = (exact and (not (folder / "summary.json").exists() or RunDir(folder).summary_outdated())
-                   and not (folder / "failed.json").exists()
-                   and any((folder / f).is_file() for f in ("last.pt", "best.pt")))
-    if interrupted:
-        params["resume"] = True         # nothing lost: the epochs it had are kept
-    elif exact and folder.exists():
-        if progress and (lost := folder_contents(folder)):
-            print(f"labseg: replacing {folder}: deleting its {lost}", flush=True)
-        shutil.rmtree(folder)
+    if exact and folder.is_dir():
+        # Decided and deleted under the run's training lock: a folder that another process trains
+        # now (a sweep in a second terminal, a resume by hand) is neither resumed nor deleted here.
+        try:
+            with RunDir(folder).lock_for_training():
+                _resume_or_empty(folder, params, progress)
+        except RunExistsError:
+            raise _trained_elsewhere(folder) from None
     folder.mkdir(parents=True, exist_ok=True)
     params.update(run_name=folder.name, output_dir=str(root))
     try:
         run_notebook("04_train", folder / "04_train.ipynb", params, progress=progress)
     except Exception as e:
+        # Refused because another process took the run meanwhile: that run is not this one's to
+        # mark failed (a failed.json there makes a good run read as failed, and evaluate refuse it).
+        if RunDir(folder).is_training() or (isinstance(e, NotebookFailed) and e.ename == "RunExistsError"
+                                            and "being trained by another process" in str(e)):
+            raise _trained_elsewhere(folder) from None
         atomic_write_json(folder / "failed.json", {
             "error": f"{type(e).__name__}: {e}" if not isinstance(e, NotebookFailed) else str(e),
             "params": params, "traceback": traceback.format_exc(limit=3)})
         if raise_on_error:
             raise
     return folder
+
+
+def _resume_or_empty(folder: Path, params: dict, progress: bool) -> None:
+    """A run interrupted in ``folder`` is resumed (``params["resume"]``); anything else there goes."""
+    # unfinished as the sweep judges it (sweep.is_finished): no summary, or one that a resume has
+    # since outdated (extended, then stopped): resumed, never deleted
+    interrupted = ((not (folder / "summary.json").exists() or RunDir(folder).summary_outdated())
+                   and not (folder / "failed.json").exists()
+                   and any((folder / f).is_file() for f in ("last.pt", "best.pt")))
+    if interrupted:
+        params["resume"] = True         # nothing lost: the epochs it had are kept
+        return
+    if progress and (lost := folder_contents(folder, keep=".training")):
+        print(f"labseg: replacing {folder}: deleting its {lost}", flush=True)
+    shutil.rmtree(folder)
+
+
+def _trained_elsewhere(folder: Path) -> RunExistsError:
+    return RunExistsError(f"run {folder} is being trained by another process now; it was left as it is: run "
+                          "this again once that process has finished (or stop it)")
 
 
 def run_workbook(epochs: int = 3, img_size: int = 64, *, data_dir: str = "data/sample",

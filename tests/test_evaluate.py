@@ -322,3 +322,20 @@ def test_scores_are_shown_when_the_run_folder_cannot_take_their_record(small_run
     assert "ro last.pt on test (" in out.out and "Dice" in out.out
     assert f"labseg: the evaluation is not recorded: [Errno 13] could not write {run.path / 'eval_test'}" in out.err
     assert not list(run.path.glob("eval_*.json"))
+
+
+def test_evaluating_a_run_still_training_warns_that_the_scores_are_of_an_epoch_midway(small_run, capsys):
+    """`labseg evaluate RUN` while RUN trains scored a mid-training checkpoint without a word, and
+    the figures read as the finished run's. It still evaluates (a student may peek), and says so."""
+    from labseg.runs import load_checkpoint
+
+    which = small_run.resolve_checkpoint()
+    epoch = load_checkpoint(small_run.checkpoint(which))["epoch"]
+    with small_run.lock_for_training():         # as the process training it holds it
+        result = evaluate_run(small_run, "test", device="cpu", progress=False, save=False)
+    assert result["dice"] is not None
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == [f"labseg: run small is still training: these scores are of {which}.pt at epoch {epoch}, not of "
+                    "the finished run; evaluate it again once it has finished"]
+    evaluate_run(small_run, "test", device="cpu", progress=False, save=False)
+    assert "still training" not in capsys.readouterr().err

@@ -103,3 +103,44 @@ def test_a_notebook_refuses_a_parameter_it_lacks_or_a_bad_value_before_its_work(
     failing = [c for c in code if any(o.output_type == "error" for o in c.outputs)]
     assert len(failing) == 1 and cell in failing[0].source
     assert not (tmp_path / "runs").exists() and (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_a_kernel_that_dies_as_it_starts_is_started_once_more(tmp_path, monkeypatch, capsys):
+    """Two kernels started at once can race for a port ("Kernel died before replying to
+    kernel_info", zmq's "Address already in use"): no cell has run, so the notebook is started once
+    more instead of failing the run. A second such death, or any other error, is raised."""
+    import papermill
+
+    calls = []
+
+    def flaky(source, output, **_):
+        calls.append(output)
+        if len(calls) == 1:
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        (tmp_path / "out.ipynb").write_text("{}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", flaky)
+    assert run_notebook("01_data", tmp_path / "out.ipynb", progress=False) == tmp_path / "out.ipynb"
+    assert len(calls) == 2
+    assert capsys.readouterr().err == ("labseg: the kernel for 01_data died as it started (Kernel died before "
+                                       "replying to kernel_info); starting it once more\n")
+
+    def dead(source, output, **_):
+        calls.append(output)
+        raise OSError("zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:5555')")
+
+    calls.clear()
+    monkeypatch.setattr(papermill, "execute_notebook", dead)
+    with pytest.raises(OSError, match="Address already in use"):
+        run_notebook("01_data", tmp_path / "out.ipynb", progress=False)
+    assert len(calls) == 2
+
+    def other(source, output, **_):
+        calls.append(output)
+        raise RuntimeError("Kernel didn't respond in 60 seconds")
+
+    calls.clear()
+    monkeypatch.setattr(papermill, "execute_notebook", other)
+    with pytest.raises(RuntimeError, match="didn't respond"):
+        run_notebook("01_data", tmp_path / "out.ipynb", progress=False)
+    assert len(calls) == 1

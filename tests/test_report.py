@@ -532,3 +532,26 @@ def test_the_code_record_names_the_projects_own_commit_not_one_of_a_repository_a
     monkeypatch.setattr(labseg.config, "PROJECT_ROOT", outer)              # the repository's own top
     code = code_version()
     assert len(code["commit"]) == 40 and code["labseg_changed"] is True    # labseg/train.py is uncommitted
+
+
+def test_an_evaluation_of_an_epoch_its_checkpoint_no_longer_holds_is_not_the_runs_score(tmp_path):
+    """`labseg evaluate RUN` while RUN trained recorded the scores of a mid-training checkpoint, and
+    the report showed them as the finished run's. An evaluation whose epoch is not the one its
+    checkpoint holds now (last.pt: the last epoch; best.pt: best_epoch) is left out, with a note;
+    one from before evaluations recorded their epoch is kept."""
+    run = fake_run(tmp_path, "peeked", "unet", [0.3, 0.5, 0.4], scheduler="cosine", stop_reason="completed all epochs")
+    for name in ("best.pt", "last.pt"):
+        (run.path / name).write_bytes(b"")
+    run.write_json("eval_test.json", {"checkpoint": "best", "epoch": 1, "dice": 0.2, "iou": 0.1})     # stale
+    run.write_json("eval_test_last.json", {"checkpoint": "last", "epoch": 3, "dice": 0.45, "iou": 0.4})
+    row = collect_runs(tmp_path).set_index("run").loc["peeked"]
+    assert row[["status", "checkpoint", "test_dice", "test_dice_last"]].tolist() == ["finished", "last", 0.45, 0.45]
+    assert pd.isna(row["test_dice_best"])
+    assert row["error"] == ("its test scores of best.pt are of epoch 1 (evaluated while it trained) and best.pt now "
+                            "holds epoch 2: evaluate it again (labseg evaluate peeked --checkpoint best)")
+    assert evaluation_breakdown(tmp_path)[["checkpoint", "test_dice"]].values.tolist() == [["last", 0.45]]
+    # last.pt evaluated at epoch 2 of 3: stale too; with no epoch recorded (older labseg): kept
+    run.write_json("eval_test_last.json", {"checkpoint": "last", "epoch": 2, "dice": 0.45, "iou": 0.4})
+    assert pd.isna(collect_runs(tmp_path).set_index("run").loc["peeked", "test_dice"])
+    run.write_json("eval_test.json", {"checkpoint": "best", "dice": 0.2, "iou": 0.1})
+    assert collect_runs(tmp_path).set_index("run").loc["peeked", "test_dice_best"] == 0.2

@@ -151,3 +151,25 @@ def test_a_run_folder_that_cannot_be_made_names_the_output_dir(tmp_path):
     finally:
         os.umask(previous)
     assert (run.path / ".claimed").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_run_name_claimed_by_another_process_at_the_same_moment_is_refused_not_suffixed(tmp_path, monkeypatch):
+    """Two `labseg train --run-name r` started together: the one that loses the folder's claim
+    fell through to r-2, where a notebook written into r would describe the wrong run. A name given
+    is refused (exist="error") whether the other run is found there or wins the claim meanwhile."""
+    import labseg.runs
+    from labseg.runs import RunDir, RunExistsError
+
+    real_claim = labseg.runs._claim
+
+    def lost(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".claimed").touch()           # the other process claims it first
+        return real_claim(folder)
+
+    monkeypatch.setattr(labseg.runs, "_claim", lost)
+    with pytest.raises(RunExistsError, match=r"run folder .*/r exists; resume it"):
+        RunDir.create(tmp_path, "r", exist="error")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]         # no r-2
+    monkeypatch.setattr(labseg.runs, "_claim", real_claim)
+    assert RunDir.create(tmp_path, "s", exist="error").path == tmp_path / "s"

@@ -247,3 +247,53 @@ def test_a_point_extended_and_stopped_is_resumed_not_deleted(tmp_path):
                           output_dir=tmp_path / "runs", name="point", exact=True, raise_on_error=False,
                           progress=False)
     assert (folder / "last.pt").read_bytes() == b"the extended run's weights"      # resumed (and failed), kept
+
+
+def test_a_point_another_process_is_training_is_skipped_and_left_untouched(tmp_path, capsys):
+    """A second sweep (or a resume by hand) training a point's folder holds its .training lock:
+    this sweep used to delete that folder under it and write failed.json into it, so the good run
+    read as failed and evaluate refused it. Now the point is skipped, its folder left as it is, and
+    the sweep's exit status does not count it as failed."""
+    from labseg.cli import main
+    from labseg.runs import RunDir
+
+    sets = {"arch": "unet", "epochs": 1, "img_size": 32, "data_dir": str(tmp_path / "none")}
+    folder = tmp_path / "runs" / point_name(sets)
+    folder.mkdir(parents=True)
+    for name in (".claimed", "config.json"):        # a run started, before its first checkpoint
+        (folder / name).write_text("{}")
+    with RunDir(folder).lock_for_training():        # as the process training it holds it
+        before = sorted(p.name for p in folder.iterdir())
+        (result,) = run_sweep({k: [v] for k, v in sets.items()}, output_dir=tmp_path / "runs", progress=False)
+        assert result["status"] == "being trained by another process (skipped)", result
+        assert "is being trained by another process now; it was left as it is" in result["error"]
+        assert format_results([result]).splitlines()[1].startswith("skipped")
+        argv = ["sweep", "--output-dir", str(tmp_path / "runs"), "--quiet"]
+        assert main(argv + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]) == 0
+        assert "skipped" in capsys.readouterr().out
+        assert sorted(p.name for p in folder.iterdir()) == before
+    assert not (folder / "failed.json").exists()
+
+
+def test_a_run_taken_by_another_process_while_its_notebook_starts_gets_no_failed_json(tmp_path, monkeypatch):
+    """Another process may claim the folder between the check and 04_train's fit, which then
+    refuses the run: the failure is not this run's, and a failed.json there would mark the other
+    process's good run as failed."""
+    from contextlib import ExitStack
+
+    import labseg.workbook
+    from labseg.runs import RunDir, RunExistsError
+
+    held = ExitStack()
+
+    def taken_meanwhile(name, output, params, **_):
+        (output.parent / "config.json").write_text("{}")
+        held.enter_context(RunDir(output.parent).lock_for_training())      # the other process trains it
+        raise labseg.workbook.NotebookFailed(f"04_train failed in cell 5: RunExistsError: run folder "
+                                             f"{output.parent} exists; resume it")
+
+    monkeypatch.setattr(labseg.workbook, "run_notebook", taken_meanwhile)
+    with held, pytest.raises(RunExistsError, match="is being trained by another process now"):
+        labseg.workbook.run_training_notebook({"arch": "unet", "epochs": 1, "img_size": 32}, output_dir=tmp_path,
+                                              name="point", exact=True, raise_on_error=False, progress=False)
+    assert (tmp_path / "point" / "config.json").is_file() and not (tmp_path / "point" / "failed.json").exists()

@@ -167,3 +167,37 @@ def test_bad_parameters_are_refused_before_anything_is_written(tmp_path, kwargs,
     with pytest.raises(ValueError, match=re.escape(message)):
         write_synthetic_dataset(tmp_path / "sample", **kwargs)
     assert not (tmp_path / "sample").exists()
+
+
+@pytest.mark.parametrize("before", ["nothing", "an older sample"])
+def test_two_writers_at_once_both_finish_and_leave_one_whole_dataset(tmp_path, monkeypatch, before):
+    """Two `labseg prepare` (or two notebooks' ensure_sample) at once: one's rmtree removed the
+    other's files and its mkdir then raised FileExistsError. Each now builds in a folder of its own
+    and renames it into place; here the second writer runs whole while the first starts its images."""
+    from pathlib import Path
+
+    root = tmp_path / "sample"
+    if before == "an older sample":
+        write_synthetic_dataset(root, seed=1, **SMALL)
+        (root / "README.md").write_text("mine")             # a file of the folder's own stays
+    real_mkdir = Path.mkdir
+    other = []
+
+    def interleaved(self, *args, **kwargs):
+        if self.name == "images" and not other:
+            other.append("running")
+            other[0] = write_synthetic_dataset(root, seed=0, **SMALL)       # the other process, start to end
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", interleaved)
+    assert write_synthetic_dataset(root, seed=0, **SMALL) == root and other == [root]
+    monkeypatch.undo()
+    assert json.loads((root / STAMP_NAME).read_text())["complete"] is True
+    names = [e[0] for e in entries(root / "annotations" / "list.txt")]
+    assert len(names) == 6 * len(BREEDS)
+    assert sorted(p.stem for p in (root / "images").iterdir()) == sorted(names)
+    assert sorted(p.stem for p in (root / "annotations" / "trimaps").iterdir()) == sorted(names)
+    assert [p.name for p in tmp_path.iterdir()] == ["sample"]          # no temporary folder left
+    assert not list(root.glob(".*.tmp"))
+    if before == "an older sample":
+        assert (root / "README.md").read_text() == "mine"
