@@ -38,6 +38,7 @@ NORMS = ("batch", "none")
 NONE_IS_A_CHOICE = ("augment", "scheduler", "norm", "decoder_attention")
 OUTPUT_STRIDES = (32, 16)       # ResNet34 encoder: with or without its max-pool
 MONITORS = ("valid_dice", "valid_iou", "valid_loss")
+MONITOR_MODE = {"valid_dice": "max", "valid_iou": "max", "valid_loss": "min"}    # which way is better
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CHECKPOINTS = ("auto", "best", "last")   # "auto": runs.default_checkpoint
 # What a run recorded before one of these options existed trained with: its config.json lacks
@@ -369,9 +370,6 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(names))}")
         return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @property
     def time_budget_s(self) -> float | None:

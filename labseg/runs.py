@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from labseg.config import (BEFORE_OPTION_EXISTED, CHECKPOINTS, UMASK, ConfigError, RunConfig, _is_number,
-                           check_choice, resolve_path)
+from labseg.config import (BEFORE_OPTION_EXISTED, CHECKPOINTS, MONITOR_MODE, UMASK, ConfigError, RunConfig,
+                           _is_number, check_choice, resolve_path)
 
 CHECKPOINT_FORMAT = 1
 
@@ -541,7 +541,7 @@ class RunDir:
                     f"{summary['swa_valid_dice']:.4f})")
         if name == "best":      # best.pt is kept by the run's monitor (lowest for a loss)
             monitor = self.read_config().monitor
-            sign = -1.0 if monitor.endswith("loss") else 1.0
+            sign = -1.0 if MONITOR_MODE.get(monitor) == "min" else 1.0
             scored = [r for r in history if isinstance(r.get(monitor), (int, float))]
             epoch = summary.get("best_epoch") or max(scored, key=lambda r: sign * r[monitor], default={}).get("epoch")
         else:

@@ -1,12 +1,14 @@
-"""The training loop, read top to bottom in :func:`_fit` (the loop proper starts at "the loop:"),
-and its step loop, :func:`train_one_epoch`; :func:`fit` checks the arguments and calls it.
+"""The training loop, read top to bottom in :func:`_fit` (sections marked ``# ----``; the loop
+proper starts at "the loop:"), and its step loop, :func:`train_one_epoch`; :func:`fit` checks
+the arguments, resolves the config (the recipe fills what is left out) and calls it.
 
     config → data (cached arrays, breed-stratified valid split) → model → optimizer → loop:
         for each epoch: train_one_epoch (augmented batches) → validate → records → checkpoints
     → summary.json
 
-What a resume needs (``_open_resumed``, ``_restore``), SAM's second pass and the augmentation
-phases are small functions below the loop, so that the loop itself stays one screen.
+What a resume needs (``_open_resumed``, ``_restore``), the checks before a run claims a folder,
+SAM's second pass and the augmentation phases are small functions below the loop, so that the
+loop reads as its steps.
 
 The learning rate follows a schedule of *progress*, the larger of (steps done / all steps) and
 (time spent / time budget), so a run cut short by ``time_budget`` still warms up and decays fully.
@@ -32,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from labseg.config import (PATH_FIELDS, UNTIL_BUDGET, ConfigError, RunConfig, check_switch, pick_device,
-                           recorded_path, resolve_path)
+from labseg.config import (MONITOR_MODE, PATH_FIELDS, UNTIL_BUDGET, ConfigError, RunConfig, check_switch,
+                           pick_device, recorded_path, resolve_path)
 from labseg.data import Batches, balanced_subset, check_layout, check_recorded_dataset, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
 from labseg.machine import channels_last_for, code_version, describe as describe_machine, native_bf16
@@ -170,10 +172,6 @@ class WeightEMA(torch.optim.swa_utils.AveragedModel):
         self.n_averaged += 1
 
 
-def _ema_model(model: nn.Module, decay: float) -> WeightEMA | None:
-    return WeightEMA(model, decay) if decay else None
-
-
 @torch.no_grad()
 def _sam_ascent(params: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
     """Move the weights by rho along their gradient (SAM, Foret et al. 2021); returns the steps.
@@ -257,7 +255,7 @@ def _amp_dtype(config: RunConfig, device: torch.device):
 def _improved(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
-    return value < best if metric.endswith("loss") else value > best
+    return value < best if MONITOR_MODE[metric] == "min" else value > best
 
 
 # --------------------------------------------------------------------------- the loop
@@ -276,14 +274,6 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
     fields of ``config`` still at RunConfig's defaults count as not given; pass a field as a
     keyword to have it checked against the run's record.
     """
-    # Resources held while training (the run's .training lock) are let go however fit ends.
-    with ExitStack() as held:
-        return _fit(held, config, resume=resume, overwrite=overwrite, progress=progress, callback=callback,
-                    **overrides)
-
-
-def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **overrides) -> FitResult:
-    """:func:`fit`'s body; ``held`` keeps what must be released when it returns or raises."""
     check_switch("overwrite", overwrite)    # papermill's -p overwrite false is the text "false"
     if not (isinstance(resume, bool) or resume in ("last", "best")):
         raise ConfigError(f"resume={resume!r}: expected False, True (from last.pt), \"last\" or \"best\"")
@@ -298,6 +288,16 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     given = config.to_dict() if config is not None else {}
     config = RunConfig.from_dict({**given, **overrides}).with_recipe().validate()
     check_installed(config.arch)
+    # Resources held while training (the run's .training lock) are let go however fit ends.
+    with ExitStack() as held:
+        return _fit(held, config, asked, resume=resume, overwrite=overwrite, show_bars=show_bars, lines=lines,
+                    callback=callback)
+
+
+def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, show_bars: bool, lines: bool,
+         callback) -> FitResult:
+    """:func:`fit`'s body, for a checked ``config`` (``asked``: the fields the caller gave); ``held``
+    keeps what must be released when it returns or raises."""
     dist = _Distributed.from_env()
     device = dist.device or pick_device(config.device)
     if device.type == "cuda":
@@ -329,17 +329,7 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
         _check_same_images(resumed, trainval, config, run)
         if dist.is_main:
             _update_resumed_folder(run, config, resumed)
-    if len(valid_idx) == 0:     # found now, not by torch.cat after a whole epoch
-        breeds = len({r.breed for r in trainval.records})
-        raise ConfigError(f"no validation image: {len(trainval.records)} trainval image(s) of {breeds} breed(s) in "
-                          f"{config.data_dir} leave none at valid_fraction={config.valid_fraction}; the split "
-                          "takes valid images from breeds with 2 or more, so that each breed also keeps one "
-                          "to train on: add images")
-    if len(train_idx) == 0:     # an untrained network would otherwise be recorded as a finished run
-        raise ConfigError(f"no training image: valid_fraction={config.valid_fraction} puts all "
-                          f"{len(trainval.records)} trainval image(s) in {config.data_dir} in the valid split "
-                          "(a breed with a single image gives it to one split only); lower valid_fraction or "
-                          "add images")
+    _check_split_sizes(trainval, train_idx, valid_idx, config)
     if config.max_train_images:
         train_idx = balanced_subset(trainval.records, train_idx, config.max_train_images)
     augment = BatchAugment.from_config(vars(config))
@@ -356,15 +346,16 @@ def _fit(held: ExitStack, config, *, resume, overwrite, progress, callback, **ov
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(config, model)
-    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min" if config.monitor.endswith("loss")
-               else "max", factor=0.5, patience=3) if config.scheduler == "plateau" else None)
+    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=MONITOR_MODE[config.monitor], factor=0.5,
+                                                          patience=3) if config.scheduler == "plateau" else None)
     loss_fn = build_loss(config.loss)
     # A deep-supervised network returns (logits, aux logits) in training; validation sees logits only.
     train_loss_fn = deep_supervised(loss_fn) if config.deep_supervision else loss_fn
-    ema = _ema_model(model, config.ema)
+    ema = WeightEMA(model, config.ema) if config.ema else None
     # SWA averages one snapshot per epoch from config.swa of training on (equal weights).
     swa = torch.optim.swa_utils.AveragedModel(model) if config.swa else None
     eval_model = ema.module if ema is not None else model    # the weights validated, kept and returned
+                                                             # (unless SWA's replace them at the end)
     # the lrs the schedule scales: config.lr, or what ReduceLROnPlateau has made of it
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     history, best, first_epoch = [], None, 1
@@ -799,6 +790,22 @@ def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distribute
     return run, config, resumed, run.checkpoint(which), summary_only
 
 
+def _check_split_sizes(trainval, train_idx, valid_idx, config: RunConfig) -> None:
+    """Both splits hold images: found now, not by torch.cat after a whole epoch, and an untrained
+    network is not recorded as a finished run."""
+    if len(valid_idx) == 0:
+        breeds = len({r.breed for r in trainval.records})
+        raise ConfigError(f"no validation image: {len(trainval.records)} trainval image(s) of {breeds} breed(s) in "
+                          f"{config.data_dir} leave none at valid_fraction={config.valid_fraction}; the split "
+                          "takes valid images from breeds with 2 or more, so that each breed also keeps one "
+                          "to train on: add images")
+    if len(train_idx) == 0:
+        raise ConfigError(f"no training image: valid_fraction={config.valid_fraction} puts all "
+                          f"{len(trainval.records)} trainval image(s) in {config.data_dir} in the valid split "
+                          "(a breed with a single image gives it to one split only); lower valid_fraction or "
+                          "add images")
+
+
 def _update_resumed_folder(run: RunDir, config: RunConfig, resumed: dict) -> None:
     """Once a resume is sure to go on: config.json says what the run now trains to (e.g. more
     epochs, or its moved dataset), and what the stopped session left half done is cleared."""
@@ -915,7 +922,7 @@ def _check_training_output(out, arch: str, size: int, deep_supervision: bool) ->
 
 def _summary(config, history, stop_reason, seconds, n_params, trainval, n_train, n_valid) -> dict:
     metric = config.monitor
-    better = min if metric.endswith("loss") else max
+    better = min if MONITOR_MODE[metric] == "min" else max
     best_row = better(history, key=lambda r: r[metric]) if history else {}
     return {
         "arch": config.arch, "run_name": config.run_name, "img_size": config.img_size,

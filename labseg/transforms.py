@@ -88,7 +88,7 @@ def params_for(level: str) -> AugmentParams | None:
 # --------------------------------------------------------------------------- per sample (v2)
 def sample_transform(level: str = "light") -> v2.Compose:
     """torchvision v2 pipeline for one (tv_tensors.Image, tv_tensors.Mask) pair, uint8 or float."""
-    p = params_for(level) or AugmentParams(hflip=0.0)
+    p = params_for(level) or NO_AUGMENT
     return v2.Compose([
         v2.RandomHorizontalFlip(p.hflip),
         v2.RandomAffine(degrees=p.degrees, translate=(p.translate, p.translate),
