@@ -135,8 +135,10 @@ def parse_extra(extra, beside: dict | None = None) -> dict:
         raise ConfigError(f"extra={extra!r}: expected a mapping of RunConfig fields to values, "
                           "e.g. {\"weight_decay\": 0.0, \"ema\": 0.99}")
     if twice := sorted(set(extra) & set(beside or ())):
-        raise ConfigError(f"{', '.join(twice)} given both as a parameter and in extra={extra!r}; give "
-                          f"{'it' if len(twice) == 1 else 'each'} once, as the parameter")
+        one = len(twice) == 1
+        raise ConfigError(f"{', '.join(twice)} in extra={extra!r} {'is a parameter' if one else 'are parameters'} "
+                          f"of its own: give {'it' if one else 'each'} as that parameter (e.g. -p {twice[0]} "
+                          f"{extra[twice[0]]!r}), not in extra")
     return extra
 
 
@@ -264,7 +266,8 @@ class RunConfig:
                                   f"(use {as_built!r} or leave it unset)")
         for f in dataclasses.fields(c):     # -y 'lr: 1e-3': YAML reads an exponent without a dot as text
             value = getattr(c, f.name)
-            if isinstance(value, str) and "str" not in str(f.type) and _reads_as_number(value):
+            text_typed = any(t in str(f.type) for t in ("str", "bool"))     # a switch: check_switch below
+            if isinstance(value, str) and not text_typed and _reads_as_number(value):
                 raise ConfigError(f"{f.name}={value!r} is text, not a number; give it as a number (YAML, as in "
                                   "papermill -y, reads 1e-3 as text and 1.0e-3 as a number)")
         for name in ("epochs", "batch_size"):

@@ -94,9 +94,9 @@ def _current(evaluations: dict, folder: Path, summary: dict) -> tuple[dict, list
     for which, ev in evaluations.items():
         then, now = ev.get("epoch"), epochs.get(which)
         if _is_epoch(then) and now is not None and then != now:
-            notes.append(f"its test scores of {which}.pt are of epoch {then} (evaluated while it trained) and "
-                         f"{which}.pt now holds epoch {now}: evaluate it again (labseg evaluate {folder.name} "
-                         f"--checkpoint {which})")
+            notes.append(f"its test scores of {which}.pt are of epoch {then} (evaluated while it trained, or before "
+                         f"it trained further) and {which}.pt now holds epoch {now}: evaluate it again (labseg "
+                         f"evaluate {folder.name} --checkpoint {which})")
             ev = {}
         kept[which] = ev
     return kept, notes

@@ -293,6 +293,10 @@ def write_synthetic_dataset(root, *, n_trainval_per_breed=12, n_test_per_breed=6
     if not (len(image_size) == 2 and int(image_size[0]) >= 16 and int(image_size[1]) >= 12):
         raise ConfigError(f"image_size={tuple(image_size)!r}: expected (width, height) of at least (16, 12)")
     root = Path(root)
+    if root.is_symlink():   # a linked sample is rewritten where the link points; the link stays
+        root = root.resolve()
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root} is a file; expected a folder to write the synthetic dataset into")
     params = {"n_trainval_per_breed": int(n_trainval_per_breed), "n_test_per_breed": int(n_test_per_breed),
               "image_size": [int(image_size[0]), int(image_size[1])], "seed": int(seed)}
     stamp = {"generator": "labseg.synthetic", "version": FORMAT_VERSION, "params": params}

@@ -84,6 +84,7 @@ def check_parameters(notebook: str, namespace: dict | None = None) -> None:
     injected = [src for src in (ip.user_ns.get("In", []) if ip else []) if src.startswith("# Parameters\n")]
     given = {t.id for node in ast.parse(injected[-1]).body if isinstance(node, ast.Assign)
              for t in node.targets if isinstance(t, ast.Name)} if injected else set()
+    given = {n for n in given if not n.startswith("PAPERMILL_")}    # papermill --inject-paths: its own
     known = [k for k, _ in _notebook_parameters(notebook)]
     if unknown := sorted(given - set(known)):
         said = ", ".join(f"{name!r} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1))
@@ -258,8 +259,9 @@ def run_training_notebook(params: dict, *, output_dir: str | Path | None = None,
     except Exception as e:
         # Refused because another process took the run meanwhile: that run is not this one's to
         # mark failed (a failed.json there makes a good run read as failed, and evaluate refuse it).
-        if RunDir(folder).is_training() or (isinstance(e, NotebookFailed) and e.ename == "RunExistsError"
-                                            and "being trained by another process" in str(e)):
+        # This process emptied the folder (or resumes its own run): a RunExistsError from fit means
+        # another process took the run meanwhile, and may have finished it since.
+        if RunDir(folder).is_training() or (isinstance(e, NotebookFailed) and e.ename == "RunExistsError"):
             raise _trained_elsewhere(folder) from None
         atomic_write_json(folder / "failed.json", {
             "error": f"{type(e).__name__}: {e}" if not isinstance(e, NotebookFailed) else str(e),
@@ -285,8 +287,8 @@ def _resume_or_empty(folder: Path, params: dict, progress: bool) -> None:
 
 
 def _trained_elsewhere(folder: Path) -> RunExistsError:
-    return RunExistsError(f"run {folder} is being trained by another process now; it was left as it is: run "
-                          "this again once that process has finished (or stop it)")
+    return RunExistsError(f"run {folder} is being trained by another process now (or was, meanwhile); it was "
+                          "left as it is: run this again once that process has finished (or stop it)")
 
 
 def run_workbook(epochs: int = 3, img_size: int = 64, *, data_dir: str = "data/sample",

@@ -60,6 +60,7 @@ def test_recipe_fills_only_missing_fields():
     # offered the user's own value as the example to follow
     ("lr", "1e-3", "lr='1e-3' is text, not a number; give it as a number (YAML, as in papermill -y, reads 1e-3"),
     ("ema", "0.99", "ema='0.99' is text, not a number"),
+    ("amp", "1", "amp='1': expected True or False"),       # a switch, not a number to give as one
 ])
 def test_bad_values_name_the_value_and_choices(field, value, expected):
     with pytest.raises(ConfigError) as e:
@@ -238,6 +239,6 @@ def test_extra_is_taken_as_a_dict_or_as_the_json_text_papermill_p_gives():
         parse_extra("[1, 2]")
     # a field given by name and again in extra once ended in "TypeError: dict() got multiple values"
     assert parse_extra({"ema": 0.99}, beside={"epochs": 2}) == {"ema": 0.99}
-    with pytest.raises(ConfigError, match=re.escape("epochs given both as a parameter and in extra={'epochs': 3}; "
-                                                    "give it once, as the parameter")):
+    with pytest.raises(ConfigError, match=re.escape("epochs in extra={'epochs': 3} is a parameter of its own: give "
+                                                    "it as that parameter (e.g. -p epochs 3), not in extra")):
         parse_extra('{"epochs": 3}', beside={"epochs": 2, "lr": None})

@@ -78,7 +78,11 @@ def test_train_notebook_overwrites_a_run_of_its_name_when_asked(tmp_path, synthe
     ("04_train", {"epoch": 3}, "04_train has no parameter 'epoch' (did you mean epochs?); its parameters: arch, ",
      "check_parameters("),
     ("04_train", {"patience": 3}, "Any other RunConfig field goes in extra, e.g. -p extra", "check_parameters("),
-    ("04_train", {"extra": '{"epochs": 3}'}, "epochs given both as a parameter and in extra", "RunConfig.from_dict("),
+    ("04_train", {"extra": '{"epochs": 3}'}, "epochs in extra={'epochs': 3} is a parameter of its own",
+     "RunConfig.from_dict("),
+    # papermill --inject-paths adds PAPERMILL_INPUT_PATH and PAPERMILL_OUTPUT_PATH: its own, not refused
+    ("06_report", {"PAPERMILL_INPUT_PATH": "x", "output_dir": "{tmp}/runz"}, "no runs folder {tmp}/runz",
+     "existing_runs_dir("),
     ("05_evaluate", {"tta": False, "checkpoint": "best"},
      "05_evaluate has no parameter 'checkpoint', 'tta'", "check_parameters("),
     # once a TypeError after the whole evaluation, and -1 showed 23 of 24 images

@@ -547,8 +547,9 @@ def test_an_evaluation_of_an_epoch_its_checkpoint_no_longer_holds_is_not_the_run
     row = collect_runs(tmp_path).set_index("run").loc["peeked"]
     assert row[["status", "checkpoint", "test_dice", "test_dice_last"]].tolist() == ["finished", "last", 0.45, 0.45]
     assert pd.isna(row["test_dice_best"])
-    assert row["error"] == ("its test scores of best.pt are of epoch 1 (evaluated while it trained) and best.pt now "
-                            "holds epoch 2: evaluate it again (labseg evaluate peeked --checkpoint best)")
+    assert row["error"] == ("its test scores of best.pt are of epoch 1 (evaluated while it trained, or before it "
+                            "trained further) and best.pt now holds epoch 2: evaluate it again (labseg evaluate "
+                            "peeked --checkpoint best)")
     assert evaluation_breakdown(tmp_path)[["checkpoint", "test_dice"]].values.tolist() == [["last", 0.45]]
     # last.pt evaluated at epoch 2 of 3: stale too; with no epoch recorded (older labseg): kept
     run.write_json("eval_test_last.json", {"checkpoint": "last", "epoch": 2, "dice": 0.45, "iou": 0.4})

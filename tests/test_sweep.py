@@ -266,7 +266,7 @@ def test_a_point_another_process_is_training_is_skipped_and_left_untouched(tmp_p
         before = sorted(p.name for p in folder.iterdir())
         (result,) = run_sweep({k: [v] for k, v in sets.items()}, output_dir=tmp_path / "runs", progress=False)
         assert result["status"] == "being trained by another process (skipped)", result
-        assert "is being trained by another process now; it was left as it is" in result["error"]
+        assert "is being trained by another process now (or was, meanwhile); it was left as it is" in result["error"]
         assert format_results([result]).splitlines()[1].startswith("skipped")
         argv = ["sweep", "--output-dir", str(tmp_path / "runs"), "--quiet"]
         assert main(argv + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]) == 0
@@ -297,3 +297,24 @@ def test_a_run_taken_by_another_process_while_its_notebook_starts_gets_no_failed
         labseg.workbook.run_training_notebook({"arch": "unet", "epochs": 1, "img_size": 32}, output_dir=tmp_path,
                                               name="point", exact=True, raise_on_error=False, progress=False)
     assert (tmp_path / "point" / "config.json").is_file() and not (tmp_path / "point" / "failed.json").exists()
+
+
+def test_a_run_another_process_took_and_finished_while_the_notebook_started_gets_no_failed_json(tmp_path,
+                                                                                                 monkeypatch):
+    """As above, with the other process done by the time 04_train's fit refuses the name: no lock
+    is held any more, but the refusal is still not this run's failure (the next sweep would delete
+    the good run as a failed one)."""
+    import labseg.workbook
+    from labseg.runs import RunExistsError
+
+    def taken_and_finished(name, output, params, **_):
+        (output.parent / "config.json").write_text("{}")
+        (output.parent / "summary.json").write_text("{}")
+        raise labseg.workbook.NotebookFailed(f"04_train failed in cell 5: RunExistsError: run folder "
+                                             f"{output.parent} exists; resume it", ename="RunExistsError")
+
+    monkeypatch.setattr(labseg.workbook, "run_notebook", taken_and_finished)
+    with pytest.raises(RunExistsError, match="being trained by another process now .or was, meanwhile."):
+        labseg.workbook.run_training_notebook({"arch": "unet", "epochs": 1, "img_size": 32}, output_dir=tmp_path,
+                                              name="point", exact=True, raise_on_error=False, progress=False)
+    assert not (tmp_path / "point" / "failed.json").exists()

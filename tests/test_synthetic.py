@@ -201,3 +201,21 @@ def test_two_writers_at_once_both_finish_and_leave_one_whole_dataset(tmp_path, m
     assert not list(root.glob(".*.tmp"))
     if before == "an older sample":
         assert (root / "README.md").read_text() == "mine"
+
+
+def test_a_linked_sample_is_rewritten_where_the_link_points_and_a_file_is_refused(tmp_path):
+    """data/sample may be a link to a shared copy: rewriting it once replaced the link by a local
+    folder, left the link beside it and moved the shared folder's own files out of it."""
+    shared = tmp_path / "shared" / "sample"
+    write_synthetic_dataset(shared, seed=1, **SMALL)
+    (shared / "NOTES.txt").write_text("the course's")
+    link = tmp_path / "data" / "sample"
+    link.parent.mkdir()
+    link.symlink_to(shared)
+    write_synthetic_dataset(link, seed=0, overwrite=True, **SMALL)
+    assert link.is_symlink() and [p.name for p in link.parent.iterdir()] == ["sample"]
+    assert json.loads((shared / STAMP_NAME).read_text())["params"]["seed"] == 0
+    assert (shared / "NOTES.txt").read_text() == "the course's"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'afile'} is a file; expected a folder")):
+        write_synthetic_dataset(tmp_path / "afile", **SMALL)
