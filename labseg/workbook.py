@@ -283,7 +283,9 @@ def _resume_or_empty(folder: Path, params: dict, progress: bool) -> None:
         return
     if progress and (lost := folder_contents(folder, keep=".training")):
         print(f"labseg: replacing {folder}: deleting its {lost}", flush=True)
-    shutil.rmtree(folder)
+    for entry in folder.iterdir():      # not .training: the lock held on it must stay the run's one lock
+        if entry.name != ".training":
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def _trained_elsewhere(folder: Path) -> RunExistsError:

@@ -318,3 +318,26 @@ def test_a_run_another_process_took_and_finished_while_the_notebook_started_gets
         labseg.workbook.run_training_notebook({"arch": "unet", "epochs": 1, "img_size": 32}, output_dir=tmp_path,
                                               name="point", exact=True, raise_on_error=False, progress=False)
     assert not (tmp_path / "point" / "failed.json").exists()
+
+
+def test_a_point_replaced_under_its_lock_keeps_the_lock_file(tmp_path, monkeypatch):
+    """The sweep empties a failed point's folder while it holds the run's .training lock: deleting
+    the lock's file too let a second process lock a new file of that name, both "holding" the lock."""
+    import labseg.workbook
+
+    folder = tmp_path / "point"
+    folder.mkdir()
+    (folder / "failed.json").write_text('{"error": "x"}')
+    (folder / "04_train.ipynb").write_text("{}")
+    (folder / ".training").write_text("")
+    lock_file = (folder / ".training").stat().st_ino
+    seen = []
+
+    def run_notebook(name, output, params, **_):
+        seen.append(sorted(p.name for p in folder.iterdir()))
+        seen.append((folder / ".training").stat().st_ino)
+
+    monkeypatch.setattr(labseg.workbook, "run_notebook", run_notebook)
+    labseg.workbook.run_training_notebook({"arch": "unet", "epochs": 1, "img_size": 32}, output_dir=tmp_path,
+                                          name="point", exact=True, progress=False)
+    assert seen == [[".training"], lock_file]
