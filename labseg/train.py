@@ -6,9 +6,9 @@ the arguments, resolves the config (the recipe fills what is left out) and calls
         for each epoch: train_one_epoch (augmented batches) → validate → records → checkpoints
     → summary.json
 
-What a resume needs (``_open_resumed``, ``_restore``), the checks before a run claims a folder,
-SAM's second pass and the augmentation phases are small functions below the loop, so that the
-loop reads as its steps.
+The checks before a run claims a folder, SAM's second pass and the augmentation phases are small
+functions below the loop, so that the loop reads as its steps; continuing a stopped run is
+:mod:`labseg.resume`'s (``_restore`` here puts a checkpoint's state back into the new network).
 
 The learning rate follows a schedule of *progress*, the larger of (steps done / all steps) and
 (time spent / time budget), so a run cut short by ``time_budget`` still warms up and decays fully.
@@ -19,7 +19,6 @@ each rank trains on its shard of every batch (DistributedDataParallel); rank 0 a
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 import random
@@ -28,29 +27,21 @@ from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from labseg.config import (MONITOR_MODE, PATH_FIELDS, UNTIL_BUDGET, ConfigError, RunConfig, check_switch,
-                           pick_device, recorded_path, resolve_path)
-from labseg.data import Batches, balanced_subset, check_layout, check_recorded_dataset, load_split, split_trainval
+from labseg.config import MONITOR_MODE, UNTIL_BUDGET, ConfigError, RunConfig, check_switch, pick_device, recorded_path
+from labseg.data import Batches, balanced_subset, check_layout, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
 from labseg.machine import channels_last_for, code_version, describe as describe_machine, native_bf16
 from labseg.metrics import per_image_dice, per_image_iou
 from labseg.models import build_model, check_installed, count_parameters, model_kwargs
 from labseg.progress import RunBars, progress_modes
-from labseg.runs import (CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, RunDir, load_checkpoint,
-                         load_weights, run_name_for)
+from labseg.resume import asked_fields, check_same_images, images_digest, open_resumed, update_resumed_folder
+from labseg.runs import CHECKPOINT_FORMAT, CheckpointWriter, RunDir, load_weights, run_name_for
 from labseg.transforms import BatchAugment
-
-# Fields a resumed run may change; anything else must match the recorded config.
-RESUMABLE = {"epochs", "time_budget", "device", "num_threads", "log_every", "patience", "compile",
-             "checkpoint_every",
-             # where things are, which may change when a run moves (another machine, a copied folder)
-             "output_dir", "cache_dir", "data_dir"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -284,7 +275,7 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
     show_bars, lines = progress_modes(progress)
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)   # fit({"arch": "unet", ...}) as well as fit(RunConfig(...))
-    asked = _asked_fields(config, overrides)   # what the caller set; a resume checks it against the record
+    asked = asked_fields(config, overrides)   # what the caller set; a resume checks it against the record
     given = config.to_dict() if config is not None else {}
     config = RunConfig.from_dict({**given, **overrides}).with_recipe().validate()
     check_installed(config.arch)
@@ -311,7 +302,7 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
     run, resumed, resumed_from, summary_only = None, None, None, False
     if resume:
         which = "best" if resume == "best" else "last"
-        run, config, resumed, resumed_from, summary_only = _open_resumed(config, asked, which, dist, held)
+        run, config, resumed, resumed_from, summary_only = open_resumed(config, asked, which, dist, held)
     else:
         check_layout(config.data_dir)
         config = replace(config, data_dir=recorded_path(config.data_dir))   # valid from another clone too
@@ -326,9 +317,9 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
     trainval = load_split(config.data_dir, "trainval", config.img_size, config.cache_dir, progress=lines)
     train_idx, valid_idx = split_trainval(trainval.records, config.valid_fraction, config.seed)
     if resumed is not None:
-        _check_same_images(resumed, trainval, config, run)
+        check_same_images(resumed, trainval, config, run)
         if dist.is_main:
-            _update_resumed_folder(run, config, resumed)
+            update_resumed_folder(run, config, resumed)
     _check_split_sizes(trainval, train_idx, valid_idx, config)
     if config.max_train_images:
         train_idx = balanced_subset(trainval.records, train_idx, config.max_train_images)
@@ -414,7 +405,7 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "ema": ema.state_dict() if ema is not None else None,
                 "swa": swa.state_dict() if swa is not None else None, "machines": sessions,
-                "trainval": _images_digest(trainval),
+                "trainval": images_digest(trainval),
                 "base_lrs": list(base_lrs)}
         if deployed is not None:    # evaluate and deploy the averaged weights
             ckpt["model"] = deployed.state_dict()
@@ -730,66 +721,6 @@ def _epoch_line(row: dict, improved: bool) -> str:
             f"{row['images_per_s']:.1f} img/s{'  * new best' if improved else ''}")
 
 
-def _open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distributed",
-                  held: ExitStack) -> tuple[RunDir, RunConfig, dict, Path, bool]:
-    """The run to resume, its config (the record, with what a resume may change taken from
-    ``asked``), the checkpoint to continue from and its file, and whether only its summary is left
-    to write; refuses what cannot be resumed."""
-    if not config.run_name:
-        raise ConfigError("resume needs run_name: the run to continue")
-    run = RunDir.open(config.run_name, config.output_dir)
-    if dist.is_main:
-        held.enter_context(run.lock_for_training())     # one process at a time trains a run
-    # compared with what was asked, not with today's recipe: a recipe that has changed since
-    # the run started is no reason to refuse (or alter) the resume
-    recorded = run.read_config()
-    # a folder renamed since (``mv``) resumes under its new name, and its records say so
-    config = replace(_merge_resumed(recorded, asked), run_name=run.path.name).validate()
-    if which == "last" and not run.checkpoint("last").exists() and run.checkpoint("best").exists():
-        # killed between the first best.pt and the first last.pt (best.pt is written first)
-        if dist.is_main:
-            print(f"labseg: run {run.path.name} has no last.pt yet; resuming from best.pt")
-        which = "best"
-    try:
-        resumed = load_checkpoint(run.checkpoint(which))
-    except CheckpointError as e:
-        other = "best" if which == "last" else "last"
-        if not any(run.checkpoint(w).exists() for w in ("best", "last")):
-            unfinished = sorted(run.path.glob(".*.tmp"))
-            for path in unfinished:         # checkpoint-sized: not left to pile up
-                path.unlink(missing_ok=True)
-            why = ("its first checkpoint was being written when the process was killed; the unfinished file "
-                   "is removed" if unfinished else "it stopped before its first epoch ended")
-            raise CheckpointError(f"run {run.path.name} has no complete checkpoint ({why}): start it over with "
-                                  "--overwrite") from None
-        raise CheckpointError(f"{e}.\nResume from the {other} checkpoint with --resume {other}, "
-                              "or start over with --overwrite (deletes the run).") from None
-    if lacking := [k for k in ("epoch", "history", "optimizer") if k not in resumed]:
-        raise CheckpointError(f"checkpoint {run.checkpoint(which)} holds weights but no training state "
-                              f"({', '.join(lacking)} missing): it can be evaluated, not resumed")
-    kinds = {"epoch": int, "history": list, "optimizer": dict}
-    if wrong := [f"{k} is a {type(resumed[k]).__name__}" for k, kind in kinds.items()
-                 if not isinstance(resumed[k], kind) or isinstance(resumed[k], bool)]:
-        raise CheckpointError(f"checkpoint {run.checkpoint(which)} holds a damaged training state ("
-                              f"{', '.join(wrong)}; expected an int epoch, a list history and a dict optimizer "
-                              "state): it cannot be resumed")
-    if which == "last" and (newer := _newer_best(run, resumed)) is not resumed:
-        resumed, which = newer, "best"
-    summary_only = _check_not_finished(run, resumed, config)
-    if summary_only and dist.is_main:
-        print(f"labseg: run {run.path.name} has trained all it was asked to (epoch {resumed['epoch']} in "
-              f"{run.checkpoint(which).name}) but its session stopped before writing summary.json; "
-              "writing it now, without training")
-    if _same_value("data_dir", config.data_dir, recorded.data_dir):
-        check_recorded_dataset(config.data_dir, run.name, f"labseg train --run-name {run.name} --resume --data DIR")
-    else:
-        check_layout(config.data_dir)      # announced once the resume can go on, and the folder is a dataset
-        if dist.is_main:
-            print(f"labseg: the dataset is now read from {config.data_dir} (the run started on "
-                  f"{recorded.data_dir}); its valid split is the same for the same images")
-    return run, config, resumed, run.checkpoint(which), summary_only
-
-
 def _check_split_sizes(trainval, train_idx, valid_idx, config: RunConfig) -> None:
     """Both splits hold images: found now, not by torch.cat after a whole epoch, and an untrained
     network is not recorded as a finished run."""
@@ -804,33 +735,6 @@ def _check_split_sizes(trainval, train_idx, valid_idx, config: RunConfig) -> Non
                           f"{len(trainval.records)} trainval image(s) in {config.data_dir} in the valid split "
                           "(a breed with a single image gives it to one split only); lower valid_fraction or "
                           "add images")
-
-
-def _update_resumed_folder(run: RunDir, config: RunConfig, resumed: dict) -> None:
-    """Once a resume is sure to go on: config.json says what the run now trains to (e.g. more
-    epochs, or its moved dataset), and what the stopped session left half done is cleared."""
-    if config.to_dict() != run.read_config().to_dict():
-        run.write_config(config)
-    _clear_stale_files(run, resumed["epoch"])
-
-
-def _images_digest(trainval) -> dict:
-    """Which images a run trains and validates on, in a few bytes: their count and a hash of their names."""
-    names = "\n".join(sorted(r.name for r in trainval.records))
-    return {"images": len(trainval.records), "names_sha1": hashlib.sha1(names.encode()).hexdigest()}
-
-
-def _check_same_images(resumed: dict, trainval, config: RunConfig, run: RunDir) -> None:
-    """A resume goes on with the images the run started on: a moved dataset is fine, another one
-    is not (its valid Dice would be compared with the old epochs' to pick best.pt and stop early)."""
-    recorded = resumed.get("trainval")
-    if recorded is None:                # a checkpoint from before this record: not checked
-        return
-    now = _images_digest(trainval)
-    if now["names_sha1"] != recorded["names_sha1"]:
-        raise ConfigError(f"run {run.name} trained on {recorded['images']} trainval images, and {config.data_dir} "
-                          f"holds {now['images']} with other names: a resume goes on with the same images (a moved "
-                          "dataset is fine); train a new run on this data instead")
 
 
 def _restore(resumed: dict, source: str, config: RunConfig, model, optimizer, plateau, ema, swa, scaler) -> None:
@@ -936,116 +840,6 @@ def _summary(config, history, stop_reason, seconds, n_params, trainval, n_train,
         "train_images": n_train, "valid_images": n_valid,
         "skipped_pairs": len(trainval.skipped), "skipped": trainval.skipped,
     }
-
-
-def _asked_fields(config: RunConfig | None, overrides: dict) -> dict:
-    """The fields a caller of ``fit`` asked for: the keyword overrides, and those of a config
-    object that differ from RunConfig's defaults (a default was not asked for)."""
-    if config is None:
-        return dict(overrides)
-    defaults = RunConfig().to_dict()
-    return {**{k: v for k, v in config.to_dict().items() if v != defaults[k]}, **overrides}
-
-
-def _merge_resumed(recorded: RunConfig, asked: dict) -> RunConfig:
-    """The recorded config, with the few fields a resume may change taken from ``asked`` (the
-    fields given again; any other field given must agree with the record)."""
-    rec = recorded.to_dict()
-    changed = {k: (rec[k], v) for k, v in asked.items()
-               if k not in RESUMABLE and k != "run_name" and v is not None and not _same_value(k, v, rec[k])}
-    if changed:
-        diff = ", ".join(f"{k}: recorded {a!r}, asked {b!r}" for k, (a, b) in changed.items())
-        raise ConfigError(f"resume must keep the run's config; differs in {diff}")
-    return RunConfig.from_dict({**rec, **{k: v for k, v in asked.items()
-                                          if k in RESUMABLE and v is not None and not _same_value(k, v, rec[k])}})
-
-
-def _same_value(name: str, asked, recorded) -> bool:
-    """Whether a value given on resume agrees with the record: a folder agrees however it is
-    spelt (relative to the project root or absolute, str or Path)."""
-    if name in PATH_FIELDS and asked is not None and recorded is not None:
-        return resolve_path(asked) == resolve_path(recorded)
-    return asked == recorded
-
-
-def _check_not_finished(run: RunDir, start: dict, config: RunConfig) -> bool:
-    """Refuse to resume a run that has nothing left to train, saying how to train it further.
-    True for a run that has trained all it was asked to but has no summary of it (killed, or a full
-    disk, after its last checkpoint): the resume trains nothing and writes the summary."""
-    done, budget = start["epoch"], config.time_budget_s
-    recorded, summary = _stopped_under(run, start), run.read_summary()
-    # why the run stopped, if its summary is of the checkpoint resumed from (not of an older session)
-    summarised = summary.get("epochs_run") == done
-    stopped = (summary.get("stop_reason") or "") if summarised else ""
-
-    def reached(c: RunConfig) -> bool:      # the epochs or the time budget of c, all trained
-        return ((c.epochs < UNTIL_BUDGET and done >= c.epochs)
-                or bool(c.time_budget_s and start.get("elapsed", 0.0) >= c.time_budget_s))
-
-    # what the run was started for and what is asked now both trained: only the summary is missing
-    # (fewer epochs than it was started for, on a run stopped short of them, is refused below)
-    if not summarised and reached(recorded) and reached(config):
-        return True
-    trained_all = config.epochs < UNTIL_BUDGET and done >= config.epochs
-    if trained_all:
-        raise ConfigError(f"run {run.path.name} has already trained all its {config.epochs} epochs; to train "
-                          f"it further, resume with more (--epochs N with N > {done}), or evaluate it")
-    if budget and (start.get("elapsed", 0.0) >= budget or (stopped.startswith("time budget")
-                                                           and budget <= (recorded.time_budget_s or 0))):
-        raise ConfigError(f"run {run.path.name} has already spent its time budget of {config.time_budget}; "
-                          "to train it further, resume with a larger --time-budget, or evaluate it")
-    if stopped.startswith("early stopping") and config.patience and config.patience <= recorded.patience:
-        raise ConfigError(f"run {run.path.name} stopped early ({stopped}); to train it further, resume with a "
-                          f"larger --patience (now {config.patience}) or --patience 0, or evaluate it")
-    return False
-
-
-def _stopped_under(run: RunDir, start: dict) -> RunConfig:
-    """The config with the patience and time budget that the session which saved ``start`` trained
-    under (its checkpoint's): config.json already holds what a later resume asked for when that
-    resume was killed before its first checkpoint, and would refuse the same request again."""
-    recorded = run.read_config()
-    saved = start.get("config") if isinstance(start.get("config"), dict) else {}
-    try:
-        then = replace(recorded, **{k: saved[k] for k in ("patience", "time_budget") if k in saved})
-        then.time_budget_s          # a budget that does not parse: config.json's, as before
-        return then
-    except (TypeError, ValueError):
-        return recorded
-
-
-def _newer_best(run: RunDir, last: dict) -> dict:
-    """best.pt instead of ``last`` when it holds a later epoch: a kill fell between the two
-    writes (best.pt goes first). Both are whole training states."""
-    best_path, last_path = run.checkpoint("best"), run.checkpoint("last")
-    if not best_path.is_file() or best_path.stat().st_mtime_ns <= last_path.stat().st_mtime_ns:
-        return last
-    try:
-        best = load_checkpoint(best_path)
-    except CheckpointError:
-        return last
-    if best.get("epoch", 0) > last["epoch"] and "optimizer" in best:
-        print(f"labseg: best.pt holds epoch {best['epoch']}, later than last.pt's {last['epoch']} (the run was "
-              "stopped between the two writes); resuming from best.pt")
-        return best
-    return last
-
-
-def _clear_stale_files(run: RunDir, epoch: int) -> None:
-    """Before a resumed run trains: remove the writes a kill cut short, and move aside the
-    evaluations of the weights it is about to replace (a report would pair them with the new ones)."""
-    stale = sorted(run.path.glob(".*.tmp"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    if stale:
-        print(f"labseg: removed {len(stale)} unfinished write(s) left by the stopped session")
-    moved = []
-    for path in sorted(run.path.glob("eval_*.json")):
-        path.replace(path.with_name(f"{path.name}.epoch-{epoch}"))
-        moved.append(f"{path.name} → {path.name}.epoch-{epoch}")
-    if moved:
-        print(f"labseg: the evaluations of the weights at epoch {epoch} are kept aside ({', '.join(moved)}); "
-              "evaluate the run again once it has trained")
 
 
 def _epochs_since_best(history: list[dict], monitor: str) -> int:

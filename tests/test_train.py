@@ -27,7 +27,8 @@ from labseg.models.resnet34_unet import ResNet34UNet
 from labseg.recipes import recipe_for
 from labseg.runs import (CheckpointError, CheckpointWriter, RunDir, default_checkpoint, load_checkpoint, load_weights,
                          save_checkpoint)
-from labseg.train import (TrainingDiverged, WeightEMA, _amp_dtype, _epochs_since_best, _frozen_batchnorm_stats, _merge_resumed,
+from labseg.resume import _merge_resumed
+from labseg.train import (TrainingDiverged, WeightEMA, _amp_dtype, _epochs_since_best, _frozen_batchnorm_stats,
                           _sam_ascent, fit, load_optimizer_state, lr_factor)
 from labseg.machine import channels_last_for
 from labseg.transforms import BatchAugment
