@@ -71,9 +71,10 @@ def check_parameters(notebook: str, namespace: dict | None = None) -> None:
     papermill injects whatever it is given (``-p epoch 3``) and only warns on stderr, so the run
     would go on with the default. The names given are read from the cell papermill injected (its
     source begins ``# Parameters``), found in the kernel's input history; a notebook run by hand
-    has none, and only the values in ``namespace`` are checked (see ``_VALUE_CHECKS``).
+    has none, and only the values in ``namespace`` are checked (see ``_VALUE_CHECKS``). Known are
+    the parameters of ``notebooks/<notebook>.ipynb`` and those of the cell run just before the
+    injected one, the parameters cell of the notebook papermill runs (a student's copy may add some).
     """
-    import ast
     import difflib
 
     from IPython import get_ipython
@@ -81,11 +82,13 @@ def check_parameters(notebook: str, namespace: dict | None = None) -> None:
     from labseg.config import ConfigError
 
     ip = get_ipython()
-    injected = [src for src in (ip.user_ns.get("In", []) if ip else []) if src.startswith("# Parameters\n")]
-    given = {t.id for node in ast.parse(injected[-1]).body if isinstance(node, ast.Assign)
-             for t in node.targets if isinstance(t, ast.Name)} if injected else set()
-    given = {n for n in given if not n.startswith("PAPERMILL_")}    # papermill --inject-paths: its own
-    known = [k for k, _ in _notebook_parameters(notebook)]
+    history = list(ip.user_ns.get("In", [])) if ip else []
+    at = max((i for i, source in enumerate(history) if source.startswith("# Parameters\n")), default=None)
+    if at is None:
+        given, known = set(), [k for k, _ in _notebook_parameters(notebook)]
+    else:
+        given = {n for n in _assigned(history[at]) if not n.startswith("PAPERMILL_")}   # --inject-paths: its own
+        known = list(dict.fromkeys([*(k for k, _ in _notebook_parameters(notebook)), *_assigned(history[at - 1])]))
     if unknown := sorted(given - set(known)):
         said = ", ".join(f"{name!r} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1))
                          else repr(name) for name in unknown)
@@ -95,6 +98,18 @@ def check_parameters(notebook: str, namespace: dict | None = None) -> None:
     for name, (expected, ok) in _VALUE_CHECKS.get(notebook, {}).items():
         if namespace is not None and name in namespace and not ok(namespace[name]):
             raise ConfigError(f"{name}={namespace[name]!r}: expected {expected}")
+
+
+def _assigned(source: str) -> list[str]:
+    """The names a cell's top-level assignments bind, in order ([] for a cell that is not Python)."""
+    import ast
+
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        return []
+    return [t.id for node in body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
 
 
 # Notebook parameters that no function checks before the notebook's long work (04_train's are

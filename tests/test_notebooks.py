@@ -148,3 +148,28 @@ def test_a_kernel_that_dies_as_it_starts_is_started_once_more(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="didn't respond"):
         run_notebook("01_data", tmp_path / "out.ipynb", progress=False)
     assert len(calls) == 1
+
+
+def test_a_students_copy_of_a_notebook_may_add_a_parameter_and_still_has_the_others_checked(tmp_path):
+    """The names known are the project notebook's and those of the parameters cell of the copy that
+    papermill runs: a parameter a student added is no unknown name, a typo still is."""
+    import nbformat
+    import papermill as pm
+
+    from labseg.workbook import KERNEL_ARGS, NOTEBOOK_DIR
+
+    nb = nbformat.read(NOTEBOOKS / "06_report.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source += '\ntitle = "runs"             # a parameter of the copy only'
+    copy = tmp_path / "my_report.ipynb"
+    nbformat.write(nb, copy)
+
+    def run(params):
+        with pytest.raises(pm.PapermillExecutionError) as e:
+            pm.execute_notebook(str(copy), str(tmp_path / "out.ipynb"), parameters=params, cwd=str(NOTEBOOK_DIR),
+                                progress_bar=False, kernel_name="python3", extra_arguments=KERNEL_ARGS)
+        return f"{e.value.ename}: {e.value.evalue}"
+
+    missing = str(tmp_path / "runz")
+    assert run({"title": "mine", "output_dir": missing}).startswith(f"FileNotFoundError: no runs folder {missing}")
+    assert "06_report has no parameter 'titel' (did you mean title?)" in run({"titel": "mine"})
