@@ -78,6 +78,7 @@ def test_train_notebook_overwrites_a_run_of_its_name_when_asked(tmp_path, synthe
     ("04_train", {"epoch": 3}, "04_train has no parameter 'epoch' (did you mean epochs?); its parameters: arch, ",
      "check_parameters("),
     ("04_train", {"patience": 3}, "Any other RunConfig field goes in extra, e.g. -p extra", "check_parameters("),
+    ("01_data", {"imgsize": 64}, "01_data has no parameter 'imgsize' (did you mean img_size?)", "check_parameters("),
     ("04_train", {"extra": '{"epochs": 3}'}, "epochs in extra={'epochs': 3} is a parameter of its own",
      "RunConfig.from_dict("),
     # papermill --inject-paths adds PAPERMILL_INPUT_PATH and PAPERMILL_OUTPUT_PATH: its own, not refused
