@@ -73,7 +73,9 @@ def check_parameters(notebook: str, namespace: dict | None = None) -> None:
     source begins ``# Parameters``), found in the kernel's input history; a notebook run by hand
     has none, and only the values in ``namespace`` are checked (see ``_VALUE_CHECKS``). Known are
     the parameters of ``notebooks/<notebook>.ipynb`` and those of the cell run just before the
-    injected one, the parameters cell of the notebook papermill runs (a student's copy may add some).
+    first injected one: papermill runs the notebook's parameters cell, then the cell it injects
+    (never the first input: a cell of one's own that begins "# Parameters" is not taken for it),
+    so a student's copy may add parameters, also when its executed notebook is re-run by hand.
     """
     import difflib
 
@@ -83,12 +85,12 @@ def check_parameters(notebook: str, namespace: dict | None = None) -> None:
 
     ip = get_ipython()
     history = list(ip.user_ns.get("In", [])) if ip else []
-    at = max((i for i, source in enumerate(history) if source.startswith("# Parameters\n")), default=None)
-    if at is None:
-        given, known = set(), [k for k, _ in _notebook_parameters(notebook)]
-    else:
-        given = {n for n in _assigned(history[at]) if not n.startswith("PAPERMILL_")}   # --inject-paths: its own
-        known = list(dict.fromkeys([*(k for k, _ in _notebook_parameters(notebook)), *_assigned(history[at - 1])]))
+    injected = [i for i, source in enumerate(history) if i >= 2 and source.startswith("# Parameters\n")]
+    known = [k for k, _ in _notebook_parameters(notebook)]
+    given = set()
+    if injected:
+        given = {n for n in _assigned(history[injected[-1]]) if not n.startswith("PAPERMILL_")}   # --inject-paths
+        known = list(dict.fromkeys([*known, *_assigned(history[injected[0] - 1])]))
     if unknown := sorted(given - set(known)):
         said = ", ".join(f"{name!r} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1))
                          else repr(name) for name in unknown)

@@ -174,3 +174,28 @@ def test_a_students_copy_of_a_notebook_may_add_a_parameter_and_still_has_the_oth
     missing = str(tmp_path / "runz")
     assert run({"title": "mine", "output_dir": missing}).startswith(f"FileNotFoundError: no runs folder {missing}")
     assert "06_report has no parameter 'titel' (did you mean title?)" in run({"titel": "mine"})
+
+
+def test_parameters_are_checked_from_the_kernels_history_in_and_out_of_order(monkeypatch):
+    """check_parameters reads what papermill injected from the kernel's input history (IPython's
+    ``In``, given here as a kernel would hold it): a student's copy adds extra_param; its executed
+    notebook is then re-run by hand, out of order (the injected cell after another cell), and the
+    added parameter still counts."""
+    import types
+
+    import IPython
+
+    from labseg.config import ConfigError
+    from labseg.workbook import check_parameters
+
+    history = [""]      # In[0], as in a kernel
+    kernel = types.SimpleNamespace(user_ns={"In": history})
+    monkeypatch.setattr(IPython, "get_ipython", lambda: kernel)
+    # a cell of one's own that begins "# Parameters", run first, is not taken for papermill's
+    history.append("# Parameters\nimg_size = 64\nextra_param = 1")
+    check_parameters("01_data")
+    history += ["# Parameters\nimg_size = 32\nextra_param = 2", "x = 1", "# Parameters\nimg_size = 32\nextra_param = 2"]
+    check_parameters("01_data")
+    history.append("# Parameters\nimgsize = 32\nx = 2")
+    with pytest.raises(ConfigError, match=r"01_data has no parameter 'imgsize' \(did you mean img_size\?\), 'x'"):
+        check_parameters("01_data")
