@@ -284,12 +284,10 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     """Collect every run into outputs/report/ (report.md, runs.csv, figures)."""
     from labseg.report import write_report
-    from labseg.workbook import report_dir
+    from labseg.workbook import existing_runs_dir, report_dir
 
-    out = runs_folder(args.output_dir)
-    rep = Path(report_dir(Path(args.report_dir).expanduser().resolve() if args.report_dir else None))
-    if not out.is_dir():
-        raise FileNotFoundError(f"no runs folder {out}; train a run first (labseg train) or give --output-dir")
+    out = existing_runs_dir(runs_folder(args.output_dir))
+    rep = report_dir(Path(args.report_dir).expanduser().resolve() if args.report_dir else None)
     print(f"labseg: report written to {write_report(out, rep)}")
     return 0
 

@@ -264,10 +264,12 @@ class RunConfig:
             if c.arch not in archs and value is not None and value != as_built:
                 raise ConfigError(f"{name}={value!r} is for {' and '.join(archs)}; {c.arch} has no such option "
                                   f"(use {as_built!r} or leave it unset)")
-        for f in dataclasses.fields(c):     # -y 'lr: 1e-3': YAML reads an exponent without a dot as text
-            value = getattr(c, f.name)
-            text_typed = any(t in str(f.type) for t in ("str", "bool"))     # a switch: check_switch below
-            if isinstance(value, str) and not text_typed and _reads_as_number(value):
+        for f in dataclasses.fields(c):
+            value, kind = getattr(c, f.name), str(f.type)
+            if "bool" in kind and not (value is None and "None" in kind):
+                check_switch(f.name, value)     # "no" or 0 for a switch would read as on, or pass unnoticed
+            elif isinstance(value, str) and "str" not in kind and _reads_as_number(value):
+                # -y 'lr: 1e-3': YAML reads an exponent without a dot as text
                 raise ConfigError(f"{f.name}={value!r} is text, not a number; give it as a number (YAML, as in "
                                   "papermill -y, reads 1e-3 as text and 1.0e-3 as a number)")
         for name in ("epochs", "batch_size"):
@@ -343,10 +345,6 @@ class RunConfig:
         for name in ("data_dir", "output_dir", "cache_dir"):
             if not isinstance(getattr(c, name), (str, os.PathLike)):
                 raise ConfigError(f"{name}={getattr(c, name)!r}: expected a folder path")
-        for f in dataclasses.fields(c):
-            value, optional = getattr(c, f.name), "None" in str(f.type)
-            if "bool" in str(f.type) and not (value is None and optional):
-                check_switch(f.name, value)
         if not _is_int(c.seed) or c.seed < 0:
             raise ConfigError(f"seed={c.seed!r}: expected an integer >= 0")
         for name in ("output_dir", "cache_dir"):

@@ -397,7 +397,7 @@ class RunDir:
     def release(self) -> None:
         """Give up a folder claimed by a run that never wrote a checkpoint: its records go (an
         executed notebook stays), so the same command can simply be run again."""
-        _empty_folder(self.path)
+        empty_folder(self.path, keep=".ipynb")
         if not any(self.path.iterdir()):
             self.path.rmdir()
 
@@ -418,7 +418,7 @@ class RunDir:
         if overwrite and base.exists():
             if lost := folder_contents(base, keep=".ipynb"):
                 print(f"labseg: --overwrite: deleting {lost} in {base}")
-            _empty_folder(base)
+            empty_folder(base, keep=".ipynb")
         if exist == "error":
             # The claim decides: a process that loses it to another started at the same moment is
             # refused like one that finds the run there, never moved to NAME-2.
@@ -572,11 +572,12 @@ class RunDir:
         return self.path / f"{self.resolve_checkpoint(which)}.pt"
 
 
-def _empty_folder(folder: Path) -> None:
-    """Delete what a run folder holds, except an executed notebook (papermill may be writing it now)."""
+def empty_folder(folder: Path, keep: str) -> None:
+    """Delete what a run folder holds, except the entries whose names end in ``keep`` (an executed
+    notebook papermill may be writing now, a lock held on its file)."""
     for entry in folder.iterdir():
-        if entry.suffix != ".ipynb":
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        if not entry.name.endswith(keep):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def read_record(path: Path, kind):

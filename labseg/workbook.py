@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 from labseg.config import PROJECT_ROOT, resolve_path
-from labseg.runs import RunDir, RunExistsError, atomic_write_json, folder_contents
+from labseg.runs import RunDir, RunExistsError, atomic_write_json, empty_folder, folder_contents
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS = ("01_data", "02_unet", "03_resnet34_unet", "04_train", "05_evaluate", "06_report")
@@ -274,10 +274,9 @@ def run_training_notebook(params: dict, *, output_dir: str | Path | None = None,
     try:
         run_notebook("04_train", folder / "04_train.ipynb", params, progress=progress)
     except Exception as e:
-        # Refused because another process took the run meanwhile: that run is not this one's to
+        # This process emptied the folder (or resumes its own run), so a RunExistsError from fit means
+        # another process took the run meanwhile (and may have finished it since): not this one's to
         # mark failed (a failed.json there makes a good run read as failed, and evaluate refuse it).
-        # This process emptied the folder (or resumes its own run): a RunExistsError from fit means
-        # another process took the run meanwhile, and may have finished it since.
         if RunDir(folder).is_training() or (isinstance(e, NotebookFailed) and e.ename == "RunExistsError"):
             raise _trained_elsewhere(folder) from None
         atomic_write_json(folder / "failed.json", {
@@ -300,9 +299,7 @@ def _resume_or_empty(folder: Path, params: dict, progress: bool) -> None:
         return
     if progress and (lost := folder_contents(folder, keep=".training")):
         print(f"labseg: replacing {folder}: deleting its {lost}", flush=True)
-    for entry in folder.iterdir():      # not .training: the lock held on it must stay the run's one lock
-        if entry.name != ".training":
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    empty_folder(folder, keep=".training")     # the lock held on it must stay the run's one lock
 
 
 def _trained_elsewhere(folder: Path) -> RunExistsError:

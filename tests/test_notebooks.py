@@ -130,25 +130,21 @@ def test_a_kernel_that_dies_as_it_starts_is_started_once_more(tmp_path, monkeypa
     assert capsys.readouterr().err == ("labseg: the kernel for 01_data died as it started (Kernel died before "
                                        "replying to kernel_info); starting it once more\n")
 
-    def dead(source, output, **_):
-        calls.append(output)
-        raise OSError("zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:5555')")
+    def failing_with(error):
+        def execute(source, output, **_):
+            calls.append(output)
+            raise error
+        return execute
 
-    calls.clear()
-    monkeypatch.setattr(papermill, "execute_notebook", dead)
-    with pytest.raises(OSError, match="Address already in use"):
-        run_notebook("01_data", tmp_path / "out.ipynb", progress=False)
-    assert len(calls) == 2
-
-    def other(source, output, **_):
-        calls.append(output)
-        raise RuntimeError("Kernel didn't respond in 60 seconds")
-
-    calls.clear()
-    monkeypatch.setattr(papermill, "execute_notebook", other)
-    with pytest.raises(RuntimeError, match="didn't respond"):
-        run_notebook("01_data", tmp_path / "out.ipynb", progress=False)
-    assert len(calls) == 1
+    # a death at start-up twice: started twice, then raised; any other error: raised at once
+    for error, match, starts in ((OSError("zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:5555')"),
+                                  "Address already in use", 2),
+                                 (RuntimeError("Kernel didn't respond in 60 seconds"), "didn't respond", 1)):
+        calls.clear()
+        monkeypatch.setattr(papermill, "execute_notebook", failing_with(error))
+        with pytest.raises(type(error), match=match):
+            run_notebook("01_data", tmp_path / "out.ipynb", progress=False)
+        assert len(calls) == starts
 
 
 def test_a_students_copy_of_a_notebook_may_add_a_parameter_and_still_has_the_others_checked(tmp_path):
