@@ -53,6 +53,20 @@ class CheckpointError(RuntimeError):
     """A checkpoint is unreadable, unsafe, or does not fit the model; the message says which."""
 
 
+class LinkedRunFolderError(RunRecordError):
+    """A run folder that is a link: labseg never trains into, empties or replaces one."""
+
+
+def refuse_link(folder: Path) -> None:
+    """A run folder that is a symbolic link (unpacked from someone's archive, made by hand) points
+    at a folder labseg did not make: emptying it for a new run, ``--overwrite`` or a sweep would
+    delete what that folder holds. Reading a linked run (evaluate, report, resume) is fine."""
+    if folder.is_symlink():
+        raise LinkedRunFolderError(f"run folder {folder} is a link to {os.readlink(folder)}; labseg trains into, "
+                                   "empties and replaces only folders of its own: remove the link "
+                                   f"(rm {folder}) or pick another run name")
+
+
 # --------------------------------------------------------------------------- atomic writes
 # The umask's file mode (labseg.config.UMASK): mkstemp makes 0600, which another user cannot read.
 _FILE_MODE = 0o666 & ~UMASK
@@ -315,8 +329,9 @@ def _claim(folder: Path) -> bool:
     """Atomically claim ``folder`` for one run: True for the one caller that gets it.
 
     A folder that exists but was never claimed (papermill creates it to hold the executed
-    notebook before the notebook starts the run) can still be claimed, once.
+    notebook before the notebook starts the run) can still be claimed, once; a link never is.
     """
+    refuse_link(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:    # a parent that cannot hold folders (/proc, a file, read-only, no permission)
@@ -368,7 +383,10 @@ class RunDir:
         except ImportError:
             yield self
             return
-        fd = os.open(self.path / ".training", os.O_CREAT | os.O_RDWR, _FILE_MODE)
+        lock = self.path / ".training"
+        if lock.is_symlink():       # labseg's lock is a plain file: a link there would be followed by O_CREAT
+            lock.unlink()
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), _FILE_MODE)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -385,7 +403,7 @@ class RunDir:
             import fcntl
         except ImportError:
             return None
-        if not (self.path / ".training").is_file():
+        if not (self.path / ".training").is_file() or (self.path / ".training").is_symlink():
             return False
         with open(self.path / ".training", "rb") as f:
             try:
@@ -411,6 +429,7 @@ class RunDir:
         fresh ``name-2``... (and says so), ``exist="error"`` refuses.
         """
         base = resolve_path(output_dir) / name
+        refuse_link(base)
         if overwrite and base.exists() and cls(base).is_training():
             # Emptying it would delete the lock too, and both processes would then write one folder.
             raise RunExistsError(f"run {base} is being trained by another process now; stop that process "
@@ -574,9 +593,11 @@ class RunDir:
 
 def empty_folder(folder: Path, keep: str) -> None:
     """Delete what a run folder holds, except the entries whose names end in ``keep`` (an executed
-    notebook papermill may be writing now, a lock held on its file)."""
+    notebook papermill may be writing now, a lock held on its file). A link is removed, never
+    followed: papermill would write a kept notebook through it."""
+    refuse_link(folder)
     for entry in folder.iterdir():
-        if not entry.name.endswith(keep):
+        if entry.is_symlink() or not entry.name.endswith(keep):
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from labseg.config import NONE_IS_A_CHOICE, PATH_FIELDS, resolve_path
-from labseg.runs import RunDir, RunExistsError
+from labseg.runs import LinkedRunFolderError, RunDir, RunExistsError
 
 # A point whose folder another process is training now: skipped, neither failed nor deleted. The
 # sweep's exit status does not count it (nothing failed); run the sweep again once it finishes.
@@ -217,6 +217,7 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
         before = root / point_name(params, prefix, whole_paths=True, limit=None)
         if not folder.exists() and before.exists():
             name, folder = before.name, before
+        unrecorded = None
         finished = not force and is_finished(folder)
         other = recorded_differs(folder, params) if finished else None
         if other:       # a finished run of this name, trained otherwise: not this point's to skip
@@ -231,9 +232,11 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
                                                progress=progress, raise_on_error=False)
                 status = "finished" if is_finished(folder) else "failed"
             except RunExistsError as e:     # left to the process training it; not this sweep's to fail
-                status, busy = BUSY, str(e)
-        if status == BUSY:
-            error, summary = busy, {}
+                status, unrecorded = BUSY, str(e)
+            except LinkedRunFolderError as e:   # a link where the point goes: nothing written through it
+                status, unrecorded = "failed", str(e)
+        if unrecorded:      # a point with no records of this sweep's to read
+            error, summary = unrecorded, {}
         else:
             error = (f"{folder} holds another run: {other}; give the sweep a --prefix of its own (or --output-dir) "
                      "to keep the two apart") if other else (RunDir(folder).read_json("failed.json") or {}).get("error")

@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 from labseg.config import PROJECT_ROOT, resolve_path
-from labseg.runs import RunDir, RunExistsError, atomic_write_json, empty_folder, folder_contents
+from labseg.runs import RunDir, RunExistsError, atomic_write_json, empty_folder, folder_contents, refuse_link
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOKS = ("01_data", "02_unet", "03_resnet34_unet", "04_train", "05_evaluate", "06_report")
@@ -158,11 +158,14 @@ def run_notebook(name: str, output: str | Path, params: dict | None = None, *, p
 
     The kernel runs in ``notebooks/``, exactly as when a person opens the notebook. Raises
     :class:`NotebookFailed` naming the failing cell's error; the partly executed notebook stays
-    at ``output`` for inspection.
+    at ``output`` for inspection. A link at ``output`` is replaced, not written through.
     """
     import papermill as pm
 
-    output = Path(output).expanduser().resolve()
+    output = Path(output).expanduser()
+    if output.is_symlink():     # left in a run folder from someone's archive, it may point anywhere
+        output.unlink()
+    output = output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)     # papermill does not create it
     for attempt in (1, 2):
         try:
@@ -232,7 +235,7 @@ def free_run_folder(output_dir: str | Path, name: str) -> Path:
     root = resolve_path(output_dir)
     for i in range(1, 10_000):
         folder = root / (name if i == 1 else f"{name}-{i}")
-        if not folder.exists() or not any(folder.iterdir()):
+        if not folder.is_symlink() and (not folder.exists() or not any(folder.iterdir())):
             return folder
     raise FileExistsError(f"no free run folder next to {root / name}")
 
@@ -261,6 +264,7 @@ def run_training_notebook(params: dict, *, output_dir: str | Path | None = None,
     root = resolve_path(runs_dir(output_dir or params.get("output_dir")))
     name = _clean_name(str(name or params.get("run_name") or default_run_name(params)))
     folder = root / name if exact else free_run_folder(root, name)
+    refuse_link(folder)
     if exact and folder.is_dir():
         # Decided and deleted under the run's training lock: a folder that another process trains
         # now (a sweep in a second terminal, a resume by hand) is neither resumed nor deleted here.

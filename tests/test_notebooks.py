@@ -195,3 +195,19 @@ def test_parameters_are_checked_from_the_kernels_history_in_and_out_of_order(mon
     history.append("# Parameters\nimgsize = 32\nx = 2")
     with pytest.raises(ConfigError, match=r"01_data has no parameter 'imgsize' \(did you mean img_size\?\), 'x'"):
         check_parameters("01_data")
+
+
+def test_an_executed_notebook_replaces_a_link_at_its_path_rather_than_writing_through_it(tmp_path, monkeypatch):
+    """A sweep resumes an interrupted point it finds, executed notebook and all: a link there (a
+    received folder) had papermill overwrite the file it pointed to with a notebook."""
+    import papermill
+
+    target = tmp_path / "notes.txt"
+    target.write_text("my notes")
+    out = tmp_path / "run" / "04_train.ipynb"
+    out.parent.mkdir()
+    out.symlink_to(target)
+    monkeypatch.setattr(papermill, "execute_notebook", lambda source, output, **_: open(output, "w").write("{}"))
+    assert run_notebook("04_train", out, progress=False) == out
+    assert target.read_text() == "my notes"
+    assert out.read_text() == "{}" and not out.is_symlink()

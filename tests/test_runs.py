@@ -173,3 +173,55 @@ def test_a_run_name_claimed_by_another_process_at_the_same_moment_is_refused_not
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]         # no r-2
     monkeypatch.setattr(labseg.runs, "_claim", real_claim)
     assert RunDir.create(tmp_path, "s", exist="error").path == tmp_path / "s"
+
+
+def _victim(tmp_path):
+    """A folder of someone's own, and what it holds, to check afterwards that nothing was touched."""
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "thesis.tex").write_text("precious")
+    (victim / "sub" / "data.csv").write_text("x")
+    return victim, sorted((str(p.relative_to(victim)), p.read_bytes() if p.is_file() else b"")
+                          for p in victim.rglob("*"))
+
+
+def test_a_run_folder_that_is_a_link_is_never_trained_into_emptied_or_replaced(tmp_path):
+    """A run folder unpacked from someone's archive can be a link (zip and tar recreate them).
+    Training under its name once claimed it and, stopped before its first checkpoint, emptied the
+    folder it pointed to; --overwrite emptied it outright. Both are refused, naming the link."""
+    from labseg.runs import LinkedRunFolderError, RunDir, empty_folder
+    from labseg.workbook import run_training_notebook
+
+    victim, held = _victim(tmp_path)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "evil").symlink_to(victim)
+    for options in ({}, {"overwrite": True}, {"exist": "error"}):
+        with pytest.raises(LinkedRunFolderError, match=f"run folder {runs / 'evil'} is a link to {victim}"):
+            RunDir.create(runs, "evil", **options)
+    with pytest.raises(LinkedRunFolderError, match="remove the link"):
+        empty_folder(runs / "evil", keep=".ipynb")
+    with pytest.raises(LinkedRunFolderError):   # a sweep's point, before any kernel starts
+        run_training_notebook({"arch": "unet"}, output_dir=runs, name="evil", exact=True)
+    assert sorted((str(p.relative_to(victim)), p.read_bytes() if p.is_file() else b"")
+                  for p in victim.rglob("*")) == held
+
+
+def test_links_inside_a_run_folder_are_removed_not_followed(tmp_path):
+    """A dangling `.training` link once made the lock create a file where it pointed, and a
+    kept `.ipynb` link let papermill write a notebook through it."""
+    from labseg.runs import RunDir, empty_folder
+
+    victim, held = _victim(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".training").symlink_to(victim / "created_by_lock")
+    (run / "04_train.ipynb").symlink_to(victim / "thesis.tex")
+    (run / "last.pt").write_bytes(b"x")
+    with RunDir(run).lock_for_training():
+        assert RunDir(run).is_training()
+    assert (run / ".training").is_file() and not (run / ".training").is_symlink()
+    empty_folder(run, keep=".ipynb")
+    assert not any(run.iterdir())
+    assert sorted((str(p.relative_to(victim)), p.read_bytes() if p.is_file() else b"")
+                  for p in victim.rglob("*")) == held

@@ -341,3 +341,18 @@ def test_a_point_replaced_under_its_lock_keeps_the_lock_file(tmp_path, monkeypat
     labseg.workbook.run_training_notebook({"arch": "unet", "epochs": 1, "img_size": 32}, output_dir=tmp_path,
                                           name="point", exact=True, progress=False)
     assert seen == [[".training"], lock_file]
+
+
+def test_a_point_whose_folder_is_a_link_fails_with_nothing_written_through_it(tmp_path):
+    """A link where a point's folder goes (a run folder unpacked from an archive) is that point's
+    failure, named; the sweep goes on, and the folder it points to is left as it was."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("mine")
+    sets = {"arch": "unet", "epochs": 1, "img_size": 32, "data_dir": str(tmp_path / "none")}
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / point_name(sets)).symlink_to(victim)
+    (result,) = run_sweep({k: [v] for k, v in sets.items()}, output_dir=tmp_path / "runs", progress=False)
+    assert result["status"] == "failed" and f"is a link to {victim}" in result["error"], result
+    assert format_results([result]).splitlines()[1].startswith("failed")
+    assert [p.name for p in victim.iterdir()] == ["notes.txt"] and (victim / "notes.txt").read_text() == "mine"
