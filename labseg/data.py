@@ -251,6 +251,9 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit or 32-bit grayscale: scale the value range down to 8 bits, don't clip it.
         a = np.asarray(im, dtype=np.float64)
+        # A NaN or infinite pixel of a float image (a sensor's dead pixel) is black, and does not
+        # set the range of the others: one NaN once made the whole image read as 0-255, one inf as 16-bit.
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
         # I;16* is 16-bit by definition; for 32-bit "I"/"F" guess the range from the values.
         # A float image at most 1.0 is on the 0-1 scale (a float TIFF), not a nearly black 0-255 one.
         top = (65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255

@@ -401,6 +401,16 @@ def _float_zero_to_one():       # a float TIFF on the 0-1 scale: 0.5 is mid gray
     return _gray_halves(0.5, 1.0, np.float32, "F")
 
 
+def _float_with_a_dead_pixel(value):
+    """The 0-1 float TIFF with one NaN or infinite pixel, which reads black: one such pixel once set
+    the range of all the others (0-255 for NaN, 16-bit for inf) and the image came out near black."""
+    image, expected = _float_zero_to_one()
+    g = np.asarray(image).copy()
+    g[0, 0] = value
+    expected[0, 0] = 0
+    return Image.fromarray(g), expected
+
+
 def _with_format(pair, fmt):
     image, expected = pair
     return image, fmt, {}, expected
@@ -412,6 +422,8 @@ LOADED_CASES = {
     "rgba_png_named_jpg": lambda: (*_with_format(_rgba_png(), "PNG"), 0),
     "png16_named_jpg": lambda: (*_with_format(_sixteen_bit(), "PNG"), 0),
     "float_tiff_zero_to_one": lambda: (*_with_format(_float_zero_to_one(), "TIFF"), 0),
+    "float_tiff_with_a_nan": lambda: (*_with_format(_float_with_a_dead_pixel(np.nan), "TIFF"), 0),
+    "float_tiff_with_an_inf": lambda: (*_with_format(_float_with_a_dead_pixel(np.inf), "TIFF"), 0),
     "cmyk_jpeg": lambda: (Image.fromarray(_bands()).convert("CMYK"), "JPEG", {"quality": 95}, _bands(), 12),
     "grayscale_jpeg": lambda: (Image.fromarray(np.full((24, 32), 77, np.uint8)), "JPEG", {"quality": 95},
                                np.full((24, 32, 3), 77, np.uint8), 2),
