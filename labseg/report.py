@@ -11,6 +11,7 @@ Everything here is read from the run records (``config.json``, ``summary.json``,
 """
 from __future__ import annotations
 
+import html
 import io
 import time
 from pathlib import Path
@@ -140,10 +141,10 @@ def run_row(folder: Path) -> dict:
             recorded[which] = _read_json(folder / eval_file("test", which), {}) or {}
         except RunRecordError as e:
             recorded[which] = {}
-            row["error"] = str(e)
+            _note(row, str(e))
     evaluations, stale = _current(_by_checkpoint(recorded), folder, summary)
-    if stale:
-        row["error"] = "; ".join([*([row["error"]] if row.get("error") else []), *stale])
+    for text in stale:
+        _note(row, text)
     row["checkpoint"] = (default_checkpoint(params.get("scheduler"), summary.get("stop_reason"),
                                             RunDir(folder).lr_left(summary, params.get("lr"))) if summary else None)
     evaluation = evaluations.get(row["checkpoint"], {})
@@ -165,7 +166,11 @@ def run_row(folder: Path) -> dict:
         row["status"], row["error"] = "finished", row.get("error")
         row["trained_at"] = trained_at(RunDir(folder))
         if not (folder / f"{row['checkpoint']}.pt").is_file():     # finished, but nothing left to evaluate
-            row["error"] = f"its checkpoint {row['checkpoint']}.pt is missing: it cannot be evaluated again"
+            _note(row, f"its checkpoint {row['checkpoint']}.pt is missing: it cannot be evaluated again")
+        try:
+            RunDir(folder).read_metrics()
+        except RunRecordError as e:     # its curve is left out: say why
+            _note(row, str(e))
     else:
         # No summary yet: still running, or stopped. Its epochs so far are in its records, and a
         # checkpoint makes it resumable (labseg train --run-name RUN --resume).
@@ -185,6 +190,11 @@ def run_row(folder: Path) -> dict:
             row["status"] = "running" if training else "stopped (resumable)" if resumable else "stopped (killed)"
         row.setdefault("error", None)
     return row
+
+
+def _note(row: dict, text: str) -> None:
+    """Add ``text`` to the row's notes (its "error" column), after those already there."""
+    row["error"] = "; ".join([*([row["error"]] if row.get("error") else []), text])
 
 
 def collect_runs(output_dir: str | Path = "outputs/runs"):
@@ -397,7 +407,14 @@ def _fmt(value, column: str = "") -> str:
         if column.endswith("seconds"):      # durations: 7.9 and 14.4, not 7.9000 and 14.4
             return f"{value:.1f}"
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return md_text(value)
+
+
+def md_text(value) -> str:
+    """Text from a run folder (a name, a breed, an error) as it reads in a Markdown table cell: a
+    received folder may hold anything, and `|`, a newline or HTML there would break the table or
+    run in a viewer that renders HTML."""
+    return html.escape(str(value), quote=False).replace("|", "\\|").replace("\n", " ").replace("`", "'")
 
 
 def ranked(table):
@@ -426,7 +443,7 @@ MAX_BREED_COLUMNS = 8    # more breeds than this get a table of their own, one r
 def markdown_table(df, columns=None) -> str:
     """A GitHub-flavoured markdown table (no extra dependency)."""
     columns = list(columns or df.columns)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(md_text(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for _, row in df.iterrows():
         lines.append("| " + " | ".join(_fmt(None if _isna(row[c]) else row[c], c) for c in columns) + " |")
     return "\n".join(lines)
@@ -443,7 +460,11 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
     """Write ``report.md``, ``runs.csv``, ``curves.png`` and ``best_per_network.png``; return report.md.
 
     Every file is written to a temporary name and renamed, so a reader never sees half a report.
+    A missing ``output_dir`` is refused: its report would be an empty one, written over the real one.
     """
+    from labseg.workbook import existing_runs_dir
+
+    existing_runs_dir(output_dir)
     out = resolve_path(report_dir)
     table = collect_runs(output_dir)
     best = best_per_arch(table)
@@ -507,7 +528,7 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
     ]
     noted = finished[finished["error"].notna() & (finished["error"].astype(str) != "")]
     if len(noted):      # e.g. a deleted checkpoint: the figures stand, the run cannot be evaluated again
-        parts += ["Notes:", "", *[f"- `{r.run}`: {r.error}" for r in noted.itertuples()], ""]
+        parts += ["Notes:", "", *[f"- `{md_text(r.run)}`: {md_text(r.error)}" for r in noted.itertuples()], ""]
     breakdown = evaluation_breakdown(output_dir)
     breeds = [c for c in breakdown.columns if c.endswith(" dice")]       # "{breed} dice", see above
     apart = len(breeds) > MAX_BREED_COLUMNS     # the full dataset's 37 breeds: a table of their own

@@ -214,7 +214,8 @@ def load_checkpoint(path: str | Path) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} " + ("is a folder; expected a file written by labseg (torch.save)"
+                                                      if path.is_dir() else "does not exist"))
     try:
         with warnings.catch_warnings():
             # A plain pickle (not torch.save's format) makes torch warn about its protocol and ask
@@ -278,6 +279,18 @@ def load_weights(model: torch.nn.Module, ckpt: dict, arch: str, source: str = "c
                 if theirs == arch
                 else f"a {theirs!r} model but a {arch!r} model was asked for")
         raise CheckpointError(f"{source} holds {held}: {detail}")
+    # Tensors of the right names and shapes can still be of a kind no labseg run writes: integers or
+    # booleans (cast silently to float), complex, sparse, or NaN (a mask of zeros, scored as a model).
+    for k, mine in expected.items():
+        theirs_t = state[k]
+        kind = (f"a {theirs_t.layout} tensor (not a dense one)" if theirs_t.layout != torch.strided else
+                None if theirs_t.dtype == mine.dtype or (theirs_t.is_floating_point() and mine.is_floating_point())
+                else f"a tensor of {theirs_t.dtype} where {mine.dtype} is expected")
+        if kind is None and theirs_t.is_floating_point() and not bool(torch.isfinite(theirs_t).all()):
+            kind = "NaN or infinite values"
+        if kind:
+            raise CheckpointError(f"{source} holds {kind} in {k!r}; labseg writes finite float weights, so it "
+                                  "was written elsewhere or damaged")
     model.load_state_dict(state)
 
 
@@ -463,7 +476,7 @@ class RunDir:
                 return cls(c.resolve())
         for c in candidates:    # a sweep point that failed before its run began: say so, and why
             if (c / "failed.json").is_file():
-                error = (json.loads((c / "failed.json").read_text()) or {}).get("error", "")
+                error = read_record(c / "failed.json", dict).get("error") or ""
                 raise FileNotFoundError(f"run {c} failed before it trained, so there is nothing to load "
                                         f"(failed.json: {error.splitlines()[0] if error else 'no error recorded'})")
         raise FileNotFoundError(f"no run folder {run!r} (looked for config.json in "
@@ -611,7 +624,41 @@ def read_record(path: Path, kind):
     if not isinstance(value, kind):
         raise RunRecordError(f"{path} holds a {type(value).__name__}; expected a JSON "
                              f"{'object' if kind is dict else 'array' if kind is list else 'object or array'}")
+    _check_fields(path, value)
     return value
+
+
+# The nested fields of labseg's records, checked where a record is read: a run folder received from
+# elsewhere may hold anything, and one odd value there once ended `labseg report` for every run.
+_OBJECTS_OF_OBJECTS = ("per_breed", "per_species")
+_FIELD_KINDS = {
+    "summary.json": {"machine": dict, "machines": list, "stop_reason": str, "skipped": list},
+    "failed.json": {"params": dict, "error": str},
+    "eval_": {"tta": dict, "threshold_tuned": dict, "tta_threshold_tuned": dict, "postprocess": dict,
+              "per_breed": dict, "per_species": dict, "checkpoint": str},
+}
+
+
+def _check_fields(path: Path, value) -> None:
+    def refuse(what: str, found, expected: str):
+        raise RunRecordError(f"{path}: {what} holds a {type(found).__name__}; expected {expected} (labseg writes "
+                             "it so: the file was edited or written elsewhere)")
+
+    if path.name == "metrics.json" and isinstance(value, list):
+        for row in value:
+            if not (isinstance(row, dict) and isinstance(row.get("epoch"), int)):
+                refuse("a row", row, "an object with its epoch, one per epoch")
+        return
+    kinds = _FIELD_KINDS.get(path.name) or (_FIELD_KINDS["eval_"] if path.name.startswith("eval_") else {})
+    if not isinstance(value, dict):
+        return
+    for field, kind in kinds.items():
+        if value.get(field) is not None and not isinstance(value[field], kind):
+            refuse(field, value[field], {dict: "a JSON object", list: "a JSON array", str: "text"}[kind])
+    for field in (*_OBJECTS_OF_OBJECTS, "machines"):
+        for item in (value.get(field) or {}).values() if field != "machines" else value.get(field) or []:
+            if not isinstance(item, dict):
+                refuse(f"an entry of {field}", item, "a JSON object")
 
 
 def list_runs(output_dir: str | Path = "outputs/runs") -> list[RunDir]:

@@ -1,7 +1,9 @@
 """labseg.report: runs -> table, best per network, figures, report.md; all from the records."""
 import json
+import re
 
 import pandas as pd
+import pytest
 
 from labseg.report import (best_per_arch, collect_runs, evaluation_breakdown, markdown_table, plot_curves,
                            write_report)
@@ -164,6 +166,10 @@ def test_a_run_resumed_on_another_machine_shows_both(tmp_path):
 
 def test_empty_runs_folder(tmp_path):
     assert collect_runs(tmp_path / "none").empty
+    with pytest.raises(FileNotFoundError, match="no runs folder .*none; train a run first"):
+        write_report(tmp_path / "none", tmp_path / "report")    # a mistyped folder: not an empty report
+    assert not (tmp_path / "report").exists()
+    (tmp_path / "none").mkdir()
     report = write_report(tmp_path / "none", tmp_path / "report")
     text = report.read_text()
     assert "No finished run yet" in text and "No run has finished an epoch yet" in text
@@ -181,6 +187,7 @@ def test_charts_appear_with_what_they_show_and_stale_ones_go(tmp_path):
     text = write_report(runs, tmp_path / "report").read_text()
     assert "![best run per network](best_per_network.png)" in text
     assert (tmp_path / "report" / "best_per_network.png").is_file()
+    (tmp_path / "empty").mkdir()
     write_report(tmp_path / "empty", tmp_path / "report")      # the same report folder, no runs now
     assert not list((tmp_path / "report").glob("*.png"))
 
@@ -188,6 +195,17 @@ def test_charts_appear_with_what_they_show_and_stale_ones_go(tmp_path):
 def test_markdown_table_escapes_pipes():
     df = pd.DataFrame({"a": ["x|y"], "b": [0.123456]})
     assert markdown_table(df).splitlines()[-1] == "| x\\|y | 0.1235 |"
+
+
+def test_text_from_a_run_folder_cannot_break_the_table_or_run_as_html():
+    """A received run folder's breed (a column header), run name or error once went into report.md
+    as it was: a `|` in a header gave a row of more cells than the separator, HTML stayed HTML."""
+    df = pd.DataFrame({"run": ["x|y<img src=x onerror=alert(1)>"], "<b>cat</b>|pipe dice": [0.5]})
+    header, separator, row = markdown_table(df).splitlines()
+    assert header == "| run | &lt;b&gt;cat&lt;/b&gt;\\|pipe dice |" and separator == "|---|---|"
+    assert row == "| x\\|y&lt;img src=x onerror=alert(1)&gt; | 0.5000 |"
+    cells = [len(re.split(r"(?<!\\)\|", line)) for line in (header, separator, row)]
+    assert cells[0] == cells[1] == cells[2]
 
 
 def test_markdown_table_gives_durations_one_decimal_whatever_their_size():
@@ -556,3 +574,26 @@ def test_an_evaluation_of_an_epoch_its_checkpoint_no_longer_holds_is_not_the_run
     assert pd.isna(collect_runs(tmp_path).set_index("run").loc["peeked", "test_dice"])
     run.write_json("eval_test.json", {"checkpoint": "best", "dice": 0.2, "iou": 0.1})
     assert collect_runs(tmp_path).set_index("run").loc["peeked", "test_dice_best"] == 0.2
+
+
+@pytest.mark.parametrize("file,value,said", [
+    ("eval_test.json", {"dice": 0.8, "tta": "yes"}, "tta holds a str; expected a JSON object"),
+    ("eval_test.json", {"dice": 0.8, "per_breed": ["x"]}, "per_breed holds a list; expected a JSON object"),
+    ("eval_test.json", {"dice": 0.8, "per_breed": {"cat": "0.8"}}, "an entry of per_breed holds a str"),
+    ("eval_test.json", {"dice": 0.8, "checkpoint": ["x"]}, "checkpoint holds a list; expected text"),
+    ("summary.json", {"best_valid_dice": 0.8, "machine": "a string"}, "machine holds a str"),
+    ("metrics.json", ["x"], "a row holds a str; expected an object with its epoch"),
+    ("failed.json", {"error": "boom", "params": ["x"]}, "params holds a list"),
+])
+def test_one_run_folders_odd_record_is_that_runs_damaged_row_not_the_reports_end(tmp_path, file, value, said):
+    """A received run folder whose records hold values of other types once ended `labseg report`
+    and 06_report for every run in an AttributeError or TypeError."""
+    runs = tmp_path / "runs"
+    fake_run(runs, "good", "unet", [0.5, 0.6], test=0.7)
+    odd = fake_run(runs, "odd", "unet", [0.5, 0.6], test=0.7)
+    odd.write_json(file, value)
+    text = write_report(runs, tmp_path / "report").read_text()
+    table = collect_runs(runs).set_index("run")
+    assert table.loc["good", "status"] == "finished" and table.loc["good", "test_dice"] == 0.7
+    assert table.loc["odd", "status"] in ("damaged record", "failed", "finished")
+    assert said in " ".join(str(e) for e in table["error"].dropna()) + text

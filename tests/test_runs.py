@@ -1,5 +1,6 @@
 """labseg.runs pieces tested on their own (the end-to-end run folder tests are in test_train.py)."""
 import os
+import re
 
 import pytest
 import torch
@@ -225,3 +226,35 @@ def test_links_inside_a_run_folder_are_removed_not_followed(tmp_path):
     assert not any(run.iterdir())
     assert sorted((str(p.relative_to(victim)), p.read_bytes() if p.is_file() else b"")
                   for p in victim.rglob("*")) == held
+
+
+@pytest.mark.parametrize("weight,said", [
+    (torch.ones(1, 3, 1, 1, dtype=torch.int64), "a tensor of torch.int64 where torch.float32 is expected"),
+    (torch.ones(1, 3, 1, 1, dtype=torch.bool), "a tensor of torch.bool where torch.float32 is expected"),
+    (torch.ones(1, 3, 1, 1, dtype=torch.complex64), "a tensor of torch.complex64 where torch.float32 is expected"),
+    (torch.ones(1, 3, 1, 1).to_sparse(), "a torch.sparse_coo tensor (not a dense one)"),
+    (torch.full((1, 3, 1, 1), float("nan")), "NaN or infinite values"),
+])
+def test_weights_of_a_kind_labseg_never_writes_are_named_not_loaded(weight, said):
+    """A received checkpoint of the right names and shapes once loaded integer, boolean or complex
+    weights by casting them, and NaN ones into a model scored 0 or predicting no pet; sparse ones
+    gave a traceback per tensor. Each is one CheckpointError naming the file and the tensor."""
+    model = nn.Conv2d(3, 1, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"^run/best.pt holds {re.escape(said)} in 'weight'; labseg writes"):
+        load_weights(model, {"arch": "conv", "model": {"weight": weight, "bias": torch.ones(1)}}, "conv",
+                     source="run/best.pt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    # float64 weights are weights: cast, as torch loads them
+    load_weights(model, {"arch": "conv", "model": {"weight": torch.full((1, 3, 1, 1), 2.0, dtype=torch.float64),
+                                                   "bias": torch.ones(1)}}, "conv")
+    assert torch.equal(model.weight, torch.full((1, 3, 1, 1), 2.0))
+
+
+def test_a_folder_where_a_checkpoint_goes_is_named_as_a_folder(tmp_path):
+    from labseg.runs import load_checkpoint
+
+    (tmp_path / "last.pt").mkdir()
+    with pytest.raises(CheckpointError, match=r"last.pt is a folder; expected a file written by labseg"):
+        load_checkpoint(tmp_path / "last.pt")
