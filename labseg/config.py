@@ -81,6 +81,21 @@ def check_switch(name: str, value) -> None:
         raise ConfigError(f"{name}={value!r}: expected True or False")
 
 
+MAX_IMG_SIZE = 2048
+
+
+def check_folder(name: str, value) -> Path:
+    """``value`` resolved, if it is or can become a folder: a ConfigError where it, or a folder it
+    would be made in, is a file (``README.md/cache``), found before any work rather than after it."""
+    path = resolve_path(value)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(f"{name}={str(value)!r}: {part} is a file; expected a folder")
+            break
+    return path
+
+
 def check_img_size(value, hint: str = "") -> int:
     """``value`` if it is a side in px the networks take (a positive multiple of 32), else a
     ConfigError naming it and the nearest valid sizes. ``hint`` ends the message (say, what
@@ -88,6 +103,9 @@ def check_img_size(value, hint: str = "") -> int:
     if not _is_int(value) or value <= 0:
         raise ConfigError(f"img_size={value!r}: expected a positive size in px divisible by 32, "
                           f"e.g. 128{hint}")
+    if value > MAX_IMG_SIZE:
+        raise ConfigError(f"img_size={value}: expected at most {MAX_IMG_SIZE} px (the lab trains at 128-256; a "
+                          f"cache of the full dataset at {MAX_IMG_SIZE} px already takes ~46 GB){hint}")
     if value % 32:
         lo = value // 32 * 32
         nearest = f"{lo} or {lo + 32}" if lo else "32"
@@ -348,9 +366,7 @@ class RunConfig:
         if not _is_int(c.seed) or c.seed < 0:
             raise ConfigError(f"seed={c.seed!r}: expected an integer >= 0")
         for name in ("output_dir", "cache_dir"):
-            path = resolve_path(getattr(c, name))
-            if path.exists() and not path.is_dir():
-                raise ConfigError(f"{name}={getattr(c, name)!r}: {path} is a file; expected a folder")
+            check_folder(name, getattr(c, name))
         if not _is_int(c.patience) or c.patience < 0:
             raise ConfigError(f"patience={c.patience!r}: expected an integer >= 0 (0 = off)")
         if c.max_train_images is not None and (not _is_int(c.max_train_images) or c.max_train_images <= 0):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from labseg.config import UMASK, check_choice, resolve_path
+from labseg.config import UMASK, check_choice, check_folder, check_img_size, resolve_path
 from labseg.transforms import channel_constant
 
 SPLITS = ("trainval", "test", "list")
@@ -475,9 +475,10 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
     dataset is rebuilt. It is written to a temporary folder and renamed into place, so an
     interrupted build never leaves a half cache behind.
     """
+    check_img_size(img_size)        # before a cache of another size is taken for a damaged one
     root = check_layout(data_dir)
     records, skipped = read_records(root, split)
-    folder = resolve_path(cache_dir) / f"{root.name}-{split}-{img_size}-{_cache_key(root, split, img_size, records)}"
+    folder = check_folder("cache_dir", cache_dir) / f"{root.name}-{split}-{img_size}-{_cache_key(root, split, img_size, records)}"
     if (folder / "meta.json").is_file():
         try:
             return _read_cache(folder, root, img_size)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from labseg.config import ConfigError, RunConfig, check_choice, check_img_size, check_switch, pick_device, resolve_path
+from labseg.config import ConfigError, RunConfig, check_choice, check_folder, check_img_size, check_switch, pick_device, resolve_path
 from labseg.data import (BadSampleError, Batches, CachedSplit, check_recorded_dataset, load_image, load_split, log,
                          normalize, split_trainval, upright_size)
 from labseg.metrics import in_chunks, per_image_accuracy, per_image_dice, per_image_iou
@@ -441,12 +441,13 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
 
     if img_size is not None:
         check_img_size(img_size, hint=" (or leave it unset for the run's own)")
-    if not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
-        raise ConfigError(f"threshold={threshold!r}: expected a probability between 0 and 1, e.g. 0.5")
+    for name, value in (("tta", tta), ("postprocess", postprocess), ("progress", progress)):
+        check_switch(name, value)       # tta="no" would run the TTA
+    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold < 1):
+        raise ConfigError(f"threshold={threshold!r}: expected a probability between 0 and 1, e.g. 0.5"
+                          + (" (a number, not text)" if isinstance(threshold, str) else ""))
     source = resolve_path(source)     # relative: from the project root, as every path of the API
-    out_dir = resolve_path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"--out {out_dir} is a file; expected a folder for the masks and overlays")
+    out_dir = check_folder("out", out_dir)      # README.md/masks: before the first prediction, not at its write
     if source.is_dir():
         files = _sources_in(source)
         if not files:

@@ -96,8 +96,15 @@ def open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distributed
         raise CheckpointError(f"checkpoint {run.checkpoint(which)} holds weights but no training state "
                               f"({', '.join(lacking)} missing): it can be evaluated, not resumed")
     kinds = {"epoch": int, "history": list, "optimizer": dict}
-    if wrong := [f"{k} is a {type(resumed[k]).__name__}" for k, kind in kinds.items()
-                 if not isinstance(resumed[k], kind) or isinstance(resumed[k], bool)]:
+    wrong = [f"{k} is a {type(resumed[k]).__name__}" for k, kind in kinds.items()
+             if not isinstance(resumed[k], kind) or isinstance(resumed[k], bool)]
+    if not wrong and not all(isinstance(row, dict) and isinstance(row.get("epoch"), int) for row in resumed["history"]):
+        wrong = ["a history row is not an epoch's record"]
+    trainval = resumed.get("trainval")
+    if trainval is not None and not (isinstance(trainval, dict) and isinstance(trainval.get("names_sha1"), str)
+                                     and isinstance(trainval.get("images"), int)):
+        wrong.append(f"trainval is {trainval!r:.40}")
+    if wrong:
         raise CheckpointError(f"checkpoint {run.checkpoint(which)} holds a damaged training state ("
                               f"{', '.join(wrong)}; expected an int epoch, a list history and a dict optimizer "
                               "state): it cannot be resumed")

@@ -131,7 +131,9 @@ def point_names(points: list[dict], prefix: str | None = None) -> list[str]:
 
 def _fields(params: dict) -> dict:
     """The RunConfig fields a point sets: its parameters, with ``extra``'s spread among them."""
-    return {**{k: v for k, v in params.items() if k != "extra"}, **(params.get("extra") or {})}
+    from labseg.config import parse_extra
+
+    return {**{k: v for k, v in params.items() if k != "extra"}, **parse_extra(params.get("extra"))}
 
 
 def point_config(params: dict):
@@ -207,6 +209,13 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
     from labseg.workbook import run_training_notebook, runs_dir
 
     root = resolve_path(runs_dir(output_dir))
+    if not isinstance(grid, dict) or not grid:
+        raise SweepError(f"grid={grid!r}: expected a mapping of parameters to values, e.g. "
+                         "{'arch': ['unet', 'resnet34_unet'], 'lr': [1e-3, 3e-4]}")
+    if "run_name" in grid:
+        raise SweepError("run_name: a sweep names each point from its parameters; give prefix (--prefix) to "
+                         "begin the names with words of your own")
+    grid = {str(k): _as_list(k, v) for k, v in grid.items()}    # one value is a list of one, not of its letters
     points = expand(grid)
     check_points(points)
     names = point_names(points, prefix)

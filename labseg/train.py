@@ -40,7 +40,7 @@ from labseg.metrics import per_image_dice, per_image_iou
 from labseg.models import build_model, check_installed, count_parameters, model_kwargs
 from labseg.progress import RunBars, progress_modes
 from labseg.resume import asked_fields, check_same_images, images_digest, open_resumed, update_resumed_folder
-from labseg.runs import CHECKPOINT_FORMAT, CheckpointWriter, RunDir, load_weights, run_name_for
+from labseg.runs import CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, RunDir, _first_line, load_weights, run_name_for
 from labseg.transforms import BatchAugment
 
 
@@ -195,6 +195,16 @@ def _frozen_batchnorm_stats(model: nn.Module):
             m.momentum = momentum
 
 
+def _whole_batches(split, indices, batch_size: int, **options) -> Batches:
+    """Batches of ``batch_size`` images, the remainder left out (a last batch of one image would
+    give BatchNorm the statistics of that image alone); one batch of them all where there are
+    fewer images than a batch."""
+    batches = Batches(split, indices, batch_size, drop_last=True, **options)
+    if len(batches) == 0:
+        batches.drop_last = False
+    return batches
+
+
 def _finish_swa(swa, batches: Batches) -> nn.Module:
     """The averaged network with BatchNorm statistics recomputed for its own weights.
 
@@ -323,13 +333,15 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
     _check_split_sizes(trainval, train_idx, valid_idx, config)
     if config.max_train_images:
         train_idx = balanced_subset(trainval.records, train_idx, config.max_train_images)
+    if config.batch_size % dist.world:
+        raise ConfigError(f"batch_size={config.batch_size} with {dist.world} processes: expected a multiple of "
+                          f"{dist.world}, the images of a step shared out evenly (each process takes batch_size/"
+                          f"{dist.world})")
     augment = BatchAugment.from_config(vars(config))
     channels_last = channels_last_for(device, config.channels_last)
     batch_options = dict(device=device, channels_last=channels_last, ignore_border=config.ignore_border)
-    train_batches = Batches(trainval, dist.shard(train_idx), config.batch_size // dist.world, shuffle=True,
-                            seed=config.seed, augment=augment, drop_last=True, **batch_options)
-    if len(train_batches) == 0:
-        train_batches.drop_last = False
+    train_batches = _whole_batches(trainval, dist.shard(train_idx), config.batch_size // dist.world, shuffle=True,
+                                   seed=config.seed, augment=augment, **batch_options)
     valid_batches = Batches(trainval, valid_idx, config.batch_size, **batch_options)
 
     # ---- model, optimizer, loss
@@ -372,6 +384,8 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
     # ---- the run folder, claimed only now that the network is known to give the right output
     check_logits(model, config.arch, config.img_size, device, channels_last)
     check_training_step(model, config, train_loss_fn, device, channels_last)
+    if min(train_batches.batch_size, len(train_batches.indices)) == 1:
+        check_batches_of_one(model, config, device, channels_last)
     if not resume and dist.is_main:
         # A name given is that run's: an existing one is refused (resume or overwrite it), never
         # silently moved to NAME-2, where a notebook written into NAME would describe the wrong run.
@@ -391,6 +405,10 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
         if config.low_res_size and config.low_res_until:
             print(f"labseg: whole images at {config.low_res_size}px for the first {config.low_res_until:.0%} of "
                   f"training (low_res_scale {config.low_res_scale:g}), then at {config.img_size}px")
+        elif config.low_res_scale and "low_res_scale" in asked:     # the recipe's at 64 px goes without saying
+            print(f"labseg: low_res_scale {config.low_res_scale:g} of {config.img_size}px rounds to "
+                  f"{'nothing' if config.img_size * config.low_res_scale < 16 else f'{config.img_size}px'} "
+                  "(sizes are multiples of 32): no low-resolution phase")
 
     # ---- checkpoints: last.pt at most every checkpoint_every seconds, best.pt at each new best
     writer = CheckpointWriter()     # serialises and writes in the background, each file atomically
@@ -531,7 +549,7 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
     if swa is not None and int(swa.n_averaged) > 0:
         # The averaged weights become last.pt (and best.pt if they validate best); their valid
         # figures go in the summary, not in the per-epoch history.
-        final_model = _finish_swa(swa, Batches(trainval, train_idx, config.batch_size, **batch_options))
+        final_model = _finish_swa(swa, _whole_batches(trainval, train_idx, config.batch_size, **batch_options))
         scores = validate(final_model, valid_batches, loss_fn, amp_dtype)
         improved = _improved(config.monitor, scores[config.monitor], best)
         if improved:
@@ -742,12 +760,17 @@ def _restore(resumed: dict, source: str, config: RunConfig, model, optimizer, pl
     # With EMA or SWA, "model" holds the averaged weights and "raw_model" the trained ones.
     load_weights(model, {**resumed, "model": resumed.get("raw_model", resumed["model"])}, config.arch,
                  source=source)
-    load_optimizer_state(optimizer, resumed["optimizer"])
-    for part, key in ((plateau, "plateau"), (ema, "ema"), (swa, "swa")):
-        if part is not None and resumed.get(key):
-            part.load_state_dict(resumed[key])
-    if scaler.is_enabled() and resumed.get("scaler"):
-        scaler.load_state_dict(resumed["scaler"])
+    try:
+        load_optimizer_state(optimizer, resumed["optimizer"])
+        for part, key in ((plateau, "plateau"), (ema, "ema"), (swa, "swa")):
+            if part is not None and resumed.get(key):
+                part.load_state_dict(resumed[key])
+        if scaler.is_enabled() and resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:     # torch's own checks, or none
+        raise CheckpointError(f"{source} holds a training state that does not fit this run's optimizer or "
+                              f"averaging ({type(e).__name__}: {_first_line(e)}): it cannot be resumed; evaluate "
+                              "it, or start over with --overwrite") from None
 
 
 def check_logits(model: nn.Module, arch: str, img_size: int, device, channels_last: bool = False) -> None:
@@ -772,22 +795,13 @@ def check_training_step(model: nn.Module, config: RunConfig, train_loss_fn, devi
     deep_supervision), and one finite number autograd can differentiate. The network's BatchNorm
     statistics and the random state are left as they were."""
     size, arch = config.img_size, config.arch
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    was_training = model.training
-    model.train()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            image = torch.zeros(2, 3, size, size, device=device)
-            out = model(image.to(memory_format=torch.channels_last) if channels_last else image)
-            _check_training_output(out, arch, size, config.deep_supervision)
-            target = torch.zeros(2, 1, size, size, device=device)
-            target[..., : size // 2] = 1.0      # half pet, half background: every loss is defined there
-            loss = train_loss_fn(out, target, torch.ones_like(target))
-    finally:
-        model.train(was_training)
-        with torch.no_grad():
-            for name, value in model.named_buffers():
-                value.copy_(buffers[name])
+    with _probe(model, device):
+        image = torch.zeros(2, 3, size, size, device=device)
+        out = model(image.to(memory_format=torch.channels_last) if channels_last else image)
+        _check_training_output(out, arch, size, config.deep_supervision)
+        target = torch.zeros(2, 1, size, size, device=device)
+        target[..., : size // 2] = 1.0      # half pet, half background: every loss is defined there
+        loss = train_loss_fn(out, target, torch.ones_like(target))
     scalar = isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()
     if not scalar:
         got = f"a tensor of shape {_shape(loss)} ({loss.dtype})" if isinstance(loss, torch.Tensor) else _shape(loss)
@@ -799,6 +813,42 @@ def check_training_step(model: nn.Module, config: RunConfig, train_loss_fn, devi
     if not math.isfinite(loss.item()):
         raise ConfigError(f"loss {config.loss!r} returned {loss.item()} for {arch!r}'s first output (zero "
                           "images, a half-pet target); expected a finite number")
+
+
+def check_batches_of_one(model: nn.Module, config: RunConfig, device, channels_last: bool = False) -> None:
+    """For a run whose steps take one image (batch_size 1, or one training image): fail before a
+    run folder is claimed where the network cannot train on one image at the smallest size the run
+    trains at. BatchNorm in training mode needs more than one value per channel, and resnet34_unet's
+    deepest map is 1×1 at 32 px (the lowest-resolution phase or the crops of a larger img_size)."""
+    size = min(s for s in (config.img_size, config.low_res_size, config.crop_size) if s)
+    with _probe(model, device):
+        image = torch.zeros(1, 3, size, size, device=device)
+        try:
+            model(image.to(memory_format=torch.channels_last) if channels_last else image)
+        except ValueError as e:
+            if "more than 1 value per channel" not in str(e):
+                raise
+            raise ConfigError(f"{config.arch!r} cannot train on one image at a time at {size}px: its deepest "
+                              "BatchNorm would see a single value per channel. Give batch_size 2 or more (and at "
+                              "least 2 training images), or train at a larger size "
+                              f"({'img_size' if size == config.img_size else 'low_res_scale or crop_size'})") from None
+
+
+@contextmanager
+def _probe(model: nn.Module, device):
+    """A training-mode forward that leaves no trace: BatchNorm statistics, mode and random state
+    are put back afterwards."""
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, value in model.named_buffers():
+                value.copy_(buffers[name])
 
 
 def _shape(x) -> str:

@@ -19,7 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from labseg.config import PROJECT_ROOT, resolve_path
+from labseg.config import PROJECT_ROOT, check_folder, parse_extra, resolve_path
 from labseg.runs import RunDir, RunExistsError, atomic_write_json, empty_folder, folder_contents, refuse_link
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -58,10 +58,7 @@ def report_dir(path: str | Path | None = None) -> str:
     """The report folder: ``path``, else ``$LABSEG_REPORT_DIR``, else ``outputs/report``; refused
     when that is a file (found before the report's figures are made, not when they are written)."""
     folder = str(path or os.environ.get("LABSEG_REPORT_DIR") or "outputs/report")
-    if resolve_path(folder).exists() and not resolve_path(folder).is_dir():
-        from labseg.config import ConfigError
-
-        raise ConfigError(f"report_dir={folder!r}: {resolve_path(folder)} is a file; expected a folder")
+    check_folder("report_dir", folder)
     return folder
 
 
@@ -256,7 +253,7 @@ def run_training_notebook(params: dict, *, output_dir: str | Path | None = None,
     whatever ``raise_on_error``.
     """
     params = dict(params)
-    extra = dict(params.pop("extra", None) or {})
+    extra = dict(parse_extra(params.pop("extra", None)))
     for key in [k for k in params if k not in TRAIN_PARAMS]:
         extra[key] = params.pop(key)
     if extra:

@@ -1151,3 +1151,29 @@ def test_a_damaged_cache_is_rebuilt(synthetic_root, tmp_path, damage, caplog):
     again = data.load_split(synthetic_root, "test", 32, tmp_path / "cache", progress=False)
     assert [r.name for r in again.records] == names and np.array_equal(np.array(again.images), images)
     assert f"cache {folder} is damaged" in caplog.text and "rebuilding it" in caplog.text
+
+
+def test_a_cache_folder_below_a_file_or_a_size_as_text_is_refused_before_any_decoding(tmp_path, capsys):
+    """`labseg prepare --cache-dir README.md/cache` decoded every image, then ended in a traceback
+    (NotADirectoryError); `load_split(..., "64")` took the cache of size 64 for a damaged one,
+    deleted it, then failed in numpy."""
+    from labseg.cli import main
+    from labseg.config import ConfigError
+
+    root = make_layout(tmp_path / "pets")
+    add_pair(root, "Cat_1")
+    write_split(root, ["Cat_1"])
+    write_split(root, ["Cat_1"], "test")
+    (tmp_path / "README.md").write_text("a file")
+    capsys.readouterr()
+    assert main(["prepare", "--data", str(root), "--cache-dir", str(tmp_path / "README.md" / "cache"),
+                 "--img-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert f"cache_dir='{tmp_path / 'README.md' / 'cache'}': {tmp_path / 'README.md'} is a file; expected a folder" in err
+    built = load_split(root, "trainval", S, cache_dir=tmp_path / "cache", progress=False)
+    cache = sorted((tmp_path / "cache").iterdir())
+    with pytest.raises(ConfigError, match=r"img_size='32': expected a positive size in px divisible by 32"):
+        load_split(root, "trainval", str(S), cache_dir=tmp_path / "cache", progress=False)
+    with pytest.raises(ConfigError, match=r"img_size=4096: expected at most 2048 px"):
+        load_split(root, "trainval", 4096, cache_dir=tmp_path / "cache", progress=False)
+    assert sorted((tmp_path / "cache").iterdir()) == cache and len(built) == 1

@@ -1,4 +1,5 @@
 """labseg.evaluate: flip TTA, per-breed scores, and the threshold tuned on valid (never on test)."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -339,3 +340,34 @@ def test_evaluating_a_run_still_training_warns_that_the_scores_are_of_an_epoch_m
                     "the finished run; evaluate it again once it has finished"]
     evaluate_run(small_run, "test", device="cpu", progress=False, save=False)
     assert "still training" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options,said", [
+    ({"tta": "no"}, "tta='no': expected True or False"),
+    ({"postprocess": "no"}, "postprocess='no': expected True or False"),
+    ({"threshold": "0.5"}, "threshold='0.5': expected a probability between 0 and 1, e.g. 0.5 (a number, not text)"),
+])
+def test_predict_refuses_a_switch_or_threshold_given_as_text(tmp_path, options, said):
+    """predict_images(tta="no") predicted with TTA, as evaluate_run once did; "0.5" as a threshold
+    was refused with an example that read the same."""
+    from labseg.config import ConfigError
+    from labseg.evaluate import predict_images
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(said)}$"):
+        predict_images("any", tmp_path / "photo.jpg", tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_path_through_a_file_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
+    """Whatever command meets a path with a file where a folder should be (README.md/sub) gives one
+    line naming the file, not a traceback (NotADirectoryError escaped main)."""
+    import labseg.cli
+
+    (tmp_path / "README.md").write_text("a file")
+
+    def report(args):
+        (tmp_path / "README.md" / "sub").mkdir(parents=True)
+    monkeypatch.setattr(labseg.cli, "cmd_report", report)
+    assert labseg.cli.main(["report"]) == 2
+    assert capsys.readouterr().err == (f"labseg: error: {tmp_path / 'README.md' / 'sub'}: {tmp_path / 'README.md'} "
+                                       "is a file; expected a folder\n")

@@ -356,3 +356,20 @@ def test_a_point_whose_folder_is_a_link_fails_with_nothing_written_through_it(tm
     assert result["status"] == "failed" and f"is a link to {victim}" in result["error"], result
     assert format_results([result]).splitlines()[1].startswith("failed")
     assert [p.name for p in victim.iterdir()] == ["notes.txt"] and (victim / "notes.txt").read_text() == "mine"
+
+
+def test_a_grid_given_through_the_api_is_read_as_the_cli_reads_it(tmp_path):
+    """run_sweep took one value as a list of its letters ({"arch": "unet"}: points arch=u, arch=n...,
+    data_dir a point per character), a number as a TypeError, {} as one point named '', a run_name as
+    nothing, and extra as JSON text as "'str' object is not a mapping"."""
+    with pytest.raises(SweepError, match="expected a mapping of parameters to values"):
+        run_sweep({}, output_dir=tmp_path / "runs", progress=False)
+    with pytest.raises(SweepError, match="run_name: a sweep names each point from its parameters"):
+        run_sweep({"arch": ["unet"], "run_name": ["a", "b"]}, output_dir=tmp_path / "runs", progress=False)
+    with pytest.raises(SweepError, match=r"1 of 1 sweep points are invalid.*\n  arch=nosuch: arch='nosuch'") as e:
+        run_sweep({"arch": "nosuch"}, output_dir=tmp_path / "runs", progress=False)
+    with pytest.raises(SweepError, match=r"(?s)1 of 1 sweep points are invalid.*extra='\{bad' is not JSON"):
+        run_sweep({"arch": "unet", "extra": "{bad"}, output_dir=tmp_path / "runs", progress=False)
+    with pytest.raises(SweepError, match=r"(?s)1 of 1 sweep points are invalid.*lr=-1.0"):
+        run_sweep({"arch": "unet", "lr": -1.0}, output_dir=tmp_path / "runs", progress=False)
+    assert "letters" not in str(e.value) and not (tmp_path / "runs").exists()

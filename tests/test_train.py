@@ -18,6 +18,7 @@ import torch
 import labseg.cli
 import labseg.data
 import labseg.runs
+import labseg.train
 from labseg.config import PROJECT_ROOT, UNTIL_BUDGET, ConfigError, RunConfig
 from labseg.data import Batches, balanced_subset, load_split, split_trainval
 from labseg.evaluate import evaluate_run, format_result, load_run_model
@@ -136,6 +137,17 @@ def test_a_checkpoint_slimmed_to_its_weights_evaluates_but_does_not_resume(tiny)
     save_checkpoint(run.checkpoint("last"), {**ckpt, "epoch": "1", "history": None})
     with pytest.raises(CheckpointError, match=r"damaged training state \(epoch is a str, history is a NoneType;"):
         fit(arch="unet", run_name="slim", resume=True, **{**tiny, "epochs": 2})
+    # a received checkpoint's state, each once a raw traceback (and metrics.json rewritten with ["x", 5])
+    metrics = (run.path / "metrics.json").read_bytes()
+    for odd, said in (({"history": ["x", 5]}, r"\(a history row is not an epoch's record;"),
+                      ({"trainval": "x"}, r"\(trainval is 'x';"),
+                      ({"optimizer": {"param_groups": [{"params": "x"}]}},
+                       r"last.pt holds a training state that does not fit this run's optimizer or averaging "
+                       r"\(\w+Error: .*\): it cannot be resumed")):
+        save_checkpoint(run.checkpoint("last"), {**ckpt, **odd})
+        with pytest.raises(CheckpointError, match=said):
+            fit(arch="unet", run_name="slim", resume=True, **{**tiny, "epochs": 2})
+        assert (run.path / "metrics.json").read_bytes() == metrics
 
 
 def test_a_kill_between_the_best_and_last_writes_resumes_from_best(tiny, capsys):
@@ -1090,8 +1102,9 @@ def test_cli_predict_and_evaluate_name_what_is_wrong(tiny, tmp_path, capsys, mon
         out = _main(capsys, "predict", "p", str(pictures), "--out", str(pictures), *runs)
         assert "2 masks and overlays written" in out.stdout
     assert sorted(p.name for p in pictures.glob("*_mask*.png")) == ["a_jpg_mask.png", "a_png_mask.png"]
-    out = _main(capsys, "predict", "p", str(pictures), "--out", str(pictures / "a.jpg"), *runs)
-    assert out.returncode == 2 and f"--out {pictures / 'a.jpg'} is a file; expected a folder" in out.stderr
+    for where in (pictures / "a.jpg", pictures / "a.jpg" / "masks"):     # a file, a folder to make in one
+        out = _main(capsys, "predict", "p", str(pictures), "--out", str(where), *runs)
+        assert out.returncode == 2 and f"out='{where}': {pictures / 'a.jpg'} is a file; expected a folder" in out.stderr
     # without --out: the project's outputs/, from any folder, like every other output of labseg
     import shutil
     import uuid
@@ -1481,3 +1494,49 @@ def test_a_dataset_linked_into_the_project_is_recorded_as_the_link_and_a_missing
                                                              r"not exist here: write it again with `labseg prepare "
                                                              r"--synthetic`"):
         check_recorded_dataset(tmp_path / "sample", "r", "--data DIR")
+
+
+def test_a_run_whose_steps_take_one_image_is_refused_where_batchnorm_cannot_train_on_it(tiny):
+    """resnet34_unet's deepest map is 1×1 at 32 px, and BatchNorm in training mode refuses one
+    value per channel: batch_size 1 at 32 px, or one training image, or a 32 px low-resolution
+    phase of a larger img_size, once died at the first step (after the run folder was made)."""
+    from labseg.train import check_batches_of_one
+
+    runs = Path(tiny["output_dir"])
+    for options, size in (({"batch_size": 1}, "img_size"), ({"max_train_images": 1}, "img_size"),
+                          ({"img_size": 64, "batch_size": 1, "low_res_scale": 0.5, "low_res_until": 0.5},
+                           "low_res_scale or crop_size")):
+        with pytest.raises(ConfigError, match=r"'resnet34_unet' cannot train on one image at a time at 32px: .*"
+                                              rf"Give batch_size 2 or more .* \({size}\)"):
+            fit(arch="resnet34_unet", run_name="one", **{**tiny, **options})
+        assert not runs.exists()
+    # a 2×2 map (64 px) trains on one image; so does unet at 32 px (its deepest map is 2×2)
+    check_batches_of_one(build_model("resnet34_unet"), RunConfig(arch="resnet34_unet", img_size=64), torch.device("cpu"))
+    check_batches_of_one(build_model("unet", base=8), RunConfig(arch="unet", img_size=32), torch.device("cpu"))
+
+
+def test_swa_measures_batchnorm_on_whole_batches(tiny):
+    """SWA's BatchNorm pass took a last batch of the remainder: 9 training images at batch 4 gave
+    one of a single image, which at 32 px killed the run after all its epochs had trained."""
+    result = fit(arch="resnet34_unet", swa=0.5, run_name="swa9", **{**tiny, "max_train_images": 9})
+    assert result.summary["swa_epochs"] == 2 and result.summary["train_images"] == 9
+
+
+def test_a_batch_that_the_processes_cannot_share_evenly_is_refused(tiny, monkeypatch):
+    """Under torchrun each process takes batch_size / world images: batch 1 on 2 processes was a
+    ZeroDivisionError, batch 3 silently trained batches of 2."""
+    monkeypatch.setattr(labseg.train._Distributed, "from_env", classmethod(lambda cls: cls(rank=0, world=2)))
+    for batch in (1, 3):
+        with pytest.raises(ConfigError, match=f"batch_size={batch} with 2 processes: expected a multiple of 2"):
+            fit(arch="resnet34_unet", run_name="ddp", **{**tiny, "batch_size": batch})
+    assert not Path(tiny["output_dir"]).exists()
+
+
+def test_a_low_res_scale_that_rounds_away_is_said(tiny, capsys):
+    """Sizes are multiples of 32: low_res_scale 0.5 of 32 px rounds back to 32 px, so there is no
+    low-resolution phase. Given by the user, that is said rather than recorded as if it trained so."""
+    fit(arch="resnet34_unet", run_name="lowres", low_res_scale=0.5, low_res_until=0.5, **{**tiny, "epochs": 1})
+    out = capsys.readouterr().out
+    assert "low_res_scale 0.5 of 32px rounds to 32px (sizes are multiples of 32): no low-resolution phase" in out
+    fit(arch="resnet34_unet", run_name="recipe", **{**tiny, "epochs": 1})    # the recipe's 0.75: nothing said
+    assert "no low-resolution phase" not in capsys.readouterr().out
