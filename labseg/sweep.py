@@ -67,7 +67,8 @@ def load_grid(path: str | Path) -> dict[str, list]:
 
     path = Path(path)
     if not path.is_file():
-        raise SweepError(f"grid file {path} does not exist")
+        raise SweepError(f"grid file {path} " + ("is a folder; expected a YAML file such as grid.yaml"
+                                                if path.is_dir() else "does not exist"))
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

@@ -283,8 +283,13 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
                           "--overwrite deletes it and starts over; give one")
     # the lines printed (per epoch, and the data's notes): a notebook's "bars" leave them to its live plot
     show_bars, lines = progress_modes(progress)
+    if callback is not None and not callable(callback):     # found now, not after the first epoch
+        raise ConfigError(f"callback={callback!r}: expected a function of the history, or None")
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)   # fit({"arch": "unet", ...}) as well as fit(RunConfig(...))
+    elif config is not None and not isinstance(config, RunConfig):
+        raise ConfigError(f"config={config!r}: expected a RunConfig, a dict of its fields or None (a file of "
+                          "them: RunConfig.from_dict(yaml.safe_load(open(path))))")
     asked = asked_fields(config, overrides)   # what the caller set; a resume checks it against the record
     given = config.to_dict() if config is not None else {}
     config = RunConfig.from_dict({**given, **overrides}).with_recipe().validate()

@@ -373,3 +373,8 @@ def test_a_grid_given_through_the_api_is_read_as_the_cli_reads_it(tmp_path):
     with pytest.raises(SweepError, match=r"(?s)1 of 1 sweep points are invalid.*lr=-1.0"):
         run_sweep({"arch": "unet", "lr": -1.0}, output_dir=tmp_path / "runs", progress=False)
     assert "letters" not in str(e.value) and not (tmp_path / "runs").exists()
+
+
+def test_a_folder_given_as_the_grid_file_is_named_as_a_folder(tmp_path):
+    with pytest.raises(SweepError, match=f"grid file {tmp_path} is a folder; expected a YAML file"):
+        load_grid(tmp_path)

@@ -1540,3 +1540,13 @@ def test_a_low_res_scale_that_rounds_away_is_said(tiny, capsys):
     assert "low_res_scale 0.5 of 32px rounds to 32px (sizes are multiples of 32): no low-resolution phase" in out
     fit(arch="resnet34_unet", run_name="recipe", **{**tiny, "epochs": 1})    # the recipe's 0.75: nothing said
     assert "no low-resolution phase" not in capsys.readouterr().out
+
+
+def test_fits_config_and_callback_are_checked_before_anything(tiny):
+    """fit("cfg.yaml") was an AttributeError deep in the resume code; fit(callback=3) failed after a
+    whole epoch had trained."""
+    with pytest.raises(ConfigError, match=r"config='cfg.yaml': expected a RunConfig, a dict of its fields or None"):
+        fit("cfg.yaml", **tiny)
+    with pytest.raises(ConfigError, match=r"callback=3: expected a function of the history, or None"):
+        fit(arch="unet", callback=3, **tiny)
+    assert not Path(tiny["output_dir"]).exists()
