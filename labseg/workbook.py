@@ -113,9 +113,22 @@ def _assigned(source: str) -> list[str]:
 
 # Notebook parameters that no function checks before the notebook's long work (04_train's are
 # RunConfig's, checked before training; 05's run and checkpoint before the evaluation).
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_size(v) -> bool:
+    from labseg.config import MAX_IMG_SIZE
+
+    return _is_count(v) and 0 < v <= MAX_IMG_SIZE and v % 32 == 0
+
+
+_SIZE = ("a size in px divisible by 32, e.g. 64", _is_size)
 _VALUE_CHECKS = {
-    "05_evaluate": {"n_gallery": ("a positive number of images",
-                                  lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0)},
+    "01_data": {"img_size": _SIZE, "seed": ("an integer >= 0", _is_count)},
+    "02_unet": {"img_size": _SIZE, "feature_size": _SIZE},
+    "03_resnet34_unet": {"img_size": _SIZE, "feature_size": _SIZE},
+    "05_evaluate": {"n_gallery": ("a positive number of images", lambda v: _is_count(v) and v > 0)},
 }
 
 
