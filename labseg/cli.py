@@ -459,9 +459,11 @@ def main(argv=None) -> int:
         _say_how_to_go_on(e, args)
         return 1 if getattr(e, "run_folder", None) else 2     # a run stopped by its disk, or bad input
     except (NotADirectoryError, IsADirectoryError) as e:     # a path given through a file, or to a folder
-        print(f"labseg: error: {e.filename}: " + (f"{_file_on_the_way(e.filename)} is a file; expected a folder"
-                                                 if isinstance(e, NotADirectoryError) else
-                                                 "is a folder; expected a file"), file=sys.stderr)
+        path = e.filename2 or e.filename        # os.replace's is the second; labseg's own writes name it in e
+        said = (str(e) if path is None else
+                f"{path}: {_file_on_the_way(path)} is a file; expected a folder" if isinstance(e, NotADirectoryError)
+                else f"{path}: is a folder; expected a file")
+        print(f"labseg: error: {said}", file=sys.stderr)
         return 2
     except OSError as e:
         # the disk, not the code (full, read-only, over quota, failing): one line naming the file;

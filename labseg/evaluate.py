@@ -441,7 +441,7 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
 
     if img_size is not None:
         check_img_size(img_size, hint=" (or leave it unset for the run's own)")
-    for name, value in (("tta", tta), ("postprocess", postprocess), ("progress", progress)):
+    for name, value in (("tta", tta), ("postprocess", postprocess)):
         check_switch(name, value)       # tta="no" would run the TTA
     if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold < 1):
         raise ConfigError(f"threshold={threshold!r}: expected a probability between 0 and 1, e.g. 0.5"

@@ -103,11 +103,11 @@ def open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distributed
     trainval = resumed.get("trainval")
     if trainval is not None and not (isinstance(trainval, dict) and isinstance(trainval.get("names_sha1"), str)
                                      and isinstance(trainval.get("images"), int)):
-        wrong.append(f"trainval is {trainval!r:.40}")
+        wrong.append(f"trainval is {trainval!r:.40}, not a record of the images")
     if wrong:
         raise CheckpointError(f"checkpoint {run.checkpoint(which)} holds a damaged training state ("
-                              f"{', '.join(wrong)}; expected an int epoch, a list history and a dict optimizer "
-                              "state): it cannot be resumed")
+                              f"{', '.join(wrong)}): it cannot be resumed (labseg writes an int epoch, a history "
+                              "of one record per epoch, a dict optimizer state and a record of the images)")
     if which == "last" and (newer := _newer_best(run, resumed)) is not resumed:
         resumed, which = newer, "best"
     summary_only = _check_not_finished(run, resumed, config)

@@ -361,7 +361,7 @@ def _unique_folder(base: Path) -> Path:
     """Claim ``base`` or ``base-2``, ``base-3``...: two runs never share a folder."""
     for i in range(1, 10_000):
         candidate = base if i == 1 else base.with_name(f"{base.name}-{i}")
-        if not (candidate / "config.json").exists() and _claim(candidate):
+        if not candidate.is_symlink() and not (candidate / "config.json").exists() and _claim(candidate):
             return candidate
     raise RunExistsError(f"could not find a free run folder next to {base}")
 
@@ -442,7 +442,8 @@ class RunDir:
         fresh ``name-2``... (and says so), ``exist="error"`` refuses.
         """
         base = resolve_path(output_dir) / name
-        refuse_link(base)
+        if overwrite or exist == "error":   # a name given: that folder or none (a default name moves on)
+            refuse_link(base)
         if overwrite and base.exists() and cls(base).is_training():
             # Emptying it would delete the lock too, and both processes would then write one folder.
             raise RunExistsError(f"run {base} is being trained by another process now; stop that process "
@@ -634,7 +635,8 @@ _OBJECTS_OF_OBJECTS = ("per_breed", "per_species")
 _FIELD_KINDS = {
     "summary.json": {"machine": dict, "machines": list, "stop_reason": str, "skipped": list},
     "failed.json": {"params": dict, "error": str},
-    "eval_": {"tta": dict, "threshold_tuned": dict, "tta_threshold_tuned": dict, "postprocess": dict,
+    # "tta": false is an evaluation's before e7594a9 (TTA off), still read as no TTA figure
+    "eval_": {"tta": (dict, bool), "threshold_tuned": dict, "tta_threshold_tuned": dict, "postprocess": dict,
               "per_breed": dict, "per_species": dict, "checkpoint": str},
 }
 
@@ -654,7 +656,8 @@ def _check_fields(path: Path, value) -> None:
         return
     for field, kind in kinds.items():
         if value.get(field) is not None and not isinstance(value[field], kind):
-            refuse(field, value[field], {dict: "a JSON object", list: "a JSON array", str: "text"}[kind])
+            refuse(field, value[field], {dict: "a JSON object", list: "a JSON array", str: "text"}[
+                kind if isinstance(kind, type) else kind[0]])
     for field in (*_OBJECTS_OF_OBJECTS, "machines"):
         for item in (value.get(field) or {}).values() if field != "machines" else value.get(field) or []:
             if not isinstance(item, dict):

@@ -321,6 +321,10 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
     else:
         check_layout(config.data_dir)
         config = replace(config, data_dir=recorded_path(config.data_dir))   # valid from another clone too
+    if config.batch_size % dist.world:      # before the data's cache is built, and a resumed folder touched
+        raise ConfigError(f"batch_size={config.batch_size} with {dist.world} processes: expected a multiple of "
+                          f"{dist.world}, the images of a step shared out evenly (each process takes batch_size/"
+                          f"{dist.world})")
 
     seed_everything(config.seed)
     amp_dtype = _amp_dtype(config, device)
@@ -333,15 +337,9 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
     train_idx, valid_idx = split_trainval(trainval.records, config.valid_fraction, config.seed)
     if resumed is not None:
         check_same_images(resumed, trainval, config, run)
-        if dist.is_main:
-            update_resumed_folder(run, config, resumed)
     _check_split_sizes(trainval, train_idx, valid_idx, config)
     if config.max_train_images:
         train_idx = balanced_subset(trainval.records, train_idx, config.max_train_images)
-    if config.batch_size % dist.world:
-        raise ConfigError(f"batch_size={config.batch_size} with {dist.world} processes: expected a multiple of "
-                          f"{dist.world}, the images of a step shared out evenly (each process takes batch_size/"
-                          f"{dist.world})")
     augment = BatchAugment.from_config(vars(config))
     channels_last = channels_last_for(device, config.channels_last)
     batch_options = dict(device=device, channels_last=channels_last, ignore_border=config.ignore_border)
@@ -391,6 +389,9 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
     check_training_step(model, config, train_loss_fn, device, channels_last)
     if min(train_batches.batch_size, len(train_batches.indices)) == 1:
         check_batches_of_one(model, config, device, channels_last)
+    if resumed is not None and dist.is_main:
+        update_resumed_folder(run, config, resumed)     # only once every check has passed: a refused
+                                                        # resume leaves the run's records as they were
     if not resume and dist.is_main:
         # A name given is that run's: an existing one is refused (resume or overwrite it), never
         # silently moved to NAME-2, where a notebook written into NAME would describe the wrong run.

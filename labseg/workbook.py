@@ -89,7 +89,9 @@ def check_parameters(notebook: str, namespace: dict | None = None) -> None:
         given = {n for n in _assigned(history[injected[-1]]) if not n.startswith("PAPERMILL_")}   # --inject-paths
         known = list(dict.fromkeys([*known, *_assigned(history[injected[0] - 1])]))
     if unknown := sorted(given - set(known)):
-        said = ", ".join(f"{name!r} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1))
+        renamed = _RENAMED.get(notebook, {})
+        said = ", ".join(f"{name!r} (renamed {renamed[name]})" if name in renamed else
+                         f"{name!r} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1))
                          else repr(name) for name in unknown)
         other = (" Any other RunConfig field goes in extra, e.g. -p extra '{\"patience\": 5}'."
                  if notebook == "04_train" else "")
@@ -113,6 +115,10 @@ def _assigned(source: str) -> list[str]:
 
 # Notebook parameters that no function checks before the notebook's long work (04_train's are
 # RunConfig's, checked before training; 05's run and checkpoint before the evaluation).
+# Parameters renamed since a recorded papermill command may have used them: the new name is given.
+_RENAMED = {"05_evaluate": {"which": "checkpoint"}}
+
+
 def _is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 

@@ -88,7 +88,8 @@ def test_train_notebook_overwrites_a_run_of_its_name_when_asked(tmp_path, synthe
     ("06_report", {"PAPERMILL_INPUT_PATH": "x", "output_dir": "{tmp}/runz"}, "no runs folder {tmp}/runz",
      "existing_runs_dir("),
     # 05's checkpoint parameter has the CLI's name (--checkpoint); it was `which`, as in evaluate_run
-    ("05_evaluate", {"tta": False, "which": "best"}, "05_evaluate has no parameter 'tta', 'which'", "check_parameters("),
+    ("05_evaluate", {"tta": False, "which": "best"}, "05_evaluate has no parameter 'tta', 'which' (renamed checkpoint)",
+     "check_parameters("),
     # once a TypeError after the whole evaluation, and -1 showed 23 of 24 images
     ("05_evaluate", {"n_gallery": "ten"}, "n_gallery='ten': expected a positive number of images", "check_parameters("),
     ("05_evaluate", {"n_gallery": -1}, "n_gallery=-1: expected a positive number", "check_parameters("),

@@ -597,3 +597,13 @@ def test_one_run_folders_odd_record_is_that_runs_damaged_row_not_the_reports_end
     assert table.loc["good", "status"] == "finished" and table.loc["good", "test_dice"] == 0.7
     assert table.loc["odd", "status"] in ("damaged record", "failed", "finished")
     assert said in " ".join(str(e) for e in table["error"].dropna()) + text
+
+
+def test_an_evaluation_written_before_tta_was_an_object_still_counts(tmp_path):
+    """Before e7594a9 an evaluation without TTA recorded "tta": false: it is read as no TTA figure,
+    not as a damaged record."""
+    runs = tmp_path / "runs"
+    run = fake_run(runs, "old", "unet", [0.5, 0.6])
+    run.write_json("eval_test.json", {"dice": 0.58, "iou": 0.45, "tta": False})
+    row = collect_runs(runs).set_index("run").loc["old"]
+    assert row["test_dice_best"] == 0.58 and "tta holds" not in row["error"]

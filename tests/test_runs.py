@@ -197,9 +197,11 @@ def test_a_run_folder_that_is_a_link_is_never_trained_into_emptied_or_replaced(t
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / "evil").symlink_to(victim)
-    for options in ({}, {"overwrite": True}, {"exist": "error"}):
+    for options in ({"overwrite": True}, {"exist": "error"}):      # a name given: that folder or none
         with pytest.raises(LinkedRunFolderError, match=f"run folder {runs / 'evil'} is a link to {victim}"):
             RunDir.create(runs, "evil", **options)
+    (runs / "evil-2").symlink_to(victim)
+    assert RunDir.create(runs, "evil").path == runs / "evil-3"    # a default name moves on, past links too
     with pytest.raises(LinkedRunFolderError, match="remove the link"):
         empty_folder(runs / "evil", keep=".ipynb")
     with pytest.raises(LinkedRunFolderError):   # a sweep's point, before any kernel starts
