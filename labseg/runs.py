@@ -495,11 +495,15 @@ class RunDir:
     def read_config(self) -> RunConfig:
         """The recorded config. An option it lacks (a run from before the option existed) reads as
         off, which is what that run trained with (``config.BEFORE_OPTION_EXISTED``); any other
-        recipe field it lacks, as the recipe's value."""
+        recipe field it lacks, as the recipe's value. Its cache folder is this machine's: one that is
+        not a folder here (``--cache-dir /scratch/u/cache`` on a cluster, or any path a received
+        config.json names) reads as the default, so that reading the run creates nothing there."""
         path = self.path / "config.json"
         recorded = read_record(path, dict)
         try:
             config = RunConfig.from_dict({**BEFORE_OPTION_EXISTED, **recorded}).with_recipe()
+            if not isinstance(config.cache_dir, (str, os.PathLike)) or not resolve_path(config.cache_dir).is_dir():
+                config = dataclasses.replace(config, cache_dir=RunConfig.cache_dir)
             # Validated: a value edited into the file by hand (say "img_size": "64") is named here as
             # the file's, not met later as a TypeError deep in the data code. Its device is not
             # checked: a run trained on a GPU is read on a laptop too.

@@ -260,3 +260,21 @@ def test_a_folder_where_a_checkpoint_goes_is_named_as_a_folder(tmp_path):
     (tmp_path / "last.pt").mkdir()
     with pytest.raises(CheckpointError, match=r"last.pt is a folder; expected a file written by labseg"):
         load_checkpoint(tmp_path / "last.pt")
+
+
+def test_a_runs_cache_folder_is_its_own_only_where_that_folder_is_here(tmp_path):
+    """A run trained with --cache-dir /scratch/u/cache on a cluster and evaluated on a laptop tried
+    to create that folder; a received config.json could name any (`../../x`, a path below a file).
+    The cache is this machine's: a recorded folder that is not a folder here reads as the default."""
+    import json
+
+    run = _recorded_run(tmp_path, "moved")
+    config = json.loads((run.path / "config.json").read_text())
+    (tmp_path / "README.md").write_text("a file")
+    for elsewhere in (tmp_path / "scratch" / "cache", tmp_path / "README.md" / "cache", tmp_path / "README.md"):
+        (run.path / "config.json").write_text(json.dumps({**config, "cache_dir": str(elsewhere)}))
+        assert run.read_config().cache_dir == "data/cache"
+    (tmp_path / "mine").mkdir()
+    (run.path / "config.json").write_text(json.dumps({**config, "cache_dir": str(tmp_path / "mine")}))
+    assert run.read_config().cache_dir == str(tmp_path / "mine")
+    assert not (tmp_path / "scratch").exists()
