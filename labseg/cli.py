@@ -409,14 +409,6 @@ def _joined_negative_budget(argv: list[str]) -> list[str]:
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM}
 
 
-def _file_on_the_way(path) -> str:
-    """The first part of ``path`` that is a file, where a folder was needed (``README.md`` of ``README.md/x``)."""
-    for parent in reversed(Path(path).parents):
-        if parent.is_file():
-            return str(parent)
-    return str(path)
-
-
 def _say_how_to_go_on(e: BaseException, args) -> None:
     """After a training that a disk stopped: which epoch its last.pt holds, and the resume command."""
     if args.command == "train" and getattr(e, "run_folder", None):
@@ -458,13 +450,6 @@ def main(argv=None) -> int:
         print(f"labseg: error: {e}", file=sys.stderr)
         _say_how_to_go_on(e, args)
         return 1 if getattr(e, "run_folder", None) else 2     # a run stopped by its disk, or bad input
-    except (NotADirectoryError, IsADirectoryError) as e:     # a path given through a file, or to a folder
-        path = e.filename2 or e.filename        # os.replace's is the second; labseg's own writes name it in e
-        said = (str(e) if path is None else
-                f"{path}: {_file_on_the_way(path)} is a file; expected a folder" if isinstance(e, NotADirectoryError)
-                else f"{path}: is a folder; expected a file")
-        print(f"labseg: error: {said}", file=sys.stderr)
-        return 2
     except OSError as e:
         # the disk, not the code (full, read-only, over quota, failing): one line naming the file;
         # any other OSError is a fault to be seen with its traceback

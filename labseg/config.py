@@ -96,16 +96,16 @@ def check_folder(name: str, value) -> Path:
     return path
 
 
-def check_img_size(value, hint: str = "") -> int:
+def check_img_size(value, hint: str = "", at_most: int | None = MAX_IMG_SIZE) -> int:
     """``value`` if it is a side in px the networks take (a positive multiple of 32), else a
     ConfigError naming it and the nearest valid sizes. ``hint`` ends the message (say, what
     leaving the size unset does)."""
     if not _is_int(value) or value <= 0:
         raise ConfigError(f"img_size={value!r}: expected a positive size in px divisible by 32, "
                           f"e.g. 128{hint}")
-    if value > MAX_IMG_SIZE:
-        raise ConfigError(f"img_size={value}: expected at most {MAX_IMG_SIZE} px (the lab trains at 128-256; a "
-                          f"cache of the full dataset at {MAX_IMG_SIZE} px already takes ~46 GB){hint}")
+    if at_most and value > at_most:     # a cache's or a training's: predict builds no cache
+        raise ConfigError(f"img_size={value}: expected at most {at_most} px (the lab trains at 128-256; a "
+                          f"cache of the full dataset at {at_most} px already takes ~46 GB){hint}")
     if value % 32:
         lo = value // 32 * 32
         nearest = f"{lo} or {lo + 32}" if lo else "32"

@@ -440,7 +440,7 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
     from tqdm.auto import tqdm
 
     if img_size is not None:
-        check_img_size(img_size, hint=" (or leave it unset for the run's own)")
+        check_img_size(img_size, hint=" (or leave it unset for the run's own)", at_most=None)
     for name, value in (("tta", tta), ("postprocess", postprocess)):
         check_switch(name, value)       # tta="no" would run the TTA
     if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold < 1):

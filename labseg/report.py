@@ -24,14 +24,14 @@ from matplotlib.ticker import FixedLocator, FormatStrFormatter, MaxNLocator
 from labseg.config import UNTIL_BUDGET, _is_number, resolve_path
 from labseg.evaluate import eval_file
 from labseg.machine import run_machine_label
-from labseg.runs import (RunDir, RunRecordError, atomic_write_bytes, atomic_write_text, default_checkpoint,
-                         read_record, trained_at)
+from labseg.runs import (RunDir, RunRecordError, atomic_write_bytes, atomic_write_text, dataset_key,
+                         default_checkpoint, read_record, trained_at)
 
 PARAMS = ("arch", "img_size", "epochs", "time_budget", "batch_size", "lr", "optimizer", "scheduler", "loss",
           "augment", "seed", "max_train_images", "data_dir")
 METRICS = ("best_valid_dice", "best_valid_iou", "best_epoch", "epochs_run", "train_seconds", "parameters")
 TABLE_COLUMNS = ("run", "status", "dataset", *PARAMS, *METRICS, "checkpoint", "test_dice", "test_iou", "test_dice_tta",
-                 "test_dice_best", "test_dice_last", "machine", "trained_at", "data_path", "error")
+                 "test_dice_best", "test_dice_last", "machine", "trained_at", "data_path", "data_key", "error")
 MAX_LABELLED_RUNS = 12      # plot_curves names every run in its legend up to this many
 ARCH_COLORS = {"unet": "tab:blue", "resnet34_unet": "tab:orange", "smp_unet_resnet34": "tab:green"}
 
@@ -134,6 +134,9 @@ def run_row(folder: Path) -> dict:
     # The folder itself, resolved as training resolved it: two datasets in folders of the same
     # name are told apart, as runs.best_run tells them apart.
     row["data_path"] = str(resolve_path(params["data_dir"])) if params.get("data_dir") else None
+    # ... and runs compare by what they trained on, not where: a class's runs hold one dataset at
+    # as many paths as machines (runs.dataset_key)
+    row["data_key"] = dataset_key(summary, params.get("data_dir"))
     row.update({k: summary.get(k) for k in METRICS})
     recorded = {}
     for which in ("best", "last"):
@@ -248,10 +251,15 @@ def best_per_arch(table, metric: str = "best_valid_dice", dataset: str | None = 
     if dataset is not None:
         done = done[done["dataset"] == dataset]
     elif not done.empty and done["trained_at"].notna().any():
-        done = done[done["data_path"] == done.loc[done["trained_at"].astype(float).idxmax(), "data_path"]]
+        done = done[done["data_key"] == done.loc[done["trained_at"].astype(float).idxmax(), "data_key"]]
     if done.empty:
         return done.set_index("arch")
-    best = done.loc[done.groupby("arch")[metric].idxmax()]
+    # a tie goes to the run that finished first, as in runs.best_run (which labseg evaluate uses)
+    import pandas as pd
+
+    done = done.sort_values("trained_at", kind="stable", na_position="first",
+                            key=lambda when: pd.to_numeric(when, errors="coerce"))
+    best = done.loc[done.groupby("arch", sort=False)[metric].idxmax()]
     return best.set_index("arch").sort_index()
 
 
@@ -277,7 +285,7 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
     best = set(best_per_arch(table, dataset=dataset)["run"]) if len(table) else set()
     on = curves_dataset(table, dataset)
     if on is not None:
-        table = table[table["data_path"] == on[1]] if dataset is None else table[table["dataset"] == dataset]
+        table = table[table["data_key"] == on[1]] if dataset is None else table[table["dataset"] == dataset]
     fig = Figure(figsize=(11, 3.8), layout="constrained")
     ax_m, ax_l = fig.subplots(1, 2)
     for _, row in table.iterrows():
@@ -323,12 +331,12 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
 def curves_dataset(table, dataset: str | None = None) -> tuple[str, str] | None:
     """(name, folder) of the data :func:`plot_curves` draws when the runs are on more than one
     dataset: ``dataset``, or that of the best runs (the latest run's); None when there is one."""
-    if not len(table) or table["data_path"].nunique(dropna=True) <= 1:
+    if not len(table) or table["data_key"].nunique(dropna=True) <= 1:
         return None
     if dataset is not None:
         return dataset, dataset
     best = best_per_arch(table)
-    return (best["dataset"].iloc[0], best["data_path"].iloc[0]) if len(best) else None
+    return (best["dataset"].iloc[0], best["data_key"].iloc[0]) if len(best) else None
 
 
 def _say_empty(ax, text: str) -> None:
@@ -407,7 +415,7 @@ def _fmt(value, column: str = "") -> str:
         if column.endswith("seconds"):      # durations: 7.9 and 14.4, not 7.9000 and 14.4
             return f"{value:.1f}"
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
-    return md_text(value)
+    return str(value).replace("\n", " ")
 
 
 def md_text(value) -> str:
@@ -445,7 +453,7 @@ def markdown_table(df, columns=None) -> str:
     columns = list(columns or df.columns)
     lines = ["| " + " | ".join(md_text(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for _, row in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(None if _isna(row[c]) else row[c], c) for c in columns) + " |")
+        lines.append("| " + " | ".join(md_text(_fmt(None if _isna(row[c]) else row[c], c)) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -505,7 +513,7 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
         "## Best run per network",
         "",
         *([f"On `{best['dataset'].iloc[0]}`, the dataset of the run that finished last; runs on other data "
-           "are in the tables below.", ""] if len(best) and finished["data_path"].nunique() > 1 else []),
+           "are in the tables below.", ""] if len(best) and finished["data_key"].nunique() > 1 else []),
         markdown_table(best.reset_index(), ["arch", "run", "dataset", "best_valid_dice", "best_valid_iou", "best_epoch",
                                             "checkpoint", "test_dice", "test_iou", "parameters", "train_seconds"])
         if len(best) else "_No finished run yet._",

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
+import hashlib
 import io
 import json
 import os
@@ -279,14 +281,16 @@ def load_weights(model: torch.nn.Module, ckpt: dict, arch: str, source: str = "c
                 if theirs == arch
                 else f"a {theirs!r} model but a {arch!r} model was asked for")
         raise CheckpointError(f"{source} holds {held}: {detail}")
-    # Tensors of the right names and shapes can still be of a kind no labseg run writes: integers or
+    # Tensors of the right names and shapes can still be of a kind the network never holds: integers or
     # booleans (cast silently to float), complex, sparse, or NaN (a mask of zeros, scored as a model).
+    # Compared with the network's own tensor: a registered one may hold a sparse or a -inf buffer.
     for k, mine in expected.items():
         theirs_t = state[k]
-        kind = (f"a {theirs_t.layout} tensor (not a dense one)" if theirs_t.layout != torch.strided else
+        kind = (f"a {theirs_t.layout} tensor where {mine.layout} is expected" if theirs_t.layout != mine.layout else
                 None if theirs_t.dtype == mine.dtype or (theirs_t.is_floating_point() and mine.is_floating_point())
                 else f"a tensor of {theirs_t.dtype} where {mine.dtype} is expected")
-        if kind is None and theirs_t.is_floating_point() and not bool(torch.isfinite(theirs_t).all()):
+        if (kind is None and theirs_t.is_floating_point() and theirs_t.layout == torch.strided
+                and bool(torch.isfinite(mine).all()) and not bool(torch.isfinite(theirs_t).all())):
             kind = "NaN or infinite values"
         if kind:
             raise CheckpointError(f"{source} holds {kind} in {k!r}; labseg writes finite float weights, so it "
@@ -495,14 +499,14 @@ class RunDir:
     def read_config(self) -> RunConfig:
         """The recorded config. An option it lacks (a run from before the option existed) reads as
         off, which is what that run trained with (``config.BEFORE_OPTION_EXISTED``); any other
-        recipe field it lacks, as the recipe's value. Its cache folder is this machine's: one that is
-        not a folder here (``--cache-dir /scratch/u/cache`` on a cluster, or any path a received
-        config.json names) reads as the default, so that reading the run creates nothing there."""
+        recipe field it lacks, as the recipe's value. Its cache folder is this machine's: one that
+        cannot be a folder here (``--cache-dir /scratch/u/cache`` of a cluster on a laptop, a path
+        below a file) reads as the default; one deleted since is made again."""
         path = self.path / "config.json"
         recorded = read_record(path, dict)
         try:
             config = RunConfig.from_dict({**BEFORE_OPTION_EXISTED, **recorded}).with_recipe()
-            if not isinstance(config.cache_dir, (str, os.PathLike)) or not resolve_path(config.cache_dir).is_dir():
+            if not _can_hold_a_cache(config.cache_dir):
                 config = dataclasses.replace(config, cache_dir=RunConfig.cache_dir)
             # Validated: a value edited into the file by hand (say "img_size": "64") is named here as
             # the file's, not met later as a TypeError deep in the data code. Its device is not
@@ -637,7 +641,7 @@ def read_record(path: Path, kind):
 # elsewhere may hold anything, and one odd value there once ended `labseg report` for every run.
 _OBJECTS_OF_OBJECTS = ("per_breed", "per_species")
 _FIELD_KINDS = {
-    "summary.json": {"machine": dict, "machines": list, "stop_reason": str, "skipped": list},
+    "summary.json": {"machine": dict, "machines": list, "stop_reason": str, "skipped": list, "trainval": dict},
     "failed.json": {"params": dict, "error": str},
     # "tta": false is an evaluation's before e7594a9 (TTA off), still read as no TTA figure
     "eval_": {"tta": (dict, bool), "threshold_tuned": dict, "tta_threshold_tuned": dict, "postprocess": dict,
@@ -691,6 +695,44 @@ def trained_at(run: RunDir) -> float:
                if (run.path / name).is_file())
 
 
+def dataset_key(summary: dict, data_dir) -> str | None:
+    """Which data a run trained on, the same on every machine: the fingerprint of its trainval image
+    names, as its summary records it (``"trainval"``). Runs collected from several machines hold the
+    dataset at as many paths; two datasets in folders of one name differ. A run recorded before
+    that field: the fingerprint of its data folder's trainval list where the folder is here, else
+    the folder's path."""
+    digest = summary.get("trainval")
+    if isinstance(digest, dict) and isinstance(digest.get("names_sha1"), str):
+        return digest["names_sha1"]
+    if not isinstance(data_dir, (str, os.PathLike)):
+        return None
+    path = str(resolve_path(data_dir))
+    return _names_sha1(path) or path
+
+
+@functools.lru_cache(maxsize=64)
+def _names_sha1(folder: str) -> str | None:
+    from labseg.data import DatasetLayoutError, read_records_quiet
+
+    try:
+        records = read_records_quiet(Path(folder), "trainval")
+    except (OSError, ValueError, DatasetLayoutError):       # not here, or not a dataset
+        return None
+    return hashlib.sha1("\n".join(sorted(r.name for r in records)).encode()).hexdigest()
+
+
+def _can_hold_a_cache(folder) -> bool:
+    """Whether ``folder`` is a folder here, or can be made one: its nearest existing parent is a
+    folder this user may write to."""
+    if not isinstance(folder, (str, os.PathLike)):
+        return False
+    path = resolve_path(folder)
+    for part in (path, *path.parents):
+        if part.exists():
+            return part.is_dir() and (part == path or os.access(part, os.W_OK | os.X_OK))
+    return False
+
+
 def best_run(output_dir: str | Path = "outputs/runs", arch: str | None = None,
              metric: str = "best_valid_dice") -> RunDir:
     """The finished run with the highest ``metric`` in its summary (optionally of one arch), among
@@ -703,7 +745,7 @@ def best_run(output_dir: str | Path = "outputs/runs", arch: str | None = None,
             if metric in s and (arch is None or s.get("arch") == arch):
                 if not _is_number(s[metric]):
                     raise RunRecordError(f"{run.path / 'summary.json'}: {metric} is {s[metric]!r}; expected a number")
-                finished.append((s[metric], run, resolve_path(run.read_config().data_dir)))
+                finished.append((s[metric], run, dataset_key(s, run.read_config().data_dir)))
         except RunRecordError as e:             # one damaged folder must not hide every other run
             print(f"labseg: skipped run {run.name}: {e}", file=sys.stderr)
     if not finished:

@@ -17,7 +17,7 @@ import itertools
 import re
 from pathlib import Path
 
-from labseg.config import NONE_IS_A_CHOICE, PATH_FIELDS, resolve_path
+from labseg.config import NONE_IS_A_CHOICE, PATH_FIELDS, check_folder, resolve_path
 from labseg.runs import LinkedRunFolderError, RunDir, RunExistsError
 
 # A point whose folder another process is training now: skipped, neither failed nor deleted. The
@@ -55,7 +55,10 @@ def coerce(value, key: str | None = None):
 
 
 def _as_list(key, value) -> list:
-    values = value if isinstance(value, (list, tuple)) else [value]
+    """One value, or an iterable of them (a list, ``range(3)``, ``np.logspace(...)``), as a list."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        value = [value]
+    values = [v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v for v in value]
     if not values:
         raise SweepError(f"{key}: empty list of values")
     return [coerce(v, str(key).strip()) for v in values]
@@ -209,7 +212,7 @@ def run_sweep(grid: dict[str, list], *, output_dir: str | Path | None = None, fo
     """Run every point of ``grid`` through 04_train; return one result dict per point."""
     from labseg.workbook import run_training_notebook, runs_dir
 
-    root = resolve_path(runs_dir(output_dir))
+    root = check_folder("output_dir", runs_dir(output_dir))     # README.md/runs: before the first point
     if not isinstance(grid, dict) or not grid:
         raise SweepError(f"grid={grid!r}: expected a mapping of parameters to values, e.g. "
                          "{'arch': ['unet', 'resnet34_unet'], 'lr': [1e-3, 3e-4]}")

@@ -895,6 +895,8 @@ def _summary(config, history, stop_reason, seconds, n_params, trainval, n_train,
         "stop_reason": stop_reason, "train_seconds": round(seconds, 1), "parameters": n_params,
         "train_images": n_train, "valid_images": n_valid,
         "skipped_pairs": len(trainval.skipped), "skipped": trainval.skipped,
+        # which images, the same on every machine: runs collected from a class compare by it (runs.dataset_key)
+        "trainval": images_digest(trainval),
     }
 
 

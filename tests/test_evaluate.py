@@ -363,29 +363,5 @@ def test_predict_takes_the_progress_modes_evaluate_takes(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="is neither an image file nor a folder"):    # past the checks
         predict_images("any", tmp_path / "photo.jpg", tmp_path / "out", progress="bars")
-
-
-def test_a_path_through_a_file_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
-    """Whatever command meets a path with a file where a folder should be (README.md/sub) gives one
-    line naming the file, not a traceback (NotADirectoryError escaped main)."""
-    import labseg.cli
-
-    (tmp_path / "README.md").write_text("a file")
-
-    def report(args):
-        (tmp_path / "README.md" / "sub").mkdir(parents=True)
-    monkeypatch.setattr(labseg.cli, "cmd_report", report)
-    assert labseg.cli.main(["report"]) == 2
-    assert capsys.readouterr().err == (f"labseg: error: {tmp_path / 'README.md' / 'sub'}: {tmp_path / 'README.md'} "
-                                       "is a file; expected a folder\n")
-
-    # labseg's own atomic writes raise with the path in the message only (no filename): said as it is
-    from labseg.runs import atomic_write_text
-
-    (tmp_path / "report.md").mkdir()
-    for where, said in ((tmp_path / "README.md" / "sub" / "report.md", "Not a directory"),
-                        (tmp_path / "report.md", "Is a directory")):
-        monkeypatch.setattr(labseg.cli, "cmd_report", lambda args, where=where: atomic_write_text(where, "x"))
-        assert labseg.cli.main(["report"]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("labseg: error: ") and said in err and str(where) in err and err.count("\n") == 1
+    with pytest.raises(FileNotFoundError, match="is neither an image file nor a folder"):    # no cache: no 2048 cap
+        predict_images("any", tmp_path / "photo.jpg", tmp_path / "out", img_size=2560)

@@ -607,3 +607,42 @@ def test_an_evaluation_written_before_tta_was_an_object_still_counts(tmp_path):
     run.write_json("eval_test.json", {"dice": 0.58, "iou": 0.45, "tta": False})
     row = collect_runs(runs).set_index("run").loc["old"]
     assert row["test_dice_best"] == 0.58 and "tta holds" not in row["error"]
+
+
+def _student_run(runs, name, arch, dice, data_dir, names_sha1, finished_at):
+    run = fake_run(runs, name, arch, [dice / 2, dice])
+    run.write_json("config.json", {**run.read_json("config.json"), "data_dir": data_dir})
+    run.write_summary({**run.read_summary(), "finished_at": finished_at,
+                       "trainval": {"images": 300, "names_sha1": names_sha1}})
+    return run
+
+
+def test_runs_on_one_dataset_from_several_machines_compare_and_ties_go_to_the_first(tmp_path):
+    """A class's runs hold the 3-breed data at as many paths as students: compared by path, the
+    report's best runs and curves were the latest student's alone, and `labseg evaluate` chose
+    among them only. Runs compare by their images' fingerprint; two datasets in folders of one
+    name stay apart. A tie went to the first name in the report and the oldest run in evaluate."""
+    from labseg.runs import best_run
+
+    runs = tmp_path / "runs"
+    same, other = "a" * 40, "b" * 40
+    _student_run(runs, "ann", "unet", 0.90, "/home/ann/pets", same, "2026-11-01T10:00:00+00:00")
+    _student_run(runs, "bob", "unet", 0.90, "/home/bob/pets", same, "2026-10-01T10:00:00+00:00")   # same Dice, earlier
+    _student_run(runs, "cid", "resnet34_unet", 0.85, "/home/cid/pets", same, "2026-11-02T10:00:00+00:00")
+    _student_run(runs, "dan", "unet", 0.99, "/home/dan/pets", other, "2026-09-01T10:00:00+00:00")  # other data
+    _student_run(runs, "eve", "resnet34_unet", 0.80, "/home/eve/pets", same, "2026-11-03T10:00:00+00:00")  # latest
+    best = best_per_arch(collect_runs(runs))
+    assert best["run"].to_dict() == {"resnet34_unet": "cid", "unet": "bob"}
+    assert best_run(runs).name == "bob" and best_run(runs, arch="resnet34_unet").name == "cid"
+    drawn = {line.get_label() for line in plot_curves(runs).axes[0].lines}
+    assert not any("dan" in label for label in drawn) and len(plot_curves(runs).axes[0].lines) == 4
+
+
+def test_the_notebooks_tables_show_text_as_it_is_and_report_md_escaped(tmp_path):
+    """formatted() feeds the notebooks' pandas tables, which escape HTML themselves: "R&D" read
+    "R&amp;D" there, and a | came out as \\|."""
+    from labseg.report import formatted
+
+    df = pd.DataFrame({"dataset": ["R&D|pets"], "best_valid_dice": [0.81234]})
+    assert formatted(df).iloc[0].tolist() == ["R&D|pets", "0.8123"]
+    assert markdown_table(df).splitlines()[-1] == "| R&amp;D\\|pets | 0.8123 |"

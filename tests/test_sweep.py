@@ -378,3 +378,44 @@ def test_a_grid_given_through_the_api_is_read_as_the_cli_reads_it(tmp_path):
 def test_a_folder_given_as_the_grid_file_is_named_as_a_folder(tmp_path):
     with pytest.raises(SweepError, match=f"grid file {tmp_path} is a folder; expected a YAML file"):
         load_grid(tmp_path)
+
+
+def test_a_runs_folder_below_a_file_is_refused_before_the_first_point(tmp_path, capsys):
+    """`labseg sweep --output-dir README.md/runs` ended in a traceback (NotADirectoryError) at the
+    first point's folder; it is one line, before any point."""
+    from labseg.cli import main
+
+    (tmp_path / "README.md").write_text("a file")
+    capsys.readouterr()
+    assert main(["sweep", "--set", "arch=unet", "--output-dir", str(tmp_path / "README.md" / "runs"), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"labseg: error: output_dir='{tmp_path / 'README.md' / 'runs'}': "
+                                       f"{tmp_path / 'README.md'} is a file; expected a folder\n")
+
+
+def test_a_range_or_an_array_is_a_list_of_values():
+    """range(3) for seeds and np.logspace for learning rates once swept as one value each."""
+    import numpy as np
+
+    from labseg.sweep import _as_list
+
+    seeds, lrs = _as_list("seed", range(3)), _as_list("lr", np.array([1e-3, 3e-4]))
+    assert seeds == [0, 1, 2] and lrs == [1e-3, 3e-4]
+    assert [type(v) for v in seeds + lrs] == [int] * 3 + [float] * 2
+    assert _as_list("extra", {"ema": 0.99}) == [{"ema": 0.99}] and _as_list("arch", "unet") == ["unet"]
+
+
+def test_an_interrupted_point_reached_through_a_link_is_resumed(tmp_path, monkeypatch):
+    """A point moved to another disk and linked back (an interrupted run: a checkpoint, no summary)
+    is resumed, as `labseg train --resume` resumes it; only a link to anything else is refused."""
+    import labseg.workbook
+    from labseg.workbook import run_training_notebook
+
+    elsewhere = tmp_path / "big" / "intr"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "last.pt").write_bytes(b"a checkpoint")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "intr").symlink_to(elsewhere)
+    started = []
+    monkeypatch.setattr(labseg.workbook, "run_notebook", lambda name, out, params, **_: started.append(params))
+    run_training_notebook({"arch": "unet"}, output_dir=tmp_path / "runs", name="intr", exact=True)
+    assert started and started[0]["resume"] is True and (elsewhere / "last.pt").read_bytes() == b"a checkpoint"
