@@ -202,7 +202,7 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
               "has finished", file=sys.stderr, flush=True)
     if not data_dir:
         check_recorded_dataset(config.data_dir, run.name, f"labseg evaluate {run.name} --data DIR "
-                                                          "(data_dir=DIR in Python)")
+                                                          "(data_dir=DIR in Python and in 05_evaluate)")
     data_dir = data_dir or config.data_dir
     cached = run_split(config, split, data_dir, data_progress)
     batches = batches_for_model(model, config, cached, batch_size)

@@ -216,3 +216,22 @@ def test_an_executed_notebook_replaces_a_link_at_its_path_rather_than_writing_th
     assert run_notebook("04_train", out, progress=False) == out
     assert target.read_text() == "my notes"
     assert out.read_text() == "{}" and not out.is_symlink()
+
+
+def test_05_evaluates_a_run_whose_dataset_moved_when_given_data_dir(tmp_path, synthetic_root):
+    """The error for a run whose dataset is not where it trained says to give the folder; 05 had no
+    parameter to give it (a class's runs, collected from the students' machines)."""
+    import json
+
+    from labseg.train import fit
+
+    shutil.copytree(synthetic_root, tmp_path / "a")
+    run = fit(arch="unet", data_dir=str(tmp_path / "a"), img_size=32, epochs=1, max_train_images=4, run_name="moved",
+              output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), progress=False).run
+    (tmp_path / "a").rename(tmp_path / "b")
+    params = {"run": "moved", "output_dir": str(tmp_path / "runs")}
+    with pytest.raises(NotebookFailed, match=r"DatasetLayoutError: run moved was trained on .*/a, and .* give its folder: .*in 05_evaluate"):
+        run_notebook("05_evaluate", tmp_path / "05-no.ipynb", params, progress=False)
+    run_notebook("05_evaluate", tmp_path / "05.ipynb", {**params, "data_dir": str(tmp_path / "b")}, progress=False)
+    evaluation = json.loads(next(run.path.glob("eval_test*.json")).read_text())
+    assert evaluation["data_dir"] == str(tmp_path / "b")
