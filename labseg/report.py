@@ -112,6 +112,22 @@ def run_folders(output_dir: str | Path = "outputs/runs") -> list[Path]:
                   if p.is_dir() and ((p / "config.json").is_file() or (p / "failed.json").is_file()))
 
 
+def folders_without_a_run(output_dir: str | Path = "outputs/runs") -> list[str]:
+    """The folders under ``output_dir`` that hold no run record, each with the runs one level down
+    (a student's archive unpacked into a folder of its name: ``name/name/config.json``), which the
+    report would otherwise leave out without a word."""
+    root = resolve_path(output_dir)
+    if not root.is_dir():
+        return []
+    listed = set(run_folders(output_dir))
+    said = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p not in listed and not p.name.startswith(".")):
+        inside = [p.name for p in run_folders(folder)]
+        said.append(f"`{md_text(folder.name)}`" + (f" (holds the run(s) {', '.join(md_text(n) for n in inside)} one level "
+                                                    "down: move them up to be listed)" if inside else ""))
+    return said
+
+
 def run_row(folder: Path) -> dict:
     """One run as a flat dict: parameters, best metrics, test metrics and a status.
 
@@ -554,6 +570,8 @@ def write_report(output_dir: str | Path = "outputs/runs", report_dir: str | Path
                   markdown_table(per_breed.rename_axis("breed").reset_index()), ""]
     if len(others):
         parts += ["## Failed or unfinished runs", "", markdown_table(others, ["run", "status", "arch", "error"]), ""]
+    if unlisted := folders_without_a_run(output_dir):
+        parts += ["Folders here that hold no run record, not listed above: " + "; ".join(unlisted) + ".", ""]
     parts += ["Every run's full parameters and metrics: `runs.csv`.", ""]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts))

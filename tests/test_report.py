@@ -646,3 +646,15 @@ def test_the_notebooks_tables_show_text_as_it_is_and_report_md_escaped(tmp_path)
     df = pd.DataFrame({"dataset": ["R&D|pets"], "best_valid_dice": [0.81234]})
     assert formatted(df).iloc[0].tolist() == ["R&D|pets", "0.8123"]
     assert markdown_table(df).splitlines()[-1] == "| R&amp;D\\|pets | 0.8123 |"
+
+
+def test_a_run_one_folder_too_deep_is_named_not_silently_left_out(tmp_path):
+    """A student's archive unpacked into a folder of its name (aj/aj/config.json) was missing from
+    the report without a word."""
+    runs = tmp_path / "runs"
+    fake_run(runs, "ann", "unet", [0.5, 0.6])
+    fake_run(runs / "aj", "aj", "unet", [0.4, 0.7])
+    (runs / "empty").mkdir()
+    text = write_report(runs, tmp_path / "report").read_text()
+    assert ("Folders here that hold no run record, not listed above: `aj` (holds the run(s) aj one level down: move "
+            "them up to be listed); `empty`.") in text
