@@ -388,7 +388,12 @@ def test_best_per_network_compares_runs_of_one_dataset(tmp_path):
     assert best_per_arch(table).loc["unet", "run"] == "sample-new"
     assert best_per_arch(table, dataset="photos").loc["unet", "run"] == "photos"
     text = write_report(runs, tmp_path / "report").read_text()
-    assert "On `sample`, the dataset of the run that finished last" in text
+    assert "On each dataset, `sample` (the dataset of the run that finished last, which the figure" in text
+    # each dataset's best in the table, the latest run's dataset first (only it once: an instructor
+    # with a class's runs on the sample and on real photos saw the sample's best alone)
+    best_rows = [line.split(" | ")[:3] for line in text.split("## Best run per network")[1].split("##")[0].splitlines()
+                 if line.startswith("| unet")]
+    assert best_rows == [["| unet", "sample-new", "sample"], ["| unet", "photos", "photos"]]
     # the curves too: only the sample's runs, the latest data's best bold, and both say so
     assert "of every run on `sample` (runs on other data are left out" in text
     fig = plot_curves(runs)
