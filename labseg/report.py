@@ -33,6 +33,7 @@ METRICS = ("best_valid_dice", "best_valid_iou", "best_epoch", "epochs_run", "tra
 TABLE_COLUMNS = ("run", "status", "dataset", *PARAMS, *METRICS, "checkpoint", "test_dice", "test_iou", "test_dice_tta",
                  "test_dice_best", "test_dice_last", "machine", "trained_at", "data_path", "data_key", "error")
 MAX_LABELLED_RUNS = 12      # plot_curves names every run in its legend up to this many
+LABELLED_PER_NETWORK = 3    # ... and beyond, the best this many of each network (a class's 40 runs)
 ARCH_COLORS = {"unet": "tab:blue", "resnet34_unet": "tab:orange", "smp_unet_resnet34": "tab:green"}
 
 
@@ -317,6 +318,12 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
     on = curves_dataset(table, dataset)
     if on is not None:
         table = table[table["data_key"] == on[1]] if dataset is None else table[table["dataset"] == dataset]
+    named = set(table["run"])
+    if len(table) > MAX_LABELLED_RUNS:      # the legend stays readable: each network's few best by name
+        import pandas as pd
+
+        ranked_runs = table.assign(dice=pd.to_numeric(table["best_valid_dice"], errors="coerce")).dropna(subset=["dice"])
+        named = set(ranked_runs.sort_values("dice", ascending=False).groupby("arch").head(LABELLED_PER_NETWORK)["run"])
     fig = Figure(figsize=(11, 3.8), layout="constrained")
     ax_m, ax_l = fig.subplots(1, 2)
     for _, row in table.iterrows():
@@ -328,9 +335,7 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
         # Markers on every line: a run of one epoch is a single point, which a bare line never draws.
         style = dict(color=ARCH_COLORS.get(row["arch"], "tab:gray"), lw=2.6 if is_best else 1.0,
                      alpha=1.0 if is_best else 0.45, marker="o", ms=4 if is_best else 3)
-        # Every run is named while the legend stays readable; beyond that, the best ones only.
-        label = (f"{row['run']} (best {row['arch']})" if is_best
-                 else row["run"] if len(table) <= MAX_LABELLED_RUNS else None)
+        label = f"{row['run']} (best {row['arch']})" if is_best else row["run"] if row["run"] in named else None
         ax_m.plot(epochs, [h[metric] for h in history], label=label, **style)
         ax_l.plot(epochs, [h["valid_loss"] for h in history], **style)
     where = f" on {on[0]}" if on is not None else ""

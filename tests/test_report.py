@@ -663,3 +663,13 @@ def test_a_run_one_folder_too_deep_is_named_not_silently_left_out(tmp_path):
     text = write_report(runs, tmp_path / "report").read_text()
     assert ("Folders here that hold no run record, not listed above: `aj` (holds the run(s) aj one level down: move "
             "them up to be listed); `empty`.") in text
+
+
+def test_the_curves_of_a_class_name_each_networks_few_best(tmp_path):
+    """Beyond a dozen runs only the bold best of each network was named: the second best of 40
+    could not be told from the rest."""
+    runs = tmp_path / "runs"
+    for i in range(16):
+        fake_run(runs, f"u{i:02d}", "unet", [0.3, 0.3 + i / 100])
+    labels = {line.get_label() for line in plot_curves(runs).axes[0].lines if not line.get_label().startswith("_")}
+    assert labels == {"u15 (best unet)", "u14", "u13"}
