@@ -291,8 +291,14 @@ def best_per_dataset(table, metric: str = "best_valid_dice"):
         return best_per_arch(table, metric).reset_index()
     latest = pd.to_numeric(done["trained_at"], errors="coerce").groupby(done["data_key"].fillna("")).max()
     keys = latest.sort_values(ascending=False, na_position="last").index
-    return pd.concat([best_per_arch(done[done["data_key"].fillna("") == key], metric).reset_index() for key in keys],
+    best = pd.concat([best_per_arch(done[done["data_key"].fillna("") == key], metric).reset_index() for key in keys],
                      ignore_index=True)
+    # Two datasets of one folder name (or runs from before labseg recorded their images, whose
+    # folders are not here): told apart by their folder, or by their images' fingerprint.
+    shared = best.groupby("dataset")["data_key"].transform("nunique") > 1
+    best.loc[shared, "dataset"] = [f"{d} ({p})" if k == p else f"{d} (images {str(k)[:8]})"
+                                   for d, p, k in best.loc[shared, ["dataset", "data_path", "data_key"]].itertuples(index=False)]
+    return best
 
 
 def load_histories(output_dir: str | Path = "outputs/runs") -> dict[str, list[dict]]:

@@ -706,19 +706,26 @@ def dataset_key(summary: dict, data_dir) -> str | None:
         return digest["names_sha1"]
     if not isinstance(data_dir, (str, os.PathLike)):
         return None
-    path = str(resolve_path(data_dir))
-    return _names_sha1(path) or path
+    path = resolve_path(data_dir)
+    try:    # the split file's and the images' times: a dataset written or replaced since is read again
+        stamp = tuple((path / p).stat().st_mtime_ns for p in ("annotations/trainval.txt", "images"))
+    except OSError:                     # not here
+        return str(path)
+    # the pairs the run skipped (an image that would not decode) are not among the names it recorded
+    skipped = frozenset(Path(str(s[0] if isinstance(s, (list, tuple)) and s else s)).stem
+                        for s in summary.get("skipped") or [])
+    return _names_sha1(str(path), stamp, skipped) or str(path)
 
 
 @functools.lru_cache(maxsize=64)
-def _names_sha1(folder: str) -> str | None:
+def _names_sha1(folder: str, stamp: tuple, skipped: frozenset) -> str | None:
     from labseg.data import DatasetLayoutError, read_records_quiet
 
     try:
         records = read_records_quiet(Path(folder), "trainval")
-    except (OSError, ValueError, DatasetLayoutError):       # not here, or not a dataset
+    except (OSError, ValueError, DatasetLayoutError):       # not a dataset
         return None
-    return hashlib.sha1("\n".join(sorted(r.name for r in records)).encode()).hexdigest()
+    return hashlib.sha1("\n".join(sorted(r.name for r in records if r.name not in skipped)).encode()).hexdigest()
 
 
 def _can_hold_a_cache(folder) -> bool:
@@ -728,8 +735,11 @@ def _can_hold_a_cache(folder) -> bool:
         return False
     path = resolve_path(folder)
     for part in (path, *path.parents):
-        if part.exists():
-            return part.is_dir() and (part == path or os.access(part, os.W_OK | os.X_OK))
+        try:
+            if part.exists():
+                return part.is_dir() and (part == path or os.access(part, os.W_OK | os.X_OK))
+        except OSError:                 # inside a folder this user may not enter (another's home)
+            return False
     return False
 
 

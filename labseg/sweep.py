@@ -56,7 +56,9 @@ def coerce(value, key: str | None = None):
 
 def _as_list(key, value) -> list:
     """One value, or an iterable of them (a list, ``range(3)``, ``np.logspace(...)``), as a list."""
-    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+    if getattr(value, "ndim", 1) > 1:
+        raise SweepError(f"{key}: an array of {value.ndim} dimensions; expected one value or a list of them")
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__") or getattr(value, "ndim", 1) == 0:
         value = [value]
     values = [v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v for v in value]
     if not values:

@@ -673,3 +673,38 @@ def test_the_curves_of_a_class_name_each_networks_few_best(tmp_path):
         fake_run(runs, f"u{i:02d}", "unet", [0.3, 0.3 + i / 100])
     labels = {line.get_label() for line in plot_curves(runs).axes[0].lines if not line.get_label().startswith("_")}
     assert labels == {"u15 (best unet)", "u14", "u13"}
+
+
+def test_two_datasets_of_one_name_are_told_apart_in_the_best_run_table(tmp_path):
+    """Runs from before labseg recorded their images, from machines whose folders are not here, are
+    grouped by path: three rows all reading "sample" could not be told apart."""
+    from labseg.report import best_per_dataset
+
+    runs = tmp_path / "runs"
+    for name, data, dice in (("anna", "/home/anna/data/sample", 0.8), ("ben", "/Users/ben/data/sample", 0.75)):
+        run = fake_run(runs, name, "unet", [dice])
+        run.write_json("config.json", {**run.read_json("config.json"), "data_dir": data})
+    best = best_per_dataset(collect_runs(runs)).set_index("run")
+    assert best.loc["anna", "dataset"] == "sample (/home/anna/data/sample)"
+    assert best.loc["ben", "dataset"] == "sample (/Users/ben/data/sample)"
+
+
+def test_an_older_run_without_its_images_record_joins_the_newer_runs_on_its_folder(tmp_path, synthetic_root):
+    """An older run's key is its folder's image names, less the pairs it skipped (an image that
+    would not decode is in its summary's "skipped", not among the names a newer run records)."""
+    import hashlib
+    import shutil
+
+    from labseg.data import read_records_quiet
+    from labseg.runs import dataset_key
+
+    data = tmp_path / "pets"
+    shutil.copytree(synthetic_root, data)
+    names = sorted(r.name for r in read_records_quiet(data, "trainval"))
+    recorded = {"names_sha1": hashlib.sha1("\n".join(names[1:]).encode()).hexdigest(), "images": len(names) - 1}
+    old = {"skipped": [[str(data / "images" / f"{names[0]}.jpg"), "empty file (0 bytes)"]]}
+    assert dataset_key(old, data) == dataset_key({"trainval": recorded}, data) == recorded["names_sha1"]
+    assert dataset_key({}, data) != recorded["names_sha1"]
+    # the folder's list is read again once it changes (a long-lived notebook kernel)
+    (data / "annotations" / "trainval.txt").write_text(f"{names[1]} 1 1 1\n")
+    assert dataset_key({}, data) == hashlib.sha1(names[1].encode()).hexdigest()

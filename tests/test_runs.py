@@ -290,3 +290,23 @@ def test_a_networks_own_infinite_buffer_loads(tmp_path):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     load_weights(model, {"arch": "conv", "model": state}, "conv")
     assert model.lo.item() == float("-inf")
+
+
+def test_a_cache_folder_in_a_folder_one_may_not_enter_reads_as_the_default(tmp_path, monkeypatch):
+    """Another student's --cache-dir ~/cache (a home of mode 0700): Path.exists raised
+    PermissionError there, and one such run stopped `labseg evaluate`'s pick for every run."""
+    import json
+    from pathlib import Path
+
+    run = _recorded_run(tmp_path, "theirs")
+    private = tmp_path / "anna"
+    (run.path / "config.json").write_text(json.dumps({**json.loads((run.path / "config.json").read_text()),
+                                                      "cache_dir": str(private / "cache")}))
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if str(self).startswith(str(private)):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "stat", stat)
+    assert run.read_config().cache_dir == "data/cache"

@@ -419,3 +419,13 @@ def test_an_interrupted_point_reached_through_a_link_is_resumed(tmp_path, monkey
     monkeypatch.setattr(labseg.workbook, "run_notebook", lambda name, out, params, **_: started.append(params))
     run_training_notebook({"arch": "unet"}, output_dir=tmp_path / "runs", name="intr", exact=True)
     assert started and started[0]["resume"] is True and (elsewhere / "last.pt").read_bytes() == b"a checkpoint"
+
+
+def test_an_array_of_no_or_two_dimensions_is_one_value_or_refused():
+    import numpy as np
+
+    from labseg.sweep import _as_list
+
+    assert _as_list("lr", np.array(1e-3)) == [1e-3]
+    with pytest.raises(SweepError, match="lr: an array of 2 dimensions; expected one value or a list of them"):
+        _as_list("lr", np.ones((2, 2)))
