@@ -185,6 +185,7 @@ def run_row(folder: Path) -> dict:
     elif "best_valid_dice" in summary:
         row["status"], row["error"] = "finished", row.get("error")
         row["trained_at"] = trained_at(RunDir(folder))
+        row["finished_at"] = summary.get("finished_at")       # for _note_copies (not a column)
         if not (folder / f"{row['checkpoint']}.pt").is_file():     # finished, but nothing left to evaluate
             _note(row, f"its checkpoint {row['checkpoint']}.pt is missing: it cannot be evaluated again")
         try:
@@ -222,7 +223,22 @@ def collect_runs(output_dir: str | Path = "outputs/runs"):
     import pandas as pd
 
     rows = [run_row(f) for f in run_folders(output_dir)]
+    _note_copies(rows)
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def _note_copies(rows: list[dict]) -> None:
+    """Finished runs whose records agree to the millisecond they finished, the seconds they trained
+    and their Dice are one run in several folders (a copied submission): each says which others."""
+    same: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row.get("status") == "finished" and isinstance(row.get("finished_at"), str):
+            same.setdefault((row["finished_at"], row.get("train_seconds"), row.get("best_valid_dice"),
+                             row.get("epochs_run")), []).append(row)
+    for group in (g for g in same.values() if len(g) > 1):
+        for row in group:
+            others = ", ".join(r["run"] for r in group if r is not row)
+            _note(row, f"the same run as {others} (its records agree to the millisecond it finished: a copy?)")
 
 
 def evaluation_breakdown(output_dir: str | Path = "outputs/runs"):

@@ -708,3 +708,18 @@ def test_an_older_run_without_its_images_record_joins_the_newer_runs_on_its_fold
     # the folder's list is read again once it changes (a long-lived notebook kernel)
     (data / "annotations" / "trainval.txt").write_text(f"{names[1]} 1 1 1\n")
     assert dataset_key({}, data) == hashlib.sha1(names[1].encode()).hexdigest()
+
+
+def test_a_copy_of_a_run_is_said_to_be_one(tmp_path):
+    """Two students' folders holding one run (a copied submission) read as two runs, each ranked."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    original = fake_run(runs, "ann", "unet", [0.5, 0.6])
+    original.write_summary({**original.read_summary(), "finished_at": "2026-11-01T10:00:00.123+00:00"})
+    shutil.copytree(original.path, runs / "bob")
+    fake_run(runs, "cid", "unet", [0.5, 0.6])       # the same figures, trained at another moment
+    table = collect_runs(runs).set_index("run")
+    assert "the same run as bob (its records agree to the millisecond it finished: a copy?)" in table.loc["ann", "error"]
+    assert "the same run as ann" in table.loc["bob", "error"]
+    assert "the same run" not in str(table.loc["cid", "error"])
