@@ -84,15 +84,25 @@ def check_switch(name: str, value) -> None:
 MAX_IMG_SIZE = 2048
 
 
+def nearest_existing(path: Path) -> Path | None:
+    """``path`` or its nearest parent that exists: where making ``path`` would start. None where
+    that cannot be told (a folder on the way this user may not enter)."""
+    for part in (path, *path.parents):
+        try:
+            if part.exists():
+                return part
+        except OSError:
+            return None
+    return None
+
+
 def check_folder(name: str, value) -> Path:
     """``value`` resolved, if it is or can become a folder: a ConfigError where it, or a folder it
     would be made in, is a file (``README.md/cache``), found before any work rather than after it."""
     path = resolve_path(value)
-    for part in (path, *path.parents):
-        if part.exists():
-            if not part.is_dir():
-                raise ConfigError(f"{name}={str(value)!r}: {part} is a file; expected a folder")
-            break
+    start = nearest_existing(path)
+    if start is not None and not start.is_dir():
+        raise ConfigError(f"{name}={str(value)!r}: {start} is a file; expected a folder")
     return path
 
 

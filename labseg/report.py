@@ -277,8 +277,8 @@ def _minus(a, b):
 
 def best_per_arch(table, metric: str = "best_valid_dice", dataset: str | None = None):
     """The best finished run of each network (rows of ``table``, indexed by arch), among the runs
-    on ``dataset`` (a data folder's name): by default the data folder of the run that finished
-    last, the rule of :func:`labseg.runs.best_run` (which ``labseg evaluate`` uses), since a Dice
+    on ``dataset`` (a data folder's name): by default the data of the run that finished last
+    (the images it trained on, :func:`labseg.runs.dataset_key`), the rule of :func:`labseg.runs.best_run` (which ``labseg evaluate`` uses), since a Dice
     on 4 synthetic images and one on 30 photos do not compare."""
     done = table[(table["status"] == "finished") & table[metric].notna()]
     if dataset is not None:

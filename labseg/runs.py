@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from labseg.config import (BEFORE_OPTION_EXISTED, CHECKPOINTS, MONITOR_MODE, UMASK, ConfigError, RunConfig,
-                           _is_number, check_choice, resolve_path)
+                           _is_number, check_choice, nearest_existing, resolve_path)
 
 CHECKPOINT_FORMAT = 1
 
@@ -734,13 +734,8 @@ def _can_hold_a_cache(folder) -> bool:
     if not isinstance(folder, (str, os.PathLike)):
         return False
     path = resolve_path(folder)
-    for part in (path, *path.parents):
-        try:
-            if part.exists():
-                return part.is_dir() and (part == path or os.access(part, os.W_OK | os.X_OK))
-        except OSError:                 # inside a folder this user may not enter (another's home)
-            return False
-    return False
+    start = nearest_existing(path)      # None inside a folder this user may not enter (another's home)
+    return start is not None and start.is_dir() and (start == path or os.access(start, os.W_OK | os.X_OK))
 
 
 def best_run(output_dir: str | Path = "outputs/runs", arch: str | None = None,

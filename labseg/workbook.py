@@ -113,8 +113,6 @@ def _assigned(source: str) -> list[str]:
             for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
 
 
-# Notebook parameters that no function checks before the notebook's long work (04_train's are
-# RunConfig's, checked before training; 05's run and checkpoint before the evaluation).
 # Parameters renamed since a recorded papermill command may have used them: the new name is given.
 _RENAMED = {"05_evaluate": {"which": "checkpoint"}}
 
@@ -124,11 +122,17 @@ def _is_count(v) -> bool:
 
 
 def _is_size(v) -> bool:
-    from labseg.config import MAX_IMG_SIZE
+    from labseg.config import ConfigError, check_img_size
 
-    return _is_count(v) and 0 < v <= MAX_IMG_SIZE and v % 32 == 0
+    try:
+        check_img_size(v)
+    except ConfigError:
+        return False
+    return True
 
 
+# Notebook parameters that no function checks before the notebook's long work (04_train's are
+# RunConfig's, checked before training; 05's run and checkpoint before the evaluation).
 _SIZE = ("a size in px divisible by 32, e.g. 64", _is_size)
 _VALUE_CHECKS = {
     "01_data": {"img_size": _SIZE, "seed": ("an integer >= 0", _is_count)},
