@@ -1,7 +1,11 @@
 """environment.yml and pyproject.toml must not drift apart: pyproject is the one dependency list."""
 import re
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:     # Python 3.10 (requires-python allows it): the same parser, from PyPI
+    import tomli as tomllib
 
 import yaml
 
