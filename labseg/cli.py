@@ -143,12 +143,6 @@ def given_options(args: argparse.Namespace) -> dict:
     return values
 
 
-def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    """A RunConfig from the options given, the rest from ``base`` (default: RunConfig's defaults)."""
-    base = base or RunConfig()
-    return RunConfig.from_dict({**base.to_dict(), **given_options(args)})
-
-
 def runs_folder(typed: str | None) -> Path:
     """Where runs are: ``--output-dir`` as typed (from the cwd), else ``$LABSEG_RUNS_DIR``, else
     outputs/runs (labseg.workbook.runs_dir: the notebooks' rule, so every command finds the same runs)."""
