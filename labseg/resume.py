@@ -5,6 +5,7 @@ checkpoint's training state back into the network and optimizer it builds.
 
     fit(run_name=..., resume=True) → open_resumed (config.json + what was asked, last.pt or a newer
     best.pt, refused if nothing is left to train) → check_same_images → update_resumed_folder
+    → (at its first new checkpoint) set_aside_evaluations
 """
 from __future__ import annotations
 
@@ -188,22 +189,22 @@ def _newer_best(run: RunDir, last: dict) -> dict:
     return last
 
 
-def update_resumed_folder(run: RunDir, config: RunConfig, resumed: dict) -> None:
+def update_resumed_folder(run: RunDir, config: RunConfig) -> None:
     """Once a resume is sure to go on: config.json says what the run now trains to (e.g. more
-    epochs, or its moved dataset), and what the stopped session left half done is cleared."""
+    epochs, or its moved dataset), and the writes a kill of the stopped session cut short go."""
     if config.to_dict() != run.read_config().to_dict():
         run.write_config(config)
-    _clear_stale_files(run, resumed["epoch"])
-
-
-def _clear_stale_files(run: RunDir, epoch: int) -> None:
-    """Before a resumed run trains: remove the writes a kill cut short, and move aside the
-    evaluations of the weights it is about to replace (a report would pair them with the new ones)."""
     stale = sorted(run.path.glob(".*.tmp"))
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:
         print(f"labseg: removed {len(stale)} unfinished write(s) left by the stopped session")
+
+
+def set_aside_evaluations(run: RunDir, epoch: int) -> None:
+    """Before a resumed run's first new checkpoint replaces the weights of ``epoch``: move their
+    evaluations aside (a report would pair them with the new weights). Not earlier: a resume
+    stopped before it wrote a checkpoint leaves the weights, and so their scores, as they were."""
     moved = []
     for path in sorted(run.path.glob("eval_*.json")):
         path.replace(path.with_name(f"{path.name}.epoch-{epoch}"))

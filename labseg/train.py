@@ -39,7 +39,8 @@ from labseg.machine import channels_last_for, code_version, describe as describe
 from labseg.metrics import per_image_dice, per_image_iou
 from labseg.models import build_model, check_installed, count_parameters, model_kwargs
 from labseg.progress import RunBars, progress_modes
-from labseg.resume import asked_fields, check_same_images, images_digest, open_resumed, update_resumed_folder
+from labseg.resume import (asked_fields, check_same_images, images_digest, open_resumed, set_aside_evaluations,
+                           update_resumed_folder)
 from labseg.runs import CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, RunDir, _first_line, load_weights, run_name_for
 from labseg.transforms import BatchAugment
 
@@ -390,8 +391,8 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
     if min(train_batches.batch_size, len(train_batches.indices)) == 1:
         check_batches_of_one(model, config, device, channels_last)
     if resumed is not None and dist.is_main:
-        update_resumed_folder(run, config, resumed)     # only once every check has passed: a refused
-                                                        # resume leaves the run's records as they were
+        update_resumed_folder(run, config)      # only once every check has passed: a refused
+                                                # resume leaves the run's records as they were
     if not resume and dist.is_main:
         # A name given is that run's: an existing one is refused (resume or overwrite it), never
         # silently moved to NAME-2, where a notebook written into NAME would describe the wrong run.
@@ -447,6 +448,8 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
         """last.pt (and best.pt), then the records up to ``epoch``."""
         nonlocal saved_at, saved_epoch
         if dist.is_main:
+            if resumed is not None and saved_epoch == first_epoch - 1:     # a resume's first write
+                set_aside_evaluations(run, first_epoch - 1)
             # Serialising resnet34_unet's 290 MB (weights and AdamW moments) takes ~0.35 s of the
             # training thread (~3% of a bf16 epoch at 128 px on 2 cores) and the write 0.2-1.3 s
             # on the same cores, hence at most every `checkpoint_every` s, best.pt excepted.

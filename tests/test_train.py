@@ -112,6 +112,22 @@ def test_resume_continues_without_duplicates(tiny, capsys):
     assert "removed 1 unfinished write(s)" in said and "eval_test_last.json → eval_test_last.json.epoch-2" in said
 
 
+def test_a_resume_stopped_before_its_first_checkpoint_keeps_the_evaluations_of_the_weights(tiny, monkeypatch):
+    """Its weights are still those the evaluations scored, so the report still shows them."""
+    import labseg.train
+
+    run = fit(arch="resnet34_unet", run_name="r", **tiny).run
+    (run.path / "eval_test_last.json").write_text("{}")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(labseg.train, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(arch="resnet34_unet", run_name="r", resume=True, **{**tiny, "epochs": 4})
+    assert (run.path / "eval_test_last.json").is_file()
+    assert not list(run.path.glob("eval_*.epoch-*"))
+
+
 def test_a_run_being_trained_is_not_resumed_by_a_second_process(tiny):
     """The same resume in two terminals would write the same checkpoints; the lock is the OS's,
     so a killed run is never left locked."""
