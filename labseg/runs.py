@@ -370,6 +370,18 @@ def _unique_folder(base: Path) -> Path:
     raise RunExistsError(f"could not find a free run folder next to {base}")
 
 
+def _latest_stopped(base: Path, taken: Path) -> Path | None:
+    """The newest of ``base``, ``base-2``... before ``taken`` that stopped with a checkpoint and no
+    summary: the run that the same command, run again after an interrupt, meant to go on with."""
+    number = int(taken.name.rsplit("-", 1)[1])
+    for candidate in [base.with_name(f"{base.name}-{i}") for i in range(number - 1, 1, -1)] + [base]:
+        if (not candidate.is_symlink() and not (candidate / "summary.json").exists()
+                and any((candidate / f"{w}.pt").is_file() for w in ("last", "best"))
+                and not RunDir(candidate).is_training()):
+            return candidate
+    return None
+
+
 def _unregistered_hint(recorded: dict) -> str:
     """For a record naming a network or loss this process does not know: a user's own, registered
     by a module the run's process imported and this one did not."""
@@ -468,6 +480,9 @@ class RunDir:
             print(f"labseg: run folder {base} exists; this run writes to {path} "
                   "(to continue that run instead: --resume, resume=True in fit and 04_train; to replace it: "
                   "--overwrite, overwrite=True; both need its name: --run-name, run_name)")
+            if stopped := _latest_stopped(base, path):      # e.g. the run a notebook's interrupt stopped
+                print(f"labseg: {stopped.name} stopped before its end and can be continued: --run-name "
+                      f"{stopped.name} --resume (run_name={stopped.name!r}, resume=True)")
         return cls(path)
 
     @classmethod

@@ -22,6 +22,7 @@ import functools
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -539,6 +540,9 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
         if isinstance(e, (KeyboardInterrupt, OSError)) and dist.is_main:
             # for the message that says what to do next (cli.main): resume, or simply run it again
             e.run_folder, e.saved_epoch = (run.path, on_disk["epoch"]) if kept else (None, None)
+        if isinstance(e, KeyboardInterrupt) and dist.is_main and show_bars and not lines:
+            # a notebook's kernel interrupt: cli.main says this in its terms, a notebook in its own
+            print(_how_to_go_on(run.path if kept else None, on_disk["epoch"]), file=sys.stderr)
         raise
     finally:
         writer.join()       # the last submitted checkpoint is on disk before any error propagates
@@ -739,6 +743,17 @@ def _set_augment_phase(augment: BatchAugment, config: RunConfig, progress: float
     # Mosaics can stop before the end (YOLOv8's close_mosaic): the last epochs then see single,
     # full-size pets, as every valid and test image is.
     augment.mosaic = config.mosaic if progress < config.mosaic_until else 0.0
+
+
+def _how_to_go_on(folder, epoch: int) -> str:
+    """After a notebook's training was interrupted: what is kept, and how the notebook goes on."""
+    if folder is None:
+        return ("labseg: interrupted before the run's first checkpoint: nothing was kept; run the cell "
+                "again to start over")
+    held = f"the run up to epoch {epoch}" if epoch else "its best.pt"
+    return (f"labseg: interrupted; {folder} holds {held}. To continue it, set run_name = {folder.name!r} "
+            "and resume = True, and run the configuration and training cells again "
+            f"(`labseg train --run-name {folder.name} --resume` in a terminal)")
 
 
 def _epoch_line(row: dict, improved: bool) -> str:

@@ -176,6 +176,27 @@ def test_a_run_name_claimed_by_another_process_at_the_same_moment_is_refused_not
     assert RunDir.create(tmp_path, "s", exist="error").path == tmp_path / "s"
 
 
+def test_a_default_name_taken_names_the_stopped_run_the_command_meant_to_continue(tmp_path, capsys):
+    """A notebook's training interrupted, then its cell run again: the new run goes to NAME-3 and
+    the message names NAME-2, the stopped one, not NAME, which finished."""
+    from labseg.runs import RunDir
+
+    def made(name, *files):
+        (tmp_path / name).mkdir()
+        for f in ("config.json", *files):
+            (tmp_path / name / f).write_text("{}")
+    made("r", "summary.json", "last.pt", "best.pt")     # finished
+    made("r-2", "last.pt", "best.pt")                   # stopped at a checkpoint
+    assert RunDir.create(tmp_path, "r").path == tmp_path / "r-3"
+    said = capsys.readouterr().out
+    assert "r-2 stopped before its end and can be continued: --run-name r-2 --resume" in said
+    RunDir.create(tmp_path, "r")        # r-4: the newest stopped one is still r-2 (r-3 holds no checkpoint)
+    assert "--run-name r-2 --resume" in capsys.readouterr().out
+    made("s", "summary.json", "last.pt")
+    RunDir.create(tmp_path, "s")        # nothing stopped: the message says nothing of it
+    assert "stopped before its end" not in capsys.readouterr().out
+
+
 def _victim(tmp_path):
     """A folder of someone's own, and what it holds, to check afterwards that nothing was touched."""
     victim = tmp_path / "victim"

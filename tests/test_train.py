@@ -128,6 +128,29 @@ def test_a_resume_stopped_before_its_first_checkpoint_keeps_the_evaluations_of_t
     assert not list(run.path.glob("eval_*.epoch-*"))
 
 
+def test_a_notebooks_interrupted_training_says_how_the_notebook_continues_it(tiny, monkeypatch, capsys):
+    """A kernel interrupt in 04_train: the folder, the epoch kept and the parameters that resume it
+    (the CLI says the same in its own terms), and the resume those parameters make goes on."""
+    import labseg.train
+
+    real, calls = labseg.train.train_one_epoch, []
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(labseg.train, "train_one_epoch", interrupted_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(arch="unet", **{**tiny, "epochs": 3, "progress": "bars"})
+    said = capsys.readouterr().err
+    name = re.search(r"set run_name = '([^']+)' and resume = True", said).group(1)
+    assert "holds the run up to epoch 1" in said and f"labseg train --run-name {name} --resume" in said
+    monkeypatch.setattr(labseg.train, "train_one_epoch", real)
+    result = fit(arch="unet", run_name=name, resume=True, **{**tiny, "epochs": 3})
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+
+
 def test_a_run_being_trained_is_not_resumed_by_a_second_process(tiny):
     """The same resume in two terminals would write the same checkpoints; the lock is the OS's,
     so a killed run is never left locked."""
