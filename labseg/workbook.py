@@ -101,6 +101,31 @@ def check_parameters(notebook: str, namespace: dict | None = None) -> None:
             raise ConfigError(f"{name}={namespace[name]!r}: expected {expected}")
 
 
+def parameters_now(notebook: str, namespace: dict) -> dict:
+    """The values ``notebook``'s parameters have in ``namespace`` now: taken by the cell that builds
+    from them, for :func:`check_unchanged` in the cell that then uses what it built."""
+    import copy
+
+    return {name: copy.deepcopy(namespace[name]) for name, _ in _notebook_parameters(notebook) if name in namespace}
+
+
+def check_unchanged(used: dict, namespace: dict, cell: str) -> None:
+    """Refuse to go on when a parameter in ``namespace`` differs from ``used`` (:func:`parameters_now`):
+    a student who edits the parameters cell and runs only the cell below would otherwise get what
+    ``cell`` (the cell that built from them) made of the old values, told nothing."""
+    from labseg.config import ConfigError
+
+    def same(a, b) -> bool:
+        try:
+            return type(a) is type(b) and bool(a == b)
+        except (TypeError, ValueError):     # values that do not compare to one bool (arrays)
+            return a is b
+
+    if changed := [f"{k} = {namespace[k]!r} (was {v!r})" for k, v in used.items()
+                   if k in namespace and not same(namespace[k], v)]:
+        raise ConfigError(f"parameters changed since {cell} ran: {', '.join(changed)}; run {cell} again, then this one")
+
+
 def _assigned(source: str) -> list[str]:
     """The names a cell's top-level assignments bind, in order ([] for a cell that is not Python)."""
     import ast

@@ -235,3 +235,43 @@ def test_05_evaluates_a_run_whose_dataset_moved_when_given_data_dir(tmp_path, sy
     run_notebook("05_evaluate", tmp_path / "05.ipynb", {**params, "data_dir": str(tmp_path / "b")}, progress=False)
     evaluation = json.loads(next(run.path.glob("eval_test*.json")).read_text())
     assert evaluation["data_dir"] == str(tmp_path / "b")
+
+
+def test_a_parameter_edited_after_the_configuration_cell_stops_the_training_cell(tmp_path):
+    """A student edits arch and runs only the training cell: it trained the old config, saying
+    nothing. It now stops before any work, naming what changed; run as written, it trains."""
+    import nbformat
+    import papermill as pm
+
+    from labseg.workbook import KERNEL_ARGS, NOTEBOOK_DIR
+
+    nb = nbformat.read(NOTEBOOKS / "04_train.ipynb", as_version=4)
+    training = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "fit(" in c.source)
+    nb.cells.insert(training, nbformat.v4.new_code_cell('arch = "resnet34_unet"   # edited; the configuration cell not run'))
+    nbformat.write(nb, tmp_path / "edited.ipynb")
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(tmp_path / "edited.ipynb"), str(tmp_path / "out.ipynb"),
+                            parameters={"output_dir": str(tmp_path / "runs")}, cwd=str(NOTEBOOK_DIR),
+                            kernel_name="python3", extra_arguments=KERNEL_ARGS, progress_bar=False)
+    assert ("parameters changed since the configuration cell ran: arch = 'resnet34_unet' (was 'unet'); "
+            "run the configuration cell again") in str(e.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unchanged_parameters_compare_by_value_and_type():
+    import numpy as np
+
+    from labseg.config import ConfigError
+    from labseg.workbook import check_unchanged, parameters_now
+
+    namespace = {"arch": "unet", "epochs": 2, "extra": {"ema": 0.99}, "img_size": 64, "lr": None, "other": 1}
+    used = parameters_now("04_train", namespace)
+    assert "other" not in used and used["extra"] is not namespace["extra"]     # a copy: edits in place show
+    check_unchanged(used, namespace, "the configuration cell")
+    namespace["extra"]["ema"] = 0.9
+    with pytest.raises(ConfigError, match=r"extra = \{'ema': 0.9\} \(was \{'ema': 0.99\}\)"):
+        check_unchanged(used, namespace, "the configuration cell")
+    namespace["extra"]["ema"] = 0.99
+    for edited in (2.0, True, np.array([2, 2])):      # equal to 2 (or not one bool) yet another value
+        with pytest.raises(ConfigError, match="epochs = "):
+            check_unchanged(used, {**namespace, "epochs": edited}, "the configuration cell")
