@@ -196,6 +196,34 @@ def test_the_printed_evaluation_lists_each_species_with_its_breeds_under_it(smal
     assert sorted(n for n, i in expected if i == 4) == sorted(result["per_breed"])
 
 
+def test_an_evaluation_with_tta_runs_each_image_and_its_mirror_once(small_run):
+    """Plain and flip-TTA probabilities come from one pass (the plain logits are the TTA average's
+    first half): two forward passes per batch of test and of valid, not three; the figures are
+    those of predicting plain and TTA apart."""
+    model, c = load_run_model(small_run, "auto", "cpu")
+    valid, test = _valid_and_test(small_run)
+    plain_test = score(predict_probs(model, batches_for_model(model, c, test)), test)
+    tta_valid = predict_probs(model, batches_for_model(model, c, valid), tta=True)
+    tta_test = predict_probs(model, batches_for_model(model, c, test), tta=True)
+
+    images = []
+    real_load = labseg.evaluate._load_run_model
+
+    def counted(*args, **kwargs):
+        net, config, epoch = real_load(*args, **kwargs)
+        net.register_forward_hook(lambda module, inputs, output: images.append(len(inputs[0])))
+        return net, config, epoch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(labseg.evaluate, "_load_run_model", counted)
+        result = evaluate_run(small_run, "test", tta=True, tune_threshold=True, device="cpu", progress=False,
+                              save=False)
+    assert sum(images) == 2 * (len(test) + len(valid))
+    assert result["dice"] == pytest.approx(plain_test.dice.mean())
+    assert result["tta"]["dice"] == pytest.approx(score(tta_test, test).dice.mean())
+    tuned = result["tta_threshold_tuned"]
+    assert tuned["valid_sweep"] == labseg.evaluate.threshold_sweep(tta_valid, valid)
+
+
 def test_an_evaluation_hands_over_the_probabilities_it_scored(small_run):
     """05_evaluate's galleries take the split and probabilities evaluate_run scored, instead of
     predicting the test split a second time: the same images, and the Dice of the result."""
