@@ -31,7 +31,6 @@ are read only after a synchronisation at the end of each timed chunk, never insi
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import ctypes.util
@@ -87,10 +86,6 @@ RECORD_KEYS = {
     "note": ("kind", "message"),
     "done": ("kind", "seconds", "load_avg_1m"),
 }
-
-DESCRIPTION = ("Throughput of the networks (train step, inference) against smp's Unet-resnet34, of the "
-               "cached vs a naive per-sample data path, and the peak memory of a train step, measured "
-               "interleaved in one process. Prints one JSON object per line, then a table.")
 
 # rounds: planned; min_rounds: kept even when over budget; budget_s: the whole run's soft limit
 # (rounds are cut to fit it); hard_s: past it, memory measurements are left out (quick only).
@@ -811,129 +806,12 @@ def format_table(records: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------- CLI
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected sizes such as 128,256") from None
-
-
-def _model_list(text: str) -> list[str]:
-    from labseg.models import OWN_MODELS
-
-    names = [t for t in text.replace(",", " ").split()]
-    bad = [n for n in names if n not in OWN_MODELS]
-    if bad:      # the peer is not on the list: it is the reference every line is measured against
-        raise argparse.ArgumentTypeError(f"{', '.join(bad)}: not a labseg network; choose from "
-                                         f"{', '.join(OWN_MODELS)} (smp's Unet is always the reference)")
-    return names
-
-
-def _flat(lists) -> list:
-    return [x for item in lists or () for x in (item if isinstance(item, list) else [item])]
-
-
-def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from labseg.models import OWN_MODELS
-
-    p.add_argument("--quick", action="store_true",
-                   help="about one minute: 2 rounds; on a CPU the models only at the largest size, "
-                        "no unet above 128 px and no smp channels_last line (default: careful, "
-                        "warm-up + up to 5 interleaved rounds within ~7.5 minutes)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where to run (default: auto = cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images per batch for every measurement (default: 8 on CPU, 32 on CUDA)")
-    p.add_argument("--sizes", type=_int_list, nargs="+", action="extend", default=None, metavar="S",
-                   help="square input sizes in px, multiples of 32, as 128 256 or 128,256 (default: 128 256)")
-    p.add_argument("--models", type=_model_list, nargs="+", action="extend", default=None, metavar="NAME",
-                   help=f"labseg networks to measure, from {', '.join(OWN_MODELS)} (default: both)")
-    p.add_argument("--no-smp", dest="smp", action="store_false",
-                   help="leave out the segmentation_models_pytorch reference")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for every model (default: on for CUDA where bf16 is supported, off on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model, smp included")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format for labseg's models and batches (default: as training "
-                        "uses it: on, except on a CPU with AVX2 and no AVX512); smp runs contiguous, plus one "
-                        "extra channels_last line")
-    p.add_argument("--data", metavar="DIR", default=None,
-                   help="dataset in the official layout for the data-path benchmark, e.g. "
-                        "../shared/data/oxford-pets-3breed (default: a synthetic one of ~500x375 px JPEGs, "
-                        "written to a temporary folder)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's default, usually the number of cores)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="interleaved timing rounds (default: 5, or 2 with --quick)")
-    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="seconds the whole bench should take: the rounds are cut to fit, at least 2 "
-                        "(default: ~450, ~50 with --quick; a script's time limit, so that it ends with results)")
-    p.add_argument("--decoder-ablation", action="store_true",
-                   help=f"also measure {FULL}: resnet34_unet with a fifth decoder block at full "
-                        "resolution (as smp's Unet has), to show what the lean decoder saves")
-    p.add_argument("--epoch-estimate", action="store_true",
-                   help="CUDA: time one epoch of 3680 images (the cached split repeated) per model and "
-                        "size, and report the estimated time of a 60-epoch run")
-    p.add_argument("--json-only", action="store_true",
-                   help="print only the JSON lines (no progress, no table)")
-    p.set_defaults(func=cmd_bench)
-    return p
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``bench`` subcommand to a ``labseg`` argparse subparsers object."""
-    p = subparsers.add_parser(
-        "bench", help="throughput of models and data paths (train, inference, data, memory)",
-        description=DESCRIPTION)
-    return _configure(p)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return _configure(argparse.ArgumentParser(
-        prog="python -m labseg.bench", description=DESCRIPTION))
-
-
-def cmd_bench(args) -> int:
-    from labseg.config import ConfigError, pick_device
-
-    try:
-        dev = pick_device(args.device)
-    except ConfigError as e:
-        print(f"labseg bench: error: {e}", file=sys.stderr)
-        return 2
-    batch_size = args.batch_size or (32 if dev.type == "cuda" else 8)
-    data_dir = None
-    if args.data:
-        data_dir = Path(args.data).expanduser().resolve()     # relative to where it was typed
-    json_only = args.json_only
-
-    def log(msg):
-        if not json_only:
-            print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-    def emit(line):
-        print(line, flush=True)
-
-    try:
-        records = run_bench(models=tuple(_flat(args.models) or DEFAULT_MODELS),
-                            sizes=tuple(_flat(args.sizes) or (128, 256)),
-                            batch_size=batch_size, device=args.device, quick=args.quick, amp=args.amp,
-                            compile=args.compile, channels_last=args.channels_last,
-                            data_dir=str(data_dir) if data_dir else None, include_smp=args.smp, emit=emit,
-                            epoch_estimate=args.epoch_estimate, decoder_ablation=args.decoder_ablation,
-                            rounds=args.rounds, budget_s=args.budget,
-                            threads=args.threads, log=log)
-    except (ValueError, ConfigError) as e:
-        print(f"labseg bench: error: {e}", file=sys.stderr)
-        return 2
-    if not json_only:
-        print()
-        print(format_table(records))
-    return 0
-
-
+# The options and the command live in labseg.cli with the other commands' (argparse there imports
+# no torch, so `labseg --help` is quick); `python -m labseg.bench` takes the same ones.
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from labseg.cli import bench_parser
+
+    args = bench_parser().parse_args(argv)
     return args.func(args)
 
 

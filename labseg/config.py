@@ -18,6 +18,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The network names RunConfig accepts: labseg's two, the peer (labseg.models.smp_unet), and any
 # added by labseg.models.register_model (which appends here; a list for that reason).
 ARCHS = ["unet", "resnet34_unet", "smp_unet_resnet34"]
+OWN_MODELS = ("unet", "resnet34_unet")   # written in labseg.models; the rest are peers built by other libraries
 # The options that change a network's layout, their "as built" value, and the networks that have
 # them. Any other value on another network is an error, not silently ignored.
 ARCH_OPTIONS = {

@@ -1,12 +1,12 @@
 """labseg bench: the records it emits and the CLI flags. No timing assertions: speed targets are
 reported by the benchmark itself (docs/benchmarks.md), never asserted in tests."""
-import argparse
 import json
 
 import pytest
 import torch
 
 from labseg import bench
+from labseg.cli import _flat, bench_parser, build_parser, cmd_bench
 from labseg.machine import channels_last_for
 from labseg.synthetic import write_synthetic_dataset
 
@@ -131,49 +131,61 @@ def test_bad_size_is_refused():
 
 
 def test_cli_parser_accepts_the_flags():
-    parser = argparse.ArgumentParser(prog="labseg")
-    sub = parser.add_subparsers(dest="command")
-    bench.add_parser(sub)
+    parser = build_parser()      # labseg's own, the bench command's options among the others'
     args = parser.parse_args([
         "bench", "--quick", "--device", "cpu", "--batch-size", "4", "--sizes", "128,256", "--models",
         "resnet34_unet", "unet", "--amp", "--compile", "--no-channels-last", "--epoch-estimate",
         "--json-only", "--data", "some/dir", "--rounds", "3", "--threads", "1", "--no-smp",
         "--decoder-ablation", "--budget", "90"])
-    assert args.func is bench.cmd_bench
+    assert args.func is cmd_bench
     assert args.quick and args.amp is True and args.compile and args.channels_last is False
     assert args.epoch_estimate and args.json_only and not args.smp and args.decoder_ablation
-    assert bench._flat(args.sizes) == [128, 256]
-    assert bench._flat(args.models) == ["resnet34_unet", "unet"]
+    assert _flat(args.sizes) == [128, 256]
+    assert _flat(args.models) == ["resnet34_unet", "unet"]
     assert (args.batch_size, args.rounds, args.threads, args.data, args.device) == (4, 3, 1, "some/dir", "cpu")
     assert args.budget == 90
 
     defaults = parser.parse_args(["bench"])
     assert defaults.amp is None and defaults.channels_last is None and defaults.smp is True
     assert defaults.sizes is None and defaults.models is None and not defaults.quick
-    assert bench._flat(parser.parse_args(["bench", "--sizes", "128", "256"]).sizes) == [128, 256]
+    assert _flat(parser.parse_args(["bench", "--sizes", "128", "256"]).sizes) == [128, 256]
     assert parser.parse_args(["bench", "--no-amp"]).amp is False
 
 
 @pytest.mark.parametrize("argv", [["bench", "--models", "vgg"], ["bench", "--sizes", "big"],
                                   ["bench", "--device", "tpu"]])
 def test_cli_parser_refuses_bad_values(argv, capsys):
-    parser = argparse.ArgumentParser(prog="labseg")
-    bench.add_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(argv)
 
 
 def test_the_peer_is_the_reference_not_a_model_to_measure(capsys):
-    parser = argparse.ArgumentParser(prog="labseg")
-    bench.add_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--models", "smp_unet_resnet34"])
     assert "smp_unet_resnet34: not a labseg network; choose from unet, resnet34_unet" in capsys.readouterr().err
 
 
+def test_labseg_help_and_a_mistyped_option_answer_without_importing_torch():
+    """The options of every command, bench's included, are read before anything imports torch
+    (3.8 s and 0.8 GB of `labseg --help` were torch and torchvision, needed by no option)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom labseg.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    for argv in (["--help"], ["train", "--help"], ["bench", "--help"], ["train", "--no-such-option"]):
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().endswith("no torch"), (argv, out.stdout[-300:], out.stderr[-300:])
+    out = subprocess.run([sys.executable, "-c", code, "evaluate", "no-such-run", "--output-dir", "/nonexistent"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().endswith("torch imported")   # the check can fail: a command does import it
+
+
 def test_module_parser_has_help(capsys):
     with pytest.raises(SystemExit) as e:
-        bench.build_parser().parse_args(["--help"])
+        bench_parser().parse_args(["--help"])
     assert e.value.code == 0
     assert "--epoch-estimate" in capsys.readouterr().out
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-from labseg.config import ARCH_OPTIONS, ARCHS, ConfigError, RunConfig, check_choice
+from labseg.config import ARCH_OPTIONS, ARCHS, OWN_MODELS, ConfigError, RunConfig, check_choice
 from labseg.models.resnet34_unet import ResNet34UNet
 from labseg.models.smp_unet import import_smp, smp_unet_resnet34
 from labseg.models.unet import UNet
@@ -23,7 +23,6 @@ MODELS = {
     "resnet34_unet": ResNet34UNet,
     "smp_unet_resnet34": smp_unet_resnet34,
 }
-OWN_MODELS = ("unet", "resnet34_unet")   # written here; the rest are peers built by other libraries
 REQUIRES = {"smp_unet_resnet34": import_smp}   # networks that need a library not always installed
 
 
