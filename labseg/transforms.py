@@ -16,13 +16,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from labseg.config import check_choice
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 
 def to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -88,6 +90,8 @@ def params_for(level: str) -> AugmentParams | None:
 # --------------------------------------------------------------------------- per sample (v2)
 def sample_transform(level: str = "light") -> v2.Compose:
     """torchvision v2 pipeline for one (tv_tensors.Image, tv_tensors.Mask) pair, uint8 or float."""
+    from torchvision.transforms import v2   # here, not above: torchvision takes 1-3 s to import, and the
+                                            # cache, the training path and the report never need it
     p = params_for(level) or NO_AUGMENT
     return v2.Compose([
         v2.RandomHorizontalFlip(p.hflip),
@@ -101,6 +105,8 @@ def sample_transform(level: str = "light") -> v2.Compose:
 
 def augment_sample(image: torch.Tensor, labels: torch.Tensor, level: str = "light"):
     """Augment one image (3×H×W) and its labels (H×W or 1×H×W) with :func:`sample_transform`."""
+    from torchvision import tv_tensors
+
     image, labels = sample_transform(level)(tv_tensors.Image(image), tv_tensors.Mask(labels))
     return image.as_subclass(torch.Tensor), labels.as_subclass(torch.Tensor)
 
