@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import FixedLocator, FormatStrFormatter, MaxNLocator
+from matplotlib.ticker import FixedLocator, FormatStrFormatter, MaxNLocator, NullFormatter
 
 from labseg.config import UNTIL_BUDGET, _is_number, resolve_path
 from labseg.evaluate import eval_file
@@ -35,6 +35,7 @@ TABLE_COLUMNS = ("run", "status", "dataset", *PARAMS, *METRICS, "checkpoint", "t
 MAX_LABELLED_RUNS = 12      # plot_curves names every run in its legend up to this many
 LABELLED_PER_NETWORK = 3    # ... and beyond, the best this many of each network (a class's 40 runs)
 ARCH_COLORS = {"unet": "tab:blue", "resnet34_unet": "tab:orange", "smp_unet_resnet34": "tab:green"}
+OTHER_RUN_DASHES = ("--", ":", "-.")    # a network's runs other than its best, in its colour
 
 
 def _read_json(path: Path, default=None):
@@ -348,15 +349,20 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
         named = set(ranked_runs.sort_values("dice", ascending=False).groupby("arch").head(LABELLED_PER_NETWORK)["run"])
     fig = Figure(figsize=(11, 3.8), layout="constrained")
     ax_m, ax_l = fig.subplots(1, 2)
+    others = {}         # a network's other runs so far: each its own dash, or they share one look
     for _, row in table.iterrows():
         history = histories.get(row["run"]) or []
         if not history:
             continue
         epochs = [h["epoch"] for h in history]
         is_best = row["run"] in best
+        dash = "-"
+        if not is_best:
+            others[row["arch"]] = others.get(row["arch"], -1) + 1
+            dash = OTHER_RUN_DASHES[others[row["arch"]] % len(OTHER_RUN_DASHES)]
         # Markers on every line: a run of one epoch is a single point, which a bare line never draws.
-        style = dict(color=ARCH_COLORS.get(row["arch"], "tab:gray"), lw=2.6 if is_best else 1.0,
-                     alpha=1.0 if is_best else 0.45, marker="o", ms=4 if is_best else 3)
+        style = dict(color=ARCH_COLORS.get(row["arch"], "tab:gray"), lw=2.6 if is_best else 1.0, ls=dash,
+                     alpha=1.0 if is_best else 0.6, marker="o", ms=4 if is_best else 3)
         label = f"{row['run']} (best {row['arch']})" if is_best else row["run"] if row["run"] in named else None
         ax_m.plot(epochs, [h[metric] for h in history], label=label, **style)
         ax_l.plot(epochs, [h["valid_loss"] for h in history], **style)
@@ -367,7 +373,7 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
     losses = [y for line in ax_l.lines for y in line.get_ydata() if y > 0]
     if losses and min(losses) == max(losses):    # one value (one run, one epoch): a decade around it
         ax_l.set_ylim(min(losses) / 3, min(losses) * 3)
-    ax_l.set(xlabel="epoch", ylabel="valid loss (log scale)", title="valid loss (thin: other runs)",
+    ax_l.set(xlabel="epoch", ylabel="valid loss (log scale)", title="valid loss (thin, dashed: other runs)",
              yscale="log")
     last_epoch = max((h["epoch"] for run in table["run"] for h in histories.get(run) or []), default=1)
     for ax in (ax_m, ax_l):
@@ -376,14 +382,29 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
         # whole numbers fit (runs of one epoch), so short runs get their epochs as the ticks
         ax.xaxis.set_major_locator(MaxNLocator(integer=True) if last_epoch > 5 else FixedLocator(range(1, last_epoch + 1)))
         ax.set_xlim(0.5, last_epoch + 0.5)
-    # a valid loss within one decade gets minor-tick labels: plain numbers, not 1.35x10^0
-    ax_l.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax_l.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    _log_loss_ticks(ax_l, losses)
     if ax_m.get_legend_handles_labels()[0]:   # long run names (sweeps): under the plots, not over the curves
         fig.legend(*ax_m.get_legend_handles_labels(), loc="outside lower center", fontsize=8)
     if not ax_m.lines:
         _say_empty(ax_m, "no run has finished an epoch yet")
     return fig
+
+
+def _log_loss_ticks(ax, losses) -> None:
+    """Labelled ticks for the log-scale loss axis: within one decade, a few plain numbers (0.8, 1,
+    1.2, 1.4: the log ticks 0.8, 0.9, 1, 2 left none above 1 on 0.78-1.4); across decades, the
+    powers of ten alone (labelled minor ticks piled up: "1000 500 600 ..."), at least two of them."""
+    if not losses:
+        return
+    low, high = ax.get_ylim()
+    if max(losses) / min(losses) < 10:
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        return
+    if sum(low <= 10.0 ** k <= high for k in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)) < 2:
+        ax.set_ylim(10.0 ** np.floor(np.log10(low)), 10.0 ** np.ceil(np.log10(high)))   # 0.3-5: 0.1, 1, 10
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def curves_dataset(table, dataset: str | None = None) -> tuple[str, str] | None:

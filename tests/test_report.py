@@ -723,3 +723,44 @@ def test_a_copy_of_a_run_is_said_to_be_one(tmp_path):
     assert "the same run as bob (its records agree to the millisecond it finished: a copy?)" in table.loc["ann", "error"]
     assert "the same run as ann" in table.loc["bob", "error"]
     assert "the same run" not in str(table.loc["cid", "error"])
+
+
+def _loss_runs(runs, *curves):
+    """Runs of one network whose valid losses are ``curves``, the first the best."""
+    for i, losses in enumerate(curves):
+        run = fake_run(runs, f"run{i}", "unet", [0.9 - 0.1 * i] * len(losses))
+        run.write_metrics([{"epoch": e + 1, "train_loss": 1.0, "valid_loss": loss, "valid_dice": 0.9 - 0.1 * i,
+                            "valid_iou": 0.5} for e, loss in enumerate(losses)])
+
+
+def _labelled_loss_ticks(fig):
+    """(value, text) of the loss axis's labelled ticks within its limits, majors and minors."""
+    ax = fig.axes[1]
+    fig.draw_without_rendering()        # the formatters write the labels as the figure is drawn
+    low, high = ax.get_ylim()
+    ticks = [(tick.get_loc(), tick.label1.get_text()) for tick in ax.yaxis.get_major_ticks() + ax.yaxis.get_minor_ticks()]
+    return sorted((loc, text) for loc, text in ticks if text and low <= loc <= high)
+
+
+def test_the_log_loss_axis_labels_powers_of_ten_across_decades_and_plain_numbers_within_one(tmp_path):
+    """Across decades the minor ticks' labels piled up ("1000 500 600 ..."); over 0.78-1.4 the
+    log ticks 0.8, 0.9, 1, 2 labelled nothing above 1."""
+    import math
+
+    _loss_runs(tmp_path / "decades", [1000, 15, 2, 0.5, 0.2], [3, 1, 0.6, 0.4, 0.3])
+    labelled = _labelled_loss_ticks(plot_curves(tmp_path / "decades"))
+    assert [loc for loc, _ in labelled] == pytest.approx([1, 10, 100, 1000]), labelled     # the powers of ten alone
+    _loss_runs(tmp_path / "within", [1.4, 0.95], [0.8, 0.78])
+    labelled = _labelled_loss_ticks(plot_curves(tmp_path / "within"))
+    assert [text for _, text in labelled] == ["0.8", "1", "1.2", "1.4"], labelled
+    _loss_runs(tmp_path / "one-power", [5, 1, 0.5], [0.4, 0.3])       # 10^0 alone inside: at least two
+    labelled = _labelled_loss_ticks(plot_curves(tmp_path / "one-power"))
+    assert len(labelled) >= 2 and all(math.log10(loc).is_integer() for loc, _ in labelled), labelled
+
+
+def test_a_networks_other_runs_are_told_apart_by_their_dashes(tmp_path):
+    _loss_runs(tmp_path, [0.5, 0.4], [0.6, 0.5], [0.7, 0.6], [0.8, 0.7])
+    lines = {line.get_label(): line for line in plot_curves(tmp_path).axes[0].lines}
+    assert lines["run0 (best unet)"].get_linestyle() == "-"
+    assert [lines[f"run{i}"].get_linestyle() for i in (1, 2, 3)] == ["--", ":", "-."]
+    assert len({lines[name].get_color() for name in lines}) == 1        # in the network's colour
