@@ -431,16 +431,23 @@ def plot_best(table) -> Figure:
     x = np.arange(len(best))
     valid = best["best_valid_dice"].astype(float).to_numpy() if len(best) else np.array([])
     test = best["test_dice"].astype(float).to_numpy() if len(best) else np.array([])
-    bars = ax.bar(x - 0.2, valid, 0.4, color=[ARCH_COLORS.get(a, "tab:gray") for a in best.index])
+    tested = np.isfinite(test)
+    # a valid bar moves left of its label only to make room for a test bar beside it
+    bars = ax.bar(x - 0.2 if tested.any() else x, valid, 0.4, color=[ARCH_COLORS.get(a, "tab:gray") for a in best.index])
     ax.bar_label(bars, fmt="%.3f", fontsize=8)
-    if np.isfinite(test).any():
-        bars = ax.bar(x + 0.2, np.nan_to_num(test), 0.4, label="test Dice", color="lightgray", edgecolor="k")
-        ax.bar_label(bars, labels=[f"{t:.3f}" if np.isfinite(t) else "" for t in test], fontsize=8)
+    if tested.any():    # no bar where there is no test Dice: an empty outlined one read as 0
+        bars = ax.bar(x[tested] + 0.2, test[tested], 0.4, label="test Dice", color="lightgray", edgecolor="k")
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    # centred, and room for two networks at least: one run's bar spanned the figure, its label off it
+    half = max(len(best), 2) / 2 + 0.25
+    ax.set_xlim((len(best) - 1) / 2 - half, (len(best) - 1) / 2 + half)
     # valid Dice is best.pt's (the epoch it was kept for); test Dice is of the run's own checkpoint
     checkpoints = best["checkpoint"] if "checkpoint" in best else [None] * len(best)
     ax.set_xticks(x, [f"{a}\n{_short(r)}" + (f"\ntest: {c}.pt" if isinstance(c, str) and np.isfinite(t) else "")
                       for a, r, c, t in zip(best.index, best["run"], checkpoints, test)], fontsize=8)
-    ax.set(ylim=(0, 1.05), ylabel="Dice", title="best run per network")
+    # one dataset's runs (best_per_arch's): its name, as curves.png gives it
+    where = f" on {best['dataset'].iloc[0]}" if len(best) and isinstance(best["dataset"].iloc[0], str) else ""
+    ax.set(ylim=(0, 1.05), ylabel="Dice", title=f"best run per network{where}")
     ax.grid(axis="y", alpha=0.3)
     colours = [ARCH_COLORS.get(a, "tab:gray") for a in best.index] or ["tab:gray"]
     handles = [tuple(Patch(facecolor=c) for c in colours)]      # one swatch per network's colour

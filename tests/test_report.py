@@ -764,3 +764,40 @@ def test_a_networks_other_runs_are_told_apart_by_their_dashes(tmp_path):
     assert lines["run0 (best unet)"].get_linestyle() == "-"
     assert [lines[f"run{i}"].get_linestyle() for i in (1, 2, 3)] == ["--", ":", "-."]
     assert len({lines[name].get_color() for name in lines}) == 1        # in the network's colour
+
+
+def test_the_best_run_chart_names_its_dataset_and_draws_no_bar_for_a_missing_test_dice(tmp_path):
+    from matplotlib.colors import to_rgba
+
+    from labseg.report import plot_best
+
+    fake_run(tmp_path, "tested", "unet", [0.6, 0.8], test=0.7)
+    fake_run(tmp_path, "untested", "resnet34_unet", [0.9])
+    ax = plot_best(collect_runs(tmp_path)).axes[0]
+    assert ax.get_title() == "best run per network on sample"     # one dataset's runs, as curves.png says
+    test_bars = [bar for bar in ax.patches if bar.get_facecolor() == to_rgba("lightgray")]
+    assert [round(bar.get_height(), 3) for bar in test_bars] == [0.7]   # none of height 0 for "untested"
+
+
+@pytest.mark.parametrize("networks", [1, 2])
+def test_without_test_scores_the_best_run_bars_stand_on_their_labels(tmp_path, networks):
+    """The valid bars made room for test bars that never came: left of their labels, and a
+    single run's label hung off the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from labseg.report import plot_best
+
+    for arch in ["unet", "resnet34_unet"][:networks]:
+        fake_run(tmp_path, f"a-very-long-run-name-from-a-sweep_{arch}_img64_lr0.001_e40", arch, [0.6, 0.8])
+    fig = plot_best(collect_runs(tmp_path))
+    ax = fig.axes[0]
+    centres = sorted(bar.get_x() + bar.get_width() / 2 for bar in ax.patches)
+    assert centres == pytest.approx(sorted(ax.get_xticks()))
+    low, high = ax.get_xlim()
+    assert (low + high) / 2 == pytest.approx(sum(centres) / len(centres))      # the bars centred
+    assert all(bar.get_width() <= (high - low) / 4 for bar in ax.patches)        # a bar, not a wall
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    for label in ax.get_xticklabels():                                           # on the figure
+        box = label.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width
