@@ -529,18 +529,24 @@ def _resume_command(args, folder: Path) -> str:
         f" --output-dir {args.output_dir}" if getattr(args, "output_dir", None) else "") + " --resume"
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(_joined_negative_budget(list(sys.argv[1:] if argv is None else argv)))
-    # the errors told in one line; imported once the arguments are read (they bring torch: --help
-    # and a mistyped option answer without it)
+def _told_in_one_line() -> tuple[type[Exception], ...]:
+    """Bad input and the run's own refusals, which the CLI tells in one line. Imported when an error
+    is raised, not before the command: some bring torch, and `labseg report` needs none."""
     from labseg.config import ConfigError
     from labseg.data import BadSampleError, DatasetLayoutError
-    from labseg.runs import CheckpointError, RunExistsError, RunRecordError
     from labseg.download import DownloadError
+    from labseg.runs import CheckpointError, RunExistsError, RunRecordError
     from labseg.sweep import SweepError
     from labseg.train import TrainingDiverged
     from labseg.workbook import NotebookFailed
 
+    return (ConfigError, DatasetLayoutError, BadSampleError, CheckpointError, RunExistsError, RunRecordError,
+            TrainingDiverged, DownloadError, SweepError, NotebookFailed, FileNotFoundError, FileExistsError,
+            PermissionError)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(_joined_negative_budget(list(sys.argv[1:] if argv is None else argv)))
     # SIGTERM (kill, a batch system's time limit, docker stop) stops like Ctrl-C: the checkpoint
     # being written is finished and the records are consistent; otherwise the epoch was lost and
     # a checkpoint-sized temporary file left behind.
@@ -554,19 +560,16 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         return args.func(args) or 0
-    except (ConfigError, DatasetLayoutError, BadSampleError, CheckpointError, RunExistsError, RunRecordError, TrainingDiverged,
-            DownloadError, SweepError, NotebookFailed, FileNotFoundError, FileExistsError, PermissionError) as e:
+    except Exception as e:
+        if isinstance(e, _told_in_one_line()):
+            code = 1 if getattr(e, "run_folder", None) else 2      # a run stopped by its disk, or bad input
+        elif isinstance(e, OSError) and (e.errno in DISK_ERRNOS or getattr(e, "run_folder", None)):
+            code = 1        # the disk, not the code (full, read-only, over quota, failing): one line naming the file
+        else:
+            raise           # a fault in the code, to be seen with its traceback
         print(f"labseg: error: {e}", file=sys.stderr)
         _say_how_to_go_on(e, args)
-        return 1 if getattr(e, "run_folder", None) else 2     # a run stopped by its disk, or bad input
-    except OSError as e:
-        # the disk, not the code (full, read-only, over quota, failing): one line naming the file;
-        # any other OSError is a fault to be seen with its traceback
-        if e.errno not in DISK_ERRNOS and not getattr(e, "run_folder", None):
-            raise
-        print(f"labseg: error: {e}", file=sys.stderr)
-        _say_how_to_go_on(e, args)
-        return 1
+        return code
     except KeyboardInterrupt as e:
         if terminated:
             print("labseg: stopped by SIGTERM", file=sys.stderr)

@@ -28,7 +28,7 @@ from labseg.machine import channels_last_for
 from labseg.models import build_model, model_kwargs
 from labseg.postprocess import clean_mask, clean_masks
 from labseg.progress import pass_bar, progress_modes
-from labseg.runs import (CheckpointError, RunDir, RunRecordError, atomic_write_bytes, load_checkpoint,
+from labseg.runs import (CheckpointError, RunDir, RunRecordError, atomic_write_bytes, eval_file, load_checkpoint,
                          load_weights)
 
 THRESHOLDS = tuple(np.round(np.arange(0.2, 0.81, 0.05), 2).tolist())
@@ -171,11 +171,6 @@ def at_threshold(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """``probs >= threshold`` as booleans, compared in fp32 a few images at a time: one fp32 copy
     of a whole test split's fp16 probabilities is 4 bytes a pixel (3669 images at 256 px: 1 GB)."""
     return in_chunks(lambda part: part.float() >= threshold, probs)
-
-
-def eval_file(split: str = "test", which: str = "best") -> str:
-    """The run-folder file of an evaluation: ``eval_test.json`` (best.pt), ``eval_test_last.json`` (last.pt)."""
-    return f"eval_{split}.json" if which == "best" else f"eval_{split}_{which}.json"
 
 
 def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = "auto", tta: bool = False,

@@ -11,12 +11,18 @@ from __future__ import annotations
 import platform
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# torch is imported by the functions that ask it, not above: the report labels runs' machines from
+# their records alone and needs no torch, which takes seconds to import.
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name from /proc/cpuinfo (the platform's processor elsewhere)."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
@@ -30,6 +36,8 @@ def device_name(device: torch.device) -> str:
 
 def precision_name(amp_dtype: torch.dtype | None) -> str:
     """``"bf16"`` or ``"fp16"`` for autocast, ``"fp32"`` without."""
+    import torch
+
     return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype]
 
 
@@ -39,6 +47,8 @@ def cpu_capability(device: torch.device) -> str | None:
     It decides the CPU's speed and the default memory format (channels_last_for below), and the
     model name alone may not say it.
     """
+    import torch
+
     return torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None
 
 
@@ -47,6 +57,8 @@ def native_bf16(device: torch.device) -> bool:
 
     Without native support, CPU autocast emulates bf16 and is slower than fp32, so it stays off.
     """
+    import torch
+
     if device.type == "cuda":
         # by default torch counts emulated bf16 (a T4, a V100), slower there than fp16 + GradScaler
         return torch.cuda.is_bf16_supported(including_emulation=False)
@@ -85,6 +97,8 @@ def channels_last_for(device: torch.device, flag: bool | None = None) -> bool:
 
 def describe(device: torch.device, amp_dtype: torch.dtype | None, channels_last: bool) -> dict:
     """The record of one training process: where it ran and how (JSON-ready)."""
+    import torch
+
     record = {"device": str(device), "device_name": device_name(device),
               "precision": precision_name(amp_dtype),
               "memory_format": "channels_last" if channels_last else "contiguous",

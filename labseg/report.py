@@ -22,10 +22,9 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FormatStrFormatter, MaxNLocator, NullFormatter
 
 from labseg.config import UNTIL_BUDGET, _is_number, resolve_path
-from labseg.evaluate import eval_file
 from labseg.machine import run_machine_label
 from labseg.runs import (RunDir, RunRecordError, atomic_write_bytes, atomic_write_text, dataset_key,
-                         default_checkpoint, read_record, trained_at)
+                         default_checkpoint, eval_file, read_record, trained_at)
 
 PARAMS = ("arch", "img_size", "epochs", "time_budget", "batch_size", "lr", "optimizer", "scheduler", "loss",
           "augment", "seed", "max_train_images", "data_dir")

@@ -34,12 +34,16 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from labseg.config import (BEFORE_OPTION_EXISTED, CHECKPOINTS, MONITOR_MODE, UMASK, ConfigError, RunConfig,
                            _is_number, check_choice, nearest_existing, resolve_path)
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that save and load checkpoints, not above: reading a run's
+# records (the report, 06_report, picking a run) then needs no torch, which takes seconds to import.
 CHECKPOINT_FORMAT = 1
 
 
@@ -125,8 +129,15 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def eval_file(split: str = "test", which: str = "best") -> str:
+    """The run-folder file of an evaluation: ``eval_test.json`` (best.pt), ``eval_test_last.json`` (last.pt)."""
+    return f"eval_{split}.json" if which == "best" else f"eval_{split}_{which}.json"
+
+
 def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
     """torch.save into memory, then an atomic write: the old file survives any failure."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -160,6 +171,8 @@ class CheckpointWriter:
 
     def submit(self, checkpoint: dict, *paths: str | Path, then=None) -> None:
         """Write ``checkpoint`` to each of ``paths``; afterwards call ``then()`` (say, the records)."""
+        import torch
+
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         self.wait()
@@ -214,6 +227,8 @@ def load_checkpoint(path: str | Path) -> dict:
     Raises :class:`CheckpointError` naming the file for a missing, truncated, corrupt or unsafe
     file, or one that is not a labseg checkpoint.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} " + ("is a folder; expected a file written by labseg (torch.save)"
@@ -260,6 +275,8 @@ def _first_line(e: Exception) -> str:
 
 def load_weights(model: torch.nn.Module, ckpt: dict, arch: str, source: str = "checkpoint") -> None:
     """Load ``ckpt['model']`` into ``model`` (an ``arch``), or explain the first mismatch."""
+    import torch
+
     state = ckpt["model"]
     theirs = ckpt.get("arch", "?")
     expected = model.state_dict()

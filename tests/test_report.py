@@ -801,3 +801,21 @@ def test_without_test_scores_the_best_run_bars_stand_on_their_labels(tmp_path, n
     for label in ax.get_xticklabels():                                           # on the figure
         box = label.get_window_extent(renderer)
         assert box.x0 >= 0 and box.x1 <= fig.bbox.width
+
+
+def test_the_report_of_runs_reads_their_records_without_importing_torch(tmp_path):
+    """`labseg report` over a class's runs: records and figures only (torch and torchvision were
+    ~75% of its time). A run's evaluation is shown, so the records were read."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    for name, arch in (("a", "unet"), ("b", "resnet34_unet")):
+        run = fake_run(runs, name, arch, [0.6, 0.7], test=0.72, scheduler="cosine", stop_reason="completed all epochs")
+        run.write_summary({**run.read_summary(), "trainval": {"images": 3, "names_sha1": "f00"}})
+    code = ("import sys\nfrom labseg.cli import main\n"
+            f"rc = main(['report', '--output-dir', {str(runs)!r}, '--report-dir', {str(tmp_path / 'report')!r}])\n"
+            "print(rc, 'torch imported' if 'torch' in sys.modules else 'no torch')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "0 no torch", (out.stdout[-500:], out.stderr[-500:])
+    assert "0.720" in (tmp_path / "report" / "report.md").read_text()
