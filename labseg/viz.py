@@ -321,8 +321,18 @@ def plot_history(history: list[dict], axes=None, label: str | None = None, fig: 
         ax.grid(alpha=0.3)
         if history:
             ax.legend(fontsize=8)
-            ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())
+            # whole epochs from 1: matplotlib's padded auto-ticks, frozen, ran -5 to 35 for 30 epochs
+            _epoch_ticks(ax, max(epochs))
     return fig if fig is not None else axes[0].figure
+
+
+def _epoch_ticks(ax, last: int) -> None:
+    """Epochs 1 to ``last`` on the x-axis, whole numbers: MaxNLocator(integer=True) falls back to
+    0.5, 0.6... when fewer than two whole numbers fit, so a few epochs get each their own tick."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True) if last > 5 else FixedLocator(range(1, last + 1)))
+    ax.set_xlim(0.5, last + 0.5)
 
 
 CONFIG_FIELDS = ("arch", "data_dir", "img_size", "epochs", "time_budget", "batch_size", "lr", "weight_decay",
@@ -380,8 +390,15 @@ class LivePlot:
             ax.clear()
         plot_history(self.history, self.axes)
         if self.total and self.total < UNTIL_BUDGET:     # a budget-limited run has no known end
+            for ax in self.axes:    # a tick per epoch crammed 40 into a run the budget stopped at 9
+                _epoch_ticks(ax, self.total)
+        if not self.history:        # not empty axes of -0.04 to 0.04
             for ax in self.axes:
-                ax.set_xlim(0.5, self.total + 0.5)
+                ax.set_yticks([])
+                if not (self.total and self.total < UNTIL_BUDGET):
+                    ax.set_xticks([])
+                ax.text(0.5, 0.5, "waiting for the first epoch", transform=ax.transAxes, ha="center",
+                        va="center", color="0.4")
         self.fig.suptitle(self.title, fontsize=10)
 
     def __call__(self, history: list[dict]) -> None:

@@ -184,3 +184,35 @@ def test_scores_of_the_full_datasets_37_breeds_lie_as_bars_best_first_in_a_figur
     few = viz.plot_group_scores(table.iloc[:3], "per species")
     assert [t.get_text() for t in few.axes[0].get_xticklabels()] == [
         f"breed_{i}\n(n={table['images'].iloc[i]})" for i in range(3)]
+
+
+def _history(n):
+    return [dict(epoch=e, train_loss=1 / e, valid_loss=1.2 / e, valid_dice=0.9 - 0.5 / e, valid_iou=0.8 - 0.5 / e)
+            for e in range(1, n + 1)]
+
+
+def _visible_xticks(ax):
+    ax.figure.draw_without_rendering()
+    low, high = ax.get_xlim()
+    return [t for t in ax.get_xticks() if low <= t <= high]
+
+
+def test_the_history_axis_runs_over_the_epochs_in_whole_numbers():
+    """Frozen padded auto-ticks drew 30 epochs on an axis from -5 to 35."""
+    for ax in viz.plot_history(_history(30)).axes:
+        assert ax.get_xlim() == (0.5, 30.5)
+        ticks = _visible_xticks(ax)
+        assert all(float(t).is_integer() and 1 <= t <= 30 for t in ticks) and 4 <= len(ticks) <= 12, ticks
+    assert [_visible_xticks(ax) for ax in viz.plot_history(_history(1)).axes] == [[1], [1]]
+
+
+def test_the_live_plot_waits_for_its_first_epoch_and_spaces_its_ticks_to_the_planned_epochs():
+    live = viz.LivePlot("unet", total_epochs=40)
+    for ax in live.axes:
+        assert [t.get_text() for t in ax.texts] == ["waiting for the first epoch"]
+        assert not len(ax.get_yticks())                   # not an axis of -0.04 to 0.04
+    live(_history(9))                                     # stopped by its time budget at 9 of 40
+    for ax in live.axes:
+        assert not ax.texts and ax.get_xlim() == (0.5, 40.5)
+        ticks = _visible_xticks(ax)
+        assert all(float(t).is_integer() for t in ticks) and len(ticks) <= 12 and max(ticks) >= 32, ticks   # not 1...9
