@@ -426,7 +426,7 @@ def plot_group_scores(table, title: str = "test scores") -> Figure:
         ax.bar(x - 0.2, table["dice"], 0.4, label="Dice")
         ax.bar(x + 0.2, table["iou"], 0.4, label="IoU")
         ax.set_xticks(x, [label.replace(" (n=", "\n(n=") for label in labels])
-        ax.set(ylim=(0, 1), ylabel="score", title=title)
+        ax.set(ylim=(0, 1), ylabel="score")
         ax.grid(axis="y", alpha=0.3)
     else:
         order = np.argsort(np.asarray(table["dice"], float), kind="stable")     # worst at the bottom
@@ -436,9 +436,16 @@ def plot_group_scores(table, title: str = "test scores") -> Figure:
         ax.barh(y + 0.2, np.asarray(table["dice"], float)[order], 0.4, label="Dice")
         ax.barh(y - 0.2, np.asarray(table["iou"], float)[order], 0.4, label="IoU")
         ax.set_yticks(y, [labels[i] for i in order], fontsize=8)
-        ax.set(xlim=(0, 1), xlabel="score", title=title)
+        ax.set(xlim=(0, 1), xlabel="score")
         ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right" if len(table) > 8 else "best")
+    import textwrap
+
+    # wrapped to the figure's width: a sweep's 64-character run name was cut off at both edges
+    ax.set_title(textwrap.fill(title, width=int(fig.get_figwidth() * 8)))
+    if len(table) > 8:
+        ax.legend(loc="lower right")        # the worst groups' short bars: nothing to cover
+    else:                                   # under the axes: inside, it covered a bar of Dice 0.9
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2)
     return fig
 
 

@@ -216,3 +216,19 @@ def test_the_live_plot_waits_for_its_first_epoch_and_spaces_its_ticks_to_the_pla
         assert not ax.texts and ax.get_xlim() == (0.5, 40.5)
         ticks = _visible_xticks(ax)
         assert all(float(t).is_integer() for t in ticks) and len(ticks) <= 12 and max(ticks) >= 32, ticks   # not 1...9
+
+
+def test_group_scores_keep_a_long_title_on_the_figure_and_the_legend_off_high_bars():
+    import pandas as pd
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    table = pd.DataFrame({"dice": [0.95, 0.97, 0.93], "iou": [0.91, 0.93, 0.9], "images": [51, 39, 32]},
+                         index=["Abyssinian", "Bengal", "Birman"])
+    fig = viz.plot_group_scores(table, "test scores per breed: " + "a-very-long-run-name-from-a-sweep_unet_img64" * 2)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    (ax,) = fig.axes
+    title = ax.title.get_window_extent(renderer)
+    assert title.x0 >= 0 and title.x1 <= fig.bbox.width and title.y1 <= fig.bbox.height
+    legend = (fig.legends or [ax.get_legend()])[0].get_window_extent(renderer)
+    assert not any(legend.overlaps(bar.get_window_extent(renderer)) for bar in ax.patches)
