@@ -6,10 +6,17 @@ while the kernel lives, but a notebook saved from JupyterLab and opened again sh
 here is shown through an IPython display handle and replaced by an empty output when it closes:
 nothing of it is saved. (nbval sees the display message, not the update: notebooks/nbval_sanitize.cfg
 makes a bar's text compare as the empty output the saved notebook holds.)
+
+Written to a file (``labseg train ... > log.txt 2>&1``, a batch job's log), a bar redraws at most
+every ``LOG_INTERVAL`` seconds: at every step it filled a 25-minute run's log with ~6000 redrawn
+lines around its epoch lines, and a `tail -f` of a long epoch still moves.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
+
+LOG_INTERVAL = 30.0     # seconds between a bar's redraws where stderr is not a terminal
 
 
 def progress_modes(progress) -> tuple[bool, bool]:
@@ -42,7 +49,15 @@ def _open(tqdm, total: int, desc: str, show: bool):
 
         bar = tqdm(total=total, desc=desc, leave=False, display=False)
         return bar, display(bar.container, display_id=True)
-    return tqdm(total=total, desc=desc, leave=False, disable=not show), None
+    interval = 0.1 if _a_terminal() else LOG_INTERVAL      # 0.1: tqdm's own
+    return tqdm(total=total, desc=desc, leave=False, disable=not show, mininterval=interval), None
+
+
+def _a_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):        # replaced by an object without it, or closed
+        return False
 
 
 def _done(bar, handle) -> None:

@@ -99,3 +99,21 @@ def test_a_progress_value_other_than_true_false_or_bars_is_named_before_any_work
         evaluate_run("no-such-run", progress="yes")         # named before the run is looked for
     with pytest.raises(ConfigError, match="progress=1"):
         fit(arch="unet", progress=1)
+
+
+def test_a_bar_written_to_a_log_file_redraws_seldom_and_in_a_terminal_as_tqdm_does(capsys, monkeypatch):
+    """`labseg train > log.txt 2>&1`: the log keeps the epoch lines, not a redraw at every step."""
+    import sys
+    import time
+
+    def draws(pass_desc):
+        with pass_bar(40, pass_desc, True, tqdm=text_tqdm) as bar:
+            for _ in range(40):
+                time.sleep(0.01)
+                bar.update()
+        return capsys.readouterr().err.count(f"{pass_desc}:")
+
+    logged = draws("to a file")             # capsys's stderr is no terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    shown = draws("in a terminal")
+    assert logged <= 2 < 3 <= shown         # drawn at its start (and wiped at its end); ~4 times at 0.1 s
