@@ -232,3 +232,25 @@ def test_group_scores_keep_a_long_title_on_the_figure_and_the_legend_off_high_ba
     assert title.x0 >= 0 and title.x1 <= fig.bbox.width and title.y1 <= fig.bbox.height
     legend = (fig.legends or [ax.get_legend()])[0].get_window_extent(renderer)
     assert not any(legend.overlaps(bar.get_window_extent(renderer)) for bar in ax.patches)
+
+
+def test_a_flat_threshold_sweep_looks_flat_and_its_legend_leaves_the_points_free():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    thresholds = [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7]
+    dice = [0.6815, 0.6835, 0.6848, 0.6855, 0.6858, 0.6865, 0.686, 0.685, 0.682]    # within 0.005
+    fig = viz.plot_threshold_sweep(dict(zip(thresholds, dice)))
+    (ax,) = fig.axes
+    low, high = ax.get_ylim()
+    assert high - low >= 0.05 and low < min(dice) and max(dice) < high     # not 0.681-0.690
+    # falling from the grid's start: the longest legend, which covered the top left points
+    thresholds = [0.2 + 0.05 * i for i in range(13)]
+    dice = [0.72 - 0.0175 * i for i in range(13)]
+    fig = viz.plot_threshold_sweep(dict(zip(thresholds, dice)))
+    (ax,) = fig.axes
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    legend = (fig.legends or [ax.get_legend()])[0].get_window_extent(renderer)
+    points = ax.transData.transform(np.column_stack([thresholds, dice]))
+    assert not any(legend.x0 - 5 <= x <= legend.x1 + 5 and legend.y0 - 5 <= y <= legend.y1 + 5 for x, y in points)
+    assert legend.x0 >= 0 and legend.x1 <= fig.bbox.width
