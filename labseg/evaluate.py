@@ -399,10 +399,13 @@ def overlay(image: np.ndarray, mask: np.ndarray, color=PET_COLOR, alpha: float =
 
 
 def error_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """``image`` with each pixel's verdict tinted (``ERROR_COLORS``): pet predicted and true,
-    pet predicted where there is none, pet missed. Correct background stays untinted."""
+    """A greyscale copy of ``image`` with each pixel's verdict tinted (``ERROR_COLORS``): pet
+    predicted and true, pet predicted where there is none, pet missed. Correct background stays
+    grey. The verdicts are the only colour: on a red or orange photo the vermillion of false pet
+    vanished into the photo's own colours, whatever the palette."""
     pred, truth = np.asarray(pred).astype(bool), np.asarray(truth).astype(bool)
-    out = image.astype(np.float32).copy()
+    grey = np.rint(image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))    # luma
+    out = np.repeat(grey[..., None], 3, axis=-1)
     for m, color in zip((pred & truth, pred & ~truth, ~pred & truth), ERROR_COLORS.values()):
         _tint(out, m, color, alpha)
     return out.astype(np.uint8)

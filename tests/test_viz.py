@@ -254,3 +254,23 @@ def test_a_flat_threshold_sweep_looks_flat_and_its_legend_leaves_the_points_free
     points = ax.transData.transform(np.column_stack([thresholds, dice]))
     assert not any(legend.x0 - 5 <= x <= legend.x1 + 5 and legend.y0 - 5 <= y <= legend.y1 + 5 for x, y in points)
     assert legend.x0 >= 0 and legend.x1 <= fig.bbox.width
+
+
+def test_the_verdict_colours_are_the_only_colour_even_on_an_orange_photo():
+    """On red and orange photos the vermillion of false pet vanished into the photo's colours:
+    the verdicts are tinted over a greyscale copy."""
+    from labseg.evaluate import ERROR_COLORS, error_overlay
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:] = (230, 110, 20)                       # orange fur, an orange blanket
+    pred, truth = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    pred[:4, :4] = True                             # false pet
+    pred[4:, 4:] = truth[4:, 4:] = True             # correct pet
+    truth[:4, 4:] = True                            # missed pet
+    out = error_overlay(image, pred, truth).astype(int)
+    grey = round(0.299 * 230 + 0.587 * 110 + 0.114 * 20)
+    assert (out[4:, :4] == grey).all()              # correct background: grey, no colour of its own
+    for (rows, cols), verdict in [((slice(0, 4), slice(0, 4)), "false pet"), ((slice(4, 8), slice(4, 8)), "correct pet"),
+                                  ((slice(0, 4), slice(4, 8)), "missed pet")]:
+        expected = grey * 0.45 + np.array(ERROR_COLORS[verdict]) * 0.55
+        assert np.abs(out[rows, cols] - expected).max() <= 1, verdict
