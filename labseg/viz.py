@@ -321,8 +321,9 @@ def plot_history(history: list[dict], axes=None, label: str | None = None, fig: 
         ax.grid(alpha=0.3)
         if history:
             ax.legend(fontsize=8)
-            # whole epochs from 1: matplotlib's padded auto-ticks, frozen, ran -5 to 35 for 30 epochs
-            _epoch_ticks(ax, max(epochs))
+            # whole epochs from 1: matplotlib's padded auto-ticks, frozen, ran -5 to 35 for 30 epochs;
+            # to the longest history drawn on these axes (label: several runs on one pair)
+            _epoch_ticks(ax, int(max(max(line.get_xdata(), default=0) for line in ax.lines)))
     return fig if fig is not None else axes[0].figure
 
 
