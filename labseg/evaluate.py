@@ -82,7 +82,6 @@ def batches_for_model(model, config: RunConfig, data: CachedSplit, batch_size: i
                    channels_last=channels_last_for(device, config.channels_last))
 
 
-@torch.inference_mode()
 def predict_probs(model, batches: Batches, tta: bool = False, progress: bool = False,
                   desc: str = "predicting") -> torch.Tensor:
     """Pet probabilities N×1×S×S (CPU, float16 to keep memory small) for every batch; with ``tta``,
@@ -91,6 +90,7 @@ def predict_probs(model, batches: Batches, tta: bool = False, progress: bool = F
     return mirrored if tta else plain
 
 
+@torch.inference_mode()      # no autograd records: half the memory, and tensors that plot as they are
 def predict_plain_and_tta(model, batches: Batches, tta: bool = True, progress: bool = False,
                           desc: str = "predicting") -> tuple[torch.Tensor, torch.Tensor | None]:
     """The plain probabilities and (with ``tta``, else None) the flip-TTA ones from one pass: the

@@ -215,9 +215,11 @@ def test_an_evaluation_with_tta_runs_each_image_and_its_mirror_once(small_run):
         return net, config, epoch
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(labseg.evaluate, "_load_run_model", counted)
+        predictions = {}
         result = evaluate_run(small_run, "test", tta=True, tune_threshold=True, device="cpu", progress=False,
-                              save=False)
+                              save=False, predictions=predictions)
     assert sum(images) == 2 * (len(test) + len(valid))
+    assert predictions["probs"].is_inference()      # predicted without autograd's records
     assert result["dice"] == pytest.approx(plain_test.dice.mean())
     assert result["tta"]["dice"] == pytest.approx(score(tta_test, test).dice.mean())
     tuned = result["tta_threshold_tuned"]
