@@ -1228,8 +1228,9 @@ def test_prepare_takes_a_typed_cache_dir_from_the_shell_as_train_does(synthetic_
     assert out.returncode == 0, out.stderr
     folders = sorted(p.name for p in (tmp_path / "mycache").iterdir())
     assert len(folders) == 2 and all(f"in {tmp_path / 'mycache' / name}" in out.stdout for name in folders)
-    config = labseg.cli.config_from_args(labseg.cli.build_parser().parse_args(
+    given = labseg.cli.given_options(labseg.cli.build_parser().parse_args(      # what `labseg train` hands fit
         ["train", "--data", str(synthetic_root), "--cache-dir", "mycache", "--img-size", "32"]))
+    config = RunConfig.from_dict(given)
     trainval = load_split(config.data_dir, "trainval", 32, config.cache_dir, progress=False)
     assert Path(trainval.images.filename).parent.parent == tmp_path / "mycache"     # the same cache, not rebuilt
     assert sorted(p.name for p in (tmp_path / "mycache").iterdir()) == folders
