@@ -529,20 +529,21 @@ def _resume_command(args, folder: Path) -> str:
         f" --output-dir {args.output_dir}" if getattr(args, "output_dir", None) else "") + " --resume"
 
 
-def _told_in_one_line() -> tuple[type[Exception], ...]:
-    """Bad input and the run's own refusals, which the CLI tells in one line. Imported when an error
-    is raised, not before the command: some bring torch, and `labseg report` needs none."""
-    from labseg.config import ConfigError
-    from labseg.data import BadSampleError, DatasetLayoutError
-    from labseg.download import DownloadError
-    from labseg.runs import CheckpointError, RunExistsError, RunRecordError
-    from labseg.sweep import SweepError
-    from labseg.train import TrainingDiverged
-    from labseg.workbook import NotebookFailed
+# Bad input and the run's own refusals, which the CLI tells in one line, by the module that defines each
+_TOLD_IN_ONE_LINE = {
+    "labseg.config": ("ConfigError",), "labseg.data": ("BadSampleError", "DatasetLayoutError"),
+    "labseg.download": ("DownloadError",), "labseg.runs": ("CheckpointError", "RunExistsError", "RunRecordError"),
+    "labseg.sweep": ("SweepError",), "labseg.train": ("TrainingDiverged",), "labseg.workbook": ("NotebookFailed",),
+}
 
-    return (ConfigError, DatasetLayoutError, BadSampleError, CheckpointError, RunExistsError, RunRecordError,
-            TrainingDiverged, DownloadError, SweepError, NotebookFailed, FileNotFoundError, FileExistsError,
-            PermissionError)
+
+def _told_in_one_line() -> tuple[type[Exception], ...]:
+    """The classes of :data:`_TOLD_IN_ONE_LINE`, from the modules loaded: one not loaded raised
+    nothing. Not imported, neither before the command (some bring torch, which `labseg report`
+    needs not) nor after its error (seconds, in which a SIGTERM would cut into the handling)."""
+    loaded = [getattr(sys.modules[module], name) for module, names in _TOLD_IN_ONE_LINE.items()
+              if module in sys.modules for name in names]
+    return (*loaded, FileNotFoundError, FileExistsError, PermissionError)
 
 
 def main(argv=None) -> int:

@@ -183,6 +183,21 @@ def test_labseg_help_and_a_mistyped_option_answer_without_importing_torch():
     assert out.stdout.strip().endswith("torch imported")   # the check can fail: a command does import it
 
 
+def test_the_errors_the_cli_tells_in_one_line_are_found_by_their_names():
+    """cli names them by module and class (it imports none: a SIGTERM during that import, seconds
+    with torch, cut into the error's handling); a class renamed or moved must fail here, not when
+    its error is raised."""
+    import importlib
+
+    from labseg.cli import _TOLD_IN_ONE_LINE, _told_in_one_line
+
+    for module in _TOLD_IN_ONE_LINE:
+        importlib.import_module(module)
+    told = _told_in_one_line()
+    assert len(told) == sum(map(len, _TOLD_IN_ONE_LINE.values())) + 3
+    assert all(isinstance(c, type) and issubclass(c, Exception) for c in told)
+
+
 def test_module_parser_has_help(capsys):
     with pytest.raises(SystemExit) as e:
         bench_parser().parse_args(["--help"])
