@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageOps
 
 from labseg.config import UMASK, check_choice, check_folder, check_img_size, resolve_path
+from labseg.progress import redraws
 from labseg.transforms import channel_constant
 
 SPLITS = ("trainval", "test", "list")
@@ -514,7 +515,7 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         results = pool.map(decode, records)
         for i, result in enumerate(tqdm(results, total=n, desc=f"caching {root.name}/{split} @{img_size}px",
-                                        disable=not progress, leave=False)):
+                                        disable=not progress, leave=False, **redraws(tqdm))):
             if isinstance(result, BadSampleError):
                 if unreadable < MAX_SKIP_LINES:    # the full dataset could print thousands
                     log.warning(f"skipped {result}")

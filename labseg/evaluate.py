@@ -27,7 +27,7 @@ from labseg.metrics import in_chunks, per_image_accuracy, per_image_dice, per_im
 from labseg.machine import channels_last_for
 from labseg.models import build_model, model_kwargs
 from labseg.postprocess import clean_mask, clean_masks
-from labseg.progress import pass_bar, progress_modes
+from labseg.progress import pass_bar, progress_modes, redraws
 from labseg.runs import (CheckpointError, RunDir, RunRecordError, atomic_write_bytes, eval_file, load_checkpoint,
                          load_weights)
 
@@ -471,7 +471,7 @@ def predict_images(run: RunDir | str | Path, source: str | Path, out_dir: str | 
     names = output_names(files)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
-    for path in tqdm(files, desc="predicting", disable=not progress):
+    for path in tqdm(files, desc="predicting", disable=not progress, **redraws(tqdm)):
         try:
             # as a viewer shows it (EXIF orientation); a photo above MAX_PIXELS decoded smaller
             image = load_image(path, upright=True, reduce=True)

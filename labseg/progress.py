@@ -49,8 +49,13 @@ def _open(tqdm, total: int, desc: str, show: bool):
 
         bar = tqdm(total=total, desc=desc, leave=False, display=False)
         return bar, display(bar.container, display_id=True)
-    interval = 0.1 if _a_terminal() else LOG_INTERVAL      # 0.1: tqdm's own
-    return tqdm(total=total, desc=desc, leave=False, disable=not show, mininterval=interval), None
+    return tqdm(total=total, desc=desc, leave=False, disable=not show, **redraws(tqdm)), None
+
+
+def redraws(tqdm) -> dict:
+    """tqdm's options for how often a bar redraws: as tqdm does in Jupyter and in a terminal, at most
+    every ``LOG_INTERVAL`` seconds where a text bar goes to a file."""
+    return {} if _is_widget(tqdm) or _a_terminal() else {"mininterval": LOG_INTERVAL}
 
 
 def _a_terminal() -> bool:

@@ -117,3 +117,28 @@ def test_a_bar_written_to_a_log_file_redraws_seldom_and_in_a_terminal_as_tqdm_do
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     shown = draws("in a terminal")
     assert logged <= 2 < 3 <= shown         # drawn at its start (and wiped at its end); ~4 times at 0.1 s
+
+
+def test_the_cache_bar_written_to_a_log_file_redraws_seldom_too(tmp_path, capsys):
+    """Caching the full dataset before a first `labseg train > log` redrew every 0.1 s."""
+    import re
+    import time
+
+    import labseg.data
+    from labseg.data import load_split
+    from labseg.synthetic import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "data", n_trainval_per_breed=4, n_test_per_breed=1)
+    real = labseg.data.load_image
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+    labseg.data.load_image = slow
+    try:
+        load_split(root, "trainval", 32, tmp_path / "cache", progress=True, workers=1)
+    finally:
+        labseg.data.load_image = real
+    said = capsys.readouterr().err
+    # drawn when it starts and again after each note it makes room for; at 0.1 s, every image or two
+    assert "caching" in said and not re.search(r"\| *[1-9]\d*/16 ", said)
