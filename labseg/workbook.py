@@ -101,12 +101,14 @@ def check_parameters(notebook: str, namespace: dict | None = None) -> None:
             raise ConfigError(f"{name}={namespace[name]!r}: expected {expected}")
 
 
-def parameters_now(notebook: str, namespace: dict) -> dict:
+def parameters_now(notebook: str, namespace: dict, leave_out: tuple[str, ...] = ()) -> dict:
     """The values ``notebook``'s parameters have in ``namespace`` now: taken by the cell that builds
-    from them, for :func:`check_unchanged` in the cell that then uses what it built."""
+    from them, for :func:`check_unchanged` in the cell that then uses what it built. ``leave_out``:
+    the parameters that the later cells read themselves (04's resume, 05's n_gallery)."""
     import copy
 
-    return {name: copy.deepcopy(namespace[name]) for name, _ in _notebook_parameters(notebook) if name in namespace}
+    return {name: copy.deepcopy(namespace[name]) for name, _ in _notebook_parameters(notebook)
+            if name in namespace and name not in leave_out}
 
 
 def check_unchanged(used: dict, namespace: dict, cell: str) -> None:

@@ -275,3 +275,9 @@ def test_unchanged_parameters_compare_by_value_and_type():
     for edited in (2.0, True, np.array([2, 2])):      # equal to 2 (or not one bool) yet another value
         with pytest.raises(ConfigError, match="epochs = "):
             check_unchanged(used, {**namespace, "epochs": edited}, "the configuration cell")
+    # a parameter the later cell reads itself (04's resume) is left out: editing it needs no rebuild
+    namespace["resume"] = False
+    used = parameters_now("04_train", namespace, leave_out=("resume",))
+    check_unchanged(used, {**namespace, "resume": True}, "the configuration cell")
+    with pytest.raises(ConfigError, match="resume = True"):
+        check_unchanged(parameters_now("04_train", namespace), {**namespace, "resume": True}, "the configuration cell")
