@@ -445,12 +445,15 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
         on_disk["epoch"] = epoch
         run.write_metrics(rows)
 
+    def replacing_the_weights() -> None:
+        if resumed is not None and saved_epoch == first_epoch - 1:     # a resume's first write
+            set_aside_evaluations(run, first_epoch - 1)
+
     def save(epoch: int, best_too: bool = False) -> None:
         """last.pt (and best.pt), then the records up to ``epoch``."""
         nonlocal saved_at, saved_epoch
         if dist.is_main:
-            if resumed is not None and saved_epoch == first_epoch - 1:     # a resume's first write
-                set_aside_evaluations(run, first_epoch - 1)
+            replacing_the_weights()
             # Serialising resnet34_unet's 290 MB (weights and AdamW moments) takes ~0.35 s of the
             # training thread (~3% of a bf16 epoch at 128 px on 2 cores) and the write 0.2-1.3 s
             # on the same cores, hence at most every `checkpoint_every` s, best.pt excepted.
@@ -573,6 +576,7 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
                         # its BatchNorm pass and validation are training time too, as last.pt records it
                         "train_seconds": round(clock.spent(), 1)})
         if dist.is_main:
+            replacing_the_weights()     # a resume that trained no epoch but finishes the averaging
             with _where_the_run_is(run, on_disk["epoch"]):
                 writer.submit(checkpoint(history[-1]["epoch"], final_model),
                               *([run.checkpoint("best")] if improved else []), run.checkpoint("last"))

@@ -151,6 +151,26 @@ def test_a_notebooks_interrupted_training_says_how_the_notebook_continues_it(tin
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
 
 
+def test_a_resume_that_only_finishes_the_weight_averaging_sets_the_old_evaluations_aside(tiny, monkeypatch):
+    """Stopped while averaging (SWA) after its last epoch: last.pt held the raw weights, and an
+    evaluation of them stayed beside the averaged ones the resume wrote, scored as theirs."""
+    import labseg.train
+
+    real = labseg.train._finish_swa
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(labseg.train, "_finish_swa", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(arch="resnet34_unet", swa=0.5, run_name="swa-stopped", **tiny)
+    monkeypatch.setattr(labseg.train, "_finish_swa", real)
+    run = RunDir(Path(tiny["output_dir"]) / "swa-stopped")
+    (run.path / "eval_test_last.json").write_text("{}")         # an evaluation of the raw epoch-2 weights
+    result = fit(arch="resnet34_unet", swa=0.5, run_name="swa-stopped", resume=True, **tiny)
+    assert result.summary["swa_epochs"] >= 1
+    assert not (run.path / "eval_test_last.json").exists() and (run.path / "eval_test_last.json.epoch-2").is_file()
+
+
 def test_a_run_being_trained_is_not_resumed_by_a_second_process(tiny):
     """The same resume in two terminals would write the same checkpoints; the lock is the OS's,
     so a killed run is never left locked."""
