@@ -564,9 +564,11 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
     final_model = eval_model
     if swa is not None and int(swa.n_averaged) > 0:
         # The averaged weights become last.pt (and best.pt if they validate best); their valid
-        # figures go in the summary, not in the per-epoch history.
-        final_model = _finish_swa(swa, _whole_batches(trainval, train_idx, config.batch_size, **batch_options))
-        scores = validate(final_model, valid_batches, loss_fn, amp_dtype)
+        # figures go in the summary, not in the per-epoch history. Interrupted here, the run is
+        # kept up to its last epoch, and a resume does only this.
+        with _where_the_run_is(run, on_disk["epoch"]) if dist.is_main else nullcontext():
+            final_model = _finish_swa(swa, _whole_batches(trainval, train_idx, config.batch_size, **batch_options))
+            scores = validate(final_model, valid_batches, loss_fn, amp_dtype)
         improved = _improved(config.monitor, scores[config.monitor], best)
         if improved:
             best = scores[config.monitor]
@@ -597,11 +599,11 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
 
 @contextmanager
 def _where_the_run_is(run: RunDir, epoch: int):
-    """An OSError here (a full disk) carries the run folder and last.pt's epoch, for the line that
-    says how to go on (cli.main); a resume then finishes the run."""
+    """An OSError here (a full disk) or an interrupt carries the run folder and last.pt's epoch, for
+    the line that says how to go on (cli.main); a resume then finishes the run."""
     try:
         yield
-    except OSError as e:
+    except (OSError, KeyboardInterrupt) as e:
         e.run_folder, e.saved_epoch = run.path, epoch
         raise
 

@@ -161,8 +161,10 @@ def test_a_resume_that_only_finishes_the_weight_averaging_sets_the_old_evaluatio
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(labseg.train, "_finish_swa", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         fit(arch="resnet34_unet", swa=0.5, run_name="swa-stopped", **tiny)
+    # what the CLI says: the run is kept up to its last epoch (it said "nothing was kept")
+    assert (stopped.value.run_folder.name, stopped.value.saved_epoch) == ("swa-stopped", 2)
     monkeypatch.setattr(labseg.train, "_finish_swa", real)
     run = RunDir(Path(tiny["output_dir"]) / "swa-stopped")
     (run.path / "eval_test_last.json").write_text("{}")         # an evaluation of the raw epoch-2 weights
