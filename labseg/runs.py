@@ -605,6 +605,11 @@ class RunDir:
         valid Dice may be evaluated on last.pt, whose own figure is another."""
         name = self.resolve_checkpoint(which)
         summary = self.read_summary()
+        if not self.checkpoint(name).exists():      # said before an evaluation fails on it
+            stopped = not summary and not any(self.checkpoint(w).exists() for w in ("best", "last"))
+            return f"{name}.pt, which is missing" + (
+                " (the run stopped before its first checkpoint: train it again with overwrite=True, "
+                "--overwrite, or delete its folder)" if stopped else "")
         try:
             history = self.read_metrics()
         except RunRecordError:          # a damaged record: the name alone (the record says so where read)

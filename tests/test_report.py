@@ -455,6 +455,9 @@ def test_a_checkpoint_is_described_by_its_own_epoch_and_valid_dice(tmp_path):
     finished: 05_evaluate says which checkpoint and its own figure, not the best epoch's."""
     run = fake_run(tmp_path / "runs", "r", "unet", [0.6, 0.8, 0.7], scheduler="cosine",
                    stop_reason="completed all epochs")
+    assert run.describe_checkpoint() == "last.pt, which is missing"
+    for name in ("best.pt", "last.pt"):
+        (run.path / name).write_bytes(b"weights")
     assert run.describe_checkpoint() == "last.pt (epoch 3, valid Dice 0.7000)"
     assert run.describe_checkpoint("best") == "best.pt (epoch 2, valid Dice 0.8000)"
     run.write_summary({**run.read_summary(), "swa_epochs": 2, "swa_valid_dice": 0.75, "best_is_swa": False})
@@ -468,6 +471,12 @@ def test_a_checkpoint_is_described_by_its_own_epoch_and_valid_dice(tmp_path):
     assert run.describe_checkpoint("best") == "best.pt (epoch 1, valid Dice 0.6000)"
     (run.path / "metrics.json").write_text("[{")                        # damaged: the name, no crash
     assert run.describe_checkpoint("best") == "best.pt"
+    # killed before its first checkpoint (a kernel restarted in epoch 1): 05 says so before it fails
+    for name in ("best.pt", "last.pt"):
+        (run.path / name).unlink()
+    assert run.describe_checkpoint("best") == ("best.pt, which is missing (the run stopped before its first "
+                                               "checkpoint: train it again with overwrite=True, --overwrite, "
+                                               "or delete its folder)")
 
 
 def test_the_full_datasets_37_breeds_get_a_table_of_their_own_in_the_report(tmp_path):
