@@ -1,4 +1,6 @@
-"""The ``labseg`` command: parse arguments, then call the library. No logic lives only here.
+"""The ``labseg`` command: parse arguments, then call the library. What lives here turns options
+into calls (bench's defaults included; :func:`labseg.bench.run_bench` measures) and errors into
+one-line messages and exit codes.
 
     labseg download DIR          get Oxford-IIIT Pet through torchvision
     labseg prepare               write the synthetic sample and/or build the caches
@@ -374,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "table of every run, the best per network, test Dice with and without "
                                    "TTA), runs.csv and the figures curves.png and best_per_network.png.")
     p.add_argument("--output-dir", *OPTION_ALIASES["output_dir"], help="where the runs are (default: outputs/runs, or $LABSEG_RUNS_DIR when set)")
-    p.add_argument("--report-dir", help="where the report goes (default: outputs/report)")
+    p.add_argument("--report-dir", help="where the report goes (default: outputs/report, or $LABSEG_REPORT_DIR when set)")
     p.set_defaults(func=cmd_report)
 
     _bench_options(sub.add_parser("bench", help="throughput of models and data paths (train, inference, data, "

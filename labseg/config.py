@@ -1,6 +1,6 @@
 """The run configuration: one dataclass, validated once, shared by the CLI, the API and notebooks.
 
-Every entry point (``labseg train``, ``labseg.train.fit``, the papermill parameters cell of
+Every entry point (``labseg train``, ``labseg.train.fit``, the configuration cell of
 ``04_train``) builds a :class:`RunConfig` and calls :meth:`RunConfig.validate`, so a bad value
 fails before any work, with the same message everywhere.
 """

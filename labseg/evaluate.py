@@ -2,7 +2,8 @@
 
 * :func:`evaluate_run` — Dice, IoU and accuracy on a split: overall, per species, per breed,
   with optional horizontal-flip test-time augmentation, a tuned threshold and one-pet
-  post-processing (:mod:`labseg.postprocess`), written to the run folder as ``eval_<split>.json``.
+  post-processing (:mod:`labseg.postprocess`), written to the run folder as ``eval_<split>.json``
+  (best.pt) or ``eval_<split>_last.json`` (last.pt).
 * :func:`predict_images` — masks for one image or a folder, at the original resolution, saved as
   PNG masks and overlays.
 """

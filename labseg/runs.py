@@ -5,10 +5,12 @@ One run is one folder ``outputs/runs/<run>/``::
     config.json     the RunConfig, as trained
     metrics.csv     one row per epoch (also metrics.json), rewritten whole after each last.pt
                     write (never ahead of the checkpoint a resume starts from)
-    last.pt         model + optimizer + history after the last completed epoch
+    last.pt         the whole training state (model, optimizer, EMA, history) as of its latest
+                    write: when best.pt improves, after the final epoch, otherwise at most every
+                    ``checkpoint_every`` seconds (60)
     best.pt         the same at the best epoch by the monitored metric
     summary.json    best epoch and metrics, epochs run, time, why training stopped
-    eval_*.json     evaluation results (labseg.evaluate)
+    eval_*.json     evaluation results (labseg.evaluate; named by :func:`eval_file`)
     *.ipynb         the executed notebook, when the run came from papermill
 
 Every record is written to a temporary file in the same folder and renamed into place, so a
