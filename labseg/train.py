@@ -173,7 +173,8 @@ def _sam_ascent(params: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
     A scaled gradient that overflowed (inf: GradScaler then skips the step) gives no step at all;
     inf/inf would have put NaN into the weights for good. Computed on the device: no host sync."""
     grads = [p.grad for p in params]
-    norm = torch.nn.utils.get_total_norm(grads)
+    # the L2 norm of all gradients together (torch.nn.utils.get_total_norm, which torch < 2.6 lacks)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     steps = torch._foreach_mul(grads, rho / (norm + 1e-12))
     finite = torch.isfinite(norm)
     steps = [torch.where(finite, s, torch.zeros_like(s)) for s in steps]

@@ -1324,8 +1324,8 @@ def test_cpu_bf16_is_on_only_with_the_cpus_own_bf16_instructions(monkeypatch, av
     import labseg.train
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     assert labseg.train.native_bf16(torch.device("cpu")) is expected
     assert (labseg.train._amp_dtype(RunConfig(), torch.device("cpu")) is torch.bfloat16) is expected
 
@@ -1351,7 +1351,7 @@ def test_without_torchs_cpu_probes_bf16_is_read_from_the_cpu_flags(monkeypatch, 
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
     read = labseg.machine._cpu_flags
     assert read(cpuinfo) == set(flags.split()) and read(tmp_path / "missing") == set()
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")        # a torch without the probe
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)     # a torch without the probe
     monkeypatch.setattr(labseg.machine, "_cpu_flags", lambda: read(cpuinfo))    # "this CPU": the file above
     assert labseg.machine.native_bf16(torch.device("cpu")) is expected
 
