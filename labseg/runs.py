@@ -394,9 +394,7 @@ def _latest_stopped(base: Path, taken: Path) -> Path | None:
     summary: the run that the same command, run again after an interrupt, meant to go on with."""
     number = int(taken.name.rsplit("-", 1)[1])
     for candidate in [base.with_name(f"{base.name}-{i}") for i in range(number - 1, 1, -1)] + [base]:
-        if (not candidate.is_symlink() and not (candidate / "summary.json").exists()
-                and any((candidate / f"{w}.pt").is_file() for w in ("last", "best"))
-                and not RunDir(candidate).is_training()):
+        if not candidate.is_symlink() and RunDir(candidate).resumable() and not RunDir(candidate).is_training():
             return candidate
     return None
 
@@ -593,6 +591,13 @@ class RunDir:
             return p.is_file() and self._outdated(read_record(p, dict))
         except RunRecordError:          # damaged, not outdated: said where it is read
             return False
+
+    def resumable(self) -> bool:
+        """Stopped before its end with a checkpoint to go on from: no summary, or one a resume has
+        since outdated (extended, then stopped), and no failed.json (a sweep point that failed)."""
+        return ((not (self.path / "summary.json").exists() or self.summary_outdated())
+                and not (self.path / "failed.json").exists()
+                and any(self.checkpoint(w).is_file() for w in ("last", "best")))
 
     def _outdated(self, summary: dict) -> bool:
         try:

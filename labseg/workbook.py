@@ -314,7 +314,7 @@ def run_training_notebook(params: dict, *, output_dir: str | Path | None = None,
     root = resolve_path(runs_dir(output_dir or params.get("output_dir")))
     name = _clean_name(str(name or params.get("run_name") or default_run_name(params)))
     folder = root / name if exact else free_run_folder(root, name)
-    if not _interrupted(folder):
+    if not RunDir(folder).resumable():
         refuse_link(folder)     # a link to a run of one's own elsewhere is resumed; to anything else, refused
     if exact and folder.is_dir():
         # Decided and deleted under the run's training lock: a folder that another process trains
@@ -342,17 +342,9 @@ def run_training_notebook(params: dict, *, output_dir: str | Path | None = None,
     return folder
 
 
-def _interrupted(folder: Path) -> bool:
-    """Unfinished as the sweep judges it (sweep.is_finished): no summary, or one that a resume has
-    since outdated (extended, then stopped), and a checkpoint to go on from: resumed, never deleted."""
-    return ((not (folder / "summary.json").exists() or RunDir(folder).summary_outdated())
-            and not (folder / "failed.json").exists()
-            and any((folder / f).is_file() for f in ("last.pt", "best.pt")))
-
-
 def _resume_or_empty(folder: Path, params: dict, progress: bool) -> None:
     """A run interrupted in ``folder`` is resumed (``params["resume"]``); anything else there goes."""
-    if _interrupted(folder):
+    if RunDir(folder).resumable():    # unfinished as the sweep judges it (sweep.is_finished): resumed, never deleted
         params["resume"] = True         # nothing lost: the epochs it had are kept
         return
     if progress and (lost := folder_contents(folder, keep=".training")):
