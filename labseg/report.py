@@ -377,16 +377,21 @@ def plot_curves(output_dir: str | Path = "outputs/runs", table=None, metric: str
     last_epoch = max((h["epoch"] for run in table["run"] for h in histories.get(run) or []), default=1)
     for ax in (ax_m, ax_l):
         ax.grid(alpha=0.3)
-        # whole epochs: MaxNLocator(integer=True) falls back to 0.5, 0.6... when fewer than two
-        # whole numbers fit (runs of one epoch), so short runs get their epochs as the ticks
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True) if last_epoch > 5 else FixedLocator(range(1, last_epoch + 1)))
-        ax.set_xlim(0.5, last_epoch + 0.5)
+        epoch_axis(ax, last_epoch)
     _log_loss_ticks(ax_l, losses)
     if ax_m.get_legend_handles_labels()[0]:   # long run names (sweeps): under the plots, not over the curves
         fig.legend(*ax_m.get_legend_handles_labels(), loc="outside lower center", fontsize=8)
     if not ax_m.lines:
         _say_empty(ax_m, "no run has finished an epoch yet")
     return fig
+
+
+def epoch_axis(ax, last: int) -> None:
+    """Epochs 1 to ``last`` on the x-axis, whole numbers (here and in viz's training curves):
+    MaxNLocator(integer=True) falls back to 0.5, 0.6... when fewer than two whole numbers fit (runs
+    of one epoch), so a few epochs get each their own tick."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True) if last > 5 else FixedLocator(range(1, last + 1)))
+    ax.set_xlim(0.5, last + 0.5)
 
 
 def _log_loss_ticks(ax, losses) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 from labseg.config import UNTIL_BUDGET
 from labseg.data import BACKGROUND, CachedSplit, balanced_subset, denormalize, load_split, read_records
 from labseg.evaluate import ERROR_COLORS, error_overlay, overlay  # one tinting for the notebooks and predict's files
+from labseg.report import epoch_axis
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -323,17 +324,8 @@ def plot_history(history: list[dict], axes=None, label: str | None = None, fig: 
             ax.legend(fontsize=8)
             # whole epochs from 1: matplotlib's padded auto-ticks, frozen, ran -5 to 35 for 30 epochs;
             # to the longest history drawn on these axes (label: several runs on one pair)
-            _epoch_ticks(ax, int(max(max(line.get_xdata(), default=0) for line in ax.lines)))
+            epoch_axis(ax, int(max(max(line.get_xdata(), default=0) for line in ax.lines)))
     return fig if fig is not None else axes[0].figure
-
-
-def _epoch_ticks(ax, last: int) -> None:
-    """Epochs 1 to ``last`` on the x-axis, whole numbers: MaxNLocator(integer=True) falls back to
-    0.5, 0.6... when fewer than two whole numbers fit, so a few epochs get each their own tick."""
-    from matplotlib.ticker import FixedLocator, MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True) if last > 5 else FixedLocator(range(1, last + 1)))
-    ax.set_xlim(0.5, last + 0.5)
 
 
 CONFIG_FIELDS = ("arch", "data_dir", "img_size", "epochs", "time_budget", "batch_size", "lr", "weight_decay",
@@ -392,7 +384,7 @@ class LivePlot:
         plot_history(self.history, self.axes)
         if self.total and self.total < UNTIL_BUDGET:     # a budget-limited run has no known end
             for ax in self.axes:    # a tick per epoch crammed 40 into a run the budget stopped at 9
-                _epoch_ticks(ax, self.total)
+                epoch_axis(ax, self.total)
         if not self.history:        # not empty axes of -0.04 to 0.04
             for ax in self.axes:
                 ax.set_yticks([])
