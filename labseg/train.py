@@ -565,28 +565,27 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
     final_model = eval_model
     if swa is not None and int(swa.n_averaged) > 0:
         # The averaged weights become last.pt (and best.pt if they validate best); their valid
-        # figures go in the summary, not in the per-epoch history. Interrupted here, the run is
-        # kept up to its last epoch, and a resume does only this.
+        # figures go in the summary, not in the per-epoch history. Stopped here (an interrupt, a
+        # full disk), the run is kept up to its last epoch, and a resume does only this.
         with _where_the_run_is(run, on_disk["epoch"]) if dist.is_main else nullcontext():
             final_model = _finish_swa(swa, _whole_batches(trainval, train_idx, config.batch_size, **batch_options))
             scores = validate(final_model, valid_batches, loss_fn, amp_dtype)
-        improved = _improved(config.monitor, scores[config.monitor], best)
-        if improved:
-            best = scores[config.monitor]
-        summary.update({"swa_epochs": int(swa.n_averaged), "swa_valid_dice": scores["valid_dice"],
-                        "swa_valid_iou": scores["valid_iou"], "swa_valid_loss": scores["valid_loss"],
-                        "best_is_swa": improved,
-                        # its BatchNorm pass and validation are training time too, as last.pt records it
-                        "train_seconds": round(clock.spent(), 1)})
-        if dist.is_main:
-            replacing_the_weights()     # a resume that trained no epoch but finishes the averaging
-            with _where_the_run_is(run, on_disk["epoch"]):
+            improved = _improved(config.monitor, scores[config.monitor], best)
+            if improved:
+                best = scores[config.monitor]
+            summary.update({"swa_epochs": int(swa.n_averaged), "swa_valid_dice": scores["valid_dice"],
+                            "swa_valid_iou": scores["valid_iou"], "swa_valid_loss": scores["valid_loss"],
+                            "best_is_swa": improved,
+                            # its BatchNorm pass and validation are training time too, as last.pt records it
+                            "train_seconds": round(clock.spent(), 1)})
+            if dist.is_main:
+                replacing_the_weights()     # a resume that trained no epoch but finishes the averaging
                 writer.submit(checkpoint(history[-1]["epoch"], final_model),
                               *([run.checkpoint("best")] if improved else []), run.checkpoint("last"))
                 writer.wait()
-            if lines:
-                print(f"labseg: weights averaged over the last {int(swa.n_averaged)} epochs: valid_dice "
-                      f"{scores['valid_dice']:.4f}{' (best: now best.pt)' if improved else ''}")
+                if lines:
+                    print(f"labseg: weights averaged over the last {int(swa.n_averaged)} epochs: valid_dice "
+                          f"{scores['valid_dice']:.4f}{' (best: now best.pt)' if improved else ''}")
     if dist.is_main:
         with _where_the_run_is(run, on_disk["epoch"]):
             run.write_summary(summary)
