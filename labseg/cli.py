@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from labseg.config import CHECKPOINTS, OWN_MODELS, PATH_FIELDS, RunConfig, resolve_path
+from labseg.config import CHECKPOINTS, OWN_MODELS, PATH_FIELDS, ConfigError, RunConfig, pick_device, resolve_path
 
 PREDICTIONS_DIR = "outputs/predictions"     # labseg predict's default folder, in the project
 
@@ -404,7 +404,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _model_list(text: str) -> list[str]:
-    names = [t for t in text.replace(",", " ").split()]
+    names = text.replace(",", " ").split()
     bad = [n for n in names if n not in OWN_MODELS]
     if bad:      # the peer is not on the list: it is the reference every line is measured against
         raise argparse.ArgumentTypeError(f"{', '.join(bad)}: not a labseg network; choose from "
@@ -463,7 +463,6 @@ def _bench_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def cmd_bench(args) -> int:
     from labseg.bench import DEFAULT_MODELS, format_table, run_bench
-    from labseg.config import ConfigError, pick_device
 
     try:
         dev = pick_device(args.device)

@@ -90,8 +90,9 @@ def params_for(level: str) -> AugmentParams | None:
 # --------------------------------------------------------------------------- per sample (v2)
 def sample_transform(level: str = "light") -> v2.Compose:
     """torchvision v2 pipeline for one (tv_tensors.Image, tv_tensors.Mask) pair, uint8 or float."""
-    from torchvision.transforms import v2   # here, not above: torchvision takes 1-3 s to import, and the
-                                            # cache, the training path and the report never need it
+    # imported here, not above: torchvision takes 1-3 s, which the cache and the training path never need
+    from torchvision.transforms import v2
+
     p = params_for(level) or NO_AUGMENT
     return v2.Compose([
         v2.RandomHorizontalFlip(p.hflip),

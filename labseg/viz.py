@@ -13,6 +13,7 @@ printed with four decimals, which ``notebooks/nbval_sanitize.cfg`` masks.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -431,8 +432,6 @@ def plot_group_scores(table, title: str = "test scores") -> Figure:
         ax.set_yticks(y, [labels[i] for i in order], fontsize=8)
         ax.set(xlim=(0, 1), xlabel="score")
         ax.grid(axis="x", alpha=0.3)
-    import textwrap
-
     # wrapped to the figure's width: a sweep's 64-character run name was cut off at both edges
     ax.set_title(textwrap.fill(title, width=int(fig.get_figwidth() * 8)))
     if len(table) > 8:
@@ -440,6 +439,9 @@ def plot_group_scores(table, title: str = "test scores") -> Figure:
     else:                                   # under the axes: inside, it covered a bar of Dice 0.9
         fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2)
     return fig
+
+
+SWEEP_MIN_HALF_SPAN = 0.025     # the threshold sweep's Dice axis is this far above and below its centre at least
 
 
 def plot_threshold_sweep(sweep: dict[float, float], title: str = "threshold sweep on valid") -> Figure:
@@ -463,9 +465,6 @@ def plot_threshold_sweep(sweep: dict[float, float], title: str = "threshold swee
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2, fontsize=8)     # inside, it covered the points
     return fig
-
-
-SWEEP_MIN_HALF_SPAN = 0.025
 
 
 def gallery(split: CachedSplit, probs: torch.Tensor, indices, dice, threshold: float = 0.5,
