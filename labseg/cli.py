@@ -311,11 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a network. Options left out come from the recipe of --arch.")
     add_config_arguments(p)
     p.add_argument("--resume", nargs="?", const="last", choices=("last", "best"),
-                   help="continue --run-name from last.pt (or best.pt)")
+                   help="continue --run-name from last.pt (best: from best.pt, where an older labseg "
+                        "kept a training state in it)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder of that name first")
     p.add_argument("--evaluate", action="store_true",
                    help="evaluate best.pt and last.pt on test (plain, flip TTA, tuned threshold, one pet) after; "
-                        "once when they are the same file")
+                        "once when they hold the same weights")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(func=cmd_train)
 

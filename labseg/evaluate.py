@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import filecmp
 import io
 import sys
 from collections import Counter
@@ -258,16 +257,15 @@ def evaluate_checkpoints(run: RunDir | str | Path, split: str = "test", which=("
                          output_dir: str | Path = "outputs/runs", **options) -> list[dict]:
     """:func:`evaluate_run` for each checkpoint in ``which``, with the same ``options``.
 
-    A checkpoint whose file holds the same bytes as one evaluated before (best.pt and last.pt
-    written by one save, when the last epoch was the best) takes that evaluation, marked
+    A checkpoint that holds the same weights as one evaluated before (best.pt and last.pt written
+    by one save, when the last epoch was the best) takes that evaluation, marked
     ``"same_weights_as"``, instead of computing it again: ~30 s per budget run at 128 px on 2 cores.
     """
     run = run if isinstance(run, RunDir) else RunDir.open(run, output_dir)
     results: dict[str, dict] = {}
     for name in dict.fromkeys(run.resolve_checkpoint(w) for w in which):
         path = run.checkpoint(name)
-        twin = next((done for done in results if path.is_file()
-                     and filecmp.cmp(run.checkpoint(done), path, shallow=False)), None)
+        twin = next((done for done in results if path.is_file() and _same_weights(run.checkpoint(done), path)), None)
         if twin is None:
             results[name] = evaluate_run(run, split, which=name, **options)
             continue
@@ -275,6 +273,18 @@ def evaluate_checkpoints(run: RunDir | str | Path, split: str = "test", which=("
         if options.get("save", True):
             _record(run, eval_file(split, name), results[name])
     return list(results.values())
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two checkpoints hold the same network and weights (best.pt keeps the weights of
+    last.pt's training state, so their bytes differ)."""
+    try:
+        first, second = load_checkpoint(a), load_checkpoint(b)
+    except CheckpointError:
+        return False
+    ours, theirs = first["model"], second["model"]
+    return (first["arch"] == second["arch"] and ours.keys() == theirs.keys()
+            and all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours))
 
 
 VARIANTS = ("tta", "threshold_tuned", "tta_threshold_tuned", "postprocess", "tta_postprocess")
@@ -328,7 +338,7 @@ def format_result(result: dict) -> str:
     lines = [f"{result['run']} {result['checkpoint']}.pt on {result['split']} ({result['images']} images{at}): "
              f"Dice {result['dice']:.4f}  IoU {result['iou']:.4f}  accuracy {result['accuracy']:.4f}"
              + (f"  (epoch {result['epoch']})" if result.get("epoch") is not None else "")
-             + (f"  (the same file as {result['same_weights_as']}.pt: its evaluation)"
+             + (f"  (the same weights as {result['same_weights_as']}.pt: its evaluation)"
                 if result.get("same_weights_as") else "")]
     # each species, then its breeds indented under it (37 breeds of two species read as one list)
     def group(name: str, m: dict, indent: str) -> str:

@@ -3,9 +3,10 @@ and what it finds in the run folder (the checkpoint to start from, a summary lef
 writes a kill cut short). :func:`labseg.train.fit` calls these; ``_restore`` there puts the
 checkpoint's training state back into the network and optimizer it builds.
 
-    fit(run_name=..., resume=True) → open_resumed (config.json + what was asked, last.pt or a newer
-    best.pt, refused if nothing is left to train) → check_same_images → update_resumed_folder
-    → (at its first new checkpoint) set_aside_evaluations
+    fit(run_name=..., resume=True) → open_resumed (config.json + what was asked, last.pt, or an
+    older labseg's newer best.pt; refused if nothing is left to train) → check_same_images →
+    update_resumed_folder (best.pt from last.pt if a kill fell between them) → (at its first new
+    checkpoint) set_aside_evaluations
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from labseg.config import PATH_FIELDS, UNTIL_BUDGET, ConfigError, RunConfig, resolve_path
 from labseg.data import check_layout, check_recorded_dataset
-from labseg.runs import CheckpointError, RunDir, load_checkpoint
+from labseg.runs import CheckpointError, RunDir, load_checkpoint, save_checkpoint, weights_only
 
 if TYPE_CHECKING:
     from labseg.train import _Distributed
@@ -75,7 +76,7 @@ def open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distributed
     # a folder renamed since (``mv``) resumes under its new name, and its records say so
     config = replace(_merge_resumed(recorded, asked), run_name=run.path.name).validate()
     if which == "last" and not run.checkpoint("last").exists() and run.checkpoint("best").exists():
-        # killed between the first best.pt and the first last.pt (best.pt is written first)
+        # killed between the first best.pt and the first last.pt, as older labseg wrote them (best.pt first)
         if dist.is_main:
             print(f"labseg: run {run.path.name} has no last.pt yet; resuming from best.pt")
         which = "best"
@@ -91,11 +92,14 @@ def open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distributed
                    "is removed" if unfinished else "it stopped before its first epoch ended")
             raise CheckpointError(f"run {run.path.name} has no complete checkpoint ({why}): start it over with "
                                   "--overwrite") from None
-        raise CheckpointError(f"{e}.\nResume from the {other} checkpoint with --resume {other}, "
-                              "or start over with --overwrite (deletes the run).") from None
+        instead = (f"Resume from the {other} checkpoint with --resume {other}, or start over"
+                   if _holds_training_state(run.checkpoint(other)) else "Start over")
+        raise CheckpointError(f"{e}.\n{instead} with --overwrite (deletes the run).") from None
     if lacking := [k for k in ("epoch", "history", "optimizer") if k not in resumed]:
+        kept = (" (best.pt keeps the best epoch's weights only; a resume goes on from last.pt)"
+                if which == "best" and lacking == ["optimizer"] else "")
         raise CheckpointError(f"checkpoint {run.checkpoint(which)} holds weights but no training state "
-                              f"({', '.join(lacking)} missing): it can be evaluated, not resumed")
+                              f"({', '.join(lacking)} missing): it can be evaluated, not resumed{kept}")
     kinds = {"epoch": int, "history": list, "optimizer": dict}
     wrong = [f"{k} is a {type(resumed[k]).__name__}" for k, kind in kinds.items()
              if not isinstance(resumed[k], kind) or isinstance(resumed[k], bool)]
@@ -172,9 +176,33 @@ def _stopped_under(run: RunDir, start: dict) -> RunConfig:
         return recorded
 
 
+def _best_from_last(run: RunDir, last: dict) -> None:
+    """best.pt from ``last`` (which holds the best epoch), unless best.pt already holds that step:
+    best.pt is written after last.pt, and a kill between the two left it an older epoch or none."""
+    path = run.checkpoint("best")
+    try:
+        best = load_checkpoint(path) if path.is_file() else {}
+    except CheckpointError:
+        best = {}
+    if (best.get("epoch"), best.get("step")) != (last["epoch"], last.get("step")):
+        save_checkpoint(path, weights_only(last))
+        print(f"labseg: best.pt written from last.pt, which holds the best epoch ({last['epoch']}): the run "
+              "was stopped between the two writes")
+
+
+def _holds_training_state(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` can be resumed from (best.pt cannot, unless an older
+    labseg wrote it)."""
+    try:
+        return path.is_file() and "optimizer" in load_checkpoint(path)
+    except CheckpointError:
+        return False
+
+
 def _newer_best(run: RunDir, last: dict) -> dict:
     """best.pt instead of ``last`` when it holds a later epoch: a kill fell between the two
-    writes (best.pt goes first). Both are whole training states."""
+    writes of a run folder from an older labseg, which wrote best.pt first, as a whole training
+    state. (best.pt is now written after last.pt, with the weights only: :func:`_best_from_last`.)"""
     best_path, last_path = run.checkpoint("best"), run.checkpoint("last")
     if not best_path.is_file() or best_path.stat().st_mtime_ns <= last_path.stat().st_mtime_ns:
         return last
@@ -189,11 +217,15 @@ def _newer_best(run: RunDir, last: dict) -> dict:
     return last
 
 
-def update_resumed_folder(run: RunDir, config: RunConfig) -> None:
+def update_resumed_folder(run: RunDir, config: RunConfig, resumed: dict | None = None,
+                          resumed_from: Path | None = None) -> None:
     """Once a resume is sure to go on: config.json says what the run now trains to (e.g. more
-    epochs, or its moved dataset), and the writes a kill of the stopped session cut short go."""
+    epochs, or its moved dataset), best.pt is written from last.pt where a kill fell between the
+    two writes, and the writes a kill of the stopped session cut short go."""
     if config.to_dict() != run.read_config().to_dict():
         run.write_config(config)
+    if resumed is not None and resumed.get("holds_best") and resumed_from == run.checkpoint("last"):
+        _best_from_last(run, resumed)
     stale = sorted(run.path.glob(".*.tmp"))
     for path in stale:
         path.unlink(missing_ok=True)

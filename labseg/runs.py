@@ -8,7 +8,8 @@ One run is one folder ``outputs/runs/<run>/``::
     last.pt         the whole training state (model, optimizer, EMA, history) as of its latest
                     write: when best.pt improves, after the final epoch, otherwise at most every
                     ``checkpoint_every`` seconds (60)
-    best.pt         the same at the best epoch by the monitored metric
+    best.pt         the weights and records of the best epoch by the monitored metric, without
+                    what only a resume reads (:func:`weights_only`)
     summary.json    best epoch and metrics, epochs run, time, why training stopped
     eval_*.json     evaluation results (labseg.evaluate; named by :func:`eval_file`)
     *.ipynb         the executed notebook, when the run came from papermill
@@ -145,6 +146,17 @@ def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+# What only a resume reads: the optimizer's moments (two thirds of resnet34_unet's 280 MB), the
+# averaged and the trained weights' other copies, the scheduler's and the loss scaler's state.
+TRAINING_STATE = ("optimizer", "scaler", "plateau", "ema", "swa", "raw_model", "holds_best")
+
+
+def weights_only(checkpoint: dict) -> dict:
+    """``checkpoint`` without :data:`TRAINING_STATE`: what best.pt keeps (evaluation, prediction
+    and the report read the weights and records only; a resume goes on from last.pt)."""
+    return {k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}
+
+
 def folder_contents(folder: Path, keep: str | None = None) -> str:
     """What deleting a run folder loses, in words: "5 files (2 evaluations: eval_test.json, …)".
     Files ending in ``keep`` are not counted. Empty when there is nothing."""
@@ -171,21 +183,25 @@ class CheckpointWriter:
         self._done = threading.Event()       # set by the writer thread when its write is over
         self._error: BaseException | None = None
 
-    def submit(self, checkpoint: dict, *paths: str | Path, then=None) -> None:
-        """Write ``checkpoint`` to each of ``paths``; afterwards call ``then()`` (say, the records)."""
+    def submit(self, checkpoint: dict, *paths: str | Path, then=None, weights_to: str | Path | None = None) -> None:
+        """Write ``checkpoint`` to each of ``paths``, then :func:`weights_only` of it to ``weights_to``
+        (best.pt) if given; afterwards call ``then()`` (say, the records)."""
         import torch
 
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
+        writes = []
+        for content, to in ((checkpoint, paths), (weights_only(checkpoint), (weights_to,) if weights_to else ())):
+            if to:
+                buffer = io.BytesIO()
+                torch.save(content, buffer)
+                writes.extend((path, buffer.getbuffer()) for path in to)
         self.wait()
         self._done.clear()
-        self._thread = threading.Thread(target=self._write, args=(buffer.getbuffer(), paths, then),
-                                        name="labseg-checkpoint-writer")
+        self._thread = threading.Thread(target=self._write, args=(writes, then), name="labseg-checkpoint-writer")
         self._thread.start()
 
-    def _write(self, data, paths, then) -> None:
+    def _write(self, writes, then) -> None:
         try:
-            for path in paths:
+            for path, data in writes:
                 atomic_write_bytes(path, data)
             if then is not None:
                 then()

@@ -272,7 +272,8 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
     notebooks, whose live plot shows each epoch); False, quiet.
 
     ``resume``: False for a new run; True or ``"last"`` to continue ``config.run_name`` from
-    ``last.pt``; ``"best"`` to continue from ``best.pt`` (e.g. when last.pt is corrupt).
+    ``last.pt``; ``"best"`` to continue from ``best.pt`` where an older labseg kept a training state
+    in it (best.pt now keeps the weights only).
     ``callback(history)`` is called after every epoch (live plots in the notebook).
     Keyword ``overrides`` set config fields, e.g. ``fit(arch="unet", epochs=3)``. On resume, the
     fields of ``config`` still at RunConfig's defaults count as not given; pass a field as a
@@ -393,8 +394,8 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
     if min(train_batches.batch_size, len(train_batches.indices)) == 1:
         check_batches_of_one(model, config, device, channels_last)
     if resumed is not None and dist.is_main:
-        update_resumed_folder(run, config)      # only once every check has passed: a refused
-                                                # resume leaves the run's records as they were
+        # only once every check has passed: a refused resume leaves the run's records as they were
+        update_resumed_folder(run, config, resumed, resumed_from)
     if not resume and dist.is_main:
         # A name given is that run's: an existing one is refused (resume or overwrite it), never
         # silently moved to NAME-2, where a notebook written into NAME would describe the wrong run.
@@ -422,8 +423,10 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
     # ---- checkpoints: last.pt at most every checkpoint_every seconds, best.pt at each new best
     writer = CheckpointWriter()     # serialises and writes in the background, each file atomically
 
-    def checkpoint(epoch: int, deployed: nn.Module | None = None) -> dict:
-        """Everything a resume needs; ``deployed`` (averaged weights) goes in "model" if given."""
+    def checkpoint(epoch: int, deployed: nn.Module | None = None, holds_best: bool = False) -> dict:
+        """Everything a resume needs; ``deployed`` (averaged weights) goes in "model" if given.
+        ``holds_best``: these weights are best.pt's too (a resume rewrites best.pt from them if a
+        kill fell between the two writes)."""
         ckpt = {"format_version": CHECKPOINT_FORMAT, "arch": config.arch, "config": config.to_dict(),
                 "epoch": epoch, "step": clock.step, "elapsed": clock.spent(), "valid_seconds": clock.reserve,
                 "best": best, "history": history,
@@ -433,7 +436,7 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
                 "ema": ema.state_dict() if ema is not None else None,
                 "swa": swa.state_dict() if swa is not None else None, "machines": sessions,
                 "trainval": images_digest(trainval),
-                "base_lrs": list(base_lrs)}
+                "base_lrs": list(base_lrs), "holds_best": holds_best}
         if deployed is not None:    # evaluate and deploy the averaged weights
             ckpt["model"] = deployed.state_dict()
             ckpt["raw_model"] = model.state_dict()
@@ -458,10 +461,11 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
             # Serialising resnet34_unet's 290 MB (weights and AdamW moments) takes ~0.35 s of the
             # training thread (~3% of a bf16 epoch at 128 px on 2 cores) and the write 0.2-1.3 s
             # on the same cores, hence at most every `checkpoint_every` s, best.pt excepted.
-            # best.pt before last.pt: a kill between the two leaves best.pt the newer, and a
-            # resume then starts from it (_newer_best); the other way round best.pt went missing.
-            writer.submit(checkpoint(epoch, ema.module if ema is not None else None),
-                          *([run.checkpoint("best")] if best_too else []), run.checkpoint("last"),
+            # best.pt keeps the weights only (93 MB), after last.pt: a kill between the two leaves
+            # last.pt holding the best epoch, and a resume writes best.pt from it
+            # (resume.update_resumed_folder).
+            writer.submit(checkpoint(epoch, ema.module if ema is not None else None, holds_best=best_too),
+                          run.checkpoint("last"), weights_to=run.checkpoint("best") if best_too else None,
                           then=functools.partial(written, epoch, list(history)))
         saved_at, saved_epoch = time.perf_counter(), epoch
 
@@ -580,8 +584,8 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
                             "train_seconds": round(clock.spent(), 1)})
             if dist.is_main:
                 replacing_the_weights()     # a resume that trained no epoch but finishes the averaging
-                writer.submit(checkpoint(history[-1]["epoch"], final_model),
-                              *([run.checkpoint("best")] if improved else []), run.checkpoint("last"))
+                writer.submit(checkpoint(history[-1]["epoch"], final_model, holds_best=improved),
+                              run.checkpoint("last"), weights_to=run.checkpoint("best") if improved else None)
                 writer.wait()
                 if lines:
                     print(f"labseg: weights averaged over the last {int(swa.n_averaged)} epochs: valid_dice "

@@ -236,9 +236,10 @@ def test_an_evaluation_hands_over_the_probabilities_it_scored(small_run):
     assert score(probs, data).dice.mean() == pytest.approx(result["dice"])
 
 
-def test_checkpoints_of_other_bytes_are_each_evaluated(small_run, tmp_path):
-    """evaluate_checkpoints takes best.pt's evaluation for last.pt only when the two files hold the
-    same bytes; a last.pt with other weights is evaluated on its own."""
+def test_checkpoints_of_other_weights_are_each_evaluated(small_run, tmp_path):
+    """evaluate_checkpoints takes best.pt's evaluation for last.pt only when the two hold the same
+    weights (best.pt keeps them without last.pt's training state); a last.pt with other weights is
+    evaluated on its own."""
     import shutil
 
     from labseg.evaluate import evaluate_checkpoints

@@ -84,9 +84,9 @@ def test_last_checkpoint_is_written_at_most_every_checkpoint_every_seconds(tiny,
     writes = []
     submit = CheckpointWriter.submit
 
-    def observed(self, checkpoint, *paths, then=None):
-        writes.append((checkpoint["epoch"], sorted(Path(p).name for p in paths)))
-        submit(self, checkpoint, *paths, then=then)
+    def observed(self, checkpoint, *paths, then=None, weights_to=None):
+        writes.append((checkpoint["epoch"], sorted(Path(p).name for p in (*paths, *([weights_to] if weights_to else [])))))
+        submit(self, checkpoint, *paths, then=then, weights_to=weights_to)
 
     monkeypatch.setattr(CheckpointWriter, "submit", observed)
     result = fit(arch="resnet34_unet", run_name="ck", checkpoint_every=every, **{**tiny, "epochs": 5})
@@ -212,7 +212,8 @@ def test_a_checkpoint_slimmed_to_its_weights_evaluates_but_does_not_resume(tiny)
 
 
 def test_a_kill_between_the_best_and_last_writes_resumes_from_best(tiny, capsys):
-    """best.pt is written first: a kill before last.pt leaves best.pt the later epoch."""
+    """A run folder of an older labseg, which wrote best.pt first as a whole training state: a kill
+    before last.pt left best.pt the later epoch."""
     import os
 
     run = fit(arch="unet", run_name="k", checkpoint_every=0, **{**tiny, "epochs": 1}).run
@@ -312,16 +313,82 @@ def test_same_run_name_never_shares_a_folder(tiny, capsys):
     assert "--overwrite: deleting" in said and "1 evaluation(s): eval_test.json" in said
 
 
-def test_corrupt_last_checkpoint_is_reported_and_best_resumes(tiny):
+def test_corrupt_last_checkpoint_is_reported_and_an_older_labsegs_best_resumes(tiny):
     run = fit(arch="resnet34_unet", run_name="c", **tiny).run
     last = run.checkpoint("last")
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 3])
+    # best.pt holds weights only: nothing to resume from, and the message does not send the user there
+    with pytest.raises(CheckpointError, match=r"corrupt or truncated[^\n]*\.\nStart over with --overwrite") as refused:
+        fit(arch="resnet34_unet", run_name="c", resume=True, **{**tiny, "epochs": 3})
+    assert "--resume best" not in str(refused.value)
+    assert last.stat().st_size == len(data) // 3, "the corrupt file must not be silently overwritten"
+    # an older labseg's best.pt was a whole training state, and resumes
+    run.checkpoint("best").write_bytes(data)
     with pytest.raises(CheckpointError, match=r"corrupt or truncated[\s\S]*--resume best"):
         fit(arch="resnet34_unet", run_name="c", resume=True, **{**tiny, "epochs": 3})
-    assert last.stat().st_size == len(data) // 3, "the corrupt file must not be silently overwritten"
     result = fit(arch="resnet34_unet", run_name="c", resume="best", **{**tiny, "epochs": 3})
     assert result.history[-1]["epoch"] == 3
+
+
+def test_best_pt_keeps_the_best_epochs_weights_only(tiny, monkeypatch):
+    """Two thirds of resnet34_unet's best.pt were the optimizer's moments, which only a resume reads,
+    and a resume goes on from last.pt."""
+    import labseg.runs
+
+    seen = []
+    write = labseg.runs.atomic_write_bytes
+    monkeypatch.setattr(labseg.runs, "atomic_write_bytes", lambda path, data: (seen.append(Path(path).name),
+                                                                                write(path, data))[1])
+    result = fit(arch="resnet34_unet", run_name="f", ema=0.9, **tiny)
+    run = result.run
+    best, last = load_checkpoint(run.checkpoint("best")), load_checkpoint(run.checkpoint("last"))
+    assert "optimizer" in last and "ema" in last and "raw_model" in last
+    assert not {"optimizer", "ema", "raw_model", "scaler", "plateau", "swa", "holds_best"} & best.keys()
+    assert {"arch", "config", "epoch", "history", "model"} <= best.keys()
+    assert run.checkpoint("best").stat().st_size < run.checkpoint("last").stat().st_size / 2
+    # last.pt first, best.pt after it, in each write
+    pts = [name for name in seen if name.endswith(".pt")]
+    assert pts and all(pts[i - 1] == "last.pt" for i, name in enumerate(pts) if name == "best.pt")
+    # the weights are the best epoch's deployed (EMA) ones, and evaluate as before
+    assert best["epoch"] == result.summary["best_epoch"]
+    model, _ = load_run_model(run, "best")
+    assert all(torch.equal(v, best["model"][k]) for k, v in model.state_dict().items())
+    assert 0.0 <= evaluate_run(run, which="best", progress=False, data_dir=tiny["data_dir"])["dice"] <= 1.0
+    with pytest.raises(CheckpointError, match=r"best.pt holds weights but no training state \(optimizer missing\): it "
+                                              r"can be evaluated, not resumed \(best.pt keeps the best epoch's "
+                                              r"weights only; a resume goes on from last.pt\)"):
+        fit(arch="resnet34_unet", run_name="f", resume="best", **{**tiny, "epochs": 3})
+    assert fit(arch="resnet34_unet", run_name="f", resume=True, **{**tiny, "epochs": 3}).history[-1]["epoch"] == 3
+
+
+def test_a_kill_between_last_pt_and_best_pt_is_mended_by_the_resume(tiny, monkeypatch, capsys):
+    """best.pt is written after last.pt: a kill between the two leaves last.pt holding the best
+    epoch, and the resume writes best.pt from it before training on."""
+    import labseg.runs
+
+    write = labseg.runs.atomic_write_bytes
+
+    def killed_at_best(path, data):
+        if Path(path).name == "best.pt":
+            raise KeyboardInterrupt
+        write(path, data)
+    monkeypatch.setattr(labseg.runs, "atomic_write_bytes", killed_at_best)
+    with pytest.raises(KeyboardInterrupt):
+        fit(arch="unet", run_name="k", **{**tiny, "epochs": 1})
+    monkeypatch.setattr(labseg.runs, "atomic_write_bytes", write)
+    run = RunDir.open("k", tiny["output_dir"])
+    assert not run.checkpoint("best").exists() and load_checkpoint(run.checkpoint("last"))["holds_best"]
+    capsys.readouterr()
+    result = fit(arch="unet", run_name="k", resume=True, **tiny)
+    assert "best.pt written from last.pt, which holds the best epoch (1)" in capsys.readouterr().out
+    best = load_checkpoint(run.checkpoint("best"))
+    assert best["epoch"] == result.summary["best_epoch"] and "optimizer" not in best
+    # a resume whose best.pt is whole leaves it as it is
+    before = run.checkpoint("best").stat().st_mtime_ns
+    fit(arch="unet", run_name="k", resume=True, **{**tiny, "epochs": 3})
+    assert "best.pt written from last.pt" not in capsys.readouterr().out
+    assert run.checkpoint("best").stat().st_mtime_ns >= before
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, monkeypatch):
@@ -874,7 +941,9 @@ def test_an_oserror_that_is_no_disk_trouble_keeps_its_traceback(capsys, monkeypa
 
 def test_a_run_killed_between_its_first_best_pt_and_last_pt_resumes_from_best(tiny, capsys):
     run = fit(arch="unet", run_name="b", **{**tiny, "epochs": 1}).run
-    run.checkpoint("last").unlink()             # best.pt is written first: a kill left only it
+    # an older labseg wrote best.pt first, a whole training state: a kill left only it
+    run.checkpoint("best").write_bytes(run.checkpoint("last").read_bytes())
+    run.checkpoint("last").unlink()
     capsys.readouterr()
     result = fit(arch="unet", run_name="b", resume=True, **tiny)
     assert "run b has no last.pt yet; resuming from best.pt" in capsys.readouterr().out
@@ -1109,7 +1178,7 @@ def test_cli_train_evaluate_predict(synthetic_root, tmp_path):
     assert "cli last.pt on test (24 images at 32 px)" in out.stdout
     assert "this run's checkpoint is last.pt (stop: completed all epochs; scheduler cosine)" in out.stdout
     # one epoch: best.pt and last.pt are one save's bytes, evaluated once and recorded for both
-    assert "cli last.pt on test (24 images at 32 px): Dice" in out.stdout and "(the same file as best.pt" in out.stdout
+    assert "cli last.pt on test (24 images at 32 px): Dice" in out.stdout and "(the same weights as best.pt" in out.stdout
     evaluated = {which: json.loads((run / name).read_text())
                  for which, name in (("best", "eval_test.json"), ("last", "eval_test_last.json"))}
     assert evaluated["last"].pop("same_weights_as") == "best" and "same_weights_as" not in evaluated["best"]
