@@ -91,7 +91,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, _FILE_MODE)       # mkstemp makes 0600; a record is as readable as any file here
+        if hasattr(os, "fchmod"):     # not on Windows before Python 3.13 (where modes do not apply)
+            os.fchmod(fd, _FILE_MODE)   # mkstemp makes 0600; a record is as readable as any file here
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -265,8 +265,9 @@ def _read_stamp(root: Path):
 
 def _write_stamp(root: Path, stamp: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{STAMP_NAME}.", suffix=".tmp", dir=root)    # one per writer
-    os.fchmod(fd, 0o666 & ~UMASK)
-    with os.fdopen(fd, "w") as f:
+    if hasattr(os, "fchmod"):     # not on Windows before Python 3.13 (where modes do not apply)
+        os.fchmod(fd, 0o666 & ~UMASK)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(json.dumps(stamp, indent=2) + "\n")
     os.replace(tmp, root / STAMP_NAME)  # atomic: a reader sees the old or the new stamp
 
