@@ -548,7 +548,21 @@ def _told_in_one_line() -> tuple[type[Exception], ...]:
     return (*loaded, FileNotFoundError, FileExistsError, PermissionError)
 
 
+def _lossless_or_escaped_output() -> None:
+    """labseg's lines hold a few non-ASCII signs (→, ×): where stdout or stderr cannot encode them
+    (Windows output redirected to a file or a pipe is cp1252; a Latin-1 locale), they are written
+    escaped rather than raising UnicodeEncodeError in the middle of a run."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding not in ("utf8", "utf8sig") and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
 def main(argv=None) -> int:
+    _lossless_or_escaped_output()
     args = build_parser().parse_args(_joined_negative_budget(list(sys.argv[1:] if argv is None else argv)))
     # SIGTERM (kill, a batch system's time limit, docker stop) stops like Ctrl-C: the checkpoint
     # being written is finished and the records are consistent; otherwise the epoch was lost and

@@ -75,7 +75,7 @@ def load_grid(path: str | Path) -> dict[str, list]:
         raise SweepError(f"grid file {path} " + ("is a folder; expected a YAML file such as grid.yaml"
                                                 if path.is_dir() else "does not exist"))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes())     # bytes: YAML is UTF-8 (or -16 with a BOM), whatever the locale
     except yaml.YAMLError as e:
         raise SweepError(f"{path} is not valid YAML ({e.__class__.__name__}, {getattr(e, 'problem', '') or e}); "
                          "expected a mapping such as {arch: [unet, resnet34_unet], lr: [1e-3, 3e-4]}") from None
