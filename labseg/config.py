@@ -143,7 +143,7 @@ def recorded_path(path: str | Path) -> str:
     p = Path(path).expanduser()
     p = Path(os.path.normpath(p if p.is_absolute() else PROJECT_ROOT / p))    # a link stays the link
     try:
-        return str(p.relative_to(PROJECT_ROOT))
+        return p.relative_to(PROJECT_ROOT).as_posix()      # data/sample on Windows too: readable from any OS
     except ValueError:
         return str(p)
 
