@@ -99,6 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"labseg lab: JupyterLab on {Path(args.root).resolve()} with kernel {KERNEL_DISPLAY_NAME!r}\n"
           f"labseg lab: open {lab_url(port, token)}\n"
           "labseg lab: Ctrl-C stops the server", flush=True)
+    if os.name == "nt":
+        # Windows' execv quotes nothing (a path with a space, C:\Users\Ana Maria\..., splits into two
+        # arguments) and does not replace this process: the server runs as a child instead.
+        import subprocess
+        try:
+            sys.exit(subprocess.call(cmd))
+        except KeyboardInterrupt:
+            sys.exit(130)
     os.execv(cmd[0], cmd)
 
 
