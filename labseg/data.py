@@ -548,7 +548,7 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
             np.save(tmp / f"{name}.npy", _kept_rows(array, keep))
         meta = {"root": str(root), "split": split, "img_size": img_size,
                 "names": [r.name for r in kept], "skipped": skipped, "notes": quirky}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         try:
             os.replace(tmp, folder)
         except OSError:  # another process built the same cache first: use theirs
@@ -577,7 +577,7 @@ def _read_cache(folder: Path, root: Path, img_size: int) -> CachedSplit:
     """The cached split, checked against itself: every array one row per name, at ``img_size``
     (a shifted name list would pair each record with its neighbour's image, silently)."""
     try:
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         records_by_name = {r.name: r for r in read_records_quiet(root, meta["split"])}
         if unknown := [n for n in meta["names"] if n not in records_by_name]:
             raise _CacheDamaged(f"{len(unknown)} name(s) not in the split, e.g. {unknown[0]!r}")

@@ -687,7 +687,7 @@ def empty_folder(folder: Path, keep: str) -> None:
 def read_record(path: Path, kind):
     """A JSON record of the expected ``kind``, or a RunRecordError naming the file."""
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunRecordError(f"{path} is not valid JSON ({e}); labseg writes its records whole, so it was "
                              "edited or damaged elsewhere: restore it, or delete the run") from None

@@ -258,7 +258,7 @@ def draw_sample(seed, breed, class_id, k, image_size):
 
 def _read_stamp(root: Path):
     try:
-        return json.loads((root / STAMP_NAME).read_text())
+        return json.loads((root / STAMP_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -389,9 +389,9 @@ def _write_files(root: Path, n_trainval_per_breed, n_test_per_breed, image_size,
               "#images with small first letter are dog images"]
     everything = sorted(splits["trainval"] + splits["test"], key=_entry_order)
     annotations = root / "annotations"
-    (annotations / "list.txt").write_text("\n".join(header + everything) + "\n")
+    (annotations / "list.txt").write_text("\n".join(header + everything) + "\n", encoding="utf-8")
     for split, lines in splits.items():
-        (annotations / f"{split}.txt").write_text("".join(line + "\n" for line in lines))
+        (annotations / f"{split}.txt").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def _entry_order(line: str):
