@@ -12,6 +12,7 @@ one line on stderr naming the file, and counted in :attr:`CachedSplit.skipped`.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -495,6 +496,8 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
         else:
             folder.unlink()
 
+    _check_cache_space(folder, len(records), img_size)      # before minutes of decoding, not after them
+
     from tqdm.auto import tqdm
 
     def decode(record):
@@ -553,10 +556,38 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
             os.replace(tmp, folder)
         except OSError:  # another process built the same cache first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is None:
+            # numpy's tofile says "Not enough free space to write N bytes" with no errno: named as the
+            # disk error it is (a one-line message from the CLI, not a traceback), with what to do
+            raise OSError(errno.ENOSPC, f"could not write the cache {folder} ({_cache_bytes(n, img_size) / 2**20:.0f} "
+                                        f"MiB): {e}; free some space, or give --cache-dir (cache_dir=) on another "
+                                        "disk") from e
         raise
     return _read_cache(folder, root, img_size)
+
+
+def _cache_bytes(n: int, img_size: int) -> int:
+    """What a cache of ``n`` images at ``img_size`` takes on disk: 3 bytes of image and 1 of label a pixel."""
+    return n * (4 * img_size * img_size + 16) + 4096 * 4
+
+
+def _check_cache_space(folder: Path, n: int, img_size: int) -> None:
+    """Refuse a cache that cannot fit on its disk before any image is decoded (the full dataset's
+    trainval at 256 px: ~0.9 GB and a minute or more of decoding)."""
+    need = _cache_bytes(n, img_size)
+    where = next((p for p in (folder.parent, *folder.parent.parents) if p.is_dir()), None)
+    if where is None:
+        return
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    if free < need:
+        raise OSError(errno.ENOSPC, f"the cache of {n} images at {img_size} px needs {need / 2**20:.0f} MiB in "
+                                    f"{folder.parent} and its disk has {free / 2**20:.0f} MiB free; free some space "
+                                    "(old caches in that folder can go), or give --cache-dir (cache_dir=) on another disk")
 
 
 def _kept_rows(array: np.ndarray, keep: np.ndarray) -> np.ndarray:

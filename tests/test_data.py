@@ -4,6 +4,7 @@ Every fixture file is drawn here with numpy/Pillow into tmp_path; nothing is moc
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -1177,3 +1178,24 @@ def test_a_cache_folder_below_a_file_or_a_size_as_text_is_refused_before_any_dec
     with pytest.raises(ConfigError, match=r"img_size=4096: expected at most 2048 px"):
         load_split(root, "trainval", 4096, cache_dir=tmp_path / "cache", progress=False)
     assert sorted((tmp_path / "cache").iterdir()) == cache and len(built) == 1
+
+
+def test_a_cache_that_cannot_fit_on_its_disk_is_refused_before_decoding_and_a_full_disk_is_one_line(
+        small_root, tmp_path, monkeypatch):
+    write_split(small_root, ["Cat_1", "Cat_2", "dog_1"])
+    # too little free space: refused with the size and --cache-dir, before any image is decoded
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(data, "load_pair", lambda r: pytest.fail("decoded although the cache cannot fit"))
+    with pytest.raises(OSError) as e:
+        data.load_split(small_root, "trainval", 32, tmp_path / "cache", progress=False)
+    assert e.value.errno == errno.ENOSPC and "--cache-dir" in str(e.value)
+    monkeypatch.undo()
+
+    # the disk fills while the arrays are written: numpy's errno-less OSError becomes ENOSPC, no half cache
+    def full(path, array):
+        raise OSError("Not enough free space to write 12 bytes after offset 128")
+    monkeypatch.setattr(data.np, "save", full)
+    with pytest.raises(OSError) as e:
+        data.load_split(small_root, "trainval", 32, tmp_path / "cache", progress=False)
+    assert e.value.errno == errno.ENOSPC and "could not write the cache" in str(e.value)
+    assert not any((tmp_path / "cache").iterdir())
