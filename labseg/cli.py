@@ -25,7 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-from labseg.config import CHECKPOINTS, OWN_MODELS, PATH_FIELDS, ConfigError, RunConfig, pick_device, resolve_path
+from labseg.config import (CHECKPOINTS, OWN_MODELS, PATH_FIELDS, ConfigError, RunConfig, out_of_memory, pick_device,
+                           resolve_path)
 
 PREDICTIONS_DIR = "outputs/predictions"     # labseg predict's default folder, in the project
 
@@ -526,6 +527,23 @@ def _say_how_to_go_on(e: BaseException, args) -> None:
               f"`{_resume_command(args, Path(e.run_folder))}`", file=sys.stderr)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    # torch's "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: ..."
+    text = text.split("DefaultCPUAllocator: ", 1)[-1]
+    return (text.splitlines() or [type(e).__name__])[0][:200]
+
+
+def _less_memory(args) -> str:
+    """What to reduce, by command: training's step memory grows with the batch and the image's area."""
+    if args.command in ("train", "sweep"):
+        return ("close other programs, or train a new run with a smaller --batch-size or --img-size (memory grows with "
+                "both; the recipes' batches are unet 4, resnet34_unet 8; a resume keeps the run's own)")
+    if args.command == "predict":
+        return "close other programs, or predict smaller photos (the mask is made at each photo's own size)"
+    return "close other programs and run again"
+
+
 def _resume_command(args, folder: Path) -> str:
     return f"labseg train --run-name {folder.name}" + (
         f" --output-dir {args.output_dir}" if getattr(args, "output_dir", None) else "") + " --resume"
@@ -582,6 +600,10 @@ def main(argv=None) -> int:
             code = 1 if getattr(e, "run_folder", None) else 2      # a run stopped by its disk, or bad input
         elif isinstance(e, OSError) and (e.errno in DISK_ERRNOS or getattr(e, "run_folder", None)):
             code = 1        # the disk, not the code (full, read-only, over quota, failing): one line naming the file
+        elif out_of_memory(e):
+            print(f"labseg: error: out of memory ({_first_line(e)}); {_less_memory(args)}", file=sys.stderr)
+            _say_how_to_go_on(e, args)
+            return 1
         else:
             raise           # a fault in the code, to be seen with its traceback
         print(f"labseg: error: {e}", file=sys.stderr)

@@ -65,6 +65,14 @@ def _current_umask() -> int:
 UMASK = _current_umask()
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is the machine running out of memory: Python's MemoryError, torch's CPU allocator
+    ("DefaultCPUAllocator: can't allocate memory", a RuntimeError) or its CUDA OutOfMemoryError.
+    Torch-free, for the CLI."""
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)))
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the valid choices."""
 

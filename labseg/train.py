@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from labseg.config import MONITOR_MODE, UNTIL_BUDGET, ConfigError, RunConfig, check_switch, pick_device, recorded_path
+from labseg.config import (MONITOR_MODE, UNTIL_BUDGET, ConfigError, RunConfig, check_switch, out_of_memory, pick_device,
+                           recorded_path)
 from labseg.data import Batches, balanced_subset, check_layout, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
 from labseg.machine import channels_last_for, code_version, describe as describe_machine, native_bf16
@@ -545,7 +546,7 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
         kept = any(run.checkpoint(w).exists() for w in ("best", "last")) if dist.is_main else True
         if not resume and not kept:
             run.release()   # died before its first checkpoint (a network's first step, Ctrl-C): nothing to keep
-        if isinstance(e, (KeyboardInterrupt, OSError)) and dist.is_main:
+        if (isinstance(e, (KeyboardInterrupt, OSError)) or out_of_memory(e)) and dist.is_main:
             # for the message that says what to do next (cli.main): resume, or simply run it again
             e.run_folder, e.saved_epoch = (run.path, on_disk["epoch"]) if kept else (None, None)
         if isinstance(e, KeyboardInterrupt) and dist.is_main and show_bars and not lines:

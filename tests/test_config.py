@@ -242,3 +242,13 @@ def test_extra_is_taken_as_a_dict_or_as_the_json_text_papermill_p_gives():
     with pytest.raises(ConfigError, match=re.escape("epochs in extra={'epochs': 3} is a parameter of its own: give "
                                                     "it as that parameter (e.g. -p epochs 3), not in extra")):
         parse_extra('{"epochs": 3}', beside={"epochs": 2, "lr": None})
+
+
+def test_running_out_of_memory_is_told_apart_from_a_fault_in_the_code():
+    from labseg.config import out_of_memory
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 33554432 bytes. Error code 12 (Cannot allocate memory)")
+    assert out_of_memory(cpu) and out_of_memory(MemoryError())
+    assert out_of_memory(type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory"))
+    assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
