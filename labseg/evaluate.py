@@ -24,7 +24,7 @@ from labseg.config import ConfigError, RunConfig, check_choice, check_folder, ch
 from labseg.data import (BadSampleError, Batches, CachedSplit, check_recorded_dataset, load_image, load_split, log,
                          normalize, split_trainval, upright_size)
 from labseg.metrics import in_chunks, per_image_accuracy, per_image_dice, per_image_iou
-from labseg.machine import channels_last_for
+from labseg.machine import channels_last_for, give_back_freed_memory
 from labseg.models import build_model, model_kwargs
 from labseg.postprocess import clean_mask, clean_masks
 from labseg.progress import pass_bar, progress_modes, redraws
@@ -241,6 +241,7 @@ def evaluate_run(run: RunDir | str | Path, split: str = "test", *, which: str = 
             result["tta_postprocess"] = score(probs_tta, cached, tta=True, postprocess=True).summary()
     if save:
         _record(run, eval_file(split, which), result)
+    give_back_freed_memory()        # the passes' activations and score copies, in a kernel that lives on
     return result
 
 

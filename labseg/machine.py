@@ -146,3 +146,17 @@ def code_version() -> dict:
         if changed is not None:
             code["labseg_changed"] = bool(changed)     # uncommitted edits: the commit alone does not say
     return code
+
+
+def give_back_freed_memory() -> None:
+    """Hand the heap that a training or an evaluation freed back to the OS (glibc's malloc_trim).
+    glibc keeps it otherwise: a notebook kernel that ran 04_train at 256 px sat at 1.4 GB of
+    anonymous memory afterwards, 0.7 GB of it freed tensors, for as long as the kernel lived.
+    A no-op where there is no glibc (macOS, Windows, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -37,7 +37,8 @@ from labseg.config import (MONITOR_MODE, UNTIL_BUDGET, ConfigError, RunConfig, c
                            recorded_path)
 from labseg.data import Batches, balanced_subset, check_layout, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
-from labseg.machine import channels_last_for, code_version, describe as describe_machine, native_bf16
+from labseg.machine import (channels_last_for, code_version, describe as describe_machine, give_back_freed_memory,
+                            native_bf16)
 from labseg.metrics import per_image_dice, per_image_iou
 from labseg.models import build_model, check_installed, count_parameters, model_kwargs
 from labseg.progress import RunBars, progress_modes
@@ -300,9 +301,12 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
     config = RunConfig.from_dict({**given, **overrides}).with_recipe().validate()
     check_installed(config.arch)
     # Resources held while training (the run's .training lock) are let go however fit ends.
-    with ExitStack() as held:
-        return _fit(held, config, asked, resume=resume, overwrite=overwrite, show_bars=show_bars, lines=lines,
-                    callback=callback)
+    try:
+        with ExitStack() as held:
+            return _fit(held, config, asked, resume=resume, overwrite=overwrite, show_bars=show_bars, lines=lines,
+                        callback=callback)
+    finally:
+        give_back_freed_memory()    # the optimizer, batches and checkpoint buffers: freed, and returned
 
 
 def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, show_bars: bool, lines: bool,
