@@ -337,7 +337,7 @@ class _RssSampler:
 
     @staticmethod
     def rss() -> int:
-        with open("/proc/self/statm") as f:
+        with open("/proc/self/statm", encoding="ascii") as f:
             return int(f.read().split()[1]) * _RssSampler.PAGE
 
     def __enter__(self):

@@ -41,7 +41,9 @@ OUTPUT_STRIDES = (32, 16)       # ResNet34 encoder: with or without its max-pool
 MONITORS = ("valid_dice", "valid_iou", "valid_loss")
 MONITOR_MODE = {"valid_dice": "max", "valid_iou": "max", "valid_loss": "min"}    # which way is better
 DEVICES = ("auto", "cpu", "cuda", "mps")
-CHECKPOINTS = ("auto", "best", "last")   # "auto": runs.default_checkpoint
+CHECKPOINTS = ("auto", "best", "last")
+# Names Windows keeps for devices, with any extension: CON, NUL.txt, com1.x (case-insensitive)
+WINDOWS_DEVICES = re.compile(r"(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\..*)?", re.IGNORECASE)   # "auto": runs.default_checkpoint
 # What a run recorded before one of these options existed trained with: its config.json lacks
 # the field, and it reads as this "off" value. Not the recipe's value: a recipe may adopt an
 # option later (resnet34_unet's took mosaic 0.5 in round 12), and the old run did not use it.
@@ -392,6 +394,12 @@ class RunConfig:
             raise ConfigError(f"max_train_images={c.max_train_images!r}: expected a positive integer")
         if c.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", str(c.run_name)):
             raise ConfigError(f"run_name={c.run_name!r}: use letters, digits and . _ - = + only")
+        if c.run_name is not None and (str(c.run_name).endswith(".") or WINDOWS_DEVICES.fullmatch(str(c.run_name))):
+            # a run folder is made to be copied: such a name is no folder on Windows (a device there,
+            # or the name without its dot, another run's)
+            raise ConfigError(f"run_name={c.run_name!r}: Windows cannot hold a folder of that name "
+                              f"({'a trailing dot' if str(c.run_name).endswith('.') else 'a device name'}); "
+                              "pick another")
         parse_duration(c.time_budget)
         check_device(c.device)
         return self

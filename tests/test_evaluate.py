@@ -396,3 +396,21 @@ def test_predict_takes_the_progress_modes_evaluate_takes(tmp_path):
         predict_images("any", tmp_path / "photo.jpg", tmp_path / "out", progress="bars")
     with pytest.raises(FileNotFoundError, match="is neither an image file nor a folder"):    # no cache: no 2048 cap
         predict_images("any", tmp_path / "photo.jpg", tmp_path / "out", img_size=2560)
+
+
+def test_the_cli_writes_its_lines_to_a_console_that_cannot_encode_them(small_run, monkeypatch, tmp_path):
+    """Windows output redirected to a file or a pipe is cp1252: a line with → once raised
+    UnicodeEncodeError after the whole evaluation; it is written escaped."""
+    import io
+    import shutil
+
+    import labseg.cli
+
+    run = shutil.copytree(small_run.path, tmp_path / "small")
+    streams = {name: io.TextIOWrapper(io.BytesIO(), encoding="cp1252") for name in ("stdout", "stderr")}
+    for name, stream in streams.items():
+        monkeypatch.setattr(f"sys.{name}", stream)
+    assert labseg.cli.main(["evaluate", str(run), "--postprocess"]) in (0, None)
+    streams["stdout"].flush()
+    out = streams["stdout"].buffer.getvalue().decode("cp1252")
+    assert "valid Dice" in out and "\\u2192" in out      # the arrow, escaped

@@ -1,5 +1,9 @@
-"""environment.yml and pyproject.toml must not drift apart: pyproject is the one dependency list."""
+"""environment.yml and pyproject.toml must not drift apart: pyproject is the one dependency list.
+And labseg runs where its users are: files in a known encoding, whatever the locale's."""
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 try:
@@ -78,3 +82,37 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme.split("## Layout")[0]
     assert re.search(r"^make test$", ci, re.M)
+
+
+def test_labseg_names_the_encoding_of_each_file_it_reads_or_writes(tmp_path):
+    """Windows reads and writes text in its code page (cp1252), not UTF-8: a file labseg opens
+    without naming its encoding breaks there once it holds an accent (a path, a name, a comment).
+    Python's EncodingWarning (``-X warn_default_encoding``) finds each such call; the warnings
+    attributed to labseg's own modules are made errors."""
+    script = textwrap.dedent("""
+        import sys, warnings
+        from pathlib import Path
+        warnings.filterwarnings("error", category=EncodingWarning, module="labseg")
+        import torch
+        from labseg.data import load_split
+        from labseg.machine import code_version, describe
+        from labseg.runs import RunDir
+        from labseg.sweep import load_grid
+        from labseg.synthetic import write_synthetic_dataset
+
+        here = Path(sys.argv[1])
+        for _ in range(2):      # written, then found written (its stamp read)
+            data = write_synthetic_dataset(here / "Données", n_trainval_per_breed=2, n_test_per_breed=1)
+        for _ in range(2):      # the cache built, then read
+            load_split(data, "test", 32, here / "cache", progress=False)
+        run = RunDir(here / "run")
+        run.path.mkdir()
+        run.write_json("eval_test.json", {"data_dir": str(data)})
+        assert run.read_json("eval_test.json") == {"data_dir": str(data)}
+        (here / "grid.yaml").write_text("arch: [unet]   # José's grid\\n", encoding="utf-8")
+        assert load_grid(here / "grid.yaml")["arch"] == ["unet"]
+        describe(torch.device("cpu"), None, False), code_version()
+    """)
+    done = subprocess.run([sys.executable, "-X", "warn_default_encoding", "-c", script, str(tmp_path)],
+                          capture_output=True, text=True, encoding="utf-8", cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]

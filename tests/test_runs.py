@@ -331,3 +331,18 @@ def test_a_cache_folder_in_a_folder_one_may_not_enter_reads_as_the_default(tmp_p
         return real_stat(self, *args, **kwargs)
     monkeypatch.setattr(Path, "stat", stat)
     assert run.read_config().cache_dir == "data/cache"
+
+
+def test_records_and_the_sample_are_written_where_os_has_no_fchmod(tmp_path, monkeypatch):
+    """Windows before Python 3.13 has no os.fchmod (file modes do not apply there): every record
+    write and labseg prepare once failed on it with AttributeError."""
+    import os
+
+    from labseg.runs import atomic_write_json, read_record
+    from labseg.synthetic import write_synthetic_dataset
+
+    monkeypatch.delattr(os, "fchmod")
+    atomic_write_json(tmp_path / "record.json", {"dice": 0.9})
+    assert read_record(tmp_path / "record.json", dict) == {"dice": 0.9}
+    assert (write_synthetic_dataset(tmp_path / "sample", n_trainval_per_breed=1, n_test_per_breed=1)
+            / "annotations" / "trainval.txt").is_file()

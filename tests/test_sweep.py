@@ -429,3 +429,13 @@ def test_an_array_of_no_or_two_dimensions_is_one_value_or_refused():
     assert _as_list("lr", np.array(1e-3)) == [1e-3]
     with pytest.raises(SweepError, match="lr: an array of 2 dimensions; expected one value or a list of them"):
         _as_list("lr", np.ones((2, 2)))
+
+
+def test_a_grid_file_is_read_as_yaml_whatever_the_locales_encoding(tmp_path):
+    """YAML is UTF-8 (or UTF-16 with a BOM); read as text in the locale's encoding, an accented path
+    in a grid came out wrong on Windows (cp1252), and a UTF-16 file failed everywhere."""
+    grid = 'data_dir: ["C:/Users/José/Données pets"]\narch: unet   # Álvaro’s grid\n'
+    for encoding in ("utf-8", "utf-16"):
+        path = tmp_path / f"grid-{encoding}.yaml"
+        path.write_text(grid, encoding=encoding)
+        assert load_grid(path) == {"data_dir": ["C:/Users/José/Données pets"], "arch": ["unet"]}
