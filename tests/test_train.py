@@ -929,6 +929,30 @@ def test_a_disk_that_fails_mid_run_is_one_error_and_the_command_that_goes_on(syn
     assert RunDir(runs / "d").read_summary()["epochs_run"] == 3
 
 
+def test_running_out_of_memory_mid_run_is_one_line_saying_what_to_reduce_and_how_to_go_on(synthetic_root, tmp_path,
+                                                                                           capsys, monkeypatch):
+    """torch's CPU allocator failing (a laptop's memory full) in epoch 2: what to reduce, which epoch
+    last.pt holds and the command that continues, not the allocator's traceback."""
+    real = labseg.train.train_one_epoch
+
+    def out_of_memory_in_epoch_2(*args, **kwargs):
+        if args[8] == 2:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 33554432 bytes. Error code 12 (Cannot allocate memory)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(labseg.train, "train_one_epoch", out_of_memory_in_epoch_2)
+    runs = tmp_path / "runs"
+    out = _main(capsys, "train", "--arch", "unet", "--data", str(synthetic_root), "--img-size", "32", "--epochs", "3",
+                "--max-train-images", "4", "--run-name", "m", "--output-dir", str(runs), "--cache-dir",
+                str(tmp_path / "cache"), "--quiet")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert ("labseg: error: out of memory (can't allocate memory: you tried to allocate 33554432 bytes. Error code 12 "
+            "(Cannot allocate memory)); close other programs, or train a new run with a smaller --batch-size or "
+            "--img-size") in out.stderr
+    assert (f"labseg: {runs / 'm'} holds the run up to epoch 1; once the cause is fixed, continue with "
+            f"`labseg train --run-name m --output-dir {runs} --resume`") in out.stderr
+
+
 def test_an_oserror_that_is_no_disk_trouble_keeps_its_traceback(capsys, monkeypatch):
     """Only the disk's errors become one line: a fault in the code that raises an OSError
     (IsADirectoryError, say) is raised as it is."""
