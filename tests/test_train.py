@@ -772,8 +772,11 @@ def test_the_time_budget_counts_the_validation_that_follows_the_steps(tiny, monk
         return real(*args, **kwargs)
     monkeypatch.setattr(labseg.train, "validate", slow_validation)
     result = fit(arch="resnet34_unet", run_name="tbv", time_budget=5, **{**tiny, "epochs": 200})
-    assert result.summary["stop_reason"] == "time budget of 5 spent (no time for another epoch)"
+    # On a busy machine the start and epoch 1 alone can spend the 5 s (the budget then ends inside
+    # it, and the reason says only that); what must not happen is a second epoch begun.
     assert result.summary["epochs_run"] == 1
+    assert result.summary["stop_reason"] in ("time budget of 5 spent (no time for another epoch)",
+                                             "time budget of 5 spent")
 
 
 def test_one_slow_validation_does_not_stop_a_budget_run_early(tiny, small_net, monkeypatch):
