@@ -522,7 +522,7 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, 
 def _say_how_to_go_on(e: BaseException, args) -> None:
     """After a training that a disk stopped: which epoch its last.pt holds, and the resume command."""
     if args.command == "train" and getattr(e, "run_folder", None):
-        held = f"the run up to epoch {e.saved_epoch}" if e.saved_epoch else "its best.pt"
+        held = f"the run up to epoch {e.saved_epoch}" if e.saved_epoch else "its first checkpoint, last.pt"
         print(f"labseg: {e.run_folder} holds {held}; once the cause is fixed, continue with "
               f"`{_resume_command(args, Path(e.run_folder))}`", file=sys.stderr)
 

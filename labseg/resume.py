@@ -177,14 +177,16 @@ def _stopped_under(run: RunDir, start: dict) -> RunConfig:
 
 
 def _best_from_last(run: RunDir, last: dict) -> None:
-    """best.pt from ``last`` (which holds the best epoch), unless best.pt already holds that step:
-    best.pt is written after last.pt, and a kill between the two left it an older epoch or none."""
+    """best.pt from ``last`` (which holds the best epoch), unless best.pt already holds that write:
+    best.pt is written after last.pt, and a kill between the two left it an older epoch or none.
+    The best value counts too: SWA's averaged weights, kept after the last epoch, share its epoch
+    and step, and a last epoch that was best left best.pt at that step with other weights."""
     path = run.checkpoint("best")
     try:
         best = load_checkpoint(path) if path.is_file() else {}
     except CheckpointError:
         best = {}
-    if (best.get("epoch"), best.get("step")) != (last["epoch"], last.get("step")):
+    if (best.get("epoch"), best.get("step"), best.get("best")) != (last["epoch"], last.get("step"), last.get("best")):
         save_checkpoint(path, weights_only(last))
         print(f"labseg: best.pt written from last.pt, which holds the best epoch ({last['epoch']}): the run "
               "was stopped between the two writes")

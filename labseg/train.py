@@ -579,7 +579,13 @@ def _fit(held: ExitStack, config: RunConfig, asked: dict, *, resume, overwrite, 
         with _where_the_run_is(run, on_disk["epoch"]) if dist.is_main else nullcontext():
             final_model = _finish_swa(swa, _whole_batches(trainval, train_idx, config.batch_size, **batch_options))
             scores = validate(final_model, valid_batches, loss_fn, amp_dtype)
-            improved = _improved(config.monitor, scores[config.monitor], best)
+            # A resume that trained no epoch after last.pt kept the averaged weights ("raw_model": the
+            # trained ones beside them): "best" already holds their score, and whether they validated
+            # best is what that write recorded (holds_best), not a second comparison with itself.
+            finished_before = (resumed is not None and "raw_model" in resumed
+                               and first_epoch > history[-1]["epoch"])
+            improved = (bool(resumed.get("holds_best")) if finished_before
+                        else _improved(config.monitor, scores[config.monitor], best))
             if improved:
                 best = scores[config.monitor]
             summary.update({"swa_epochs": int(swa.n_averaged), "swa_valid_dice": scores["valid_dice"],
@@ -765,7 +771,7 @@ def _how_to_go_on(folder, epoch: int) -> str:
     if folder is None:
         return ("labseg: interrupted before the run's first checkpoint: nothing was kept; run the cell "
                 "again to start over")
-    held = f"the run up to epoch {epoch}" if epoch else "its best.pt"
+    held = f"the run up to epoch {epoch}" if epoch else "its first checkpoint, last.pt"
     return (f"labseg: interrupted; {folder} holds {held}. To continue it, set run_name = {folder.name!r} "
             "and resume = True, and run the configuration and training cells again "
             f"(`labseg train --run-name {folder.name} --resume` in a terminal)")

@@ -391,6 +391,84 @@ def test_a_kill_between_last_pt_and_best_pt_is_mended_by_the_resume(tiny, monkey
     assert run.checkpoint("best").stat().st_mtime_ns >= before
 
 
+def test_best_pt_of_the_same_epoch_and_step_but_another_best_is_rewritten_from_last_pt(tmp_path):
+    """SWA's averaged weights are kept after the last epoch, at its epoch and step: where that epoch
+    was best too, best.pt holds the same epoch and step with other weights, and a kill between the
+    averaged last.pt and best.pt must still be mended from last.pt."""
+    from labseg.resume import _best_from_last
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    common = {"format_version": 1, "arch": "unet", "epoch": 2, "step": 4, "history": [{"epoch": 1}, {"epoch": 2}]}
+    save_checkpoint(run.checkpoint("best"), {**common, "best": 0.5, "model": {"w": torch.zeros(3)}})
+    last = {**common, "best": 0.6, "model": {"w": torch.ones(3)}, "raw_model": {"w": torch.zeros(3)},
+            "optimizer": {}, "holds_best": True}
+    save_checkpoint(run.checkpoint("last"), last)
+    _best_from_last(run, load_checkpoint(run.checkpoint("last")))
+    best = load_checkpoint(run.checkpoint("best"))
+    assert torch.equal(best["model"]["w"], torch.ones(3)) and best["best"] == 0.6 and "raw_model" not in best
+
+
+def test_a_kill_before_the_averaged_best_pt_is_mended_and_the_summary_says_swa_is_best(tiny, monkeypatch, capsys):
+    """The averaged weights validated best: last.pt holds them, a kill falls before best.pt, and the
+    resume (which only writes the summary) keeps them as best.pt and says so (best_is_swa), rather
+    than comparing their score with itself and recording that they were not best."""
+    state = {"averaged": False}
+    real_finish, real_improved, real_write = (labseg.train._finish_swa, labseg.train._improved,
+                                              labseg.runs.atomic_write_bytes)
+
+    def finish(*args, **kwargs):
+        state["averaged"] = True
+        return real_finish(*args, **kwargs)
+
+    def killed_at_the_averaged_best(path, data):
+        if state["averaged"] and Path(path).name == "best.pt":
+            raise KeyboardInterrupt
+        real_write(path, data)
+    monkeypatch.setattr(labseg.train, "_finish_swa", finish)
+    # every epoch and the averaged weights validate best: the last epoch's best.pt shares their step
+    monkeypatch.setattr(labseg.train, "_improved", lambda metric, value, best: True)
+    monkeypatch.setattr(labseg.runs, "atomic_write_bytes", killed_at_the_averaged_best)
+    with pytest.raises(KeyboardInterrupt):
+        fit(arch="unet", swa=0.5, run_name="swa-k", **tiny)
+    monkeypatch.undo()
+    run = RunDir.open("swa-k", tiny["output_dir"])
+    last = load_checkpoint(run.checkpoint("last"))
+    assert last["holds_best"] and "raw_model" in last
+    assert (load_checkpoint(run.checkpoint("best"))["epoch"], load_checkpoint(run.checkpoint("best"))["step"]) == (
+        last["epoch"], last["step"])
+    capsys.readouterr()
+    result = fit(arch="unet", swa=0.5, run_name="swa-k", resume=True, **tiny)
+    assert "best.pt written from last.pt" in capsys.readouterr().out
+    best = load_checkpoint(run.checkpoint("best"))
+    assert all(torch.equal(v, best["model"][k]) for k, v in last["model"].items())
+    assert result.summary["best_is_swa"] is True
+    assert run.describe_checkpoint("best").startswith("best.pt (weights averaged over its last")
+
+
+def test_a_disk_that_fails_the_first_best_pt_says_last_pt_holds_the_run(synthetic_root, tmp_path, capsys, monkeypatch):
+    """best.pt is written after last.pt: a first best.pt that cannot be written leaves last.pt, not
+    best.pt, to go on from, and the line says so."""
+    real = labseg.runs.atomic_write_bytes
+
+    def fails(path, data):
+        if Path(path).name == "best.pt":
+            raise OSError(errno.ENOSPC, f"could not write {path}: No space left on device")
+        real(path, data)
+    monkeypatch.setattr(labseg.runs, "atomic_write_bytes", fails)
+    runs = tmp_path / "runs"
+    args = ["train", "--arch", "unet", "--data", str(synthetic_root), "--img-size", "32", "--epochs", "2",
+            "--max-train-images", "4", "--run-name", "d", "--output-dir", str(runs), "--cache-dir",
+            str(tmp_path / "cache"), "--quiet"]
+    out = _main(capsys, *args)
+    assert out.returncode == 1 and "best.pt" not in out.stderr.split("holds", 1)[1]
+    assert f"labseg: {runs / 'd'} holds its first checkpoint, last.pt; once the cause is fixed" in out.stderr
+    monkeypatch.undo()
+    out = _main(capsys, *args, "--resume")
+    assert out.returncode == 0, out.stderr
+    assert load_checkpoint(runs / "d" / "best.pt")["epoch"] == RunDir(runs / "d").read_summary()["best_epoch"]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, monkeypatch):
     import labseg.train
     from labseg.losses import bce
