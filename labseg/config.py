@@ -41,9 +41,9 @@ OUTPUT_STRIDES = (32, 16)       # ResNet34 encoder: with or without its max-pool
 MONITORS = ("valid_dice", "valid_iou", "valid_loss")
 MONITOR_MODE = {"valid_dice": "max", "valid_iou": "max", "valid_loss": "min"}    # which way is better
 DEVICES = ("auto", "cpu", "cuda", "mps")
-CHECKPOINTS = ("auto", "best", "last")
+CHECKPOINTS = ("auto", "best", "last")   # "auto": runs.default_checkpoint
 # Names Windows keeps for devices, with any extension: CON, NUL.txt, com1.x (case-insensitive)
-WINDOWS_DEVICES = re.compile(r"(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\..*)?", re.IGNORECASE)   # "auto": runs.default_checkpoint
+WINDOWS_DEVICES = re.compile(r"(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\..*)?", re.IGNORECASE)
 # What a run recorded before one of these options existed trained with: its config.json lacks
 # the field, and it reads as this "off" value. Not the recipe's value: a recipe may adopt an
 # option later (resnet34_unet's took mosaic 0.5 in round 12), and the old run did not use it.
@@ -77,6 +77,15 @@ def out_of_memory(e: BaseException) -> bool:
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the valid choices."""
+
+
+def check_portable_run_name(name: str | None) -> None:
+    """A new run's folder is made to be copied (runs collected from several machines): refuse a
+    name that is no folder on Windows, a device there (CON, NUL.txt) or, with a trailing dot, the
+    name without it. An existing folder of such a name still resumes and evaluates where it is."""
+    if name is not None and (str(name).endswith(".") or WINDOWS_DEVICES.fullmatch(str(name))):
+        raise ConfigError(f"run_name={name!r}: Windows cannot hold a folder of that name "
+                          f"({'a trailing dot' if str(name).endswith('.') else 'a device name'}); pick another")
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -394,12 +403,6 @@ class RunConfig:
             raise ConfigError(f"max_train_images={c.max_train_images!r}: expected a positive integer")
         if c.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", str(c.run_name)):
             raise ConfigError(f"run_name={c.run_name!r}: use letters, digits and . _ - = + only")
-        if c.run_name is not None and (str(c.run_name).endswith(".") or WINDOWS_DEVICES.fullmatch(str(c.run_name))):
-            # a run folder is made to be copied: such a name is no folder on Windows (a device there,
-            # or the name without its dot, another run's)
-            raise ConfigError(f"run_name={c.run_name!r}: Windows cannot hold a folder of that name "
-                              f"({'a trailing dot' if str(c.run_name).endswith('.') else 'a device name'}); "
-                              "pick another")
         parse_duration(c.time_budget)
         check_device(c.device)
         return self

@@ -76,6 +76,10 @@ def open_resumed(config: RunConfig, asked: dict, which: str, dist: "_Distributed
     # a folder renamed since (``mv``) resumes under its new name, and its records say so
     config = replace(_merge_resumed(recorded, asked), run_name=run.path.name).validate()
     if which == "last" and not run.checkpoint("last").exists() and run.checkpoint("best").exists():
+        if not _holds_training_state(run.checkpoint("best")):     # last.pt deleted by hand
+            raise CheckpointError(f"run {run.path.name} has no last.pt, and its best.pt keeps the best epoch's "
+                                  "weights only: it can be evaluated (--checkpoint best), not resumed; start over "
+                                  "with --overwrite (deletes the run)")
         # killed between the first best.pt and the first last.pt, as older labseg wrote them (best.pt first)
         if dist.is_main:
             print(f"labseg: run {run.path.name} has no last.pt yet; resuming from best.pt")

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from labseg.config import (MONITOR_MODE, UNTIL_BUDGET, ConfigError, RunConfig, check_switch, out_of_memory, pick_device,
-                           recorded_path)
+from labseg.config import (MONITOR_MODE, UNTIL_BUDGET, ConfigError, RunConfig, check_portable_run_name, check_switch,
+                           out_of_memory, pick_device, recorded_path)
 from labseg.data import Batches, balanced_subset, check_layout, load_split, split_trainval
 from labseg.losses import build_loss, deep_supervised
 from labseg.machine import (channels_last_for, code_version, describe as describe_machine, give_back_freed_memory,
@@ -300,6 +300,8 @@ def fit(config: RunConfig | dict | None = None, *, resume: bool | str = False, o
     given = config.to_dict() if config is not None else {}
     config = RunConfig.from_dict({**given, **overrides}).with_recipe().validate()
     check_installed(config.arch)
+    if not resume:      # an existing folder resumes under its name, whatever it is
+        check_portable_run_name(config.run_name)
     # Resources held while training (the run's .training lock) are let go however fit ends.
     try:
         with ExitStack() as held:

@@ -360,11 +360,26 @@ def test_best_pt_keeps_the_best_epochs_weights_only(tiny, monkeypatch):
                                               r"weights only; a resume goes on from last.pt\)"):
         fit(arch="resnet34_unet", run_name="f", resume="best", **{**tiny, "epochs": 3})
     assert fit(arch="resnet34_unet", run_name="f", resume=True, **{**tiny, "epochs": 3}).history[-1]["epoch"] == 3
+    # last.pt deleted by hand: said in one message, not "resuming from best.pt" and then a refusal
+    run.checkpoint("last").unlink()
+    with pytest.raises(CheckpointError, match=r"run f has no last.pt, and its best.pt keeps the best epoch's weights "
+                                              r"only: it can be evaluated \(--checkpoint best\), not resumed"):
+        fit(arch="resnet34_unet", run_name="f", resume=True, **{**tiny, "epochs": 4})
+
+
+def test_a_new_run_of_a_name_windows_cannot_hold_is_refused_and_an_existing_one_resumes(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"run_name='aux': Windows cannot hold a folder of that name \(a device name\)"):
+        fit(arch="unet", run_name="aux", **{**tiny, "epochs": 1})
+    assert not (Path(tiny["output_dir"]) / "aux").exists()
+    run = fit(arch="unet", run_name="x", **{**tiny, "epochs": 1}).run
+    run.path.rename(run.path.with_name("aux"))      # a folder made before the rule, on Linux
+    assert [r["epoch"] for r in fit(arch="unet", run_name="aux", resume=True, **tiny).history] == [1, 2]
 
 
 def test_a_kill_between_last_pt_and_best_pt_is_mended_by_the_resume(tiny, monkeypatch, capsys):
     """best.pt is written after last.pt: a kill between the two leaves last.pt holding the best
     epoch, and the resume writes best.pt from it before training on."""
+    import labseg.resume
     import labseg.runs
 
     write = labseg.runs.atomic_write_bytes
@@ -384,11 +399,14 @@ def test_a_kill_between_last_pt_and_best_pt_is_mended_by_the_resume(tiny, monkey
     assert "best.pt written from last.pt, which holds the best epoch (1)" in capsys.readouterr().out
     best = load_checkpoint(run.checkpoint("best"))
     assert best["epoch"] == result.summary["best_epoch"] and "optimizer" not in best
-    # a resume whose best.pt is whole leaves it as it is
-    before = run.checkpoint("best").stat().st_mtime_ns
-    fit(arch="unet", run_name="k", resume=True, **{**tiny, "epochs": 3})
-    assert "best.pt written from last.pt" not in capsys.readouterr().out
-    assert run.checkpoint("best").stat().st_mtime_ns >= before
+    # a last.pt that holds the best epoch beside a best.pt written whole: the resume leaves best.pt be
+    whole = fit(arch="unet", run_name="w", **{**tiny, "epochs": 1}).run
+    assert load_checkpoint(whole.checkpoint("last"))["holds_best"]
+    rewritten = []
+    monkeypatch.setattr(labseg.resume, "save_checkpoint", lambda path, ckpt: rewritten.append(path))
+    capsys.readouterr()
+    fit(arch="unet", run_name="w", resume=True, **tiny)
+    assert rewritten == [] and "best.pt written from last.pt" not in capsys.readouterr().out
 
 
 def test_best_pt_of_the_same_epoch_and_step_but_another_best_is_rewritten_from_last_pt(tmp_path):
@@ -414,8 +432,7 @@ def test_a_kill_before_the_averaged_best_pt_is_mended_and_the_summary_says_swa_i
     resume (which only writes the summary) keeps them as best.pt and says so (best_is_swa), rather
     than comparing their score with itself and recording that they were not best."""
     state = {"averaged": False}
-    real_finish, real_improved, real_write = (labseg.train._finish_swa, labseg.train._improved,
-                                              labseg.runs.atomic_write_bytes)
+    real_finish, real_write = labseg.train._finish_swa, labseg.runs.atomic_write_bytes
 
     def finish(*args, **kwargs):
         state["averaged"] = True
