@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -565,7 +566,31 @@ def load_split(data_dir: str | Path, split: str, img_size: int, cache_dir: str |
                                         f"MiB): {e}; free some space, or give --cache-dir (cache_dir=) on another "
                                         "disk") from e
         raise
+    _remove_stale_caches(folder, root, split, img_size, progress)
     return _read_cache(folder, root, img_size)
+
+
+def _remove_stale_caches(folder: Path, root: Path, split: str, img_size: int, say: bool) -> None:
+    """Delete the other caches of this dataset's split at this size (the same dataset folder): built
+    before its files changed, or by an older cache format, they are never read again, and each
+    takes up to ~1 GB on the full dataset at 256 px. Caches of other folders, splits or sizes stay."""
+    prefix = f"{root.name}-{split}-{img_size}-"
+    gone, freed = 0, 0
+    for other in folder.parent.iterdir():
+        if (other == folder or other.is_symlink() or not other.is_dir()
+                or not re.fullmatch(re.escape(prefix) + r"[0-9a-f]{12}", other.name)):
+            continue
+        try:
+            if json.loads((other / "meta.json").read_text(encoding="utf-8")).get("root") != str(root):
+                continue
+            size = sum(f.stat().st_size for f in other.iterdir() if f.is_file())
+            shutil.rmtree(other)
+        except (OSError, ValueError):       # in use elsewhere, or not a cache labseg wrote: left
+            continue
+        gone, freed = gone + 1, freed + size
+    if gone and say:
+        log.info(f"removed {gone} older cache(s) of {root.name}/{split} at {img_size}px ({freed / 2**20:.0f} MiB): "
+                 "built before its files changed")
 
 
 def _cache_bytes(n: int, img_size: int) -> int:

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import re
 import struct
 import tempfile
 import zlib
@@ -833,9 +834,34 @@ def test_editing_a_trimap_rebuilds_the_cache(tmp_path):
     Image.fromarray(np.full((64, 64), 1, np.uint8)).save(trimap)  # all pet now
     os.utime(trimap, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
     split = load_split(root, "trainval", S, cache_dir=cache, progress=False)
-    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1     # the old one is gone
     np.testing.assert_array_equal(split.labels[0], PET)
     np.testing.assert_array_equal(split.labels[1], _expected_labels(1))
+
+
+def test_a_rebuilt_cache_removes_the_older_caches_of_its_dataset_split_and_size_only(tmp_path, caplog):
+    """A changed dataset (or cache format) is cached again under a new key; the old cache was never
+    read again and stayed (0.96 GB a split of the full dataset at 256 px). It goes; the caches of
+    another folder of the same name, another split and another size stay."""
+    root = _blocky_root(tmp_path)
+    cache = tmp_path / "cache"
+    twin = _blocky_root(tmp_path / "elsewhere")     # also named "pets"
+    assert twin.name == root.name
+    write_split(root, ["Cat_1"], split="test")
+    for folder, split, size in ((root, "trainval", S), (root, "trainval", 2 * S), (twin, "trainval", S), (root, "test", S)):
+        load_split(folder, split, size, cache_dir=cache, progress=False)
+    before = {p.name for p in cache.iterdir()}
+    trimap = root / "annotations" / "trimaps" / "Cat_1.png"
+    st = trimap.stat()
+    os.utime(trimap, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    with caplog.at_level("INFO", logger="labseg"):
+        load_split(root, "trainval", S, cache_dir=cache, progress=True)
+    after = {p.name for p in cache.iterdir()}
+    assert len(before) == len(after) == 4 and len(before - after) == 1 and len(after - before) == 1
+    (gone,) = before - after
+    assert gone.startswith(f"pets-trainval-{S}-")
+    assert re.search(rf"removed 1 older cache\(s\) of pets/trainval at {S}px \(\d+ MiB\): built before its files "
+                     "changed", caplog.text)
 
 
 def test_editing_a_trimap_to_the_same_file_size_rebuilds_the_cache(tmp_path):
