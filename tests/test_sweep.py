@@ -164,7 +164,8 @@ def test_a_grid_file_that_is_not_yaml_or_missing_is_an_error_naming_it(tmp_path,
 def test_a_rerun_resumes_an_interrupted_point_and_finds_a_prefixed_one(tmp_path, synthetic_root):
     from labseg.train import fit
 
-    common = {"arch": "unet", "img_size": 32, "max_train_images": 4, "data_dir": str(synthetic_root)}
+    common = {"arch": "unet", "img_size": 32, "max_train_images": 4, "data_dir": str(synthetic_root),
+              "cache_dir": str(tmp_path / "cache")}     # not the project's data/cache
     grid = {k: [v] for k, v in {**common, "epochs": 2}.items()}
     name = point_name({**common, "epochs": 2}, "my run")
     assert name.startswith("my_run+arch=unet+")
