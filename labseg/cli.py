@@ -527,7 +527,9 @@ def _say_how_to_go_on(e: BaseException, args) -> None:
               f"`{_resume_command(args, Path(e.run_folder))}`", file=sys.stderr)
 
 
-def _first_line(e: BaseException) -> str:
+def _allocator_message(e: BaseException) -> str:
+    """The allocator's own words, without torch's enforce-fail prefix (runs._first_line cuts any
+    error to a line, but cli imports nothing torch-side on an error)."""
     text = str(e).strip()
     # torch's "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: ..."
     text = text.split("DefaultCPUAllocator: ", 1)[-1]
@@ -601,7 +603,7 @@ def main(argv=None) -> int:
         elif isinstance(e, OSError) and (e.errno in DISK_ERRNOS or getattr(e, "run_folder", None)):
             code = 1        # the disk, not the code (full, read-only, over quota, failing): one line naming the file
         elif out_of_memory(e):
-            print(f"labseg: error: out of memory ({_first_line(e)}); {_less_memory(args)}", file=sys.stderr)
+            print(f"labseg: error: out of memory ({_allocator_message(e)}); {_less_memory(args)}", file=sys.stderr)
             _say_how_to_go_on(e, args)
             return 1
         else:
