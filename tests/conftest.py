@@ -1,4 +1,5 @@
 """Shared fixtures. Keep this small: fixtures (and what they build) only."""
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,5 +81,23 @@ def small_net():
 @pytest.fixture(scope="module")
 def small_net_for_module():
     """``arch="small_net"`` for the tests of one module (for module-scoped runs)."""
+    with _registry_kept():
+        yield _register_small_net()
+
+
+@pytest.fixture
+def small_net_everywhere(tmp_path_factory, monkeypatch):
+    """``arch="small_net"`` in this process and in those a test starts (notebook kernels, sweeps,
+    the CLI): they know it through $LABSEG_PLUGINS, as tests/test_extending.py lists a plugin, with
+    a module that registers it as ``small_net`` does here."""
+    plugins = tmp_path_factory.mktemp("plugins")
+    (plugins / "labseg_small_net.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('labseg_tests_conftest', {str(Path(__file__))!r})\n"
+        "conftest = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(conftest)\n"
+        "conftest._register_small_net()\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("LABSEG_PLUGINS", ",".join(filter(None, [os.environ.get("LABSEG_PLUGINS"), "labseg_small_net"])))
     with _registry_kept():
         yield _register_small_net()

@@ -58,11 +58,12 @@ def test_train_notebook_rejects_a_bad_config_in_its_first_cells(tmp_path, params
     assert not (tmp_path / "runs").exists()
 
 
-def test_train_notebook_overwrites_a_run_of_its_name_when_asked(tmp_path, synthetic_root):
+def test_train_notebook_overwrites_a_run_of_its_name_when_asked(tmp_path, synthetic_root, small_net_everywhere):
     """The error for a name in use says overwrite=True; 04_train has that parameter, and it replaces
-    the run while the executed notebooks in its folder stay."""
+    the run while the executed notebooks in its folder stay. (Any network will do: a small one.)"""
     runs = tmp_path / "runs"
-    params = {"data_dir": str(synthetic_root), "img_size": 32, "epochs": 1, "max_train_images": 4,
+    params = {"arch": small_net_everywhere, "data_dir": str(synthetic_root), "img_size": 32, "epochs": 1,
+              "max_train_images": 4,
               "run_name": "same", "output_dir": str(runs), "extra": {"cache_dir": str(tmp_path / "cache")}}
     run_notebook("04_train", runs / "same" / "04_train.ipynb", params, progress=False)
     first = (runs / "same" / "summary.json").stat().st_mtime_ns
@@ -218,16 +219,18 @@ def test_an_executed_notebook_replaces_a_link_at_its_path_rather_than_writing_th
     assert out.read_text() == "{}" and not out.is_symlink()
 
 
-def test_05_evaluates_a_run_whose_dataset_moved_when_given_data_dir(tmp_path, synthetic_root):
+def test_05_evaluates_a_run_whose_dataset_moved_when_given_data_dir(tmp_path, synthetic_root, small_net_everywhere):
     """The error for a run whose dataset is not where it trained says to give the folder; 05 had no
-    parameter to give it (a class's runs, collected from the students' machines)."""
+    parameter to give it (a class's runs, collected from the students' machines). (Any network will
+    do: a small one.)"""
     import json
 
     from labseg.train import fit
 
     shutil.copytree(synthetic_root, tmp_path / "a")
-    run = fit(arch="unet", data_dir=str(tmp_path / "a"), img_size=32, epochs=1, max_train_images=4, run_name="moved",
-              output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), progress=False).run
+    run = fit(arch=small_net_everywhere, data_dir=str(tmp_path / "a"), img_size=32, epochs=1, max_train_images=4,
+              run_name="moved", output_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"),
+              progress=False).run
     (tmp_path / "a").rename(tmp_path / "b")
     params = {"run": "moved", "output_dir": str(tmp_path / "runs")}
     with pytest.raises(NotebookFailed, match=r"DatasetLayoutError: run moved was trained on .*/a, and .* give its folder: .*in 05_evaluate"):
