@@ -74,28 +74,24 @@ def test_train_notebook_overwrites_a_run_of_its_name_when_asked(tmp_path, synthe
     assert (runs / "same" / "04_train.ipynb").is_file() and (runs / "same" / "04_train-over.ipynb").is_file()
 
 
+# One case per notebook and per cell that refuses, run by papermill: the wiring (the check is called,
+# with the notebook's name and, where it checks values, its globals, before the notebook's work).
+# The other values those checks refuse are the functions' logic, run below in this process.
 @pytest.mark.parametrize("notebook,params,expected,cell", [
     # papermill injects any name and only warns on stderr: the run went on with epochs=2
     ("04_train", {"epoch": 3}, "04_train has no parameter 'epoch' (did you mean epochs?); its parameters: arch, ",
      "check_parameters("),
-    ("04_train", {"patience": 3}, "Any other RunConfig field goes in extra, e.g. -p extra", "check_parameters("),
-    ("01_data", {"imgsize": 64}, "01_data has no parameter 'imgsize' (did you mean img_size?)", "check_parameters("),
     # once numpy's "expected non-negative integer", and a size of 100 px cached and shown without a word
     ("01_data", {"seed": -1}, "seed=-1: expected an integer >= 0", "check_parameters("),
     ("02_unet", {"feature_size": 100}, "feature_size=100: expected a size in px divisible by 32", "check_parameters("),
     ("04_train", {"extra": '{"epochs": 3}'}, "epochs in extra={'epochs': 3} is a parameter of its own",
      "RunConfig.from_dict("),
     # papermill --inject-paths adds PAPERMILL_INPUT_PATH and PAPERMILL_OUTPUT_PATH: its own, not refused
+    # (and a mistyped folder once wrote an empty report over the real one)
     ("06_report", {"PAPERMILL_INPUT_PATH": "x", "output_dir": "{tmp}/runz"}, "no runs folder {tmp}/runz",
      "existing_runs_dir("),
-    # 05's checkpoint parameter has the CLI's name (--checkpoint); it was `which`, as in evaluate_run
-    ("05_evaluate", {"tta": False, "which": "best"}, "05_evaluate has no parameter 'tta', 'which' (renamed checkpoint)",
-     "check_parameters("),
-    # once a TypeError after the whole evaluation, and -1 showed 23 of 24 images
+    # once a TypeError after the whole evaluation
     ("05_evaluate", {"n_gallery": "ten"}, "n_gallery='ten': expected a positive number of images", "check_parameters("),
-    ("05_evaluate", {"n_gallery": -1}, "n_gallery=-1: expected a positive number", "check_parameters("),
-    # a mistyped folder once wrote an empty report over the real one
-    ("06_report", {"output_dir": "{tmp}/runz"}, "no runs folder {tmp}/runz", "existing_runs_dir("),
     ("06_report", {"output_dir": "{tmp}", "report_dir": "{tmp}/afile"}, "is a file; expected a folder",
      "existing_runs_dir("),
 ])
@@ -114,6 +110,57 @@ def test_a_notebook_refuses_a_parameter_it_lacks_or_a_bad_value_before_its_work(
     failing = [c for c in code if any(o.output_type == "error" for o in c.outputs)]
     assert len(failing) == 1 and cell in failing[0].source
     assert not (tmp_path / "runs").exists() and (tmp_path / "afile").read_text() == "not a folder"
+
+
+def _as_papermill_left_the_kernel(monkeypatch, notebook, params):
+    """The kernel of ``notebook`` as papermill leaves it for the cell that checks the parameters: its
+    input history (the parameters cell, then the cell papermill injects, written by papermill's own
+    translator: what check_parameters reads) and the globals those two cells made."""
+    import types
+
+    import IPython
+    import nbformat
+    from papermill.translators import translate_parameters
+
+    nb = nbformat.read(NOTEBOOKS / f"{notebook}.ipynb", as_version=4)
+    parameters = next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    injected = translate_parameters("python3", "python", params, "Parameters")
+    namespace = {}
+    exec(parameters + "\n" + injected, namespace)
+    namespace["In"] = ["", parameters, injected]
+    monkeypatch.setattr(IPython, "get_ipython", lambda: types.SimpleNamespace(user_ns=namespace))
+    return namespace
+
+
+@pytest.mark.parametrize("notebook,params,expected", [
+    ("04_train", {"patience": 3}, "Any other RunConfig field goes in extra, e.g. -p extra"),
+    ("01_data", {"imgsize": 64}, "01_data has no parameter 'imgsize' (did you mean img_size?)"),
+    # 05's checkpoint parameter has the CLI's name (--checkpoint); it was `which`, as in evaluate_run
+    ("05_evaluate", {"tta": False, "which": "best"},
+     "05_evaluate has no parameter 'tta', 'which' (renamed checkpoint)"),
+    # -1 showed 23 of 24 images
+    ("05_evaluate", {"n_gallery": -1}, "n_gallery=-1: expected a positive number"),
+])
+def test_the_parameter_check_refuses_a_name_a_notebook_lacks_or_a_bad_value(monkeypatch, notebook, params, expected):
+    """check_parameters as the notebooks call it (the papermill cases above show they do), on the
+    kernel's history and globals that papermill's injection leaves."""
+    from labseg.config import ConfigError
+    from labseg.workbook import check_parameters
+
+    namespace = _as_papermill_left_the_kernel(monkeypatch, notebook, params)
+    with pytest.raises(ConfigError) as e:
+        check_parameters(notebook, namespace)
+    assert expected in str(e.value)
+
+
+def test_a_mistyped_runs_folder_is_refused(tmp_path):
+    """06_report's check (its papermill case above): a mistyped folder once wrote an empty report
+    over the real one."""
+    from labseg.workbook import existing_runs_dir
+
+    with pytest.raises(FileNotFoundError) as e:
+        existing_runs_dir(str(tmp_path / "runz"))
+    assert f"no runs folder {tmp_path}/runz" in str(e.value)
 
 
 def test_a_kernel_that_dies_as_it_starts_is_started_once_more(tmp_path, monkeypatch, capsys):
