@@ -48,9 +48,11 @@ def test_none_is_a_value_where_a_field_has_it_and_an_empty_item_is_refused(tmp_p
         parse_sets(["lr=1e-3,,3e-4"])
 
 
-def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root):
+def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root, small_net_everywhere):
+    # the bookkeeping of a sweep's points, whatever they train: a small network
     missing = tmp_path / "no-such-dataset"          # valid config; only training finds it missing
-    grid = {"data_dir": [str(synthetic_root), str(missing)], "arch": ["unet"], "epochs": [1], "img_size": [32],
+    net = small_net_everywhere
+    grid = {"data_dir": [str(synthetic_root), str(missing)], "arch": [net], "epochs": [1], "img_size": [32],
             "max_train_images": [4], "batch_size": [4], "cache_dir": [str(tmp_path / "cache")]}
     runs = tmp_path / "runs"
     results = run_sweep(grid, output_dir=runs, progress=False)
@@ -67,7 +69,7 @@ def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root
     grid = {**grid, "data_dir": [str(synthetic_root)]}
 
     mtime = (ok / "summary.json").stat().st_mtime_ns
-    again = run_sweep({**grid, "arch": ["unet"]}, output_dir=runs, progress=False)
+    again = run_sweep({**grid, "arch": [net]}, output_dir=runs, progress=False)
     assert again[0]["status"].startswith("done before")
     assert (ok / "summary.json").stat().st_mtime_ns == mtime
     # a point that names its run is still the point of that folder (run_name is not compared)
@@ -77,20 +79,20 @@ def test_tiny_sweep_records_failures_and_skips_finished(tmp_path, synthetic_root
         ok, {k: v[0] for k, v in grid.items()} | {"epochs": 2})
     # a value the grid leaves to the recipe counts too: the recipe edited since makes it another run
     from labseg.recipes import RECIPES
-    kept = dict(RECIPES["unet"])
+    kept = dict(RECIPES[net])
     try:
-        RECIPES["unet"]["lr"] = 0.01
-        assert ("it was trained with lr=0.001, where this point now takes lr=0.01 from the recipe or 04_train's "
+        RECIPES[net]["lr"] = 0.01
+        assert ("it was trained with lr=0.003, where this point now takes lr=0.01 from the recipe or 04_train's "
                 "defaults") in recorded_differs(ok, {k: v[0] for k, v in grid.items()})
         # a field a resume may change, left out of the grid: the point trained further by hand is still this one
         left_out = {k: v[0] for k, v in grid.items() if k != "epochs"}
-        RECIPES["unet"]["lr"] = kept["lr"]
+        RECIPES[net]["lr"] = kept["lr"]
         assert recorded_differs(ok, left_out) is None
         # ... but not where it trains: 04_train's default dataset is not the one it trained on
         assert "it was trained with data_dir=" in recorded_differs(ok, {k: v for k, v in left_out.items()
                                                                           if k != "data_dir"})
     finally:
-        RECIPES["unet"] = kept
+        RECIPES[net] = kept
     # a point finished under the name sweeps gave before (the whole path) is found, not trained again
     old_name = point_name({k: v[0] for k, v in grid.items()}, whole_paths=True, limit=None)
     assert old_name != good["run"] and str(synthetic_root).replace("/", "_") in old_name
@@ -161,14 +163,16 @@ def test_a_grid_file_that_is_not_yaml_or_missing_is_an_error_naming_it(tmp_path,
     assert f"labseg: error: grid file {tmp_path / 'nope.yaml'} does not exist" in capsys.readouterr().err
 
 
-def test_a_rerun_resumes_an_interrupted_point_and_finds_a_prefixed_one(tmp_path, synthetic_root):
+def test_a_rerun_resumes_an_interrupted_point_and_finds_a_prefixed_one(tmp_path, synthetic_root,
+                                                                       small_net_everywhere):
     from labseg.train import fit
 
-    common = {"arch": "unet", "img_size": 32, "max_train_images": 4, "data_dir": str(synthetic_root),
+    # the resume's bookkeeping, whatever the point trains: a small network
+    common = {"arch": small_net_everywhere, "img_size": 32, "max_train_images": 4, "data_dir": str(synthetic_root),
               "cache_dir": str(tmp_path / "cache")}     # not the project's data/cache
     grid = {k: [v] for k, v in {**common, "epochs": 2}.items()}
     name = point_name({**common, "epochs": 2}, "my run")
-    assert name.startswith("my_run+arch=unet+")
+    assert name.startswith("my_run+arch=small_net+")
     # the point as a kill in its second epoch leaves it: one epoch in last.pt, no summary
     fit(**common, epochs=1, run_name=name, output_dir=str(tmp_path), progress=False)
     (tmp_path / name / "summary.json").unlink()
@@ -196,15 +200,16 @@ def test_redoing_a_finished_point_says_what_it_deletes(tmp_path, capsys):
     assert not (folder / "eval_test.json").exists() and (folder / "failed.json").is_file()
 
 
-def test_ctrl_c_stops_a_sweep_with_one_line_and_the_point_resumable(tmp_path, synthetic_root):
+def test_ctrl_c_stops_a_sweep_with_one_line_and_the_point_resumable(tmp_path, synthetic_root, small_net_everywhere):
     """Ctrl-C during a point: the sweep says what to do next, with no traceback from the kernel
-    (zmq) or from asyncio (DeadKernelError), and the point keeps its epochs for the rerun."""
+    (zmq) or from asyncio (DeadKernelError), and the point keeps its epochs for the rerun. (Any
+    network will do: a small one, in the sweep's process and its kernel through $LABSEG_PLUGINS.)"""
     import signal
     import subprocess
     import sys
 
     runs = tmp_path / "runs"
-    sets = {"arch": "unet", "img_size": 32, "epochs": 500, "max_train_images": 4, "batch_size": 4,
+    sets = {"arch": small_net_everywhere, "img_size": 32, "epochs": 500, "max_train_images": 4, "batch_size": 4,
             "data_dir": str(synthetic_root), "cache_dir": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "labseg.cli", "sweep", "--output-dir", str(runs)]
     for key, value in sets.items():
