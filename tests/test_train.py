@@ -875,8 +875,8 @@ def test_a_budget_spent_inside_an_epoch_stops_after_the_step_that_spent_it(tiny,
 
 
 def test_the_time_budget_counts_the_validation_that_follows_the_steps(tiny, small_net, monkeypatch):
-    """A budget of 5 s, epochs of ~0.3 s and a validation of 3 s (370 images of the full dataset
-    took 80 s on a CPU): after the first epoch (~3.5 s) another epoch and its validation do not
+    """A budget of 5 s, epochs of ~0.05 s (small_net) and a validation of 3 s (370 images of the full dataset
+    took 80 s on a CPU): after the first epoch (~3.1 s) another epoch and its validation do not
     fit, so the run stops there; counting the steps alone, it started a second and ended ~2 s late."""
     import labseg.train
 
