@@ -66,8 +66,8 @@ def test_train_notebook_overwrites_a_run_of_its_name_when_asked(tmp_path, synthe
 
     runs = tmp_path / "runs"
     params = {"arch": small_net_everywhere, "data_dir": str(synthetic_root), "img_size": 32, "epochs": 1,
-              "max_train_images": 4,
-              "run_name": "same", "output_dir": str(runs), "extra": {"cache_dir": str(tmp_path / "cache")}}
+              "max_train_images": 4, "run_name": "same", "output_dir": str(runs),
+              "extra": {"cache_dir": str(tmp_path / "cache")}}
     fit(**{k: v for k, v in params.items() if k != "extra"}, **params["extra"], progress=False)
     first = (runs / "same" / "summary.json").stat().st_mtime_ns
     with pytest.raises(NotebookFailed, match=r"RunExistsError.*overwrite=True"):

@@ -24,7 +24,6 @@ from labseg.data import Batches, balanced_subset, load_split, split_trainval
 from labseg.evaluate import evaluate_run, format_result, load_run_model
 from labseg.metrics import per_image_dice
 from labseg.models import build_model
-from labseg.models.resnet34_unet import ResNet34UNet
 from labseg.recipes import recipe_for
 from labseg.runs import (CheckpointError, CheckpointWriter, RunDir, default_checkpoint, load_checkpoint, load_weights,
                          save_checkpoint)
@@ -795,15 +794,21 @@ def test_mosaics_stop_at_mosaic_until(tiny, small_net, monkeypatch):
     assert epochs == [1, 2, 3, 4] and sorted(set(mosaic_epochs)) == [1, 2]
 
 
+def _before_each_forward(monkeypatch, arch, call) -> None:
+    """``call(network, x)`` ahead of every forward pass of network ``arch`` (undone after the test)."""
+    network = labseg.models.MODELS[arch]
+    forward = network.forward
+    monkeypatch.setattr(network, "forward", lambda self, x: (call(self, x), forward(self, x))[1])
+
+
 def test_low_res_epochs_until_low_res_until(tiny, small_net, monkeypatch):
     """low_res_scale=0.5 at img_size 64 until half of 4 epochs: the model sees 32 px in epochs 1-2,
     64 px after; validation stays at 64 px throughout."""
     epochs, seen = [], []
-    network = labseg.models.MODELS[small_net]
-    set_epoch, forward = Batches.set_epoch, network.forward
+    set_epoch = Batches.set_epoch
     monkeypatch.setattr(Batches, "set_epoch", lambda self, e: (epochs.append(e), set_epoch(self, e))[1])
-    monkeypatch.setattr(network, "forward",
-                        lambda self, x: (seen.append((epochs[-1] if epochs else 0, self.training, x.shape[-1])), forward(self, x))[1])
+    _before_each_forward(monkeypatch, small_net,
+                         lambda net, x: seen.append((epochs[-1] if epochs else 0, net.training, x.shape[-1])))
     result = fit(arch=small_net, low_res_scale=0.5, low_res_until=0.5, run_name="lowres",
                  **{**tiny, "img_size": 64, "epochs": 4})
     train_sizes = {(e, size) for e, training, size in seen if training}     # epoch 0: fit's check of the network
@@ -816,10 +821,7 @@ def test_a_phase_ends_within_an_epoch(tiny, small_net, monkeypatch):
     """One epoch of four steps with low_res_until=0.5: two steps at 32 px, then two at 64 px. The
     phases changed only between epochs, so a budget of one long epoch never reached img_size."""
     seen = []
-    network = labseg.models.MODELS[small_net]
-    forward = network.forward
-    monkeypatch.setattr(network, "forward",
-                        lambda self, x: (seen.append((self.training, x.shape[-1])), forward(self, x))[1])
+    _before_each_forward(monkeypatch, small_net, lambda net, x: seen.append((net.training, x.shape[-1])))
     fit(arch=small_net, low_res_scale=0.5, low_res_until=0.5, run_name="lowres1",
         **{**tiny, "img_size": 64, "epochs": 1, "batch_size": 2})
     assert [size for training, size in seen if training] == [64, 32, 32, 64, 64]    # first: fit's check at img_size
@@ -859,15 +861,13 @@ def test_time_budget_stops_cleanly(tiny, small_net):
 def test_a_budget_spent_inside_an_epoch_stops_after_the_step_that_spent_it(tiny, small_net, monkeypatch):
     """An epoch longer than the whole budget (the full dataset on a CPU): the run stops inside its
     first epoch, after the step that spent the budget, and that part of an epoch is validated and kept."""
-    network, steps = labseg.models.MODELS[small_net], []
-    forward = network.forward
+    steps = []
 
-    def slow(self, x):                  # 0.4 s a training step: four of them are 1.6 s, over the 1 s
-        if self.training:
+    def slow(net, x):                   # 0.4 s a training step: four of them are 1.6 s, over the 1 s
+        if net.training:
             steps.append(x.shape[0])
             time.sleep(0.4)
-        return forward(self, x)
-    monkeypatch.setattr(network, "forward", slow)
+    _before_each_forward(monkeypatch, small_net, slow)
     result = fit(arch=small_net, run_name="inside", time_budget=1, **{**tiny, "batch_size": 2, "epochs": 3})
     assert result.summary["stop_reason"] == "time budget of 1 spent"
     assert result.summary["epochs_run"] == 1 and load_checkpoint(result.run.checkpoint("last"))["epoch"] == 1
@@ -1117,10 +1117,10 @@ def test_memory_format_by_default_follows_the_cpu(tiny, monkeypatch, capability,
 
     def channels_last(t):   # unambiguous for these shapes: more than one channel and pixel
         return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    seen, forward = [], ResNet34UNet.forward
-    monkeypatch.setattr(ResNet34UNet, "forward", lambda self, x: (seen.append(
-        (channels_last(x), frozenset(channels_last(p) for p in self.parameters() if p.dim() == 4 and p.shape[1] > 1
-                                     and p.shape[-1] > 1))), forward(self, x))[1])
+    seen = []
+    _before_each_forward(monkeypatch, "resnet34_unet", lambda net, x: seen.append(
+        (channels_last(x), frozenset(channels_last(p) for p in net.parameters() if p.dim() == 4 and p.shape[1] > 1
+                                     and p.shape[-1] > 1))))
     result = fit(arch="resnet34_unet", run_name=f"format-{capability}", **tiny)
     assert seen and set(seen) == {(expected, frozenset({expected}))}
     assert json.loads((result.run.path / "config.json").read_text())["channels_last"] is None
